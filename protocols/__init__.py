@@ -1,0 +1,1 @@
+"""The contract client and server share: adapter specs, seeds, encodings."""

@@ -1,0 +1,25 @@
+"""The one exception family users see.
+
+Every mistake a user can make (a bad path, a wrong passphrase, an adapter for another
+base) raises a :class:`LorafleetError` whose message names the bad value and the fix. The
+CLI prints that message alone, without a traceback, and exits non-zero; anything else
+that escapes is a bug in lorafleet.
+"""
+
+from __future__ import annotations
+
+
+class LorafleetError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class SpecError(LorafleetError, ValueError):
+    """An adapter spec or config value is out of range or inconsistent."""
+
+
+class IntegrityError(LorafleetError):
+    """Bytes on disk or on the wire do not match the hash or format they claim."""
+
+
+class DataError(LorafleetError):
+    """The user's training or evaluation data cannot be used as given."""

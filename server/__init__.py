@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, adapter registry, blob and base stores."""

@@ -1,0 +1,1 @@
+"""Whole federations on one machine through Flower's simulation engine."""
