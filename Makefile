@@ -32,7 +32,7 @@ lint: $(STAMP) .typecheck/lorafleet
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPYPATH=.typecheck $(BIN)/mypy -p lorafleet
-	$(BIN)/lint-imports
+	PYTHONPATH=.typecheck $(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
