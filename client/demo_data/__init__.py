@@ -1,0 +1,1 @@
+"""Bundled demo data: the fictional notes of one demo user."""
