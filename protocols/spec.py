@@ -50,15 +50,21 @@ class AdapterSpec:
 
     base_model_id: str = field(metadata={"help": "Human-readable base model name or hub id."})
     base_sha256: str = field(
-        metadata={"help": "sha256 of the base model's manifest; adapters for another base are refused."}
+        metadata={
+            "help": "sha256 of the base model's manifest; adapters for another base are refused."
+        }
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank r (1..1024)."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."}
+    )
     target_modules: tuple[str, ...] = field(
         default=("q_proj", "v_proj"),
         metadata={"help": "Names (suffixes) of the Linear modules that get an adapter."},
     )
-    cohort_seed: int = field(default=0, metadata={"help": "Seed of the frozen A matrices (0..2**63-1)."})
+    cohort_seed: int = field(
+        default=0, metadata={"help": "Seed of the frozen A matrices (0..2**63-1)."}
+    )
     a_init: AInit = field(default="kaiming_uniform", metadata={"help": "Scheme for drawing A."})
     dtype: Dtype = field(default="float32", metadata={"help": "dtype of A and B on the device."})
 
@@ -69,8 +75,14 @@ class AdapterSpec:
             raise SpecError(
                 f"adapter spec: base_sha256 must be 64 lowercase hex characters, got {self.base_sha256!r}"
             )
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= _MAX_RANK:
-            raise SpecError(f"adapter spec: rank must be an integer in 1..{_MAX_RANK}, got {self.rank!r}")
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= _MAX_RANK
+        ):
+            raise SpecError(
+                f"adapter spec: rank must be an integer in 1..{_MAX_RANK}, got {self.rank!r}"
+            )
         if not isinstance(self.alpha, int | float) or not self.alpha > 0:
             raise SpecError(f"adapter spec: alpha must be a positive number, got {self.alpha!r}")
         targets = self.target_modules
@@ -153,5 +165,7 @@ class AdapterSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(f"adapter spec: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise SpecError(
+                f"adapter spec: not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
         return cls.from_dict(data)
