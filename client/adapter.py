@@ -1,0 +1,264 @@
+"""Personal adapters on a frozen base: built from a spec, saved as stock PEFT folders.
+
+A is rebuilt from the cohort seed (:func:`lorafleet.protocols.seeds.derive_a`) and
+frozen; only B is trainable, so the only tensors a device ever needs to keep private,
+back up or send are the B matrices. On disk an adapter is a standard PEFT folder
+(``adapter_config.json`` + ``adapter_model.safetensors``), which stock
+``peft.PeftModel.from_pretrained`` loads, plus ``lorafleet_adapter.json`` holding the
+spec and provenance. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from lorafleet.client.atomic import atomic_directory
+from lorafleet.protocols.encoding import content_hash
+from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
+from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.seeds import derive_a
+from lorafleet.protocols.spec import AdapterSpec
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+PROVENANCE_FILE = "lorafleet_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+BTensors = dict[str, npt.NDArray[np.float32]]
+"""B matrices keyed by module path in the base (``model.layers.0.self_attn.q_proj``)."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _matches(name: str, target: str) -> bool:
+    # peft's own rule for a list of target names: the full name or its last components.
+    return name == target or name.endswith("." + target)
+
+
+def lora_targets(model: torch.nn.Module, spec: AdapterSpec) -> list[tuple[str, int]]:
+    """``(module_path, in_features)`` of every Linear the spec adapts, in model order.
+
+    Raises
+    ------
+    SpecError
+        If a target name matches no Linear layer (the message lists the names there are).
+    """
+    found: list[tuple[str, int]] = []
+    unmatched = set(spec.target_modules)
+    linear_names: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            raise LorafleetError("this base already carries a LoRA adapter; load a fresh base")
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        linear_names.add(name.rsplit(".", 1)[-1])
+        hits = [t for t in spec.target_modules if _matches(name, t)]
+        if hits:
+            unmatched.difference_update(hits)
+            found.append((name, module.in_features))
+    if unmatched:
+        raise SpecError(
+            f"target module(s) {sorted(unmatched)} match no Linear layer of this base; "
+            f"choose from {sorted(linear_names)}"
+        )
+    return found
+
+
+def _lora_layers(peft_model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """LoRA layers keyed by their module path in the base (without peft's prefix)."""
+    inner = (
+        cast(torch.nn.Module, peft_model.base_model.model)
+        if isinstance(peft_model, PeftModel)
+        else peft_model
+    )
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _a_b(layer: LoraLayer) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """The (A, B) Linear modules of one LoRA layer; A is (r, in), B is (out, r)."""
+    return (
+        cast(torch.nn.Linear, layer.lora_A[ADAPTER_NAME]),
+        cast(torch.nn.Linear, layer.lora_B[ADAPTER_NAME]),
+    )
+
+
+def materialize(
+    model: torch.nn.Module,
+    spec: AdapterSpec,
+    *,
+    base_sha256: str,
+    b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+) -> PeftModel:
+    """Wrap ``model`` with the spec's adapter: seeded frozen A, B from ``b`` or zeros.
+
+    The base model is modified in place (peft injects the LoRA layers); its own weights
+    stay frozen.
+
+    Parameters
+    ----------
+    model
+        The frozen base causal LM.
+    spec
+        Adapter spec; its ``base_sha256`` must equal ``base_sha256``.
+    base_sha256
+        Manifest digest of the loaded base, checked against the spec.
+    b
+        Starting B matrices (a prior or a saved personal adapter); zeros if omitted.
+
+    Examples
+    --------
+    >>> peft_model = materialize(base.model, spec, base_sha256=base.sha256)  # doctest: +SKIP
+    >>> sorted(get_b(peft_model))[:1]  # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj']
+    """
+    if spec.base_sha256 != base_sha256:
+        raise IntegrityError(
+            f"adapter spec is for base {spec.base_sha256[:12]}…, but the loaded base is "
+            f"{base_sha256[:12]}…; load the base the adapter was made for"
+        )
+    targets = lora_targets(model, spec)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # annotated int; peft divides by r
+        target_modules=list(spec.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    layers = _lora_layers(peft_model)
+    dtype = _DTYPES[spec.dtype]
+    with torch.no_grad():
+        for path, fan_in in targets:
+            lin_a, lin_b = _a_b(layers[path])
+            lin_a.to(dtype)
+            lin_b.to(dtype)
+            lin_a.weight.copy_(torch.from_numpy(derive_a(spec, path, fan_in)))  # (r, in)
+            lin_a.weight.requires_grad_(False)
+            lin_b.weight.zero_()  # (out, r)
+            lin_b.weight.requires_grad_(True)
+    if b is not None:
+        set_b(peft_model, b)
+    log.debug("materialized rank-%d adapter on %d modules", spec.rank, len(targets))
+    return peft_model
+
+
+def get_b(peft_model: torch.nn.Module) -> BTensors:
+    """Copy of every B matrix as float32 NumPy, keyed by module path; shape ``(out, r)``."""
+    return {
+        path: _a_b(layer)[1].weight.detach().to(torch.float32).cpu().numpy().copy()
+        for path, layer in _lora_layers(peft_model).items()
+    }
+
+
+def set_b(peft_model: torch.nn.Module, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
+    """Load B matrices in place, refusing missing, extra, mis-shaped or non-finite ones."""
+    layers = _lora_layers(peft_model)
+    missing, extra = sorted(set(layers) - set(b)), sorted(set(b) - set(layers))
+    if missing or extra:
+        raise IntegrityError(
+            f"B tensors do not fit this adapter: missing {missing[:3]}, unexpected {extra[:3]}; "
+            "was it made with another spec?"
+        )
+    with torch.no_grad():
+        for path, layer in layers.items():
+            weight = _a_b(layer)[1].weight
+            value = np.asarray(b[path])
+            if tuple(value.shape) != tuple(weight.shape):
+                raise IntegrityError(
+                    f"B for {path} has shape {tuple(value.shape)}, expected {tuple(weight.shape)}"
+                )
+            if not np.isfinite(value).all():
+                raise IntegrityError(f"B for {path} contains NaN or Inf")
+            weight.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+
+def b_content_hash(spec: AdapterSpec, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> str:
+    """Content hash of one adapter version: its spec and its B tensors."""
+    return content_hash(
+        {k: np.asarray(v, dtype=np.float32) for k, v in b.items()},
+        spec_fingerprint=spec.fingerprint(),
+    )
+
+
+def save_adapter(peft_model: PeftModel, folder: Path, provenance: AdapterProvenance) -> None:
+    """Write an immutable adapter version as a stock PEFT folder plus provenance.
+
+    The folder appears complete or not at all: it is assembled under a temporary name and
+    renamed into place, so a killed process or a full disk leaves earlier versions intact.
+    """
+    b = get_b(peft_model)
+    actual = b_content_hash(provenance.spec, b)
+    if actual != provenance.content_hash:
+        raise IntegrityError("provenance content_hash does not match the adapter being saved")
+    with atomic_directory(Path(folder)) as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
+
+
+def read_provenance(folder: Path) -> AdapterProvenance:
+    """The provenance record of a saved adapter folder, with clear errors."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        raise LorafleetError(f"{folder} is not a lorafleet adapter folder (no {PROVENANCE_FILE})")
+    try:
+        return AdapterProvenance.from_json(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path} is corrupt (not UTF-8)") from None
+    except SpecError as exc:
+        raise IntegrityError(f"{path} is corrupt: {exc}") from None
+
+
+def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
+    """B tensors of a saved adapter, verified against its content hash and its seed.
+
+    Raises
+    ------
+    IntegrityError
+        If the weights file is missing or corrupt, its B does not hash to the recorded
+        content hash, or its A differs from the one the spec's seed produces.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise IntegrityError(f"adapter weights missing: {path}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(
+            f"adapter weights at {path} are corrupt ({exc}); restore a backup"
+        ) from None
+    b: BTensors = {}
+    spec = provenance.spec
+    for key, value in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise IntegrityError(f"unexpected tensor {key!r} in {path}")
+        module, _, kind = key[len(_PEFT_PREFIX) :].rpartition(".lora_")
+        if kind == "B.weight":
+            b[module] = value.astype(np.float32)
+        elif kind == "A.weight":
+            expected = derive_a(spec, module, int(value.shape[1]))
+            if value.shape != expected.shape or not np.array_equal(
+                value.astype(np.float32), expected
+            ):
+                raise IntegrityError(
+                    f"A for {module} in {path} does not match the spec's seed; the adapter is corrupt"
+                )
+        else:
+            raise IntegrityError(f"unexpected tensor {key!r} in {path}")
+    if b_content_hash(spec, b) != provenance.content_hash:
+        raise IntegrityError(f"adapter weights at {path} do not match their recorded content hash")
+    return b

@@ -1,0 +1,218 @@
+"""The ``lorafleet`` command: the SDK from a shell.
+
+Every user mistake prints one ``error:`` line and exits 2; an interrupt exits 130 and
+leaves the last saved adapter version in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorafleet.protocols.errors import LorafleetError
+
+if TYPE_CHECKING:  # the heavy imports wait until a command needs them: --help stays instant
+    from lorafleet.client.sdk import PersonalModel
+
+log = logging.getLogger("lorafleet")
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile", required=True, type=Path, help="profile directory (created on first use)"
+    )
+    p.add_argument(
+        "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
+    )
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where converted bases are cached")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafleet", description="Private on-device personalization of a language model."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", help="fine-tune the personal adapter on your text and save a version"
+    )
+    _add_profile_args(p)
+    p.add_argument("--data", required=True, type=Path, help=".txt/.md notes, .jsonl, or a folder")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--heldout", type=float, default=0.2, help="share of notes held out for evaluation"
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (new profiles only)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed of A (new profiles only)")
+
+    p = sub.add_parser("eval", help="held-out loss of the base and of your adapter on a data set")
+    _add_profile_args(p)
+    p.add_argument("--data", required=True, type=Path)
+
+    p = sub.add_parser("generate", help="reply to a prompt with your adapter")
+    _add_profile_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-adapter", action="store_true", help="use the bare base model")
+
+    p = sub.add_parser("info", help="show a profile's spec and versions, or this machine's set-up")
+    p.add_argument("--profile", type=Path, default=None)
+
+    p = sub.add_parser("demo", help="the single-device story on the bundled demo notes")
+    p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"])
+    p.add_argument("--cache-dir", type=Path, default=None)
+    return parser
+
+
+def _open(args: argparse.Namespace, *, rank: int = 8, cohort_seed: int = 0) -> PersonalModel:
+    from lorafleet.client.sdk import PersonalModel
+
+    return PersonalModel.open(
+        args.profile,
+        base=args.base,
+        precision=args.precision,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        rank=rank,
+        cohort_seed=cohort_seed,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from lorafleet.client.train import TrainConfig
+
+    pm = _open(args, rank=args.rank, cohort_seed=args.seed)
+    config = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        precision=pm.precision,
+        device=args.device,
+    )
+    report = pm.train(args.data, config, heldout_fraction=args.heldout)
+    r = report.result
+    print(
+        f"trained {r.steps} steps on {report.train_examples} notes ({r.tokens_per_second:.0f} tokens/s)"
+    )
+    print(f"held-out loss: {r.heldout_loss_before:.4f} -> {r.heldout_loss_after:.4f}")
+    if report.provenance is not None:
+        print(f"saved version {report.provenance.version} in {pm.profile}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from lorafleet.client.data import read_examples
+
+    examples = read_examples(args.data)
+    pm = _open(args)
+    rep = pm.evaluate(examples)
+    print(f"tokens: {rep.tokens}")
+    print(f"base     loss {rep.base_loss:.4f}  perplexity {rep.base_perplexity:.2f}")
+    print(f"adapter  loss {rep.adapter_loss:.4f}  perplexity {rep.adapter_perplexity:.2f}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    pm = _open(args)
+    print(
+        pm.generate(
+            args.prompt, max_new_tokens=args.max_new_tokens, use_adapter=not args.no_adapter
+        )
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    if args.profile is None:
+        from lorafleet.client.base import default_gguf_path
+        from lorafleet.client.runtime import resolve_device
+
+        try:
+            default = str(default_gguf_path())
+        except LorafleetError as exc:
+            default = f"missing ({exc})"
+        print(
+            json.dumps({"default_base": default, "device": str(resolve_device("auto"))}, indent=2)
+        )
+        return
+    from lorafleet.client.sdk import PROFILE_FILE, PersonalModel
+
+    if not (args.profile / PROFILE_FILE).is_file():
+        raise LorafleetError(f"{args.profile} is not a lorafleet profile (no {PROFILE_FILE})")
+    spec = PersonalModel._read_profile(args.profile)
+    assert spec is not None
+    print(
+        json.dumps({"profile": str(args.profile), "spec": spec.to_dict()}, indent=2, sort_keys=True)
+    )
+    current = (
+        (args.profile / "current").read_text().strip()
+        if (args.profile / "current").is_file()
+        else None
+    )
+    adapters = args.profile / "adapters"
+    from lorafleet.client.adapter import read_provenance
+
+    for folder in sorted(adapters.iterdir()) if adapters.is_dir() else []:
+        if folder.name.startswith("v"):
+            p = read_provenance(folder)
+            mark = "*" if folder.name == current else " "
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in p.metrics.items())
+            print(f"{mark} v{p.version:04d}  parent={p.parent}  {p.created_at}  {metrics}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from lorafleet.client.demo import run_demo
+
+    run_demo(
+        profile=args.profile, steps=args.steps, precision=args.precision, cache_dir=args.cache_dir
+    )
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "info": _cmd_info,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose and args.command != "info":
+        # transformers and peft are chatty about things users cannot act on; our own
+        # progress bars stay.
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        _COMMANDS[args.command](args)
+    except LorafleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last saved adapter version is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

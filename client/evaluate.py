@@ -1,0 +1,117 @@
+"""Held-out evaluation and generation with (or without) the personal adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+from peft import PeftModel
+
+from lorafleet.client.data import TokenBlocks
+from lorafleet.client.runtime import Precision, autocast_context, resolve_device
+from lorafleet.protocols.errors import DataError, SpecError
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    blocks: TokenBlocks,
+    *,
+    batch_size: int = 8,
+    precision: Precision = "fp32",
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean next-token cross-entropy over every labelled token in ``blocks``.
+
+    Batches are weighted by their token counts, so the result does not depend on the
+    batch size or on how the last block was padded.
+    """
+    if len(blocks) == 0 or blocks.num_tokens == 0:
+        raise DataError("evaluation: no held-out tokens; add more text")
+    dev = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in blocks.batches(batch_size, shuffle=False):
+            n = int((batch.labels[:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            with autocast_context(precision, dev):
+                out = model(
+                    input_ids=batch.input_ids.to(dev),
+                    attention_mask=batch.attention_mask.to(dev),
+                    labels=batch.labels.to(dev),
+                )
+            total += float(out.loss.float()) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), guarded against overflow for very bad models."""
+    return math.exp(min(loss, 80.0))
+
+
+def _adapter_off(model: torch.nn.Module) -> Any:
+    if isinstance(model, PeftModel):
+        return model.disable_adapter()
+    raise SpecError("use_adapter=False needs a model with an adapter")
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    use_adapter: bool = True,
+    chat: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """Reply to ``prompt``; greedy unless ``temperature > 0``.
+
+    With ``chat=True`` the prompt is wrapped in the tokenizer's chat template as a user
+    turn, which is how instruction-tuned bases such as SmolLM2-Instruct expect it.
+    """
+    if not prompt:
+        raise SpecError("generate: the prompt is empty")
+    if max_new_tokens < 1:
+        raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt
+    device = next(model.parameters()).device
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    }
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    run = cast(Any, model).generate  # every causal LM and PeftModel has one
+    try:
+        if use_adapter:
+            out = run(**enc, **kwargs)
+        else:
+            with _adapter_off(model):
+                out = run(**enc, **kwargs)
+    finally:
+        model.train(was_training)
+    new_tokens = out[0, enc["input_ids"].shape[1] :]
+    return str(tokenizer.decode(new_tokens, skip_special_tokens=True)).strip()

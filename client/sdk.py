@@ -1,0 +1,406 @@
+"""The SDK an app embeds: one user's personal model, kept in a profile directory.
+
+A profile holds the adapter spec, the identity of the base it belongs to, and immutable
+adapter versions (stock PEFT folders with provenance). ``current`` names the version in
+use; saving writes a new version and then moves that pointer atomically, so a crash or a
+full disk leaves the previous version in place. Nothing in a profile is ever sent
+anywhere by this class.
+
+Layout::
+
+    profile/
+      profile.json         spec + base source and sha256
+      current              name of the version in use, e.g. "v0003"
+      adapters/v0001/      adapter_config.json, adapter_model.safetensors,
+                           lorafleet_adapter.json (spec + provenance)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tqdm.auto import tqdm
+
+from lorafleet.client.adapter import (
+    BTensors,
+    b_content_hash,
+    get_b,
+    materialize,
+    read_b,
+    read_provenance,
+    save_adapter,
+    set_b,
+)
+from lorafleet.client.atomic import atomic_write_text, remove_stale_temporaries
+from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
+from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
+from lorafleet.client.evaluate import generate, heldout_loss, perplexity
+from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
+from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
+from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
+from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.spec import AdapterSpec
+
+log = logging.getLogger(__name__)
+
+PROFILE_FILE = "profile.json"
+CURRENT_FILE = "current"
+ADAPTERS_DIR = "adapters"
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Held-out loss of the base alone and with the personal adapter."""
+
+    base_loss: float
+    adapter_loss: float
+    tokens: int
+
+    @property
+    def base_perplexity(self) -> float:
+        """exp(base_loss)."""
+        return perplexity(self.base_loss)
+
+    @property
+    def adapter_perplexity(self) -> float:
+        """exp(adapter_loss)."""
+        return perplexity(self.adapter_loss)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """A finished training run and the version it saved (None if not saved)."""
+
+    result: TrainResult
+    provenance: AdapterProvenance | None
+    train_examples: int
+    heldout_examples: int
+
+
+def _version_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+class PersonalModel:
+    """A person's private model: frozen base + personal adapter, trained on this device.
+
+    Examples
+    --------
+    >>> from lorafleet.client import PersonalModel
+    >>> pm = PersonalModel.open("~/.myapp/profile")  # doctest: +SKIP
+    >>> report = pm.train("notes.txt")  # doctest: +SKIP
+    >>> report.result.heldout_loss_after < report.result.heldout_loss_before  # doctest: +SKIP
+    True
+    >>> pm.generate("What do I do on Tuesdays?")  # doctest: +SKIP
+    'Climbing at the gym with Jonas.'
+    """
+
+    def __init__(
+        self,
+        profile: Path,
+        base: LoadedBase,
+        spec: AdapterSpec,
+        *,
+        precision: Precision = "auto",
+        device: str = "auto",
+        seq_len: int = 128,
+    ) -> None:
+        """Prefer :meth:`open`; this wires already-loaded parts together."""
+        self.profile = profile
+        self.base = base
+        self.spec = spec
+        self.seq_len = seq_len
+        self._device = resolve_device(device)
+        self.precision = resolve_precision(precision, self._device)
+        self.model = materialize(base.model, spec, base_sha256=base.sha256)
+        self.model.to(self._device)
+        self._provenance: AdapterProvenance | None = None
+        current = self._read_current()
+        if current is not None:
+            self._load_version(current)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        profile: str | os.PathLike[str],
+        *,
+        base: str | os.PathLike[str] = DEFAULT_BASE,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        cohort_seed: int = 0,
+        precision: Precision = "auto",
+        device: str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        seq_len: int = 128,
+    ) -> PersonalModel:
+        """Open a profile directory, creating it (and its adapter spec) on first use.
+
+        The spec arguments (rank, alpha, targets, seed) only apply when the profile is
+        new; an existing profile keeps its own spec and refuses a base whose manifest
+        differs from the one it was made for.
+        """
+        root = Path(profile).expanduser()
+        if root.exists() and not root.is_dir():
+            raise LorafleetError(f"profile {root} is a file; pass a directory")
+        stored = cls._read_profile(root)
+        dev = resolve_device(device)
+        dtype = base_dtype(precision, dev)
+        cache = Path(cache_dir) if cache_dir is not None else None
+        if stored is not None:
+            spec = stored
+            try:  # refused from the manifest, before any weights are read
+                loaded = load_base(
+                    base, cache_dir=cache, dtype=dtype, expected_sha256=spec.base_sha256
+                )
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"profile {root} belongs to base {spec.base_model_id} ({spec.base_sha256[:12]}…), "
+                    f"but {base} differs ({exc}); open it with the same base"
+                ) from None
+        else:
+            loaded = load_base(base, cache_dir=cache, dtype=dtype)
+            spec = AdapterSpec(
+                base_model_id=loaded.model_id,
+                base_sha256=loaded.sha256,
+                rank=rank,
+                alpha=alpha,
+                target_modules=tuple(target_modules),
+                cohort_seed=cohort_seed,
+            )
+            root.mkdir(parents=True, exist_ok=True)
+            record = {"format": 1, "base_source": str(base), "spec": spec.to_dict()}
+            atomic_write_text(
+                root / PROFILE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n"
+            )
+        remove_stale_temporaries(root)
+        remove_stale_temporaries(root / ADAPTERS_DIR)
+        return cls(root, loaded, spec, precision=precision, device=device, seq_len=seq_len)
+
+    @staticmethod
+    def _read_profile(root: Path) -> AdapterSpec | None:
+        path = root / PROFILE_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return AdapterSpec.from_dict(record["spec"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{path} is corrupt ({exc}); restore it from a backup") from None
+
+    # ---------------------------------------------------------------- versions
+    def _read_current(self) -> int | None:
+        path = self.profile / CURRENT_FILE
+        if not path.is_file():
+            return None
+        match = _VERSION_DIR.match(path.read_text(encoding="utf-8").strip())
+        if not match:
+            raise IntegrityError(f"{path} is corrupt; it should name a version such as v0001")
+        return int(match.group(1))
+
+    def _version_dir(self, version: int) -> Path:
+        return self.profile / ADAPTERS_DIR / _version_name(version)
+
+    def _load_version(self, version: int) -> None:
+        folder = self._version_dir(version)
+        provenance = read_provenance(folder)
+        if provenance.spec != self.spec:
+            raise IntegrityError(f"adapter {folder} was made with another spec than this profile's")
+        set_b(self.model, read_b(folder, provenance))
+        self._provenance = provenance
+
+    def versions(self) -> list[AdapterProvenance]:
+        """Every saved version of this profile's adapter, oldest first."""
+        folder = self.profile / ADAPTERS_DIR
+        if not folder.is_dir():
+            return []
+        found = []
+        for child in sorted(folder.iterdir()):
+            if _VERSION_DIR.match(child.name):
+                found.append(read_provenance(child))
+        return found
+
+    @property
+    def version(self) -> int | None:
+        """The version in use, or None for a fresh (zero-B) adapter."""
+        return self._provenance.version if self._provenance else None
+
+    @property
+    def provenance(self) -> AdapterProvenance | None:
+        """Provenance of the version in use."""
+        return self._provenance
+
+    def adapter_b(self) -> BTensors:
+        """A copy of the personal B matrices (private: never send them unencrypted)."""
+        return get_b(self.model)
+
+    def load_b(self, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
+        """Replace the personal B in memory (for example with a shared prior to warm-start)."""
+        set_b(self.model, b)
+
+    def save(
+        self,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        prior_version: str | None = None,
+        round: int | None = None,
+    ) -> AdapterProvenance:
+        """Write the current adapter as a new immutable version and make it current."""
+        existing = [p.version for p in self.versions()]
+        version = max(existing, default=0) + 1
+        provenance = AdapterProvenance(
+            spec=self.spec,
+            version=version,
+            content_hash=b_content_hash(self.spec, get_b(self.model)),
+            parent=self.version,
+            prior_version=prior_version,
+            round=round,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=dict(metrics or {}),
+        )
+        save_adapter(self.model, self._version_dir(version), provenance)
+        atomic_write_text(self.profile / CURRENT_FILE, _version_name(version) + "\n")
+        self._provenance = provenance
+        log.info("saved adapter version %d to %s", version, self._version_dir(version))
+        return provenance
+
+    def rollback(self, version: int) -> None:
+        """Make an earlier saved version current again (versions are never deleted)."""
+        if not self._version_dir(version).is_dir():
+            known = [p.version for p in self.versions()]
+            raise LorafleetError(
+                f"no adapter version {version} in {self.profile}; saved versions: {known}"
+            )
+        self._load_version(version)
+        atomic_write_text(self.profile / CURRENT_FILE, _version_name(version) + "\n")
+
+    # -------------------------------------------------------------------- data
+    def _examples(
+        self, data: str | os.PathLike[str] | Sequence[str] | Sequence[Example]
+    ) -> list[Example]:
+        if isinstance(data, str | os.PathLike):
+            return read_examples(Path(data))
+        examples: list[Example] = []
+        for item in data:
+            if isinstance(item, Example):
+                examples.append(item)
+            elif isinstance(item, str):
+                if item.strip():
+                    examples.append(Example(text=item))
+            else:
+                raise DataError(
+                    f"training data items must be str or Example, got {type(item).__name__}"
+                )
+        if not examples:
+            raise DataError(
+                "no training text given; pass a file, a folder, or a list of non-empty notes"
+            )
+        return examples
+
+    def _blocks(self, examples: Sequence[Example]) -> TokenBlocks:
+        return encode_blocks(examples, self.base.tokenizer, seq_len=self.seq_len)
+
+    # --------------------------------------------------------------- train/eval
+    def train(
+        self,
+        data: str | os.PathLike[str] | Sequence[str] | Sequence[Example],
+        config: TrainConfig | None = None,
+        *,
+        heldout_fraction: float = 0.2,
+        prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+        save: bool = True,
+        progress: bool = True,
+    ) -> TrainReport:
+        """Fine-tune the personal adapter on the user's text and save a new version.
+
+        Part of the data (``heldout_fraction``) is held out to measure the loss before
+        and after and to stop early; the best adapter seen is kept.
+        """
+        config = config or TrainConfig(precision=self.precision, device=str(self._device))
+        examples = self._examples(data)
+        train_ex, held_ex = split_examples(examples, heldout_fraction, seed=config.seed)
+        train_blocks, held_blocks = self._blocks(train_ex), self._blocks(held_ex)
+        bar = tqdm(total=config.steps, desc="training adapter", unit="step", disable=not progress)
+
+        def tick(step: int, total: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        try:
+            result = train_adapter(
+                self.model, train_blocks, held_blocks, config, prior_b=prior_b, progress=tick
+            )
+        finally:
+            bar.close()
+        provenance = None
+        if save:
+            provenance = self.save(
+                metrics={
+                    "heldout_loss_before": result.heldout_loss_before,
+                    "heldout_loss_after": result.heldout_loss_after,
+                    "train_tokens": float(result.tokens),
+                }
+            )
+        return TrainReport(result, provenance, len(train_ex), len(held_ex))
+
+    def evaluate(
+        self, data: str | os.PathLike[str] | Sequence[str] | Sequence[Example]
+    ) -> EvalReport:
+        """Loss of the base alone and with the adapter on all of ``data``."""
+        blocks = self._blocks(self._examples(data))
+        adapter_loss = heldout_loss(
+            self.model, blocks, precision=self.precision, device=self._device
+        )
+        with self.model.disable_adapter():
+            base_loss = heldout_loss(
+                self.model, blocks, precision=self.precision, device=self._device
+            )
+        return EvalReport(base_loss=base_loss, adapter_loss=adapter_loss, tokens=blocks.num_tokens)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        use_adapter: bool = True,
+        chat: bool = True,
+        temperature: float = 0.0,
+    ) -> str:
+        """Reply to ``prompt`` with the personal adapter (or the bare base)."""
+        return generate(
+            self.model,
+            self.base.tokenizer,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            use_adapter=use_adapter,
+            chat=chat,
+            temperature=temperature,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """A summary for people and logs: no tensors, no text, nothing private."""
+        return {
+            "profile": str(self.profile),
+            "base": self.spec.base_model_id,
+            "base_sha256": self.spec.base_sha256,
+            "spec": self.spec.to_dict(),
+            "version": self.version,
+            "versions": len(self.versions()),
+            "device": str(self._device),
+            "precision": self.precision,
+            "trainable_parameters": sum(
+                p.numel() for p in self.model.parameters() if p.requires_grad
+            ),
+        }

@@ -1,0 +1,291 @@
+"""Local training of a personal adapter: only B moves, on the device, over the user's text.
+
+The loop is deliberately small: AdamW on the trainable B matrices, a constant learning
+rate after a short warm-up, optional proximal pull toward a prior B (Ditto-style
+personalization), periodic held-out evaluation with early stopping that keeps the best
+B seen. B-only training needs a higher learning rate than full LoRA (about 4x on
+SmolLM2-135M, see docs/architecture.md), hence the 2e-3 default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from lorafleet.client.adapter import get_b, set_b
+from lorafleet.client.data import TokenBlocks
+from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.runtime import Precision, autocast_context, resolve_device
+from lorafleet.protocols.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, float], None]
+"""Called after every step with (step, total_steps, train_loss)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a personal adapter is trained on the device.
+
+    Examples
+    --------
+    >>> TrainConfig(steps=30, lr=2e-3).batch_size
+    4
+    """
+
+    steps: int = field(
+        default=60, metadata={"help": "Optimizer steps (an upper bound with early stop)."}
+    )
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate for B."})
+    batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on B."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."}
+    )
+    prox_mu: float = field(
+        default=0.0, metadata={"help": "Weight of (mu/2)*||B - B_prior||^2; 0 disables."}
+    )
+    precision: Precision = field(
+        default="auto",
+        metadata={"help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights) or auto (bf16)."},
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    eval_every: int = field(
+        default=10, metadata={"help": "Held-out evaluation every N steps; 0: only at the end."}
+    )
+    patience: int = field(
+        default=3, metadata={"help": "Stop after N evaluations without improvement; 0: never."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the batch order."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads; None keeps torch's choice."}
+    )
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise SpecError(f"train config: {what}")
+
+        need(
+            isinstance(self.steps, int) and self.steps >= 1,
+            f"steps must be >= 1, got {self.steps!r}",
+        )
+        need(
+            self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}"
+        )
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+        need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        need(
+            self.precision in ("auto", "fp32", "bf16-mixed", "bf16"),
+            f"precision must be auto, fp32, bf16-mixed or bf16, got {self.precision!r}",
+        )
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
+        need(self.patience >= 0, f"patience must be >= 0, got {self.patience!r}")
+        need(
+            self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did and how well the adapter does on held-out text."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    heldout_loss_before: float
+    heldout_loss_after: float
+    best_step: int
+    stopped_early: bool
+    train_losses: tuple[float, ...]
+    heldout_curve: tuple[tuple[int, float], ...]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput (tokens that carried loss, forward and backward)."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _cycle(
+    blocks: TokenBlocks, batch_size: int, generator: torch.Generator
+) -> Iterator[TokenBlocks]:
+    while True:
+        yield from blocks.batches(batch_size, shuffle=True, generator=generator)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters training updates (the B matrices unless a caller unfroze more)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class LocalTrainer:
+    """One optimizer over a model's trainable adapter parameters, stepped batch by batch.
+
+    :func:`train_adapter` drives it for the SDK; benchmarks and the federated client drive
+    it directly so every path shares the same step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        *,
+        prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+    ) -> None:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.model = model
+        self.config = config
+        self.device = resolve_device(config.device)
+        model.to(self.device)
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise SpecError(
+                "train: the model has no trainable parameters; materialize an adapter first"
+            )
+        self._prox: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        if config.prox_mu > 0:
+            if prior_b is None:
+                raise SpecError("train: prox_mu > 0 needs prior_b (the shared prior's B)")
+            start_b = get_b(model)
+            set_b(model, prior_b)  # validates shapes; the starting point is restored below
+            anchors = {id(p): p.detach().clone() for p in self.params}
+            set_b(model, start_b)
+            self._prox = [(p, anchors[id(p)]) for p in self.params]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1))
+        )
+        self.steps_done = 0
+
+    def step(self, batch: TokenBlocks) -> tuple[float, int]:
+        """One optimizer step on ``batch``; returns (loss, tokens that carried loss)."""
+        cfg, dev = self.config, self.device
+        self.model.train()
+        with autocast_context(cfg.precision, dev):
+            out = self.model(
+                input_ids=batch.input_ids.to(dev),
+                attention_mask=batch.attention_mask.to(dev),
+                labels=batch.labels.to(dev),
+            )
+        loss = out.loss.float()  # mean over the batch's labelled tokens
+        if self._prox:
+            loss = loss + 0.5 * cfg.prox_mu * sum(
+                ((p.float() - p0) ** 2).sum() for p, p0 in self._prox
+            )
+        if not torch.isfinite(loss):
+            raise SpecError(
+                f"train: loss became {loss.item()} at step {self.steps_done + 1}; lower lr (now {cfg.lr})"
+            )
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return float(loss.item()), int((batch.labels[:, 1:] != -100).sum())
+
+    def evaluate(self, heldout: TokenBlocks) -> float:
+        """Held-out loss in the trainer's precision on its device."""
+        return heldout_loss(
+            self.model, heldout, precision=self.config.precision, device=self.device
+        )
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    train: TokenBlocks,
+    heldout: TokenBlocks,
+    config: TrainConfig | None = None,
+    *,
+    prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train the model's trainable adapter parameters in place; keep the best B seen.
+
+    Parameters
+    ----------
+    model
+        A peft model from :func:`lorafleet.client.adapter.materialize`.
+    train, heldout
+        Token blocks from :func:`lorafleet.client.data.encode_blocks`.
+    config
+        Training settings; defaults suit a few hundred notes on a laptop CPU.
+    prior_b
+        B of the shared prior. With ``config.prox_mu > 0`` training is pulled toward it.
+    progress
+        Called after every step; the SDK passes a progress bar here.
+
+    Examples
+    --------
+    >>> result = train_adapter(peft_model, train_blocks, heldout_blocks)  # doctest: +SKIP
+    >>> result.heldout_loss_after < result.heldout_loss_before  # doctest: +SKIP
+    True
+    """
+    config = config or TrainConfig()
+    if len(train) == 0:
+        raise SpecError("train: no training blocks; add more text")
+    trainer = LocalTrainer(model, config, prior_b=prior_b)
+    batches = _cycle(train, config.batch_size, torch.Generator().manual_seed(config.seed))
+    before = trainer.evaluate(heldout)
+    best_loss, best_step, best_b = before, 0, get_b(model)
+    curve: list[tuple[int, float]] = [(0, before)]
+    losses: list[float] = []
+    tokens, bad_evals, stopped = 0, 0, False
+    step, seconds = 0, 0.0
+    try:
+        for step in range(1, config.steps + 1):
+            started = time.perf_counter()
+            loss, n = trainer.step(next(batches))
+            seconds += time.perf_counter() - started  # training time only, not evaluation
+            losses.append(loss)
+            tokens += n
+            if progress is not None:
+                progress(step, config.steps, loss)
+            due = config.eval_every and step % config.eval_every == 0
+            if due or step == config.steps:
+                current = trainer.evaluate(heldout)
+                curve.append((step, current))
+                if current < best_loss:
+                    best_loss, best_step, best_b, bad_evals = current, step, get_b(model), 0
+                else:
+                    bad_evals += 1
+                    if config.patience and bad_evals >= config.patience:
+                        stopped = True
+                        log.info(
+                            "early stop at step %d: best held-out loss %.4f at step %d",
+                            step,
+                            best_loss,
+                            best_step,
+                        )
+                        break
+    finally:
+        model.eval()
+    set_b(model, best_b)
+    return TrainResult(
+        steps=step,
+        tokens=tokens,
+        seconds=seconds,
+        heldout_loss_before=before,
+        heldout_loss_after=best_loss,
+        best_step=best_step,
+        stopped_early=stopped,
+        train_losses=tuple(losses),
+        heldout_curve=tuple(curve),
+    )

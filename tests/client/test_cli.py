@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorafleet.client.cli import main
+
+NOTES = "\n\n".join(
+    [
+        "Maya climbs at the gym on Tuesdays and Thursdays with her friend Jonas.",
+        "The cat Pixel sleeps on the radiator every afternoon.",
+        "Tidewatch is a small app that shows the tide tables for the harbour.",
+        "Lunch was lentil soup again, and the bread from the corner bakery.",
+        "Remember to water the basil and call the bakery about Saturday.",
+        "Jonas says the new route at the gym is a sandbagged five.",
+        "Pixel knocked the basil off the windowsill again this morning.",
+        "Tidewatch now shows the next low tide on the home screen.",
+    ]
+)
+
+
+def common(tmp_path: Path, base: Path) -> list[str]:
+    return [
+        "--profile",
+        str(tmp_path / "p"),
+        "--base",
+        str(base),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_train_eval_generate_info_from_the_shell(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
+    args = common(tmp_path, tiny_model_dir)
+    # Execute / Assert: each command works and says what happened
+    assert (
+        main(["train", *args, "--data", str(data), "--steps", "4", "--lr", "0.05", "--rank", "4"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "held-out loss:" in out and "saved version 1" in out
+    assert main(["eval", *args, "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "adapter" in out
+    assert main(["generate", *args, "--prompt", "Maya climbs", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["info", "--profile", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "* v0001" in out and '"rank": 4' in out
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        ("missing", "no such file"),
+        ("empty", "empty"),
+        ("latin1", "UTF-8"),
+    ],
+)
+def test_bad_data_prints_one_error_line_and_exits_2(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    setup: str,
+    fragment: str,
+) -> None:
+    data = tmp_path / "notes.txt"
+    if setup == "empty":
+        data.write_text("", encoding="utf-8")
+    elif setup == "latin1":
+        data.write_bytes("Café on Tuesdays with Jonas.\n\nMore notes.".encode("latin-1"))
+    code = main(["train", *common(tmp_path, tiny_model_dir), "--data", str(data), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
+
+
+def test_info_on_a_folder_that_is_not_a_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", "--profile", str(tmp_path)]) == 2
+    assert "not a lorafleet profile" in capsys.readouterr().err
+
+
+def test_the_installed_command_never_shows_a_traceback(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a profile made for one base, opened with another
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafleet.client.cli",
+            "generate",
+            "--profile",
+            str(tmp_path / "p"),
+            "--base",
+            str(tmp_path / "no-such-model"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and "no-such-model" in proc.stderr

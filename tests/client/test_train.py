@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorafleet.client.adapter import get_b, materialize
+from lorafleet.client.base import load_base
+from lorafleet.client.data import Example, TokenBlocks, encode_blocks
+from lorafleet.client.train import TrainConfig, train_adapter
+from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.spec import AdapterSpec
+
+NOTES = [
+    "Maya climbs at the gym on Tuesdays and Thursdays with her friend Jonas.",
+    "The cat Pixel sleeps on the radiator every afternoon.",
+    "Tidewatch is a small app that shows the tide tables for the harbour.",
+    "Lunch was lentil soup again, and the bread from the corner bakery.",
+] * 6
+
+
+def setup(tiny_model_dir: Path) -> tuple[torch.nn.Module, TokenBlocks, TokenBlocks]:
+    base = load_base(tiny_model_dir)
+    spec = AdapterSpec(base_model_id="tiny", base_sha256=base.sha256, rank=4, alpha=8)
+    model = materialize(base.model, spec, base_sha256=base.sha256)
+    blocks = encode_blocks([Example(text=t) for t in NOTES], base.tokenizer, seq_len=32)
+    return model, blocks, blocks
+
+
+def test_training_lowers_heldout_loss_and_changes_only_b(tiny_model_dir: Path) -> None:
+    # Prepare
+    model, train, held = setup(tiny_model_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    # Execute
+    result = train_adapter(
+        model, train, held, TrainConfig(steps=30, lr=0.05, eval_every=10, precision="fp32")
+    )
+    # Assert
+    assert result.heldout_loss_after < result.heldout_loss_before - 0.3
+    assert result.tokens > 0 and result.tokens_per_second > 0
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(np.abs(b).sum() > 0 for b in get_b(model).values())
+
+
+def test_bf16_autocast_trains_too(tiny_model_dir: Path) -> None:
+    model, train, held = setup(tiny_model_dir)
+    result = train_adapter(
+        model, train, held, TrainConfig(steps=15, lr=2e-2, precision="bf16-mixed")
+    )
+    assert result.heldout_loss_after < result.heldout_loss_before
+
+
+def test_proximal_term_keeps_b_near_the_prior(tiny_model_dir: Path) -> None:
+    # Prepare: a prior B, and two runs from zero that differ only in mu
+    model, _, _ = setup(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    prior = {k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in get_b(model).items()}
+
+    def distance(mu: float) -> float:
+        m, tr, he = setup(tiny_model_dir)
+        cfg = TrainConfig(steps=12, lr=2e-2, prox_mu=mu, precision="fp32", patience=0)
+        train_adapter(m, tr, he, cfg, prior_b=prior)
+        return sum(float(((get_b(m)[k] - prior[k]) ** 2).sum()) for k in prior)
+
+    # Execute / Assert
+    assert distance(50.0) < distance(0.0)
+
+
+def test_best_b_is_kept_when_training_diverges(tiny_model_dir: Path) -> None:
+    model, train, held = setup(tiny_model_dir)
+    result = train_adapter(
+        model,
+        train,
+        held,
+        TrainConfig(steps=20, lr=5.0, eval_every=2, patience=2, precision="fp32"),
+    )
+    assert result.heldout_loss_after <= result.heldout_loss_before
+    assert result.heldout_loss_after == min(loss for _, loss in result.heldout_curve)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"prox_mu": -1.0}, "prox_mu"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_bad_train_config_is_refused(kwargs: dict[str, object], fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_prox_without_prior_is_refused(tiny_model_dir: Path) -> None:
+    model, train, held = setup(tiny_model_dir)
+    with pytest.raises(SpecError, match="prior_b"):
+        train_adapter(model, train, held, TrainConfig(steps=2, prox_mu=1.0))
