@@ -176,3 +176,54 @@ def test_info_has_no_tensors_or_text(tiny_model_dir: Path, tmp_path: Path) -> No
     assert info["trainable_parameters"] == 2 * (32 * 4 + 16 * 4)  # 2 layers: q (32x4) + v (16x4)
     assert set(info) >= {"profile", "base_sha256", "spec", "version"}
     assert os.fspath(tmp_path) in info["profile"]
+
+
+def test_kill_9_during_saves_never_leaves_a_corrupt_profile(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a child process that saves version after version as fast as it can
+    import signal
+    import time
+
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from lorafleet.client.sdk import PersonalModel
+        pm = PersonalModel.open({str(tmp_path / "p")!r}, base={str(tiny_model_dir)!r}, rank=4,
+                                precision="fp32", device="cpu", seq_len=32)
+        rng = np.random.default_rng(0)
+        print("ready", flush=True)
+        while True:
+            pm.load_b({{k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in pm.adapter_b().items()}})
+            pm.save()
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        # Execute: let it write a few versions, then kill it mid-write
+        deadline = time.monotonic() + 60
+        adapters = tmp_path / "p" / "adapters"
+        while time.monotonic() < deadline and len(list(adapters.glob("v*"))) < 4:
+            time.sleep(0.05)
+        time.sleep(0.037)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    # Assert: the profile opens, its current version verifies, every listed version reads
+    pm = open_pm(tmp_path / "p", tiny_model_dir)
+    assert pm.version is not None and pm.version >= 3
+    versions = [p.version for p in pm.versions()]
+    assert versions == list(range(1, len(versions) + 1))
+    assert not any(p.name.startswith(TMP_PREFIX) for p in adapters.iterdir())
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pm = PersonalModel.open(tmp_path / "p", base=tiny_model_dir, rank=4, device="cuda", seq_len=32)
+    assert pm.precision == "bf16" and pm.info()["device"].startswith("cuda")
+    report = pm.train(
+        NOTES, TrainConfig(steps=10, lr=0.05, device="cuda", precision="bf16"), progress=False
+    )
+    assert report.result.heldout_loss_after < report.result.heldout_loss_before
