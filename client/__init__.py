@@ -9,6 +9,8 @@ if TYPE_CHECKING:  # type checkers see plain re-exports; runtime imports on firs
     from lorafleet.client.base import LoadedBase as LoadedBase
     from lorafleet.client.base import load_base as load_base
     from lorafleet.client.data import Example as Example
+    from lorafleet.client.keys import KeyStore as KeyStore
+    from lorafleet.client.keys import UnlockedKeys as UnlockedKeys
     from lorafleet.client.sdk import EvalReport as EvalReport
     from lorafleet.client.sdk import PersonalModel as PersonalModel
     from lorafleet.client.sdk import TrainReport as TrainReport
@@ -20,6 +22,8 @@ _LAZY = {
     "LoadedBase": "lorafleet.client.base",
     "load_base": "lorafleet.client.base",
     "Example": "lorafleet.client.data",
+    "KeyStore": "lorafleet.client.keys",
+    "UnlockedKeys": "lorafleet.client.keys",
     "EvalReport": "lorafleet.client.sdk",
     "PersonalModel": "lorafleet.client.sdk",
     "TrainReport": "lorafleet.client.sdk",

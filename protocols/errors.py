@@ -23,3 +23,19 @@ class IntegrityError(LorafleetError):
 
 class DataError(LorafleetError):
     """The user's training or evaluation data cannot be used as given."""
+
+
+class DecryptionError(IntegrityError):
+    """Ciphertext does not open: wrong key, or bytes or context altered since sealing."""
+
+
+class KeyStoreError(LorafleetError):
+    """The device key file is missing, damaged or cannot be used as asked."""
+
+
+class WrongPassphraseError(KeyStoreError):
+    """The passphrase does not unlock the key file."""
+
+
+class MissingKeyFileError(KeyStoreError):
+    """No key file where one was expected; the message says how to restore it."""
