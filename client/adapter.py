@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from lorafleet.client.atomic import atomic_directory
+from lorafleet.protocols.atomic import atomic_directory
 from lorafleet.protocols.encoding import content_hash
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.client.atomic import atomic_write_bytes
 from lorafleet.protocols import crypto
+from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.errors import (
     DecryptionError,
     KeyStoreError,

@@ -41,12 +41,12 @@ from lorafleet.client.adapter import (
     save_adapter,
     set_b,
 )
-from lorafleet.client.atomic import atomic_write_text, remove_stale_temporaries
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
 from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
+from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from lorafleet.client import atomic
 from lorafleet.client.keys import KeyStore, UnlockedKeys
-from lorafleet.protocols import crypto
+from lorafleet.protocols import atomic, crypto
 from lorafleet.protocols.envelope import BlobContext, new_blob_id, open_blob, seal_blob
 from lorafleet.protocols.errors import (
     DecryptionError,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafleet.client.atomic import TMP_PREFIX
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import TrainConfig
+from lorafleet.protocols.atomic import TMP_PREFIX
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 
 NOTES = [

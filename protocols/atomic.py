@@ -1,4 +1,4 @@
-"""Crash-safe writes: a killed process or a full disk never leaves a half-written file.
+"""Crash-safe writes, for device and coordinator alike: no half-written file, ever.
 
 Files are written to a temporary sibling, flushed to disk, then renamed over the target
 (rename is atomic on POSIX file systems). Directories are built under a temporary name
