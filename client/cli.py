@@ -144,29 +144,19 @@ def _cmd_info(args: argparse.Namespace) -> None:
             json.dumps({"default_base": default, "device": str(resolve_device("auto"))}, indent=2)
         )
         return
-    from lorafleet.client.sdk import PROFILE_FILE, PersonalModel
+    from lorafleet.client.profile import Profile
 
-    if not (args.profile / PROFILE_FILE).is_file():
-        raise LorafleetError(f"{args.profile} is not a lorafleet profile (no {PROFILE_FILE})")
-    spec = PersonalModel._read_profile(args.profile)
-    assert spec is not None
+    profile = Profile.open(args.profile)
     print(
-        json.dumps({"profile": str(args.profile), "spec": spec.to_dict()}, indent=2, sort_keys=True)
+        json.dumps(
+            {"profile": str(args.profile), "spec": profile.spec.to_dict()}, indent=2, sort_keys=True
+        )
     )
-    current = (
-        (args.profile / "current").read_text().strip()
-        if (args.profile / "current").is_file()
-        else None
-    )
-    adapters = args.profile / "adapters"
-    from lorafleet.client.adapter import read_provenance
-
-    for folder in sorted(adapters.iterdir()) if adapters.is_dir() else []:
-        if folder.name.startswith("v"):
-            p = read_provenance(folder)
-            mark = "*" if folder.name == current else " "
-            metrics = " ".join(f"{k}={v:.4g}" for k, v in p.metrics.items())
-            print(f"{mark} v{p.version:04d}  parent={p.parent}  {p.created_at}  {metrics}")
+    current = profile.current_version()
+    for p in profile.versions():
+        mark = "*" if p.version == current else " "
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in p.metrics.items())
+        print(f"{mark} v{p.version:04d}  parent={p.parent}  {p.created_at}  {metrics}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

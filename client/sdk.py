@@ -1,29 +1,17 @@
 """The SDK an app embeds: one user's personal model, kept in a profile directory.
 
-A profile holds the adapter spec, the identity of the base it belongs to, and immutable
-adapter versions (stock PEFT folders with provenance). ``current`` names the version in
-use; saving writes a new version and then moves that pointer atomically, so a crash or a
-full disk leaves the previous version in place. Nothing in a profile is ever sent
-anywhere by this class.
-
-Layout::
-
-    profile/
-      profile.json         spec + base source and sha256
-      current              name of the version in use, e.g. "v0003"
-      adapters/v0001/      adapter_config.json, adapter_model.safetensors,
-                           lorafleet_adapter.json (spec + provenance)
+A profile (:mod:`lorafleet.client.profile`) holds the adapter spec, the identity of the
+base it belongs to, and immutable adapter versions; this class puts the frozen base and
+the personal adapter on top of it. Nothing in a profile is ever sent anywhere by this
+class.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +19,20 @@ import numpy as np
 import numpy.typing as npt
 from tqdm.auto import tqdm
 
-from lorafleet.client.adapter import (
-    BTensors,
-    b_content_hash,
-    get_b,
-    materialize,
-    read_b,
-    read_provenance,
-    save_adapter,
-    set_b,
-)
+from lorafleet.client.adapter import BTensors, get_b, materialize, set_b
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
+from lorafleet.client.profile import PROFILE_FILE, Profile
 from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
-from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
 
-PROFILE_FILE = "profile.json"
-CURRENT_FILE = "current"
-ADAPTERS_DIR = "adapters"
-_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+__all__ = ["PROFILE_FILE", "EvalReport", "PersonalModel", "TrainReport"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +64,6 @@ class TrainReport:
     heldout_examples: int
 
 
-def _version_name(version: int) -> str:
-    return f"v{version:04d}"
-
-
 class PersonalModel:
     """A person's private model: frozen base + personal adapter, trained on this device.
 
@@ -108,25 +80,25 @@ class PersonalModel:
 
     def __init__(
         self,
-        profile: Path,
+        profile: Profile,
         base: LoadedBase,
-        spec: AdapterSpec,
         *,
         precision: Precision = "auto",
         device: str = "auto",
         seq_len: int = 128,
     ) -> None:
         """Prefer :meth:`open`; this wires already-loaded parts together."""
-        self.profile = profile
+        self._profile = profile
+        self.profile = profile.root
         self.base = base
-        self.spec = spec
+        self.spec = profile.spec
         self.seq_len = seq_len
         self._device = resolve_device(device)
         self.precision = resolve_precision(precision, self._device)
-        self.model = materialize(base.model, spec, base_sha256=base.sha256)
+        self.model = materialize(base.model, self.spec, base_sha256=base.sha256)
         self.model.to(self._device)
         self._provenance: AdapterProvenance | None = None
-        current = self._read_current()
+        current = profile.current_version()
         if current is not None:
             self._load_version(current)
 
@@ -155,7 +127,7 @@ class PersonalModel:
         root = Path(profile).expanduser()
         if root.exists() and not root.is_dir():
             raise LorafleetError(f"profile {root} is a file; pass a directory")
-        stored = cls._read_profile(root)
+        stored = Profile.read_spec(root)
         dev = resolve_device(device)
         dtype = base_dtype(precision, dev)
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -180,57 +152,18 @@ class PersonalModel:
                 target_modules=tuple(target_modules),
                 cohort_seed=cohort_seed,
             )
-            root.mkdir(parents=True, exist_ok=True)
-            record = {"format": 1, "base_source": str(base), "spec": spec.to_dict()}
-            atomic_write_text(
-                root / PROFILE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n"
-            )
-        remove_stale_temporaries(root)
-        remove_stale_temporaries(root / ADAPTERS_DIR)
-        return cls(root, loaded, spec, precision=precision, device=device, seq_len=seq_len)
-
-    @staticmethod
-    def _read_profile(root: Path) -> AdapterSpec | None:
-        path = root / PROFILE_FILE
-        if not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            return AdapterSpec.from_dict(record["spec"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"{path} is corrupt ({exc}); restore it from a backup") from None
+            Profile.create(root, spec, base_source=str(base))
+        return cls(Profile.open(root), loaded, precision=precision, device=device, seq_len=seq_len)
 
     # ---------------------------------------------------------------- versions
-    def _read_current(self) -> int | None:
-        path = self.profile / CURRENT_FILE
-        if not path.is_file():
-            return None
-        match = _VERSION_DIR.match(path.read_text(encoding="utf-8").strip())
-        if not match:
-            raise IntegrityError(f"{path} is corrupt; it should name a version such as v0001")
-        return int(match.group(1))
-
-    def _version_dir(self, version: int) -> Path:
-        return self.profile / ADAPTERS_DIR / _version_name(version)
-
     def _load_version(self, version: int) -> None:
-        folder = self._version_dir(version)
-        provenance = read_provenance(folder)
-        if provenance.spec != self.spec:
-            raise IntegrityError(f"adapter {folder} was made with another spec than this profile's")
-        set_b(self.model, read_b(folder, provenance))
+        provenance, b = self._profile.read(version)
+        set_b(self.model, b)
         self._provenance = provenance
 
     def versions(self) -> list[AdapterProvenance]:
         """Every saved version of this profile's adapter, oldest first."""
-        folder = self.profile / ADAPTERS_DIR
-        if not folder.is_dir():
-            return []
-        found = []
-        for child in sorted(folder.iterdir()):
-            if _VERSION_DIR.match(child.name):
-                found.append(read_provenance(child))
-        return found
+        return self._profile.versions()
 
     @property
     def version(self) -> int | None:
@@ -258,33 +191,20 @@ class PersonalModel:
         round: int | None = None,
     ) -> AdapterProvenance:
         """Write the current adapter as a new immutable version and make it current."""
-        existing = [p.version for p in self.versions()]
-        version = max(existing, default=0) + 1
-        provenance = AdapterProvenance(
-            spec=self.spec,
-            version=version,
-            content_hash=b_content_hash(self.spec, get_b(self.model)),
-            parent=self.version,
+        provenance = self._profile.save(
+            self.model,
+            get_b(self.model),
+            metrics=metrics,
             prior_version=prior_version,
             round=round,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            metrics=dict(metrics or {}),
         )
-        save_adapter(self.model, self._version_dir(version), provenance)
-        atomic_write_text(self.profile / CURRENT_FILE, _version_name(version) + "\n")
         self._provenance = provenance
-        log.info("saved adapter version %d to %s", version, self._version_dir(version))
         return provenance
 
     def rollback(self, version: int) -> None:
         """Make an earlier saved version current again (versions are never deleted)."""
-        if not self._version_dir(version).is_dir():
-            known = [p.version for p in self.versions()]
-            raise LorafleetError(
-                f"no adapter version {version} in {self.profile}; saved versions: {known}"
-            )
         self._load_version(version)
-        atomic_write_text(self.profile / CURRENT_FILE, _version_name(version) + "\n")
+        self._profile.set_current(version)
 
     # -------------------------------------------------------------------- data
     def _examples(

@@ -1,0 +1,169 @@
+"""A user's profile directory: the adapter spec and its immutable versions on disk.
+
+Layout::
+
+    profile/
+      profile.json         spec + base source
+      current              name of the version in use, e.g. "v0003"
+      adapters/v0001/      adapter_config.json, adapter_model.safetensors,
+                           lorafleet_adapter.json (spec + provenance)
+
+Saving writes a new version folder atomically and then moves ``current``; a crash or a
+full disk leaves the previous version in use. This class knows the layout only; the SDK
+(:class:`lorafleet.client.sdk.PersonalModel`) and the federated client put a model on top.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from peft import PeftModel
+
+from lorafleet.client.adapter import BTensors, b_content_hash, read_b, read_provenance, save_adapter
+from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries
+from lorafleet.protocols.errors import IntegrityError, LorafleetError
+from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.spec import AdapterSpec
+
+log = logging.getLogger(__name__)
+
+PROFILE_FILE = "profile.json"
+CURRENT_FILE = "current"
+ADAPTERS_DIR = "adapters"
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+
+
+def _version_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+class Profile:
+    """One user's adapter spec and versions in a directory.
+
+    Examples
+    --------
+    >>> profile = Profile.create(tmp / "nadia", spec, base_source="default")  # doctest: +SKIP
+    >>> profile.current_version() is None  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, root: Path, spec: AdapterSpec) -> None:
+        """Prefer :meth:`open` or :meth:`create`."""
+        self.root = root
+        self.spec = spec
+
+    @staticmethod
+    def read_spec(root: Path) -> AdapterSpec | None:
+        """The spec stored in ``root``, or None if ``root`` is not a profile yet."""
+        path = Path(root) / PROFILE_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return AdapterSpec.from_dict(record["spec"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{path} is corrupt ({exc}); restore it from a backup") from None
+
+    @classmethod
+    def open(cls, root: Path) -> Profile:
+        """An existing profile; leftovers of interrupted saves are removed."""
+        root = Path(root)
+        spec = cls.read_spec(root)
+        if spec is None:
+            raise LorafleetError(f"{root} is not a lorafleet profile (no {PROFILE_FILE})")
+        profile = cls(root, spec)
+        remove_stale_temporaries(root)
+        remove_stale_temporaries(root / ADAPTERS_DIR)
+        return profile
+
+    @classmethod
+    def create(cls, root: Path, spec: AdapterSpec, *, base_source: str) -> Profile:
+        """A new profile for ``spec``; refuses to overwrite an existing one."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise LorafleetError(f"profile {root} is a file; pass a directory")
+        if (root / PROFILE_FILE).exists():
+            raise LorafleetError(f"{root} is already a profile; open it instead")
+        root.mkdir(parents=True, exist_ok=True)
+        record = {"format": 1, "base_source": base_source, "spec": spec.to_dict()}
+        atomic_write_text(root / PROFILE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return cls(root, spec)
+
+    # ---------------------------------------------------------------- versions
+    def version_dir(self, version: int) -> Path:
+        """Folder of one version (it may not exist)."""
+        return self.root / ADAPTERS_DIR / _version_name(version)
+
+    def current_version(self) -> int | None:
+        """The version ``current`` points at, or None before the first save."""
+        path = self.root / CURRENT_FILE
+        if not path.is_file():
+            return None
+        match = _VERSION_DIR.match(path.read_text(encoding="utf-8").strip())
+        if not match:
+            raise IntegrityError(f"{path} is corrupt; it should name a version such as v0001")
+        return int(match.group(1))
+
+    def versions(self) -> list[AdapterProvenance]:
+        """Every saved version, oldest first."""
+        folder = self.root / ADAPTERS_DIR
+        if not folder.is_dir():
+            return []
+        return [read_provenance(c) for c in sorted(folder.iterdir()) if _VERSION_DIR.match(c.name)]
+
+    def read(self, version: int) -> tuple[AdapterProvenance, BTensors]:
+        """Provenance and verified B of one version."""
+        folder = self.version_dir(version)
+        if not folder.is_dir():
+            known = [p.version for p in self.versions()]
+            raise LorafleetError(
+                f"no adapter version {version} in {self.root}; saved versions: {known}"
+            )
+        provenance = read_provenance(folder)
+        if provenance.spec != self.spec:
+            raise IntegrityError(f"adapter {folder} was made with another spec than this profile's")
+        return provenance, read_b(folder, provenance)
+
+    def save(
+        self,
+        model: PeftModel,
+        b: Mapping[str, npt.NDArray[np.floating[Any]]],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        prior_version: str | None = None,
+        round: int | None = None,
+    ) -> AdapterProvenance:
+        """Write ``model``'s adapter (whose B is ``b``) as a new version and make it current."""
+        versions = [p.version for p in self.versions()]
+        version = max(versions, default=0) + 1
+        provenance = AdapterProvenance(
+            spec=self.spec,
+            version=version,
+            content_hash=b_content_hash(self.spec, b),
+            parent=self.current_version(),
+            prior_version=prior_version,
+            round=round,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=dict(metrics or {}),
+        )
+        save_adapter(model, self.version_dir(version), provenance)
+        self.set_current(version)
+        log.info("saved adapter version %d to %s", version, self.version_dir(version))
+        return provenance
+
+    def set_current(self, version: int) -> None:
+        """Point ``current`` at an existing version (a rollback when it is older)."""
+        if not self.version_dir(version).is_dir():
+            known = [p.version for p in self.versions()]
+            raise LorafleetError(
+                f"no adapter version {version} in {self.root}; saved versions: {known}"
+            )
+        atomic_write_text(self.root / CURRENT_FILE, _version_name(version) + "\n")
