@@ -10,8 +10,9 @@ spec and provenance. Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -152,6 +153,25 @@ def materialize(
         set_b(peft_model, b)
     log.debug("materialized rank-%d adapter on %d modules", spec.rank, len(targets))
     return peft_model
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run the bare base inside the block; the adapter and its frozen A come back after.
+
+    peft's own ``disable_adapter()`` re-marks every adapter weight trainable when it
+    exits, which would silently make the seeded A trainable and the saved adapter
+    unreadable; this restores each parameter's ``requires_grad`` as it was.
+    """
+    if not isinstance(model, PeftModel):
+        raise SpecError("the bare base can only be used on a model with an adapter")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
 
 
 def get_b(peft_model: torch.nn.Module) -> BTensors:

@@ -6,8 +6,8 @@ import math
 from typing import Any, cast
 
 import torch
-from peft import PeftModel
 
+from lorafleet.client.adapter import adapter_disabled
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.runtime import Precision, autocast_context, resolve_device
 from lorafleet.protocols.errors import DataError, SpecError
@@ -54,12 +54,6 @@ def heldout_loss(
 def perplexity(loss: float) -> float:
     """exp(loss), guarded against overflow for very bad models."""
     return math.exp(min(loss, 80.0))
-
-
-def _adapter_off(model: torch.nn.Module) -> Any:
-    if isinstance(model, PeftModel):
-        return model.disable_adapter()
-    raise SpecError("use_adapter=False needs a model with an adapter")
 
 
 @torch.no_grad()
@@ -109,7 +103,7 @@ def generate(
         if use_adapter:
             out = run(**enc, **kwargs)
         else:
-            with _adapter_off(model):
+            with adapter_disabled(model):
                 out = run(**enc, **kwargs)
     finally:
         model.train(was_training)

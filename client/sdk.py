@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm.auto import tqdm
 
-from lorafleet.client.adapter import BTensors, get_b, materialize, set_b
+from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
@@ -283,7 +283,7 @@ class PersonalModel:
         adapter_loss = heldout_loss(
             self.model, blocks, precision=self.precision, device=self._device
         )
-        with self.model.disable_adapter():
+        with adapter_disabled(self.model):
             base_loss = heldout_loss(
                 self.model, blocks, precision=self.precision, device=self._device
             )

@@ -227,3 +227,15 @@ def test_training_on_cuda_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
         NOTES, TrainConfig(steps=10, lr=0.05, device="cuda", precision="bf16"), progress=False
     )
     assert report.result.heldout_loss_after < report.result.heldout_loss_before
+
+
+def test_evaluating_the_bare_base_keeps_a_frozen(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # peft's disable_adapter() marks A trainable on exit; training after an evaluation
+    # must still change B only, and the saved adapter must still verify against the seed.
+    pm = open_pm(tmp_path / "p", tiny_model_dir)
+    pm.evaluate(NOTES)
+    pm.generate("Maya", max_new_tokens=2, use_adapter=False, chat=False)
+    trainable = [n for n, p in pm.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_B." in n for n in trainable)
+    pm.train(NOTES, FAST, progress=False)
+    assert open_pm(tmp_path / "p", tiny_model_dir).version == 1  # reads and verifies A
