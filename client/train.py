@@ -119,9 +119,10 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _cycle(
+def cycle_batches(
     blocks: TokenBlocks, batch_size: int, generator: torch.Generator
 ) -> Iterator[TokenBlocks]:
+    """Shuffled batches, epoch after epoch, for as many steps as the caller takes."""
     while True:
         yield from blocks.batches(batch_size, shuffle=True, generator=generator)
 
@@ -242,7 +243,7 @@ def train_adapter(
     if len(train) == 0:
         raise SpecError("train: no training blocks; add more text")
     trainer = LocalTrainer(model, config, prior_b=prior_b)
-    batches = _cycle(train, config.batch_size, torch.Generator().manual_seed(config.seed))
+    batches = cycle_batches(train, config.batch_size, torch.Generator().manual_seed(config.seed))
     before = trainer.evaluate(heldout)
     best_loss, best_step, best_b = before, 0, get_b(model)
     curve: list[tuple[int, float]] = [(0, before)]

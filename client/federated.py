@@ -1,0 +1,347 @@
+"""The device side of a federated round, and the Flower ClientApp that runs it.
+
+A round on the device: measure held-out loss of the base and of the prior; take a prior
+step (train a copy of the prior's B on local data) and return its clipped delta; train
+the personal B pulled toward the prior (Ditto: a proximal term) and save it as a new
+version in the user's profile. The personal adapter never leaves the device.
+
+One worker process often serves many simulated users in turn, so the base and the peft
+model are loaded once per process and only B is swapped between users: ten users then
+cost one base's memory, not ten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
+from lorafleet.client.base import LoadedBase, load_base
+from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
+from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.profile import Profile
+from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
+from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
+from lorafleet.protocols.atomic import atomic_write_bytes
+from lorafleet.protocols.encoding import decode_tensors, encode_tensors
+from lorafleet.protocols.errors import DataError, LorafleetError
+from lorafleet.protocols.federation import (
+    INSTRUCTION_KEY,
+    METRICS_KEY,
+    PRIOR_KEY,
+    UPDATE_KEY,
+    ZERO_PRIOR,
+    RoundInstruction,
+    RoundMetrics,
+    clip_by_global_norm,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One user's private text on this device, already split."""
+
+    user_id: str
+    train: list[Example]
+    heldout: list[Example]
+
+    @classmethod
+    def from_path(
+        cls, path: Path, *, heldout_fraction: float = 0.2, user_id: str = ""
+    ) -> DeviceData:
+        """A folder with train.txt + heldout.txt, or any notes file/folder (split here)."""
+        path = Path(path)
+        train_file, held_file = path / "train.txt", path / "heldout.txt"
+        if train_file.is_file() and held_file.is_file():
+            return cls(user_id or path.name, read_examples(train_file), read_examples(held_file))
+        train, held = split_examples(read_examples(path), heldout_fraction)
+        return cls(user_id or path.name, train, held)
+
+
+@dataclass
+class _Worker:
+    base: LoadedBase
+    model: PeftModel
+    device: torch.device
+    precision: str
+
+
+_WORKERS: dict[tuple[str, str, str], _Worker] = {}
+
+
+def worker_for(
+    instr: RoundInstruction,
+    *,
+    base_source: str = "default",
+    precision: Precision = "auto",
+    device: str = "auto",
+    cache_dir: Path | None = None,
+) -> _Worker:
+    """The process's base + adapter for this spec, loaded on first use."""
+    dev = resolve_device(device)
+    concrete = resolve_precision(precision, dev)
+    key = (instr.spec.base_sha256, instr.spec.fingerprint(), concrete)
+    worker = _WORKERS.get(key)
+    if worker is None:
+        base = load_base(
+            base_source,
+            cache_dir=cache_dir,
+            expected_sha256=instr.spec.base_sha256,
+            dtype=base_dtype(concrete, dev),
+        )
+        model = materialize(base.model, instr.spec, base_sha256=base.sha256)
+        model.to(dev)
+        worker = _Worker(base, model, dev, concrete)
+        _WORKERS[key] = worker
+    return worker
+
+
+def run_round(
+    instr: RoundInstruction,
+    prior_b: BTensors | None,
+    data: DeviceData,
+    profile_root: Path,
+    *,
+    base_source: str = "default",
+    precision: Precision = "auto",
+    device: str = "auto",
+    cache_dir: Path | None = None,
+) -> tuple[BTensors | None, RoundMetrics]:
+    """Run one round for one user; returns (clipped prior delta or None, metrics).
+
+    In ``evaluate`` mode nothing is trained: the metrics compare base, prior and the
+    user's current personal adapter on their held-out text.
+    """
+    started = time.perf_counter()
+    w = worker_for(
+        instr, base_source=base_source, precision=precision, device=device, cache_dir=cache_dir
+    )
+    if prior_b is None:  # the zero prior of round 1
+        prior_b = {k: np.zeros_like(v) for k, v in get_b(w.model).items()}
+    tok = w.base.tokenizer
+    train_blocks = encode_blocks(data.train, tok, seq_len=instr.seq_len)
+    held_blocks = encode_blocks(data.heldout, tok, seq_len=instr.seq_len)
+    if len(train_blocks) == 0 or held_blocks.num_tokens == 0:
+        raise DataError(f"user {data.user_id}: not enough text for a round")
+
+    def loss() -> float:
+        return heldout_loss(w.model, held_blocks, precision=w.precision, device=w.device)  # type: ignore[arg-type]
+
+    with adapter_disabled(w.model):
+        base_loss = loss()
+    set_b(w.model, prior_b)
+    prior_loss = loss()
+
+    profile = _open_profile(profile_root, instr, base_source)
+    current = profile.current_version()
+    personal_b = (
+        profile.read(current)[1] if current is not None else prior_b
+    )  # new users warm-start
+
+    if instr.mode == "evaluate":
+        set_b(w.model, personal_b)
+        metrics = RoundMetrics(len(data.train), base_loss, prior_loss, loss())
+        return None, metrics
+
+    config = TrainConfig(
+        steps=max(instr.prior_steps, 1),
+        lr=instr.lr,
+        batch_size=instr.batch_size,
+        warmup_steps=min(5, instr.prior_steps // 4),
+        precision=w.precision,  # type: ignore[arg-type]
+        device=str(w.device),
+        seed=instr.round,
+    )
+    # Prior step: plain local training from the prior, no early stop (selecting on this
+    # user's held-out text would bias the shared prior toward them).
+    delta: BTensors | None = None
+    if instr.prior_steps > 0:
+        trainer = LocalTrainer(w.model, config)
+        batches = cycle_batches(
+            train_blocks, instr.batch_size, torch.Generator().manual_seed(instr.round)
+        )
+        for _ in range(instr.prior_steps):
+            trainer.step(next(batches))
+        stepped = get_b(w.model)
+        delta = {k: stepped[k] - prior_b[k] for k in prior_b}
+    # Personal step: from the user's own B, pulled toward the prior.
+    set_b(w.model, personal_b)
+    personal_loss = prior_loss if current is None else loss()
+    if instr.personal_steps > 0:
+        personal_cfg = TrainConfig(
+            steps=instr.personal_steps,
+            lr=instr.lr,
+            batch_size=instr.batch_size,
+            warmup_steps=min(5, instr.personal_steps // 4),
+            prox_mu=instr.prox_mu,
+            precision=w.precision,  # type: ignore[arg-type]
+            device=str(w.device),
+            eval_every=max(1, instr.personal_steps // 2),
+            patience=0,
+            seed=instr.round,
+        )
+        result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
+        personal_loss = result.heldout_loss_after
+        profile.save(
+            w.model,
+            get_b(w.model),
+            metrics={
+                "base_loss": base_loss,
+                "prior_loss": prior_loss,
+                "personal_loss": personal_loss,
+            },
+            prior_version=instr.prior_version,
+            round=instr.round,
+        )
+    clipped: BTensors | None = None
+    norm, was_clipped = 0.0, False
+    if delta is not None:
+        clipped, norm, was_clipped = clip_by_global_norm(delta, instr.clip_norm)
+    metrics = RoundMetrics(
+        num_examples=len(data.train),
+        base_loss=base_loss,
+        prior_loss=prior_loss,
+        personal_loss=personal_loss,
+        delta_norm=norm,
+        clipped=was_clipped,
+        train_seconds=time.perf_counter() - started,
+    )
+    return clipped, metrics
+
+
+def _open_profile(root: Path, instr: RoundInstruction, base_source: str) -> Profile:
+    spec = Profile.read_spec(root)
+    if spec is None:
+        return Profile.create(root, instr.spec, base_source=base_source)
+    if spec != instr.spec:
+        raise LorafleetError(
+            f"profile {root} holds an adapter of another spec ({spec.fingerprint()[:12]}…) than this "
+            f"federation's ({instr.spec.fingerprint()[:12]}…); use a separate profile per federation"
+        )
+    return Profile.open(root)
+
+
+# ------------------------------------------------------------------ the Flower ClientApp
+def _setting(context: Context, extra: Mapping[str, str], key: str, default: str = "") -> str:
+    """A node setting (SuperNode --node-config), else a run setting, else ``extra``."""
+    value = context.node_config.get(key, context.run_config.get(key, extra.get(key, default)))
+    return str(value)
+
+
+def _locate(
+    context: Context, extra: Mapping[str, str], instr: RoundInstruction
+) -> tuple[DeviceData, Path]:
+    """Find the node's data and profile: node config on a device, a user folder in sim."""
+    if "data" in context.node_config:
+        data = DeviceData.from_path(
+            Path(str(context.node_config["data"])), heldout_fraction=instr.heldout_fraction
+        )
+        profile = Path(
+            _setting(
+                context,
+                extra,
+                "profile",
+                str(Path(str(context.node_config["data"])) / ".lorafleet"),
+            )
+        )
+        return data, profile
+    users_dir = Path(_setting(context, extra, "sim-users-dir"))
+    if not users_dir.is_dir():
+        raise LorafleetError(
+            "this node has no data: start the SuperNode with --node-config \"data='PATH'\" "
+            "or set sim-users-dir in the run config"
+        )
+    users = sorted(p for p in users_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    index = int(context.node_config.get("partition-id", 0))
+    if index >= len(users):
+        raise LorafleetError(
+            f"partition {index} has no user folder in {users_dir} ({len(users)} users)"
+        )
+    folder = users[index]
+    profiles = Path(
+        _setting(context, extra, "sim-profiles-dir", str(users_dir.parent / "profiles"))
+    )
+    return DeviceData.from_path(
+        folder, heldout_fraction=instr.heldout_fraction
+    ), profiles / folder.name
+
+
+def _prior(msg: Message, instr: RoundInstruction, profile_root: Path) -> BTensors | None:
+    """The prior's B: from the message when sent, else from this device's cache."""
+    if instr.prior_version == ZERO_PRIOR:
+        return None
+    cache = profile_root / "priors" / f"{instr.prior_version.replace('/', '_')}.safetensors"
+    if PRIOR_KEY in msg.content:
+        payload = msg.content[PRIOR_KEY]["b"]
+        assert isinstance(payload, bytes)
+        tensors, _ = decode_tensors(payload)
+        atomic_write_bytes(cache, payload)
+        return tensors
+    if cache.is_file():
+        return decode_tensors(cache.read_bytes())[0]
+    raise LorafleetError(
+        f"prior {instr.prior_version} is not cached on this device; the coordinator must send it"
+    )
+
+
+def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
+    instr = RoundInstruction.from_config(dict(msg.content[INSTRUCTION_KEY]))
+    data, profile_root = _locate(context, extra, instr)
+    prior = _prior(msg, instr, profile_root)
+    cache_dir = _setting(context, extra, "cache-dir")
+    delta, metrics = run_round(
+        instr,
+        prior,
+        data,
+        profile_root,
+        base_source=_setting(context, extra, "base", "default"),
+        precision=_setting(context, extra, "precision", "auto"),  # type: ignore[arg-type]
+        device=_setting(context, extra, "device", "auto"),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    content = RecordDict()
+    if delta is not None:
+        payload = encode_tensors(
+            delta, packing=instr.packing, metadata={"prior_version": instr.prior_version}
+        )
+        metrics = RoundMetrics(**{**metrics.__dict__, "bytes_up": len(payload)})
+        content[UPDATE_KEY] = ConfigRecord({"delta": payload})
+    content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(settings: Mapping[str, str] | None = None) -> ClientApp:
+    """A ClientApp; ``settings`` fill in run-config keys (used by in-process simulations).
+
+    Node config (SuperNode ``--node-config``) still wins over both, so a real device's
+    own data and profile paths are never overridden.
+    """
+    extra = dict(settings or {})
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """A training round: prior delta out, personal adapter kept."""
+        return _handle(msg, context, extra)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """An evaluation round: held-out losses of base, prior and personal adapter."""
+        return _handle(msg, context, extra)
+
+    return client_app
+
+
+app = make_client_app()
+"""The ClientApp ``flwr run`` and SuperNodes load (``[tool.flwr.app.components]``)."""

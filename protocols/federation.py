@@ -1,0 +1,173 @@
+"""The federated round protocol: what a train message carries and what comes back.
+
+One round, as both sides see it:
+
+1. The coordinator sends each sampled device a :class:`RoundInstruction` (the adapter
+   spec with its cohort seed, the prior version, local hyper-parameters, clip norm and
+   upload packing) and, when the device lacks that prior version, the prior's B encoded
+   with :func:`lorafleet.protocols.encoding.encode_tensors`.
+2. The device trains its personal B (pulled toward the prior, Ditto-style) and, from the
+   prior, a prior step; it returns only the clipped prior delta (B only, encoded in the
+   round's packing) with a :class:`RoundMetrics` record. The personal adapter stays on
+   the device.
+
+Everything here is plain data: Flower records (or any other transport) carry the
+``to_config`` dicts and the encoded bytes, so the wire contract does not depend on one
+framework's types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from lorafleet.protocols.encoding import Packing
+from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.spec import AdapterSpec
+
+# Keys of the records in a train message and its reply.
+INSTRUCTION_KEY = "lorafleet.round"
+PRIOR_KEY = "lorafleet.prior"
+UPDATE_KEY = "lorafleet.update"
+METRICS_KEY = "lorafleet.metrics"
+
+ZERO_PRIOR = "zero"
+"""The prior before round 1: B = 0. Devices know its shapes from their own base and
+spec, so the coordinator never needs the base's architecture."""
+
+Mode = Literal["train", "evaluate"]
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """What a device needs to take part in one round."""
+
+    round: int
+    spec: AdapterSpec
+    prior_version: str
+    mode: Mode = "train"
+    personal_steps: int = 8
+    prior_steps: int = 8
+    lr: float = 2e-3
+    prox_mu: float = 0.01
+    clip_norm: float = 1.0
+    batch_size: int = 4
+    seq_len: int = 128
+    heldout_fraction: float = 0.2
+    packing: Packing = "fp16"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise SpecError(f"round instruction: {what}")
+
+        need(
+            isinstance(self.round, int) and self.round >= 0,
+            f"round must be >= 0, got {self.round!r}",
+        )
+        need(bool(self.prior_version), "prior_version is empty")
+        need(self.mode in get_args(Mode), f"mode must be train or evaluate, got {self.mode!r}")
+        need(self.personal_steps >= 0 and self.prior_steps >= 0, "steps must be >= 0")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr!r}")
+        need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        need(
+            self.clip_norm > 0 and math.isfinite(self.clip_norm),
+            f"clip_norm must be positive, got {self.clip_norm!r}",
+        )
+        need(self.batch_size >= 1 and self.seq_len >= 8, "batch_size must be >= 1 and seq_len >= 8")
+        need(
+            0 < self.heldout_fraction < 1,
+            f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}",
+        )
+        need(
+            self.packing in get_args(Packing),
+            f"packing must be fp32, fp16 or int8, got {self.packing!r}",
+        )
+
+    def to_config(self) -> dict[str, int | float | str]:
+        """Flat scalars for a Flower ConfigRecord (the spec as its canonical JSON)."""
+        out: dict[str, int | float | str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = value.to_json() if f.name == "spec" else value
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundInstruction:
+        """Parse :meth:`to_config` output, naming any missing or bad field."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in config:
+                if f.default is not MISSING:  # has a default: optional on the wire
+                    continue
+                raise SpecError(f"round instruction: missing {key!r}")
+            value = config[key]
+            kwargs[f.name] = AdapterSpec.from_json(str(value)) if f.name == "spec" else value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"round instruction: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What a device reports: held-out losses and sizes, never data or the adapter."""
+
+    num_examples: int
+    base_loss: float
+    prior_loss: float
+    personal_loss: float
+    delta_norm: float = 0.0
+    clipped: bool = False
+    train_seconds: float = 0.0
+    bytes_up: int = 0
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """Flat numbers for a Flower MetricRecord."""
+        return {
+            k.replace("_", "-"): (int(v) if isinstance(v, bool) else v)
+            for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> RoundMetrics:
+        """Parse :meth:`to_metrics` output."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in metrics:
+                kwargs[f.name] = bool(metrics[key]) if f.name == "clipped" else metrics[key]
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"round metrics: {exc}") from None
+
+
+def global_norm(tensors: Mapping[str, npt.NDArray[np.floating[Any]]]) -> float:
+    """L2 norm over every element of every tensor (float64 accumulation)."""
+    return math.sqrt(
+        sum(float(np.square(np.asarray(t, dtype=np.float64)).sum()) for t in tensors.values())
+    )
+
+
+def clip_by_global_norm(
+    tensors: Mapping[str, npt.NDArray[np.floating[Any]]], max_norm: float
+) -> tuple[dict[str, npt.NDArray[np.float32]], float, bool]:
+    """Scale ``tensors`` so their global norm is at most ``max_norm``.
+
+    Returns the (possibly scaled) float32 tensors, the norm before clipping and whether
+    clipping happened. Clipping bounds each device's influence on the prior, which is
+    what secure aggregation's value ranges and differential privacy both rely on.
+    """
+    norm = global_norm(tensors)
+    scale = 1.0 if norm <= max_norm or norm == 0 else max_norm / norm
+    out = {
+        k: (np.asarray(v, dtype=np.float64) * scale).astype(np.float32) for k, v in tensors.items()
+    }
+    return out, norm, scale < 1.0

@@ -1,0 +1,267 @@
+"""The coordinator's durable state: the cohort's prior versions and its rounds.
+
+The registry is the source of truth. A prior version is first written as a file (fp32
+B, content-hashed) and only then recorded in the registry, and a round counts as
+completed when the registry says it finished; so a coordinator killed at any moment
+restarts at the last completed round with nothing lost, and a half-written prior file
+from a killed run is simply overwritten by the retried round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from lorafleet.protocols.atomic import atomic_write_bytes
+from lorafleet.protocols.encoding import Packing, content_hash, decode_tensors, encode_tensors
+from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA256
+from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
+from lorafleet.server.registry import PriorRecord, Registry, RoundId, RoundRecord
+
+log = logging.getLogger(__name__)
+
+BTensors = dict[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the ServerApp reads from Flower's run config, once, typed.
+
+    Keys in ``[tool.flwr.app.config]`` are these field names with ``-`` for ``_``.
+    """
+
+    num_rounds: int = field(default=3, metadata={"help": "Training rounds to complete."})
+    fraction_train: float = field(
+        default=0.5, metadata={"help": "Share of nodes sampled per round."}
+    )
+    min_train_nodes: int = field(default=2, metadata={"help": "Accepted updates a round needs."})
+    min_available_nodes: int = field(
+        default=2, metadata={"help": "Nodes to wait for before round 1."}
+    )
+    wait_for_nodes_s: float = field(default=300.0, metadata={"help": "How long to wait for them."})
+    round_timeout_s: float = field(
+        default=1800.0, metadata={"help": "Replies later than this are dropouts."}
+    )
+    max_round_retries: int = field(default=2, metadata={"help": "Retries of a round that failed."})
+    personal_steps: int = field(default=8, metadata={"help": "Personal training steps per round."})
+    prior_steps: int = field(default=8, metadata={"help": "Prior-step training steps per round."})
+    lr: float = field(default=2e-3, metadata={"help": "Device learning rate (B only)."})
+    prox_mu: float = field(
+        default=0.01, metadata={"help": "Pull of the personal B toward the prior."}
+    )
+    clip_norm: float = field(
+        default=1.0, metadata={"help": "Max L2 norm of a device's prior delta."}
+    )
+    batch_size: int = field(default=4, metadata={"help": "Device batch size."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per block."})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "Device held-out share."})
+    packing: str = field(default="fp16", metadata={"help": "Upload packing: fp32, fp16 or int8."})
+    aggregator: str = field(default="fedavg", metadata={"help": "fedavg or fedadam."})
+    server_lr: float = field(default=1.0, metadata={"help": "Server learning rate."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank of the cohort."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated targets."}
+    )
+    cohort_seed: int = field(default=0, metadata={"help": "Seed of the cohort's frozen A."})
+    base_model_id: str = field(default=DEFAULT_BASE_MODEL_ID, metadata={"help": "Base model name."})
+    base_sha256: str = field(
+        default=DEFAULT_BASE_SHA256, metadata={"help": "Base manifest digest."}
+    )
+    data_dir: str = field(
+        default="runs/coordinator", metadata={"help": "Coordinator state folder."}
+    )
+    registry_url: str = field(
+        default="", metadata={"help": "Database URL; empty: SQLite in data-dir."}
+    )
+    final_evaluation: bool = field(
+        default=True, metadata={"help": "Evaluate every node at the end."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of node sampling."})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise SpecError(f"run config: {what}")
+
+        need(self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}")
+        need(
+            0 < self.fraction_train <= 1,
+            f"fraction-train must be in (0, 1], got {self.fraction_train}",
+        )
+        need(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1, got {self.min_train_nodes}")
+        need(
+            self.min_available_nodes >= self.min_train_nodes,
+            "min-available-nodes must be >= min-train-nodes",
+        )
+        need(self.max_round_retries >= 0, "max-round-retries must be >= 0")
+        need(
+            self.clip_norm > 0 and math.isfinite(self.clip_norm),
+            f"clip-norm must be positive, got {self.clip_norm}",
+        )
+        need(
+            self.packing in get_args(Packing),
+            f"packing must be fp32, fp16 or int8, got {self.packing!r}",
+        )
+        need(
+            self.aggregator in AGGREGATORS,
+            f"aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}",
+        )
+        self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The cohort's adapter spec."""
+        return AdapterSpec(
+            base_model_id=self.base_model_id,
+            base_sha256=self.base_sha256,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=tuple(t.strip() for t in self.target_modules.split(",") if t.strip()),
+            cohort_seed=self.cohort_seed,
+        )
+
+    @property
+    def registry(self) -> str:
+        """The registry URL (SQLite inside data-dir unless one is given)."""
+        return self.registry_url or f"sqlite:///{Path(self.data_dir).resolve() / 'registry.db'}"
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> CoordinatorConfig:
+        """Read hyphenated run-config keys; unknown ``lorafleet`` keys are an error."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            f = known.get(key)
+            if f is None:
+                continue  # other apps' keys and the device-side sim-* keys pass through
+            try:
+                kwargs[f.name] = _coerce(value, f.type)
+            except (TypeError, ValueError):
+                raise SpecError(f"run config: {key} = {value!r} is not a valid {f.type}") from None
+        return cls(**kwargs)
+
+
+def _coerce(value: Any, type_name: Any) -> Any:
+    kind = str(type_name)
+    if kind == "bool":
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes")
+        return bool(value)
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+class Coordinator:
+    """The cohort's priors and rounds, on disk and in the registry."""
+
+    def __init__(self, config: CoordinatorConfig, registry: Registry) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.registry = registry
+        self.root = Path(config.data_dir)
+        self.priors_dir = self.root / "priors" / self.spec.fingerprint()[:16]
+        self.aggregator: Aggregator = make_aggregator(config.aggregator, config.server_lr)
+
+    @classmethod
+    def open(cls, config: CoordinatorConfig) -> Coordinator:
+        """Open (or start) the coordinator's state."""
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        coord = cls(config, Registry.open(config.registry))
+        coord._fail_interrupted_rounds()
+        return coord
+
+    def close(self) -> None:
+        """Release the database."""
+        self.registry.close()
+
+    # ---------------------------------------------------------------- priors
+    def _prior_path(self, version: int) -> Path:
+        return self.priors_dir / f"v{version:04d}.safetensors"
+
+    def save_prior(
+        self, version: int, b: BTensors, *, round: int, metrics: Mapping[str, float]
+    ) -> PriorRecord:
+        """Write a prior version (file first, registry second) and make it active."""
+        state = self.aggregator.state()
+        payload = encode_tensors(
+            {**b, **{f"__state__/{k}": v for k, v in state.items()}}, packing="fp32"
+        )
+        atomic_write_bytes(self._prior_path(version), payload)
+        return self.registry.add_prior_version(
+            self.spec,
+            version,
+            content_hash=content_hash(b, spec_fingerprint=self.spec.fingerprint()),
+            size_bytes=len(payload),
+            round=round,
+            metrics=metrics,
+            activate=True,
+        )
+
+    def load_prior(self, record: PriorRecord) -> BTensors:
+        """A prior version's B, verified against the registry's content hash."""
+        path = self._prior_path(record.version)
+        if not path.is_file():
+            raise IntegrityError(
+                f"prior file {path} is missing; restore the coordinator's data dir"
+            )
+        tensors, _ = decode_tensors(path.read_bytes())
+        b = {k: v for k, v in tensors.items() if not k.startswith("__state__/")}
+        if content_hash(b, spec_fingerprint=self.spec.fingerprint()) != record.content_hash:
+            raise IntegrityError(f"prior file {path} does not match the registry's content hash")
+        self.aggregator.load_state(
+            {k[len("__state__/") :]: v for k, v in tensors.items() if k.startswith("__state__/")}
+        )
+        return b
+
+    def active_prior(self) -> tuple[PriorRecord | None, BTensors | None]:
+        """The active prior (None before the first round: the zero prior)."""
+        record = self.registry.active_prior(self.spec)
+        if record is None:
+            return None, None
+        return record, self.load_prior(record)
+
+    def next_prior_version(self) -> int:
+        """1 + the highest prior version of the cohort."""
+        page = self.registry.list_prior_versions(self.spec, limit=1)
+        return page.items[0].version + 1 if page.items else 1
+
+    # ---------------------------------------------------------------- rounds
+    def completed_round(self) -> int:
+        """The highest finished round number (0 when none)."""
+        done = 0
+        after = None
+        while True:
+            page = self.registry.list_rounds(self.spec, after=after, limit=200)
+            done = max([done, *(r.number for r in page.items if r.status == "finished")])
+            if page.next_after is None:
+                return done
+            after = RoundId(page.next_after)
+
+    def _fail_interrupted_rounds(self) -> None:
+        """Rounds left 'running' by a killed coordinator are closed as failed."""
+        page = self.registry.list_rounds(self.spec, limit=200)
+        for r in page.items:
+            if r.status == "running":
+                log.warning("round %d was interrupted; it will be run again", r.number)
+                self.registry.finish_round(r.id, participants=0, status="failed")
+
+    def start_round(self, number: int, attempt: int) -> RoundRecord:
+        """Record the start of a round attempt."""
+        return self.registry.start_round(
+            self.spec, number, config={"attempt": attempt, "aggregator": self.config.aggregator}
+        )

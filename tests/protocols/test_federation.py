@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.federation import (
+    RoundInstruction,
+    RoundMetrics,
+    clip_by_global_norm,
+    global_norm,
+)
+from lorafleet.protocols.spec import AdapterSpec
+
+SPEC = AdapterSpec(base_model_id="m", base_sha256="ab" * 32, cohort_seed=3)
+
+
+def test_instruction_round_trips_through_flat_config() -> None:
+    instr = RoundInstruction(round=4, spec=SPEC, prior_version="abc/v3", packing="int8", lr=1e-3)
+    config = instr.to_config()
+    assert all(isinstance(v, int | float | str) for v in config.values())
+    assert RoundInstruction.from_config(config) == instr
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [({"round": -1}, "round"), ({"clip-norm": 0.0}, "clip_norm"), ({"packing": "fp8"}, "packing")],
+)
+def test_bad_instructions_name_the_field(change: dict[str, object], fragment: str) -> None:
+    config = {**RoundInstruction(round=1, spec=SPEC, prior_version="p").to_config(), **change}
+    with pytest.raises(SpecError, match=fragment):
+        RoundInstruction.from_config(config)
+
+
+def test_missing_spec_is_refused() -> None:
+    config = RoundInstruction(round=1, spec=SPEC, prior_version="p").to_config()
+    del config["spec"]
+    with pytest.raises(SpecError, match="missing 'spec'"):
+        RoundInstruction.from_config(config)
+
+
+def test_metrics_round_trip() -> None:
+    m = RoundMetrics(
+        num_examples=10, base_loss=2.0, prior_loss=1.9, personal_loss=1.5, clipped=True
+    )
+    assert RoundMetrics.from_metrics(m.to_metrics()) == m
+
+
+def test_clipping_bounds_the_norm_and_keeps_direction() -> None:
+    t = {"x": np.array([3.0, 4.0], np.float32)}
+    clipped, norm, was = clip_by_global_norm(t, 1.0)
+    assert norm == pytest.approx(5.0) and was
+    assert global_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    assert np.allclose(clipped["x"], [0.6, 0.8])
+    same, _, was = clip_by_global_norm(t, 10.0)
+    assert not was and np.array_equal(same["x"], t["x"])
