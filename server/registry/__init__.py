@@ -1,0 +1,55 @@
+"""The coordinator's adapter registry: users, immutable versions with provenance, priors, rounds."""
+
+from lorafleet.server.registry.database import parse_url as parse_url
+from lorafleet.server.registry.errors import ConflictError as ConflictError
+from lorafleet.server.registry.errors import NotFoundError as NotFoundError
+from lorafleet.server.registry.errors import RegistryError as RegistryError
+from lorafleet.server.registry.errors import RegistryValueError as RegistryValueError
+from lorafleet.server.registry.errors import UnavailableError as UnavailableError
+from lorafleet.server.registry.records import AdapterId as AdapterId
+from lorafleet.server.registry.records import AdapterRecord as AdapterRecord
+from lorafleet.server.registry.records import BlobRecord as BlobRecord
+from lorafleet.server.registry.records import Counts as Counts
+from lorafleet.server.registry.records import ErasureCounts as ErasureCounts
+from lorafleet.server.registry.records import EvaluationId as EvaluationId
+from lorafleet.server.registry.records import EvaluationRecord as EvaluationRecord
+from lorafleet.server.registry.records import NewVersion as NewVersion
+from lorafleet.server.registry.records import Page as Page
+from lorafleet.server.registry.records import PriorId as PriorId
+from lorafleet.server.registry.records import PriorRecord as PriorRecord
+from lorafleet.server.registry.records import RoundId as RoundId
+from lorafleet.server.registry.records import RoundRecord as RoundRecord
+from lorafleet.server.registry.records import UserId as UserId
+from lorafleet.server.registry.records import UserRecord as UserRecord
+from lorafleet.server.registry.records import VersionId as VersionId
+from lorafleet.server.registry.records import VersionRecord as VersionRecord
+from lorafleet.server.registry.store import Registry as Registry
+from lorafleet.server.registry.store import prior_ref as prior_ref
+
+__all__ = [
+    "AdapterId",
+    "AdapterRecord",
+    "BlobRecord",
+    "ConflictError",
+    "Counts",
+    "ErasureCounts",
+    "EvaluationId",
+    "EvaluationRecord",
+    "NewVersion",
+    "NotFoundError",
+    "Page",
+    "PriorId",
+    "PriorRecord",
+    "Registry",
+    "RegistryError",
+    "RegistryValueError",
+    "RoundId",
+    "RoundRecord",
+    "UnavailableError",
+    "UserId",
+    "UserRecord",
+    "VersionId",
+    "VersionRecord",
+    "parse_url",
+    "prior_ref",
+]
