@@ -263,5 +263,5 @@ class Coordinator:
     def start_round(self, number: int, attempt: int) -> RoundRecord:
         """Record the start of a round attempt."""
         return self.registry.start_round(
-            self.spec, number, config={"attempt": attempt, "aggregator": self.config.aggregator}
+            self.spec, number, config={"aggregator": self.config.aggregator}, retry=True
         )
