@@ -1,0 +1,193 @@
+"""Helpers every benchmark under ``bench/`` shares, so all of them follow shared/BENCH.md.
+
+A benchmark measures a baseline and lorafleet's paths side by side, reports medians with
+min/max, and with ``--json PATH`` writes ``{"bench", "machine", "rows", "ratios"}``.
+This module holds the pieces that must not drift between benchmarks: the machine
+description, the statistics, the JSON layout, and peak-memory measurement (this
+process's max RSS, or a child process's when one path's memory must be told apart).
+
+Benchmarks import it as ``_common``: ``python bench/NAME.py`` puts ``bench/`` first on
+``sys.path``. Running this file itself does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHILD_RESULT_PREFIX = "BENCH-CHILD-RESULT "
+"""Marks the one stdout line a child process reports its result on (JSON after it)."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Median, min and max of repeated measurements; the median is what gets compared."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stats:
+        """Summarize ``values``; refuses an empty sequence (nothing was measured)."""
+        if not values:
+            raise ValueError("no measurements to summarize")
+        return cls(
+            median=float(statistics.median(values)),
+            min=float(min(values)),
+            max=float(max(values)),
+            n=len(values),
+        )
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain-data form for JSON."""
+        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n}
+
+
+def ratio(value: float, reference: float) -> float:
+    """``value / reference``; NaN when the reference is zero or not finite."""
+    if reference == 0 or not math.isfinite(reference) or not math.isfinite(value):
+        return float("nan")
+    return value / reference
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=5,
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(*, threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, library versions, threads used."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``getrusage``'s ``ru_maxrss``)."""
+    raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return raw / (1024 * 1024) if sys.platform == "darwin" else raw / 1024
+
+
+def report_child_result(result: Mapping[str, Any]) -> None:
+    """Print a child's result on one marked stdout line for :func:`run_child` to parse."""
+    print(CHILD_RESULT_PREFIX + json.dumps(dict(result), sort_keys=True), flush=True)
+
+
+def run_child(argv: Sequence[str], *, timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``python argv...`` in a fresh process and return the result it reported.
+
+    The child must call :func:`report_child_result`; its other output is ignored, and a
+    failure raises ``RuntimeError`` with the tail of its stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(CHILD_RESULT_PREFIX):
+            parsed: dict[str, Any] = json.loads(line[len(CHILD_RESULT_PREFIX) :])
+            return parsed
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    raise RuntimeError(f"child {list(argv)} exited {proc.returncode} without a result:\n{tail}")
+
+
+def write_json(
+    path: str | os.PathLike[str],
+    *,
+    bench: str,
+    machine: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    ratios: Mapping[str, Any],
+    **extra: Any,
+) -> None:
+    """Write the result file BENCH.md specifies; NaN and infinities become ``null``."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    doc = {"bench": bench, "machine": machine, "rows": list(rows), "ratios": ratios, **extra}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
