@@ -76,9 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args: argparse.Namespace, *, rank: int = 8, cohort_seed: int = 0) -> PersonalModel:
+def _open(
+    args: argparse.Namespace, *, rank: int = 8, cohort_seed: int = 0, create: bool = False
+) -> PersonalModel:
+    from lorafleet.client.profile import Profile
     from lorafleet.client.sdk import PersonalModel
 
+    if not create and Profile.read_spec(args.profile) is None:
+        raise LorafleetError(
+            f"{args.profile} is not a lorafleet profile yet; create it with lorafleet train --profile {args.profile} ..."
+        )
     return PersonalModel.open(
         args.profile,
         base=args.base,
@@ -93,7 +100,7 @@ def _open(args: argparse.Namespace, *, rank: int = 8, cohort_seed: int = 0) -> P
 def _cmd_train(args: argparse.Namespace) -> None:
     from lorafleet.client.train import TrainConfig
 
-    pm = _open(args, rank=args.rank, cohort_seed=args.seed)
+    pm = _open(args, rank=args.rank, cohort_seed=args.seed, create=True)
     config = TrainConfig(
         steps=args.steps,
         lr=args.lr,

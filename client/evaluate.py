@@ -91,21 +91,25 @@ def generate(
         if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
     }
-    if temperature > 0:
-        torch.manual_seed(seed)
+    sampling = temperature > 0
+    if sampling:
         kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
     run = cast(Any, model).generate  # every causal LM and PeftModel has one
-    try:
-        if use_adapter:
-            out = run(**enc, **kwargs)
-        else:
-            with adapter_disabled(model):
+    # Sampling draws from torch's global RNG; seed a forked copy so the caller's stays put.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sampling:
+            torch.manual_seed(seed)
+        try:
+            if use_adapter:
                 out = run(**enc, **kwargs)
-    finally:
-        model.train(was_training)
+            else:
+                with adapter_disabled(model):
+                    out = run(**enc, **kwargs)
+        finally:
+            model.train(was_training)
     new_tokens = out[0, enc["input_ids"].shape[1] :]
     return str(tokenizer.decode(new_tokens, skip_special_tokens=True)).strip()

@@ -72,6 +72,18 @@ class Profile:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise IntegrityError(f"{path} is corrupt ({exc}); restore it from a backup") from None
 
+    @staticmethod
+    def read_base_source(root: Path) -> str | None:
+        """The base source the profile was created with (what ``open`` loads by default)."""
+        path = Path(root) / PROFILE_FILE
+        if not path.is_file():
+            return None
+        try:
+            source = json.loads(path.read_text(encoding="utf-8")).get("base_source")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise IntegrityError(f"{path} is corrupt ({exc}); restore it from a backup") from None
+        return str(source) if source else None
+
     @classmethod
     def open(cls, root: Path) -> Profile:
         """An existing profile; leftovers of interrupted saves are removed."""

@@ -8,6 +8,7 @@ class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,14 +20,21 @@ import numpy as np
 import numpy.typing as npt
 from tqdm.auto import tqdm
 
-from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
+from lorafleet.client.adapter import (
+    BTensors,
+    adapter_disabled,
+    get_b,
+    lora_targets,
+    materialize,
+    set_b,
+)
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
 from lorafleet.client.profile import PROFILE_FILE, Profile
 from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
-from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
+from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
 
@@ -108,7 +116,7 @@ class PersonalModel:
         cls,
         profile: str | os.PathLike[str],
         *,
-        base: str | os.PathLike[str] = DEFAULT_BASE,
+        base: str | os.PathLike[str] | None = None,
         rank: int = 8,
         alpha: float = 16.0,
         target_modules: Sequence[str] = ("q_proj", "v_proj"),
@@ -120,14 +128,17 @@ class PersonalModel:
     ) -> PersonalModel:
         """Open a profile directory, creating it (and its adapter spec) on first use.
 
-        The spec arguments (rank, alpha, targets, seed) only apply when the profile is
-        new; an existing profile keeps its own spec and refuses a base whose manifest
-        differs from the one it was made for.
+        ``base`` defaults to the base the profile was made with (the default base for a
+        new profile). The spec arguments (rank, alpha, targets, seed) only apply when the
+        profile is new; an existing profile keeps its own spec and refuses a base whose
+        manifest differs from the one it was made for.
         """
         root = Path(profile).expanduser()
         if root.exists() and not root.is_dir():
             raise LorafleetError(f"profile {root} is a file; pass a directory")
         stored = Profile.read_spec(root)
+        if base is None:
+            base = Profile.read_base_source(root) or DEFAULT_BASE
         dev = resolve_device(device)
         dtype = base_dtype(precision, dev)
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -152,6 +163,7 @@ class PersonalModel:
                 target_modules=tuple(target_modules),
                 cohort_seed=cohort_seed,
             )
+            lora_targets(loaded.model, spec)  # a bad target fails before anything is written
             Profile.create(root, spec, base_source=str(base))
         return cls(Profile.open(root), loaded, precision=precision, device=device, seq_len=seq_len)
 
@@ -248,7 +260,17 @@ class PersonalModel:
         Part of the data (``heldout_fraction``) is held out to measure the loss before
         and after and to stop early; the best adapter seen is kept.
         """
-        config = config or TrainConfig(precision=self.precision, device=str(self._device))
+        config = config or TrainConfig()
+        # "auto" in a caller's config means: the precision and device this model runs on.
+        config = dataclasses.replace(
+            config,
+            precision=self.precision if config.precision == "auto" else config.precision,
+            device=str(self._device) if config.device == "auto" else config.device,
+        )
+        if prior_b is not None and config.prox_mu == 0:
+            raise SpecError(
+                "train: prior_b only acts through prox_mu > 0; to start from a prior, call load_b(prior) first"
+            )
         examples = self._examples(data)
         train_ex, held_ex = split_examples(examples, heldout_fraction, seed=config.seed)
         train_blocks, held_blocks = self._blocks(train_ex), self._blocks(held_ex)
@@ -297,8 +319,12 @@ class PersonalModel:
         use_adapter: bool = True,
         chat: bool = True,
         temperature: float = 0.0,
+        seed: int = 0,
     ) -> str:
-        """Reply to ``prompt`` with the personal adapter (or the bare base)."""
+        """Reply to ``prompt`` with the personal adapter (or the bare base).
+
+        Greedy by default; with ``temperature > 0`` sampling is reproducible per ``seed``.
+        """
         return generate(
             self.model,
             self.base.tokenizer,
@@ -307,6 +333,7 @@ class PersonalModel:
             use_adapter=use_adapter,
             chat=chat,
             temperature=temperature,
+            seed=seed,
         )
 
     def info(self) -> dict[str, Any]:

@@ -76,6 +76,19 @@ class TrainConfig:
             if not cond:
                 raise SpecError(f"train config: {what}")
 
+        for name in ("steps", "batch_size", "warmup_steps", "eval_every", "patience", "seed"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and not isinstance(value, bool),
+                f"{name} must be an integer, got {value!r}",
+            )
+        for name in ("lr", "weight_decay", "max_grad_norm", "prox_mu"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int | float) and not isinstance(value, bool),
+                f"{name} must be a number, got {value!r}",
+            )
+
         need(
             isinstance(self.steps, int) and self.steps >= 1,
             f"steps must be >= 1, got {self.steps!r}",

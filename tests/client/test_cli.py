@@ -92,22 +92,22 @@ def test_info_on_a_folder_that_is_not_a_profile(
     assert "not a lorafleet profile" in capsys.readouterr().err
 
 
-def test_the_installed_command_never_shows_a_traceback(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    # Prepare: a profile made for one base, opened with another
+def test_the_installed_command_never_shows_a_traceback(tmp_path: Path) -> None:
+    # Prepare: good notes, but a base model path that does not exist
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "lorafleet.client.cli",
-            "generate",
+            "train",
             "--profile",
             str(tmp_path / "p"),
             "--base",
             str(tmp_path / "no-such-model"),
-            "--prompt",
-            "hi",
+            "--data",
+            str(data),
         ],
         capture_output=True,
         text=True,
@@ -116,3 +116,12 @@ def test_the_installed_command_never_shows_a_traceback(
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ") and "no-such-model" in proc.stderr
+
+
+def test_generate_on_a_folder_that_is_not_a_profile_creates_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["generate", *common(tmp_path, tiny_model_dir), "--prompt", "hi"])
+    assert code == 2
+    assert "not a lorafleet profile yet" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

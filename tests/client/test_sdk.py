@@ -239,3 +239,39 @@ def test_evaluating_the_bare_base_keeps_a_frozen(tiny_model_dir: Path, tmp_path:
     assert trainable and all(".lora_B." in n for n in trainable)
     pm.train(NOTES, FAST, progress=False)
     assert open_pm(tmp_path / "p", tiny_model_dir).version == 1  # reads and verifies A
+
+
+def test_reopening_uses_the_profiles_own_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    open_pm(tmp_path / "p", tiny_model_dir)
+    again = PersonalModel.open(tmp_path / "p", precision="fp32", device="cpu", seq_len=32)
+    assert again.spec.base_sha256 == again.base.sha256
+
+
+def test_a_bad_target_on_first_open_writes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from lorafleet.protocols.errors import SpecError
+
+    with pytest.raises(SpecError, match="match no Linear"):
+        open_pm(tmp_path / "p", tiny_model_dir, target_modules=("qkv",))
+    assert not (tmp_path / "p" / "profile.json").exists()
+
+
+def test_prior_b_without_a_proximal_term_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from lorafleet.protocols.errors import SpecError
+
+    pm = open_pm(tmp_path / "p", tiny_model_dir)
+    with pytest.raises(SpecError, match="prox_mu"):
+        pm.train(NOTES, FAST, prior_b=pm.adapter_b(), progress=False)
+
+
+def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    pm = open_pm(tmp_path / "p", tiny_model_dir)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = pm.generate("Maya", max_new_tokens=5, chat=False, temperature=1.0, seed=7)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert pm.generate("Maya", max_new_tokens=5, chat=False, temperature=1.0, seed=7) == a

@@ -90,6 +90,8 @@ def test_best_b_is_kept_when_training_diverges(tiny_model_dir: Path) -> None:
         ({"precision": "fp8"}, "precision"),
         ({"prox_mu": -1.0}, "prox_mu"),
         ({"threads": 0}, "threads"),
+        ({"lr": "fast"}, "lr must be a number"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
     ],
 )
 def test_bad_train_config_is_refused(kwargs: dict[str, object], fragment: str) -> None:
