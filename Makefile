@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 	mkdir -p .typecheck/lorafleet
 	for p in protocols client server sim; do ln -sfn ../../$$p .typecheck/lorafleet/$$p; done
 
+# The federated story: 8 synthetic users, 3 rounds on the default base (lorafleet demo is
+# the single-device one).
 demo: $(STAMP)
-	$(BIN)/lorafleet demo
+	$(BIN)/lorafleet-sim demo
 
 lint: $(STAMP) .typecheck/lorafleet
 	$(BIN)/ruff check .
