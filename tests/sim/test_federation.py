@@ -12,39 +12,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from lorafleet.client import federated
-from lorafleet.client.base import load_base
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
 from lorafleet.protocols.federation import UPDATE_KEY
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.server.registry import Registry
-from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
 from lorafleet.sim.runner import SimResources, simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def setup_run(tmp: Path, tiny: Path, **overrides: Any) -> tuple[Path, CoordinatorConfig]:
-    users = write_user_folders(
-        generate_personas(PersonaConfig(num_users=3, notes_per_user=30)), tmp / "users"
-    )
-    args: dict[str, Any] = {
-        "num_rounds": 2,
-        "fraction_train": 1.0,
-        "min_train_nodes": 2,
-        "min_available_nodes": 3,
-        "personal_steps": 4,
-        "prior_steps": 4,
-        "lr": 0.05,
-        "seq_len": 32,
-        "rank": 4,
-        "base_model_id": "tiny",
-        "base_sha256": load_base(tiny).sha256,
-        "data_dir": str(tmp / "coordinator"),
-        "wait_for_nodes_s": 120,
-    }
-    args.update(overrides)
-    return users, CoordinatorConfig(**args)
 
 
 def run(
@@ -63,7 +38,7 @@ def run(
 
 
 def test_a_federation_learns_a_prior_and_keeps_personal_adapters_on_devices(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
 ) -> None:
     # Prepare
     users, config = setup_run(tmp_path, tiny_model_dir)
@@ -92,7 +67,7 @@ def test_a_federation_learns_a_prior_and_keeps_personal_adapters_on_devices(
 
 
 def test_nothing_of_a_users_text_or_adapter_reaches_the_coordinator(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
 ) -> None:
     users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1)
     run(tmp_path, tiny_model_dir, users, config)
@@ -109,7 +84,7 @@ def test_nothing_of_a_users_text_or_adapter_reaches_the_coordinator(
 
 
 def test_a_bad_update_is_refused_by_node_and_the_round_goes_on(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
 ) -> None:
     # Prepare: a ClientApp that behaves, except device 0 sends a delta full of NaN
     users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1)

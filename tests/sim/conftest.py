@@ -1,0 +1,42 @@
+"""Fixtures for whole-federation tests on the tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorafleet.client.base import load_base
+from lorafleet.server.coordinator import CoordinatorConfig
+from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+
+
+def _setup_run(tmp: Path, tiny: Path, **overrides: Any) -> tuple[Path, CoordinatorConfig]:
+    users = write_user_folders(
+        generate_personas(PersonaConfig(num_users=3, notes_per_user=30)), tmp / "users"
+    )
+    args: dict[str, Any] = {
+        "num_rounds": 2,
+        "fraction_train": 1.0,
+        "min_train_nodes": 2,
+        "min_available_nodes": 3,
+        "personal_steps": 4,
+        "prior_steps": 4,
+        "lr": 0.05,
+        "seq_len": 32,
+        "rank": 4,
+        "base_model_id": "tiny",
+        "base_sha256": load_base(tiny).sha256,
+        "data_dir": str(tmp / "coordinator"),
+        "wait_for_nodes_s": 120,
+    }
+    args.update(overrides)
+    return users, CoordinatorConfig(**args)
+
+
+@pytest.fixture
+def setup_run() -> Callable[..., tuple[Path, CoordinatorConfig]]:
+    """Three synthetic users on disk and a small, fast coordinator config for them."""
+    return _setup_run
