@@ -130,6 +130,14 @@ class Federation:
         sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
         record = self.coord.start_round(number, attempt)
         outcome = RoundOutcome(round=number, attempt=attempt, sampled=len(sampled))
+        log.info(
+            "round %d/%d%s: training on %d of %d devices",
+            number,
+            self.cfg.num_rounds,
+            f" (retry {attempt})" if attempt else "",
+            len(sampled),
+            len(nodes),
+        )
         instr = self._instruction(number, prior_ref, "train")
         replies, outcome.bytes_down = self._send(sampled, instr, prior, MessageType.TRAIN)
         decoded: dict[int, tuple[BTensors, RoundMetrics, int]] = {}
@@ -207,12 +215,16 @@ class Federation:
             prior_ref=saved.ref,
         )
         log.info(
-            "round %d: %d/%d updates, prior %s, mean personal loss %.4f",
+            "round %d/%d: %d/%d updates accepted, prior %s; held-out loss base %.3f, prior %.3f, personal %.3f (%.0f s)",
             number,
+            self.cfg.num_rounds,
             len(updates),
             len(sampled),
             saved.ref,
+            means.get("base_loss", float("nan")),
+            means.get("prior_loss", float("nan")),
             means.get("personal_loss", float("nan")),
+            outcome.seconds,
         )
         return outcome
 
@@ -241,6 +253,7 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
     coord = Coordinator.open(config)
     try:
         fed = Federation(grid, coord)
+        log.info("waiting for %d devices", config.min_available_nodes)
         fed.wait_for_nodes()
         record, prior = coord.active_prior()
         prior_ref = record.ref if record is not None else ZERO_PRIOR

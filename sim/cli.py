@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -41,6 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OnlyWarnings(logging.Filter):
+    """Flower re-levels its logger at DEBUG inside run_simulation; keep its chatter out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "DEPRECATED" not in record.getMessage()
+
+
+def _quiet() -> None:
+    """Round progress only: no library chatter, here or in the Ray workers."""
+    # Ray workers inherit this process's environment when the cluster starts.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lorafleet").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_OnlyWarnings())
+    for handler in flwr_logger.handlers:
+        handler.addFilter(_OnlyWarnings())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -49,13 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        warnings.filterwarnings("ignore")
-        logging.getLogger("lorafleet.server.flower_app").setLevel(logging.INFO)
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        _quiet()
     try:
         from lorafleet.sim.experiment import ExperimentConfig, format_table, run_experiment
 
