@@ -159,7 +159,7 @@ class _Evaluator:
             lr=self.cfg.lr,
             precision=self.precision,
             device=str(self.device),
-            eval_every=max(1, steps // 2),
+            eval_every=0,  # one evaluation, at the end: these are measurements, not tuning
             patience=0,
             warmup_steps=min(5, steps // 4),
             seed=self.cfg.seed,
