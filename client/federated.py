@@ -235,8 +235,11 @@ def _open_profile(root: Path, instr: RoundInstruction, base_source: str) -> Prof
 # ------------------------------------------------------------------ the Flower ClientApp
 def _setting(context: Context, extra: Mapping[str, str], key: str, default: str = "") -> str:
     """A node setting (SuperNode --node-config), else a run setting, else ``extra``."""
-    value = context.node_config.get(key, context.run_config.get(key, extra.get(key, default)))
-    return str(value)
+    for source in (context.node_config, context.run_config, extra):
+        value = source.get(key)
+        if value is not None and str(value) != "":  # an empty value means "not set"
+            return str(value)
+    return default
 
 
 def _locate(

@@ -304,6 +304,16 @@ def _consensus_zero_prior(deltas: list[BTensors]) -> BTensors:
 
 
 # ------------------------------------------------------------------ the Flower ServerApp
+def _log_to_stderr() -> None:
+    """Round progress reaches ``flwr log`` on a SuperLink, where our logger has no handler."""
+    root = logging.getLogger("lorafleet")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def make_server_app(
     config: CoordinatorConfig | None = None,
     *,
@@ -319,6 +329,7 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         """Entry point Flower calls with the run's Grid and config."""
+        _log_to_stderr()
         cfg = config or CoordinatorConfig.from_run_config(dict(context.run_config))
         results = run_federation(grid, cfg)
         if on_results is not None:

@@ -16,7 +16,7 @@ from lorafleet.protocols import crypto
 from lorafleet.protocols.errors import DecryptionError, LorafleetError, SpecError
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT_PACKAGES = ("protocols", "client", "server", "sim", "bench")
+PROJECT_PACKAGES = ("protocols", "client", "server", "sim", "bench", "deploy")
 PASSPHRASE = "correct horse battery staple"
 SALT = b"lorafleet-salt-1"
 CHEAP_ARGON = crypto.Argon2idParams(salt=SALT, iterations=2, memory_kib=64, lanes=2)

@@ -1,0 +1,539 @@
+"""The federation as users deploy it: `flwr run .` against real Flower processes.
+
+The slow tests start a SuperLink (TLS, SuperNode authentication), register and start
+three SuperNodes, each with its own user's notes, and submit the lorafleet app with
+`flwr run . CONNECTION`, exactly as docs/deployment.md tells an operator to; and they
+run the same app on Flower's local simulation federation. Everything listens on
+loopback, every wait is bounded, and every process started here (with its process
+group and descendants) is stopped even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from lorafleet.client.base import load_base
+from lorafleet.client.profile import Profile
+from lorafleet.server.coordinator import CoordinatorConfig
+from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
+CREDENTIALS = REPO / "deploy" / "credentials.py"
+CONNECTION = "lorafleet-test"
+DEVICE_KEYS = ("sim-users-dir", "sim-profiles-dir", "base", "precision", "device", "cache-dir")
+
+
+# ------------------------------------------------------------------ helpers
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of one Flower process: its own FLWR_HOME, nothing off-machine."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        # SuperLink would otherwise `uv sync` the app's dependencies from an index.
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+def credentials(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(CREDENTIALS), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def flwr(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    """Run the `flwr` CLI from the repository root; its stdout, or a failed test."""
+    proc = subprocess.run(
+        [str(BIN / "flwr"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"flwr {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def flwr_json(env: dict[str, str], *args: str, timeout: float = 120) -> Any:
+    out = flwr(env, *args, "--format", "json", timeout=timeout)
+    reply = json.loads(out[out.index("{") :])
+    assert reply.get("success"), f"flwr {' '.join(args)}: {reply}"
+    return reply
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1.0)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs()}")
+
+
+class Processes:
+    """Processes started by a test, each in its own session; all stopped at the end.
+
+    Flower detaches some children (SuperExec, ServerApp, ClientApp) into sessions of
+    their own, so the descendants of each process are collected before it is stopped
+    and stopped by pid as well.
+    """
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
+        self.extra: list[psutil.Process] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("wb") as log:
+            self.started[name] = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def adopt(self, proc: psutil.Process) -> None:
+        """Stop a process Flower detached (found by a path unique to this test)."""
+        self.extra.append(proc)
+
+    def wait(self, name: str, timeout: float) -> int:
+        """The exit status of a process expected to end by itself within ``timeout``."""
+        try:
+            return self.started[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout:.0f}s\n{self.tail()}")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def tail(self) -> str:
+        return "\n".join(f"----- {n} -----\n{self.log(n)[-3000:]}" for n in sorted(self.started))
+
+    def stop(self) -> None:
+        roots = list(self.extra)
+        for popen in self._alive():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                roots.append(psutil.Process(popen.pid))
+        targets: list[psutil.Process] = []
+        for proc in roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                targets += [proc, *proc.children(recursive=True)]
+        for popen in self.started.values():  # the group outlives a leader that exited
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGTERM)
+        for proc in targets:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(targets, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for popen in self.started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)  # anything left in the group
+            popen.wait(timeout=5)
+
+    def _alive(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.started.values() if p.poll() is None]
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path / "logs")
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+def tiny_run_config(tiny: Path, data_dir: Path, extra: dict[str, Any] | None = None) -> str:
+    """`flwr run -c` overrides: two quick rounds on the tiny model, all three nodes."""
+    values: dict[str, Any] = {
+        "num-rounds": 2,
+        "fraction-train": 1.0,
+        "min-train-nodes": 3,
+        "min-available-nodes": 3,
+        "wait-for-nodes-s": 120.0,
+        "round-timeout-s": 240.0,
+        "max-round-retries": 0,
+        "personal-steps": 2,
+        "prior-steps": 2,
+        "lr": 0.05,
+        "seq-len": 32,
+        "rank": 4,
+        "base-model-id": "tiny",
+        "base-sha256": load_base(tiny).sha256,
+        "data-dir": str(data_dir),
+        **(extra or {}),
+    }
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def wait_for_run(
+    env: dict[str, str],
+    connection: Sequence[str],
+    run_id: str,
+    timeout: float,
+    logs: Callable[[], str],
+) -> str:
+    """Poll `flwr list` until the run has finished; its final status."""
+    status = ""
+
+    def finished() -> bool:
+        nonlocal status
+        runs = flwr_json(env, "list", *connection, "--run-id", run_id)["runs"]
+        status = str(runs[0]["status"])
+        return status.startswith("finished")
+
+    wait_until(finished, timeout, f"run {run_id} to finish", logs)
+    return status
+
+
+# ------------------------------------------------------------------ fast: the config
+def test_the_flower_app_in_pyproject_is_what_flwr_run_builds_and_the_apps_read() -> None:
+    # Prepare
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.supercore.object_ref import load_app
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    flwr_table = pyproject["tool"]["flwr"]
+    run_config = flwr_table["app"]["config"]
+    # Execute
+    _, warnings = load_and_validate(REPO / "pyproject.toml")  # what `flwr run .` checks
+    config = CoordinatorConfig.from_run_config(run_config)
+    components = flwr_table["app"]["components"]
+    server_app = load_app(components["serverapp"], ValueError, REPO)
+    client_app = load_app(components["clientapp"], ValueError, REPO)
+    # Assert: every typed field has its hyphenated key, at the typed default
+    assert warnings == []
+    assert {f.name.replace("_", "-") for f in fields(CoordinatorConfig)} | set(DEVICE_KEYS) == set(
+        run_config
+    )
+    assert config == CoordinatorConfig()
+    assert isinstance(server_app, ServerApp)
+    assert isinstance(client_app, ClientApp)
+    # flwr 1.41 moves a [tool.flwr.federations] table out of pyproject.toml (rewriting
+    # the file) on every `flwr run`; connections belong in $FLWR_HOME/config.toml.
+    assert "federations" not in flwr_table
+
+
+def test_the_fab_carries_the_config_and_guide_not_the_source_tree() -> None:
+    # Prepare
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    # Execute
+    fab = build_fab_from_disk(REPO)
+    # Assert: the apps come from the installed package on every host
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert names == {"pyproject.toml", "README.md", "docs/deployment.md", ".info/CONTENT"}
+
+
+# ------------------------------------------------------------------ fast: credentials
+def test_the_credentials_script_writes_a_server_certificate_for_loopback_and_node_keys(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    # Execute
+    credentials("tls", str(tmp_path / "certs"))
+    credentials("node-keys", str(tmp_path / "keys"), "sn-1", "sn-2")
+    # Assert: the certificate chains to the CA and names 127.0.0.1 and localhost
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    for secret in ("certs/ca.key", "certs/server.key", "keys/sn-1", "keys/sn-2"):
+        assert (tmp_path / secret).stat().st_mode & 0o077 == 0, secret
+    # Flower reads the pair: the private key as the SuperNode does, the public as `register`
+    load_ssh_private_key((tmp_path / "keys" / "sn-1").read_bytes(), None)
+    assert try_load_public_key(tmp_path / "keys" / "sn-1.pub")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tls", "{out}"], "exists; pass --force"),
+        (["node-keys", "{out}", "bad/name"], "must be letters"),
+        (["tls", "{out}/new", "--host", "not a host!"], "neither an IP address nor a DNS"),
+    ],
+)
+def test_the_credentials_script_refuses_mistakes_in_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    # Prepare: certificates already there
+    credentials("tls", str(tmp_path))
+    before = (tmp_path / "ca.crt").read_bytes()
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, str(CREDENTIALS), *(a.format(out=tmp_path) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # Assert
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "ca.crt").read_bytes() == before
+
+
+# ------------------------------------------------------------------ slow: a real SuperLink
+def command(binary: str, *flags: str, **options: object) -> list[str]:
+    """``binary --flag --key value ...`` from keywords (``_`` in a key becomes ``-``)."""
+    argv = [str(BIN / binary), *(f"--{flag}" for flag in flags)]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def supernode(port: int, certs: Path, key: Path, node_config: str, **options: object) -> list[str]:
+    """A SuperNode on TLS, authenticating with ``key``, its runtime API on a free port."""
+    return command(
+        "flower-supernode",
+        superlink=f"127.0.0.1:{port}",
+        root_certificates=certs / "ca.crt",
+        auth_supernode_private_key=key,
+        port=free_port(),
+        node_config=node_config,
+        **options,
+    )
+
+
+def write_connection(cli_home: Path, name: str, port: int, ca: Path) -> None:
+    cli_home.mkdir(parents=True, exist_ok=True)
+    (cli_home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{name}"\n\n'
+        f"[superlink.{name}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca}"\n'
+    )
+
+
+@pytest.mark.slow
+def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
+    tiny_model_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    # Prepare: users, credentials, a SuperLink with TLS and SuperNode authentication
+    users = write_user_folders(
+        generate_personas(PersonaConfig(num_users=3, notes_per_user=30)), tmp_path / "users"
+    )
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    credentials("tls", str(certs))
+    credentials("node-keys", str(keys), "sn-1", "sn-2", "sn-3", "intruder")
+    port = free_port()
+    processes.start(
+        "superlink",
+        command(
+            "flower-superlink",
+            "enable-supernode-auth",
+            "disable-runtime-dependency-installation",
+            ssl_ca_certfile=certs / "ca.crt",
+            ssl_certfile=certs / "server.pem",
+            ssl_keyfile=certs / "server.key",
+            host="127.0.0.1",
+            port=port,
+            database=tmp_path / "superlink.db",
+        ),
+        flower_env(tmp_path / "home" / "superlink"),
+        tmp_path,
+    )
+    tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"https://127.0.0.1:{port}/health", verify=tls, timeout=2).is_success
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 60, "the SuperLink", processes.tail)
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP next to TLS
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    cli = flower_env(tmp_path / "home" / "cli")
+    write_connection(tmp_path / "home" / "cli", CONNECTION, port, certs / "ca.crt")
+    node_ids = []
+    for i in (1, 2, 3):
+        registered = flwr_json(cli, "supernode", "register", str(keys / f"sn-{i}.pub"), CONNECTION)
+        node_ids.append(str(registered["node-id"]))
+    for i, user in enumerate(sorted(users.iterdir()), start=1):
+        node_config = (
+            f"data='{user}' profile='{tmp_path / 'profiles' / user.name}' "
+            f"base='{tiny_model_dir}' precision='fp32' device='cpu'"
+        )
+        processes.start(
+            f"sn-{i}",
+            supernode(port, certs, keys / f"sn-{i}", node_config, max_wait_time=120),
+            flower_env(tmp_path / "home" / f"sn-{i}"),
+            tmp_path,
+        )
+
+    def online() -> list[str]:
+        nodes = flwr_json(cli, "supernode", "list", CONNECTION)["nodes"]
+        return sorted(str(n["node-id"]) for n in nodes if n["status"] == "online")
+
+    wait_until(lambda: online() == sorted(node_ids), 90, "3 SuperNodes online", processes.tail)
+
+    # Execute: a SuperNode with an unregistered key, then the app, as a user submits it
+    processes.start(
+        "intruder",
+        supernode(
+            port,
+            certs,
+            keys / "intruder",
+            f"data='{sorted(users.iterdir())[0]}'",
+            max_retries=1,
+            max_wait_time=20,
+        ),
+        flower_env(tmp_path / "home" / "intruder"),
+        tmp_path,
+    )
+    intruder_status = processes.wait("intruder", timeout=90)
+    data_dir = tmp_path / "coordinator"
+    started = flwr_json(
+        cli, "run", ".", CONNECTION, "-c", tiny_run_config(tiny_model_dir, data_dir)
+    )
+    status = wait_for_run(cli, [CONNECTION], started["run-id"], 420, processes.tail)
+
+    # Assert: the intruder was refused and never joined
+    assert intruder_status != 0
+    assert "Failed to activate SuperNode" in processes.log("intruder")
+    assert "No SuperNode found with the given public key" in processes.log("superlink")
+    assert online() == sorted(node_ids)
+    # The run completed two rounds, each with all three registered nodes' updates
+    assert status == "finished:completed", processes.tail()
+    results = json.loads((data_dir / "results.json").read_text())
+    assert [(r["round"], r["accepted"], r["refused"]) for r in results["rounds"]] == [
+        (1, 3, {}),
+        (2, 3, {}),
+    ]
+    assert sorted(results["evaluation"]) == sorted(node_ids)
+    # Each device kept its personal adapter, one version per round, in its own profile
+    for user in users.iterdir():
+        versions = Profile.open(tmp_path / "profiles" / user.name).versions()
+        assert [v.round for v in versions] == [1, 2]
+
+
+# ------------------------------------------------------------------ slow: local simulation
+@pytest.mark.slow
+def test_flwr_run_on_the_local_simulation_federation_trains_every_user(
+    tiny_model_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    # Prepare: a private FLWR_HOME and local SuperLink port; Ray's socket paths must stay
+    # under 108 characters, so its temp folder is a short one, removed afterwards.
+    users = write_user_folders(
+        generate_personas(PersonaConfig(num_users=3, notes_per_user=30)), tmp_path / "users"
+    )
+    home = tmp_path / "home"
+    with tempfile.TemporaryDirectory(prefix="lfray-") as ray_tmp:
+        env = flower_env(
+            home,
+            RAY_TMPDIR=ray_tmp,
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        )
+        try:
+            sim = ("--num-supernodes", "3", "--init-args-num-cpus", "2")
+            flwr(env, "federation", "simulation-config", *sim, "--client-resources-num-cpus", "1")
+            data_dir = tmp_path / "coordinator"
+            overrides = tiny_run_config(
+                tiny_model_dir,
+                data_dir,
+                {
+                    "sim-users-dir": str(users),
+                    "sim-profiles-dir": str(tmp_path / "profiles"),
+                    "base": str(tiny_model_dir),
+                    "precision": "fp32",
+                    "device": "cpu",
+                },
+            )
+            # Execute
+            started = flwr_json(env, "run", ".", "-c", overrides)
+            status = wait_for_run(
+                env, [], started["run-id"], 300, lambda: _local_superlink_log(home)
+            )
+        finally:
+            # `flwr` started the managed SuperLink detached; it is ours by its FLWR_HOME.
+            for proc in _local_superlinks(home):
+                processes.adopt(proc)
+            processes.stop()
+    # Assert
+    assert status == "finished:completed", _local_superlink_log(home)
+    results = json.loads((data_dir / "results.json").read_text())
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    assert len(results["evaluation"]) == 3
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == sorted(
+        u.name for u in users.iterdir()
+    )
+
+
+def _local_superlinks(home: Path) -> list[psutil.Process]:
+    marker = str(home / "local-superlink")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if any(marker in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def _local_superlink_log(home: Path) -> str:
+    path = home / "local-superlink" / "superlink.log"
+    return path.read_text(errors="replace")[-5000:] if path.is_file() else ""
