@@ -26,6 +26,7 @@ from peft import PeftModel
 
 from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
 from lorafleet.client.base import LoadedBase, load_base
+from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.profile import Profile
@@ -87,13 +88,33 @@ def worker_for(
     precision: Precision = "auto",
     device: str = "auto",
     cache_dir: Path | None = None,
+    base_service: str = "",
+    base_service_ca: str = "",
 ) -> _Worker:
-    """The process's base + adapter for this spec, loaded on first use."""
+    """The process's base + adapter for this spec, loaded on first use.
+
+    With ``base_service`` (``host:port`` of the coordinator's BaseService) the base is
+    fetched by the round's manifest digest unless it is already cached; either way
+    ``load_base`` refuses a base whose digest differs from the round's.
+    """
     dev = resolve_device(device)
     concrete = resolve_precision(precision, dev)
     key = (instr.spec.base_sha256, instr.spec.fingerprint(), concrete)
     worker = _WORKERS.get(key)
     if worker is None:
+        if base_service:
+            # The device lacks this base: download it once from the coordinator, verified
+            # chunk by chunk against the round's manifest digest (resumable, cached).
+            base_source = str(
+                fetched_path(instr.spec.base_sha256, cache_dir=cache_dir)
+                or fetch_base(
+                    base_service,
+                    instr.spec.base_sha256,
+                    cache_dir=cache_dir,
+                    tls_root_cert=Path(base_service_ca) if base_service_ca else None,
+                    progress=False,
+                )
+            )
         base = load_base(
             base_source,
             cache_dir=cache_dir,
@@ -117,6 +138,8 @@ def run_round(
     precision: Precision = "auto",
     device: str = "auto",
     cache_dir: Path | None = None,
+    base_service: str = "",
+    base_service_ca: str = "",
 ) -> tuple[BTensors | None, RoundMetrics]:
     """Run one round for one user; returns (clipped prior delta or None, metrics).
 
@@ -125,7 +148,13 @@ def run_round(
     """
     started = time.perf_counter()
     w = worker_for(
-        instr, base_source=base_source, precision=precision, device=device, cache_dir=cache_dir
+        instr,
+        base_source=base_source,
+        precision=precision,
+        device=device,
+        cache_dir=cache_dir,
+        base_service=base_service,
+        base_service_ca=base_service_ca,
     )
     if prior_b is None:  # the zero prior of round 1
         prior_b = {k: np.zeros_like(v) for k, v in get_b(w.model).items()}
@@ -312,6 +341,8 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
         precision=_setting(context, extra, "precision", "auto"),  # type: ignore[arg-type]
         device=_setting(context, extra, "device", "auto"),
         cache_dir=Path(cache_dir) if cache_dir else None,
+        base_service=_setting(context, extra, "base-service"),
+        base_service_ca=_setting(context, extra, "base-service-ca"),
     )
     content = RecordDict()
     if delta is not None:
