@@ -38,19 +38,25 @@ Tensors, per packing:
   inputs round-trip bit-exactly; float64 inputs are rounded to the nearest float32.
 - ``fp16``: tensor ``name``, dtype ``F16``, rounded to nearest even; a value that would
   round beyond the float16 range (65504) is refused rather than stored as infinity.
-- ``int8``: symmetric quantization with one scale per row, a row being a slice along the
-  first axis (B has shape ``(out_features, rank)``, so one scale per output feature).
-  Tensor ``name`` (dtype ``I8``, the caller's shape) holds codes ``q`` in ``[-127, 127]``;
-  tensor ``name + ".__scale__"`` (dtype ``F32``) holds the scales, shape
-  ``(shape[0],)`` for a tensor of 2 or more dimensions and ``(1,)`` (one scale for the
-  whole tensor) for 0-D and 1-D tensors. A row's scale is ``max|row| / 127`` rounded up
-  to the next float32 (so ``|x| / scale <= 127`` and no value is clipped), or ``0`` for a
-  row that is all zeros or empty; ``q = round_half_even(x / scale)``; the decoded value is
+- ``int8``: symmetric quantization with one scale per column, a column being a slice
+  along the last axis: a tensor of shape ``(..., C)`` is viewed as ``(P, C)`` with
+  ``P = prod(shape[:-1])``, and column ``j`` is ``x[..., j]``. B has shape
+  ``(out_features, rank)``, so that is one scale per rank index. Tensor ``name`` (dtype
+  ``I8``, the caller's shape) holds codes ``q`` in ``[-127, 127]``; tensor
+  ``name + ".__scale__"`` (dtype ``F32``) holds the scales, shape ``(shape[-1],)`` for a
+  tensor of 2 or more dimensions and ``(1,)`` (one scale for the whole tensor) for 0-D
+  and 1-D tensors. A column's scale is ``max|column| / 127`` rounded up to the next
+  float32 (so ``|x| / scale <= 127`` and no value is clipped), or ``0`` for a column
+  that is all zeros or empty; ``q = round_half_even(x / scale)``; the decoded value is
   ``q * scale`` rounded to float32. Each decoded value is within
-  :func:`max_abs_error_bound` of the original, about ``max|row| / 254``. Values above
-  ``2**127`` in magnitude are refused (``127 * scale`` must stay a finite float32). Note
-  the cost of per-row scales on B: a row holds only ``rank`` values, so at rank 8 the
-  scales add 4 bytes to 8 and int8 takes 0.375 of the fp32 bytes, not 0.25.
+  :func:`max_abs_error_bound` of the original, about ``max|column| / 254``. Values above
+  ``2**127`` in magnitude are refused (``127 * scale`` must stay a finite float32).
+  Size: the codes take a quarter of the fp32 bytes, and the scales add ``4 * C`` bytes
+  per tensor (32 bytes for a rank-8 B), so int8 is about 0.25 of fp32. Columns rather
+  than rows because a row of B holds only ``rank`` values: a scale per row would add
+  4 bytes to every 8 codes at rank 8 (0.375 of fp32). The trade-off: one large value
+  coarsens its whole column (that rank index across all output features), not just its
+  row, while rank directions of very different magnitude still keep separate scales.
 
 All values must be finite, and stay finite once packed. Names are non-empty strings, not
 ``"__metadata__"``, and never end in ``".__scale__"`` (whatever the packing, so that
@@ -91,7 +97,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Packing = Literal["fp32", "fp16", "int8"]
-"""How tensor values are stored: float32, float16, or int8 codes with per-row scales."""
+"""How tensor values are stored: float32, float16, or int8 codes with per-column scales."""
 
 FORMAT_VERSION = 1
 """Version of the layout described in this module's docstring."""
@@ -136,7 +142,8 @@ def encode_tensors(
         Name to float16, float32 or float64 array; any memory layout or byte order.
     packing
         ``"fp32"`` (exact), ``"fp16"`` (half the bytes) or ``"int8"`` (a quarter of the
-        bytes plus one float32 scale per row); see the module docstring.
+        bytes plus one float32 scale per column, i.e. per index of the last axis); see
+        the module docstring.
     metadata
         The caller's string-to-string metadata, returned by :func:`decode_tensors`. Keys
         starting with ``lorafleet.`` are reserved.
@@ -337,7 +344,9 @@ def max_abs_error_bound(tensor: npt.NDArray[np.floating[Any]], packing: Packing)
     ``m * 2**-11 + 2**-25`` (one rounding to float16, the constant covering subnormals);
     ``int8`` gives ``m * (1/254 + 2**-23) + 2**-148``: half a quantization step
     ``m / 254``, plus the float32 rounding of scale and result. The int8 bound holds per
-    row, so ``max_abs_error_bound(t[i : i + 1], "int8")`` bounds row ``i``'s error.
+    column (slice along the last axis), so ``max_abs_error_bound(t[..., j : j + 1],
+    "int8")`` bounds the error of column ``j``; for 0-D and 1-D tensors, which share one
+    scale, only the whole-tensor bound applies.
 
     Parameters
     ----------
@@ -490,16 +499,16 @@ def _cast_checked(
 def _quantize_int8(
     array: np.ndarray[Any, Any],
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
-    """Codes (same shape) and per-row float32 scales, as in the module docstring."""
+    """Codes (same shape) and per-column float32 scales, as in the module docstring."""
     x = array.astype(np.float64)
-    rows = x.reshape(_rows_shape(x.shape))  # (R, C)
-    m = np.max(np.abs(rows), axis=1, initial=0.0)  # (R,); 0 for an empty row
+    cols = x.reshape(_columns_shape(x.shape))  # (P, C)
+    m = np.max(np.abs(cols), axis=0, initial=0.0)  # (C,); 0 for an empty column
     exact = m / 127.0
-    scale = exact.astype(np.float32)  # (R,)
+    scale = exact.astype(np.float32)  # (C,)
     low = scale.astype(np.float64) < exact
     scale[low] = np.nextafter(scale[low], np.float32(np.inf))  # round up: |x| / scale <= 127
-    s = scale.astype(np.float64)[:, None]  # (R, 1)
-    ratio = np.divide(rows, s, out=np.zeros_like(rows), where=s > 0)
+    s = scale.astype(np.float64)[None, :]  # (1, C)
+    ratio = np.divide(cols, s, out=np.zeros_like(cols), where=s > 0)  # (P, C)
     codes = np.clip(np.rint(ratio), -127, 127).astype(np.int8).reshape(array.shape)
     return np.asarray(codes, order="C"), np.asarray(scale, dtype="<f4", order="C")
 
@@ -531,11 +540,15 @@ def _write_safetensors(tensors: dict[str, np.ndarray[Any, Any]], metadata: dict[
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
-def _rows_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(R, C)``: rows are slices along the first axis; 0-D and 1-D tensors are one row."""
+def _columns_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(P, C)``: columns are slices along the last axis; 0-D and 1-D tensors are one column.
+
+    ``P`` is the product of all but the last dimension, so a zero-size leading dimension
+    gives ``P = 0`` (empty columns, scale 0) while ``C`` still counts the scales.
+    """
     if len(shape) >= 2:
-        return shape[0], math.prod(shape[1:])
-    return 1, math.prod(shape)
+        return math.prod(shape[:-1]), shape[-1]
+    return math.prod(shape), 1
 
 
 def _update_str(h: Any, text: str) -> None:
@@ -719,7 +732,7 @@ def _check_layout(entries: dict[str, _Entry], packing: Packing) -> None:
             scale = entries.get(name + _SCALE_SUFFIX)
             if scale is None:
                 _corrupt(f"int8 tensor {name!r} has no scale tensor {name + _SCALE_SUFFIX!r}")
-            expected = entry.shape[:1] if len(entry.shape) >= 2 else (1,)
+            expected = entry.shape[-1:] if len(entry.shape) >= 2 else (1,)
             if scale.dtype != np.dtype("<f4") or scale.shape != expected:
                 _corrupt(
                     f"scale of {name!r} is {scale.dtype.name} {list(scale.shape)}, "
@@ -756,8 +769,8 @@ def _read_tensors(buf: bytes, header: _Header) -> dict[str, npt.NDArray[np.float
             _corrupt(f"scale of {name!r} holds a negative, NaN or infinite value")
         if bool((values == -128).any()):
             _corrupt(f"int8 tensor {name!r} holds the code -128, outside [-127, 127]")
-        rows = values.reshape(_rows_shape(values.shape)).astype(np.float64)  # (R, C)
-        decoded = (rows * scale[:, None]).reshape(values.shape)  # exact in float64
+        cols = values.reshape(_columns_shape(values.shape)).astype(np.float64)  # (P, C)
+        decoded = (cols * scale[None, :]).reshape(values.shape)  # exact in float64
         with np.errstate(over="ignore"):
             out[name] = decoded.astype(np.float32)
         if not bool(np.isfinite(out[name]).all()):
