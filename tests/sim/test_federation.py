@@ -125,3 +125,49 @@ def test_a_bad_update_is_refused_by_node_and_the_round_goes_on(
     assert "NaN" in reason or "malformed" in reason
     assert round1["prior_version"] is not None
     assert all(math.isfinite(v["personal_loss"]) for v in results["evaluation"].values())
+
+
+def test_a_round_with_too_many_dropouts_fails_cleanly_and_is_retried(
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
+) -> None:
+    # Prepare: every device fails its first message (a dropout), then behaves
+    users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1, final_evaluation=False)
+    settings = {
+        "sim-users-dir": str(users),
+        "sim-profiles-dir": str(tmp_path / "profiles"),
+        "base": str(tiny_model_dir),
+        "precision": "fp32",
+        "device": "cpu",
+    }
+    honest = federated.make_client_app(settings)
+    flaky = ClientApp()
+    marks = tmp_path / "dropped"
+    marks.mkdir()
+
+    @flaky.train()
+    def train(msg: Message, context: Context) -> Message:
+        mark = marks / str(context.node_config["partition-id"])
+        if not mark.exists():
+            mark.touch()
+            raise RuntimeError("simulated dropout")
+        return honest(msg, context)
+
+    # Execute
+    results = run(tmp_path, tiny_model_dir, users, config, app=flaky)
+    # Assert: attempt 0 failed with every node refused, attempt 1 made the prior
+    first, second = results["rounds"]
+    assert (first["round"], first["attempt"], first["accepted"], first["prior_version"]) == (
+        1,
+        0,
+        0,
+        None,
+    )
+    assert len(first["refused"]) == 3
+    assert (second["round"], second["attempt"], second["accepted"]) == (1, 1, 3)
+    assert second["prior_version"].endswith("/v1")
+    registry = Registry.open(config.registry)
+    try:
+        (round1,) = registry.list_rounds(config.spec).items
+        assert round1.status == "finished" and round1.config["attempts"] == 2
+    finally:
+        registry.close()
