@@ -47,6 +47,7 @@ from typing import IO, Any
 import grpc
 
 from lorafleet.client.base import cache_root
+from lorafleet.protocols.atomic import fsync_dir
 from lorafleet.protocols.chunks import (
     FETCH_BATCH_BYTES,
     MAX_CHUNK_SIZE,
@@ -506,7 +507,7 @@ class _Download:
                 json.dumps(info, sort_keys=True, separators=(",", ":")), encoding="utf-8"
             )
             os.rename(tree, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             if not (exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir()):
                 raise _cache_error(exc, final) from None
@@ -600,14 +601,6 @@ def _discard(folder: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.replace(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cache_error(exc: OSError, where: Path) -> LorafleetError:

@@ -21,7 +21,7 @@ from lorafleet.protocols.errors import LorafleetError
 TMP_PREFIX = ".lorafleet-tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Persist a rename: the directory entry itself must reach the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -55,7 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _explain(exc, path) from None
@@ -83,13 +83,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         # Every file and folder inside must be on disk before the rename publishes them.
         for child in sorted(tmp.rglob("*"), reverse=True):
             if child.is_dir():
-                _fsync_dir(child)
+                fsync_dir(child)
             else:
                 with open(child, "rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _explain(exc, target) from None

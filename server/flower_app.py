@@ -37,6 +37,8 @@ from lorafleet.protocols.federation import (
 )
 from lorafleet.server.aggregation import BTensors, Update, refusal_reason
 from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.registry import RoundId
+from lorafleet.server.registry.records import RoundStatus
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +183,7 @@ class Federation:
             log.warning("round %d: update from node %d refused: %s", number, node, why)
         if len(updates) < self.cfg.min_train_nodes:
             outcome.seconds = time.perf_counter() - started
-            self.coord.registry.finish_round(
-                record.id,
-                participants=len(updates),
-                dropouts=outcome.dropouts,
-                refused=len(outcome.refused),
-                bytes_up=outcome.bytes_up,
-                bytes_down=outcome.bytes_down,
-                status="failed",
-            )
+            self._close(record.id, outcome, status="failed")
             log.warning(
                 "round %d attempt %d failed: %d accepted updates, %d needed",
                 number,
@@ -205,15 +199,7 @@ class Federation:
         )
         outcome.prior_version = saved.ref
         outcome.seconds = time.perf_counter() - started
-        self.coord.registry.finish_round(
-            record.id,
-            participants=len(updates),
-            dropouts=outcome.dropouts,
-            refused=len(outcome.refused),
-            bytes_up=outcome.bytes_up,
-            bytes_down=outcome.bytes_down,
-            prior_ref=saved.ref,
-        )
+        self._close(record.id, outcome, status="finished")
         log.info(
             "round %d/%d: %d/%d updates accepted, prior %s; held-out loss base %.3f, prior %.3f, personal %.3f (%.0f s)",
             number,
@@ -227,6 +213,19 @@ class Federation:
             outcome.seconds,
         )
         return outcome
+
+    def _close(self, round_id: RoundId, outcome: RoundOutcome, *, status: RoundStatus) -> None:
+        """Record a round attempt's totals in the registry, finished or failed."""
+        self.coord.registry.finish_round(
+            round_id,
+            participants=outcome.accepted,
+            dropouts=outcome.dropouts,
+            refused=len(outcome.refused),
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+            prior_ref=outcome.prior_version,
+            status=status,
+        )
 
     def evaluate_all(self, prior_ref: str, prior: BTensors | None) -> dict[int, dict[str, float]]:
         """Held-out losses of base, prior and personal adapter on every node."""
