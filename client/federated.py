@@ -206,8 +206,9 @@ def run_round(
         delta = {k: stepped[k] - prior_b[k] for k in prior_b}
     # Personal step: from the user's own B, pulled toward the prior.
     set_b(w.model, personal_b)
-    personal_loss = prior_loss if current is None else loss()
-    if instr.personal_steps > 0:
+    if instr.personal_steps == 0:  # otherwise training measures it (and keeps the best)
+        personal_loss = prior_loss if current is None else loss()
+    else:
         personal_cfg = TrainConfig(
             steps=instr.personal_steps,
             lr=instr.lr,
