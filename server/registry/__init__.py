@@ -1,6 +1,7 @@
-"""The coordinator's adapter registry: users, immutable versions with provenance, priors, rounds."""
+"""The coordinator's registry: users, versions with provenance, priors, rounds, devices, audit."""
 
 from lorafleet.server.registry.database import parse_url as parse_url
+from lorafleet.server.registry.errors import AuthorizationError as AuthorizationError
 from lorafleet.server.registry.errors import ConflictError as ConflictError
 from lorafleet.server.registry.errors import NotFoundError as NotFoundError
 from lorafleet.server.registry.errors import RegistryError as RegistryError
@@ -8,8 +9,12 @@ from lorafleet.server.registry.errors import RegistryValueError as RegistryValue
 from lorafleet.server.registry.errors import UnavailableError as UnavailableError
 from lorafleet.server.registry.records import AdapterId as AdapterId
 from lorafleet.server.registry.records import AdapterRecord as AdapterRecord
+from lorafleet.server.registry.records import AuditRecord as AuditRecord
 from lorafleet.server.registry.records import BlobRecord as BlobRecord
 from lorafleet.server.registry.records import Counts as Counts
+from lorafleet.server.registry.records import DeviceId as DeviceId
+from lorafleet.server.registry.records import DeviceKind as DeviceKind
+from lorafleet.server.registry.records import DeviceRecord as DeviceRecord
 from lorafleet.server.registry.records import ErasureCounts as ErasureCounts
 from lorafleet.server.registry.records import EvaluationId as EvaluationId
 from lorafleet.server.registry.records import EvaluationRecord as EvaluationRecord
@@ -29,9 +34,14 @@ from lorafleet.server.registry.store import prior_ref as prior_ref
 __all__ = [
     "AdapterId",
     "AdapterRecord",
+    "AuditRecord",
+    "AuthorizationError",
     "BlobRecord",
     "ConflictError",
     "Counts",
+    "DeviceId",
+    "DeviceKind",
+    "DeviceRecord",
     "ErasureCounts",
     "EvaluationId",
     "EvaluationRecord",

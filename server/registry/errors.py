@@ -33,3 +33,10 @@ class ConflictError(RegistryError):
 
 class UnavailableError(RegistryError):
     """The database cannot be reached or opened (server down, wrong port, bad password)."""
+
+
+class AuthorizationError(RegistryError):
+    """A credential the registry checks is not valid: an unknown, used or expired token.
+
+    The message never contains the credential itself.
+    """

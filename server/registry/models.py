@@ -18,6 +18,11 @@ a million adapters:
 - ``prior_versions``/``active_priors`` are the shared prior's versions and its pointer,
   ``rounds`` the federated rounds, ``evaluations`` metrics reported after a version was
   stored, ``blobs`` the backup service's metadata of opaque encrypted blobs.
+- ``devices`` are a user's enrolled devices (an Ed25519 public key each, for the backup
+  service's signed requests) and the Flower SuperNodes the coordinator has seen; a
+  revoked row stays, so its key can never be enrolled again. ``enrolment_tokens`` keep
+  only the sha256 of a one-time token. ``audit_log`` records every operator action and
+  ``controls`` holds operator switches (such as pausing training) as JSON.
 
 Every table that holds personal data reaches ``users`` through ``ON DELETE CASCADE``, so
 erasing a user cannot leave rows behind; the registry also deletes them explicitly to
@@ -37,10 +42,12 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -235,6 +242,9 @@ rounds = Table(
     Column("bytes_up", BigInteger, nullable=True),
     Column("bytes_down", BigInteger, nullable=True),
     Column("prior_ref", String(NAME_LEN), nullable=True),
+    # Differential privacy spent by the prior up to and including this round (None: no DP).
+    Column("dp_epsilon", Float, nullable=True),
+    Column("dp_delta", Float, nullable=True),
     UniqueConstraint("spec_fingerprint", "number"),
     Index("ix_rounds_spec_fingerprint_id", "spec_fingerprint", "id"),
     sqlite_autoincrement=True,
@@ -255,6 +265,56 @@ blobs = Table(
     Index("ix_blobs_user_id_id", "user_id", "id"),
     Index("ix_blobs_adapter_id_version", "adapter_id", "version"),
     sqlite_autoincrement=True,
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    _autoincrement_pk(),
+    Column("kind", String(16), nullable=False),
+    Column("user_id", id_type(), ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
+    Column("name", String(NAME_LEN), nullable=False),
+    Column("public_key", LargeBinary(32), nullable=True, unique=True),
+    Column("node_id", BigInteger, nullable=True, unique=True),
+    Column("enrolled_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=True),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    Index("ix_devices_user_id_id", "user_id", "id"),
+    Index("ix_devices_kind_id", "kind", "id"),
+    sqlite_autoincrement=True,
+)
+
+enrolment_tokens = Table(
+    "enrolment_tokens",
+    metadata,
+    _autoincrement_pk(),
+    Column("user_id", id_type(), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("token_sha256", String(HASH_LEN), nullable=False, unique=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("used_at", UtcDateTime, nullable=True),
+    Index("ix_enrolment_tokens_user_id", "user_id"),
+    sqlite_autoincrement=True,
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    _autoincrement_pk(),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor", String(NAME_LEN), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("detail_json", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+controls = Table(
+    "controls",
+    metadata,
+    Column("key", String(NAME_LEN), primary_key=True),
+    Column("value_json", Text, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
 
 IMMUTABLE_TABLES = ("adapter_versions", "prior_versions")

@@ -26,8 +26,11 @@ VersionId = NewType("VersionId", int)
 EvaluationId = NewType("EvaluationId", int)
 PriorId = NewType("PriorId", int)
 RoundId = NewType("RoundId", int)
+DeviceId = NewType("DeviceId", int)
 
 RoundStatus = Literal["running", "finished", "failed"]
+DeviceKind = Literal["device", "supernode"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = ("device", "supernode")
 
 T = TypeVar("T")
 C = TypeVar("C", int, str)
@@ -159,6 +162,8 @@ class RoundRecord:
     bytes_up: int | None
     bytes_down: int | None
     prior_ref: str | None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -184,6 +189,44 @@ class BlobRecord:
 
 
 @dataclass(frozen=True)
+class DeviceRecord:
+    """An enrolled device of a user, or a Flower SuperNode the coordinator has seen.
+
+    A device carries the raw 32-byte Ed25519 public key that verifies its signed backup
+    requests; a SuperNode carries its Flower node id. Revocation keeps the row (and so
+    the key), so a revoked key can never be enrolled again under a fresh id.
+    """
+
+    id: DeviceId
+    kind: DeviceKind
+    user_id: UserId | None
+    pseudonym: str | None
+    name: str
+    public_key: bytes | None
+    node_id: int | None
+    enrolled_at: datetime
+    last_seen_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        """True once an operator (or the user) revoked it; its requests are refused."""
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One operator action: who did what to which target, and when (coordinator clock)."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ErasureCounts:
     """Rows deleted by :meth:`Registry.erase_user`, per table (all zero: nothing held)."""
 
@@ -192,11 +235,19 @@ class ErasureCounts:
     versions: int = 0
     evaluations: int = 0
     blobs: int = 0
+    devices: int = 0
 
     @property
     def total(self) -> int:
         """All rows deleted."""
-        return self.users + self.adapters + self.versions + self.evaluations + self.blobs
+        return (
+            self.users
+            + self.adapters
+            + self.versions
+            + self.evaluations
+            + self.blobs
+            + self.devices
+        )
 
 
 @dataclass(frozen=True)

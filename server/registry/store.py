@@ -24,12 +24,15 @@ Design notes, each a reason rather than a rule:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
@@ -61,6 +64,7 @@ from lorafleet.server.registry.database import (
     write_connection,
 )
 from lorafleet.server.registry.errors import (
+    AuthorizationError,
     ConflictError,
     NotFoundError,
     RegistryError,
@@ -71,7 +75,11 @@ from lorafleet.server.registry.models import (
     active_priors,
     adapter_versions,
     adapters,
+    audit_log,
     blobs,
+    controls,
+    devices,
+    enrolment_tokens,
     evaluations,
     prior_versions,
     rounds,
@@ -79,10 +87,15 @@ from lorafleet.server.registry.models import (
     users,
 )
 from lorafleet.server.registry.records import (
+    DEVICE_KINDS,
     AdapterId,
     AdapterRecord,
+    AuditRecord,
     BlobRecord,
     Counts,
+    DeviceId,
+    DeviceKind,
+    DeviceRecord,
     ErasureCounts,
     EvaluationId,
     EvaluationRecord,
@@ -497,7 +510,10 @@ class Registry:
         return Page(items, items[-1].pseudonym if len(rows) > limit else None)
 
     def erase_user(self, user: UserRef) -> ErasureCounts:
-        """Delete the user and everything of theirs: adapters, versions, evaluations, blob metadata.
+        """Delete the user and everything of theirs from the registry.
+
+        That is their adapters, versions, evaluations, blob metadata, enrolled devices and
+        enrolment tokens.
 
         Idempotent: erasing an unknown pseudonym deletes nothing and returns zero counts,
         so a retried erasure request never fails. Shared data (specs, the prior, round
@@ -514,10 +530,12 @@ class Registry:
                 delete(evaluations).where(evaluations.c.version_id.in_(version_ids))
             ).rowcount
             n_blobs = conn.execute(delete(blobs).where(blobs.c.user_id == uid)).rowcount
+            n_devices = conn.execute(delete(devices).where(devices.c.user_id == uid)).rowcount
+            conn.execute(delete(enrolment_tokens).where(enrolment_tokens.c.user_id == uid))
             n_versions = conn.execute(delete(_v).where(_v.c.user_id == uid)).rowcount
             n_adapters = conn.execute(delete(_a).where(_a.c.user_id == uid)).rowcount
             n_users = conn.execute(delete(users).where(users.c.id == uid)).rowcount
-        counts = ErasureCounts(n_users, n_adapters, n_versions, n_evals, n_blobs)
+        counts = ErasureCounts(n_users, n_adapters, n_versions, n_evals, n_blobs, n_devices)
         log.info("erased user id %d: %d rows", uid, counts.total)
         return counts
 
@@ -1177,6 +1195,8 @@ class Registry:
             bytes_up=row.bytes_up,
             bytes_down=row.bytes_down,
             prior_ref=row.prior_ref,
+            dp_epsilon=row.dp_epsilon,
+            dp_delta=row.dp_delta,
         )
 
     def start_round(
@@ -1239,6 +1259,8 @@ class Registry:
                             bytes_up=None,
                             bytes_down=None,
                             prior_ref=None,
+                            dp_epsilon=None,
+                            dp_delta=None,
                         )
                     )
                     reopened = int(row.id)
@@ -1274,8 +1296,13 @@ class Registry:
         bytes_down: int = 0,
         prior_ref: str | None = None,
         status: RoundStatus = "finished",
+        dp_epsilon: float | None = None,
+        dp_delta: float | None = None,
     ) -> RoundRecord:
         """Close a running round with its totals (failed rounds too: ``status="failed"``).
+
+        ``dp_epsilon`` is the privacy spent by the prior up to and including this round,
+        at ``dp_delta``, when the federation runs with differential privacy.
 
         Raises
         ------
@@ -1284,7 +1311,19 @@ class Registry:
         """
         if status not in ("finished", "failed"):
             raise RegistryValueError(f"a round finishes as 'finished' or 'failed', not {status!r}")
-        values = {
+        for what, value in (("dp_epsilon", dp_epsilon), ("dp_delta", dp_delta)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise RegistryValueError(f"{what} must be a finite number >= 0, got {value!r}")
+        if dp_delta is not None and not dp_delta < 1:
+            raise RegistryValueError(f"dp_delta must be below 1, got {dp_delta!r}")
+        values: dict[str, Any] = {
+            "dp_epsilon": None if dp_epsilon is None else float(dp_epsilon),
+            "dp_delta": None if dp_delta is None else float(dp_delta),
             "participants": check_count("participants", participants),
             "dropouts": check_count("dropouts", dropouts),
             "refused": check_count("refused", refused),
@@ -1451,6 +1490,290 @@ class Registry:
         """Forget a blob the store deleted (retention); False if it was not recorded."""
         with self._write() as conn:
             return bool(conn.execute(delete(blobs).where(blobs.c.blob_id == blob_id)).rowcount)
+
+    # ------------------------------------------------------------------ devices
+
+    @staticmethod
+    def _device_record(row: Row[Any]) -> DeviceRecord:
+        return DeviceRecord(
+            id=DeviceId(int(row.id)),
+            kind=row.kind,
+            user_id=None if row.user_id is None else UserId(int(row.user_id)),
+            pseudonym=row.pseudonym,
+            name=row.name,
+            public_key=None if row.public_key is None else bytes(row.public_key),
+            node_id=None if row.node_id is None else int(row.node_id),
+            enrolled_at=row.enrolled_at,
+            last_seen_at=row.last_seen_at,
+            revoked_at=row.revoked_at,
+        )
+
+    @staticmethod
+    def _device_query() -> Select[Any]:
+        return select(devices, users.c.pseudonym).select_from(
+            devices.outerjoin(users, devices.c.user_id == users.c.id)
+        )
+
+    @staticmethod
+    def _token_digest(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+    def issue_enrolment_token(self, user: UserRef, *, ttl_s: int = 86400) -> str:
+        """A one-time token that enrols one device of ``user`` within ``ttl_s`` seconds.
+
+        The token is returned once and only its sha256 is stored, so a copy of the
+        database enrols nothing. The app's backend, which knows who the user is, asks
+        for it and hands it to the user's device.
+        """
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= 30 * 86400:
+            raise RegistryValueError(
+                f"enrolment token lifetime must be 1..2592000 seconds, got {ttl_s!r}"
+            )
+        token = secrets.token_urlsafe(32)
+        now = _now()
+        with self._write() as conn:
+            uid = self._user_id(conn, user)
+            conn.execute(
+                insert(enrolment_tokens),
+                {
+                    "user_id": uid,
+                    "token_sha256": self._token_digest(token),
+                    "created_at": now,
+                    "expires_at": now + timedelta(seconds=ttl_s),
+                },
+            )
+        log.info("issued an enrolment token for user id %d (valid %d s)", uid, ttl_s)
+        return token
+
+    def redeem_enrolment_token(self, token: str, public_key: bytes, *, name: str) -> DeviceRecord:
+        """Enrol a device: spend a one-time token on the device's Ed25519 public key.
+
+        Raises
+        ------
+        AuthorizationError
+            The token is unknown, already used or expired (one message for all three,
+            so a caller learns nothing about which tokens exist).
+        ConflictError
+            The public key is already enrolled (or was revoked): a device makes a new key.
+        """
+        if not isinstance(token, str) or not 16 <= len(token) <= 256:
+            raise AuthorizationError("enrolment token is not valid (ask for a new one)")
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
+            raise RegistryValueError("device public key must be a raw 32-byte Ed25519 key")
+        check_label("device name", name)
+        digest = self._token_digest(token)
+        now = _now()
+        try:
+            with self._write() as conn:
+                row = conn.execute(
+                    select(enrolment_tokens).where(enrolment_tokens.c.token_sha256 == digest)
+                ).first()
+                if row is None or row.used_at is not None or row.expires_at <= now:
+                    raise AuthorizationError(
+                        "enrolment token is unknown, used or expired (ask for a new one)"
+                    )
+                spent = conn.execute(
+                    update(enrolment_tokens)
+                    .where(enrolment_tokens.c.id == row.id, enrolment_tokens.c.used_at.is_(None))
+                    .values(used_at=now)
+                ).rowcount
+                if not spent:  # a concurrent redemption won
+                    raise AuthorizationError(
+                        "enrolment token is unknown, used or expired (ask for a new one)"
+                    )
+                new_id = conn.execute(
+                    insert(devices).returning(devices.c.id),
+                    {
+                        "kind": "device",
+                        "user_id": row.user_id,
+                        "name": name,
+                        "public_key": public_key,
+                        "enrolled_at": now,
+                        "last_seen_at": now,
+                    },
+                ).scalar_one()
+        except IntegrityError:
+            raise ConflictError(
+                "this device key is already enrolled; generate a new key pair to enrol again"
+            ) from None
+        device = self.get_device(DeviceId(int(new_id)))
+        log.info("enrolled device id %d for user id %s", device.id, device.user_id)
+        return device
+
+    def get_device(self, device_id: DeviceId) -> DeviceRecord:
+        """A device or SuperNode by id."""
+        with self._read() as conn:
+            row = conn.execute(self._device_query().where(devices.c.id == device_id)).first()
+        if row is None:
+            raise NotFoundError(f"no device with id {device_id}")
+        return self._device_record(row)
+
+    def find_device_by_key(self, public_key: bytes) -> DeviceRecord | None:
+        """The device enrolled with this Ed25519 public key (revoked ones too), or None."""
+        with self._read() as conn:
+            row = conn.execute(
+                self._device_query().where(devices.c.public_key == public_key)
+            ).first()
+        return None if row is None else self._device_record(row)
+
+    def touch_device(self, device_id: DeviceId) -> None:
+        """Record that the device was seen now (the console's "last seen")."""
+        with self._write() as conn:
+            conn.execute(
+                update(devices).where(devices.c.id == device_id).values(last_seen_at=_now())
+            )
+
+    def revoke_device(self, device_id: DeviceId) -> DeviceRecord:
+        """Revoke a device or SuperNode; idempotent (a second revoke keeps the first time)."""
+        with self._write() as conn:
+            found = conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first()
+            if found is None:
+                raise NotFoundError(f"no device with id {device_id}")
+            conn.execute(
+                update(devices)
+                .where(devices.c.id == device_id, devices.c.revoked_at.is_(None))
+                .values(revoked_at=_now())
+            )
+        log.info("revoked device id %d", device_id)
+        return self.get_device(device_id)
+
+    def register_node(self, node_id: int, *, name: str | None = None) -> DeviceRecord:
+        """Record a Flower SuperNode the coordinator saw (insert once, then touch)."""
+        if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+            raise RegistryValueError(f"node id must be an integer >= 0, got {node_id!r}")
+        label = check_label("node name", name if name is not None else f"node-{node_id}")
+        now = _now()
+        with self._write() as conn:
+            done = conn.execute(
+                update(devices).where(devices.c.node_id == node_id).values(last_seen_at=now)
+            ).rowcount
+            if not done:
+                conn.execute(
+                    self._insert(devices).on_conflict_do_nothing(),
+                    {
+                        "kind": "supernode",
+                        "name": label,
+                        "node_id": node_id,
+                        "enrolled_at": now,
+                        "last_seen_at": now,
+                    },
+                )
+        found = self.find_node(node_id)
+        assert found is not None  # just written
+        return found
+
+    def find_node(self, node_id: int) -> DeviceRecord | None:
+        """The SuperNode with this Flower node id, or None if never seen."""
+        with self._read() as conn:
+            row = conn.execute(self._device_query().where(devices.c.node_id == node_id)).first()
+        return None if row is None else self._device_record(row)
+
+    def revoked_node_ids(self) -> frozenset[int]:
+        """Flower node ids of revoked SuperNodes: the coordinator samples none of them."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(devices.c.node_id).where(
+                    devices.c.kind == "supernode", devices.c.revoked_at.is_not(None)
+                )
+            ).all()
+        return frozenset(int(r.node_id) for r in rows)
+
+    def list_devices(
+        self,
+        *,
+        kind: DeviceKind | None = None,
+        user: UserRef | None = None,
+        after: DeviceId | None = None,
+        limit: int = 50,
+    ) -> Page[DeviceRecord, int]:
+        """Devices and SuperNodes, newest first, by keyset on the id."""
+        check_limit(limit)
+        if kind is not None and kind not in DEVICE_KINDS:
+            raise RegistryValueError(f"device kind must be one of {DEVICE_KINDS}, got {kind!r}")
+        query = self._device_query()
+        with self._read() as conn:
+            if user is not None:
+                query = query.where(devices.c.user_id == self._user_id(conn, user))
+            if kind is not None:
+                query = query.where(devices.c.kind == kind)
+            if after is not None:
+                query = query.where(devices.c.id < after)
+            rows = conn.execute(query.order_by(devices.c.id.desc()).limit(limit + 1)).all()
+        items = tuple(self._device_record(r) for r in rows[:limit])
+        return Page(items, int(items[-1].id) if len(rows) > limit else None)
+
+    # ------------------------------------------------------------------ audit and controls
+
+    def record_audit(
+        self, actor: str, action: str, target: str, detail: Mapping[str, Any] | None = None
+    ) -> AuditRecord:
+        """Append an operator action to the audit log (rows are never updated)."""
+        check_label("audit actor", actor)
+        check_label("audit action", action)
+        if not isinstance(target, str) or not 0 < len(target) <= 256:
+            raise RegistryValueError("audit target must be a string of 1-256 characters")
+        try:
+            detail_json = json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise RegistryValueError(f"audit detail must be JSON-serializable ({exc})") from None
+        with self._write() as conn:
+            new_id = conn.execute(
+                insert(audit_log).returning(audit_log.c.id),
+                {
+                    "at": _now(),
+                    "actor": actor,
+                    "action": action,
+                    "target": target,
+                    "detail_json": detail_json,
+                },
+            ).scalar_one()
+            row = conn.execute(select(audit_log).where(audit_log.c.id == new_id)).one()
+        return self._audit_record(row)
+
+    @staticmethod
+    def _audit_record(row: Row[Any]) -> AuditRecord:
+        return AuditRecord(
+            id=int(row.id),
+            at=row.at,
+            actor=row.actor,
+            action=row.action,
+            target=row.target,
+            detail=json.loads(row.detail_json),
+        )
+
+    def list_audit(self, *, after: int | None = None, limit: int = 50) -> Page[AuditRecord, int]:
+        """Audit entries, newest first, by keyset on the id."""
+        check_limit(limit)
+        query = select(audit_log)
+        if after is not None:
+            query = query.where(audit_log.c.id < after)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(audit_log.c.id.desc()).limit(limit + 1)).all()
+        items = tuple(self._audit_record(r) for r in rows[:limit])
+        return Page(items, items[-1].id if len(rows) > limit else None)
+
+    def set_control(self, key: str, value: Any) -> None:
+        """Set an operator switch (JSON value) that the coordinator reads each round."""
+        check_label("control key", key)
+        try:
+            value_json = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise RegistryValueError(f"control {key!r} must be JSON-serializable ({exc})") from None
+        with self._write() as conn:
+            conn.execute(
+                self._insert(controls)
+                .values(key=key, value_json=value_json, updated_at=_now())
+                .on_conflict_do_update(
+                    index_elements=[controls.c.key],
+                    set_={"value_json": value_json, "updated_at": _now()},
+                )
+            )
+
+    def get_control(self, key: str, default: Any = None) -> Any:
+        """An operator switch's value, or ``default`` if never set."""
+        with self._read() as conn:
+            text = conn.execute(select(controls.c.value_json).where(controls.c.key == key)).scalar()
+        return default if text is None else json.loads(text)
 
     # ------------------------------------------------------------------ totals
 
