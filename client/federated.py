@@ -8,20 +8,31 @@ version in the user's profile. The personal adapter never leaves the device.
 One worker process often serves many simulated users in turn, so the base and the peft
 model are loaded once per process and only B is swapped between users: ten users then
 cost one base's memory, not ten.
+
+With secure aggregation the coordinator drives Flower's SecAgg+ protocol: the ClientApp's
+train handler runs behind Flower's ``secaggplus_mod`` (:func:`secure_aggregation_mod`),
+which quantizes and masks the flat delta this module returns, so the coordinator only
+ever learns the sum over the round's devices. A device can insist on it: with the node
+setting ``require-secure-aggregation = true`` it refuses to send a delta in the clear.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat
 from peft import PeftModel
 
 from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
@@ -39,11 +50,16 @@ from lorafleet.protocols.federation import (
     INSTRUCTION_KEY,
     METRICS_KEY,
     PRIOR_KEY,
+    SECURE_INSTRUCTION_KEY,
+    SECURE_LAYOUT_FIELD,
+    SECURE_PRIOR_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
     RoundInstruction,
     RoundMetrics,
     clip_by_global_norm,
+    flatten,
+    layout_to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -310,14 +326,39 @@ def _locate(
     ), profiles / folder.name
 
 
-def _prior(msg: Message, instr: RoundInstruction, profile_root: Path) -> BTensors | None:
+def read_instruction(msg: Message) -> tuple[RoundInstruction, bytes | None]:
+    """The round's instruction and the prior's bytes (None when not sent).
+
+    Reads both layouts: the plain one (:data:`INSTRUCTION_KEY`, :data:`PRIOR_KEY`) and
+    the one Flower's SecAgg+ workflow delivers (:data:`SECURE_INSTRUCTION_KEY`).
+    """
+    records = msg.content.config_records
+    if SECURE_INSTRUCTION_KEY in records:
+        config = dict(records[SECURE_INSTRUCTION_KEY])
+        payload = config.pop(SECURE_PRIOR_FIELD, None)
+    else:
+        if INSTRUCTION_KEY not in records:
+            raise LorafleetError(
+                "the message carries no round instruction; is the coordinator lorafleet's?"
+            )
+        config = dict(records[INSTRUCTION_KEY])
+        payload = records[PRIOR_KEY]["b"] if PRIOR_KEY in records else None
+    if payload is not None and not isinstance(payload, bytes):
+        raise LorafleetError("the prior in the message is not bytes")
+    return RoundInstruction.from_config(config), payload
+
+
+def is_secure(msg: Message) -> bool:
+    """Whether ``msg`` is a SecAgg+ round's training request."""
+    return SECURE_INSTRUCTION_KEY in msg.content.config_records
+
+
+def _prior(payload: bytes | None, instr: RoundInstruction, profile_root: Path) -> BTensors | None:
     """The prior's B: from the message when sent, else from this device's cache."""
     if instr.prior_version == ZERO_PRIOR:
         return None
     cache = profile_root / "priors" / f"{instr.prior_version.replace('/', '_')}.safetensors"
-    if PRIOR_KEY in msg.content:
-        payload = msg.content[PRIOR_KEY]["b"]
-        assert isinstance(payload, bytes)
+    if payload is not None:
         tensors, _ = decode_tensors(payload)
         atomic_write_bytes(cache, payload)
         return tensors
@@ -328,10 +369,73 @@ def _prior(msg: Message, instr: RoundInstruction, profile_root: Path) -> BTensor
     )
 
 
+def update_reply(
+    msg: Message,
+    instr: RoundInstruction,
+    delta: BTensors | None,
+    metrics: RoundMetrics,
+    *,
+    rng: np.random.Generator | None = None,
+) -> Message:
+    """The reply to a round's request: the clipped delta (if any) and the metrics.
+
+    A plain request gets the delta encoded in the round's packing. A SecAgg+ request gets
+    it as one flat vector (float64) in Flower's ``fitres`` layout with weight 1 (the
+    coordinator averages with equal weights, so the secure sum is all it needs);
+    ``secaggplus_mod`` masks it and removes the clear values before the reply leaves.
+    With ``instr.noise_std`` the device first adds its share of the DP noise, from an
+    OS-seeded generator.
+    """
+    if delta is not None and instr.noise_std > 0:
+        gen = rng if rng is not None else np.random.default_rng()
+        delta = {
+            k: (v + gen.normal(0.0, instr.noise_std, v.shape)).astype(np.float32)
+            for k, v in delta.items()
+        }
+    if is_secure(msg):
+        if delta is None:
+            raise LorafleetError("a secure-aggregation round needs a prior delta (prior-steps > 0)")
+        flat, layout = flatten(delta)
+        # float64: Flower quantizes in the array's precision, and float32 would round
+        # (x + C) * q / 2C to 24 bits, far coarser than SecAgg+'s quantization step.
+        flat64 = flat.astype(np.float64)
+        fields = {
+            **metrics.to_metrics(),
+            SECURE_LAYOUT_FIELD: layout_to_json(layout),
+        }
+        fitres = FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters([flat64]),
+            num_examples=1,
+            metrics=fields,  # type: ignore[arg-type]
+        )
+        content = recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)
+        content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
+        return Message(content=content, reply_to=msg)
+    content = RecordDict()
+    if delta is not None:
+        payload = encode_tensors(
+            delta, packing=instr.packing, metadata={"prior_version": instr.prior_version}
+        )
+        metrics = RoundMetrics(**{**metrics.__dict__, "bytes_up": len(payload)})
+        content[UPDATE_KEY] = ConfigRecord({"delta": payload})
+    content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
+    return Message(content=content, reply_to=msg)
+
+
 def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
-    instr = RoundInstruction.from_config(dict(msg.content[INSTRUCTION_KEY]))
+    instr, payload = read_instruction(msg)
+    if (
+        instr.mode == "train"
+        and not is_secure(msg)
+        and _setting(context, extra, "require-secure-aggregation").lower() in ("1", "true", "yes")
+    ):
+        raise LorafleetError(
+            "this device requires secure aggregation and the coordinator asked for a delta in "
+            "the clear; set secure-aggregation = true on the coordinator"
+        )
     data, profile_root = _locate(context, extra, instr)
-    prior = _prior(msg, instr, profile_root)
+    prior = _prior(payload, instr, profile_root)
     cache_dir = _setting(context, extra, "cache-dir")
     delta, metrics = run_round(
         instr,
@@ -345,27 +449,33 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
         base_service=_setting(context, extra, "base-service"),
         base_service_ca=_setting(context, extra, "base-service-ca"),
     )
-    content = RecordDict()
-    if delta is not None:
-        payload = encode_tensors(
-            delta, packing=instr.packing, metadata={"prior_version": instr.prior_version}
-        )
-        metrics = RoundMetrics(**{**metrics.__dict__, "bytes_up": len(payload)})
-        content[UPDATE_KEY] = ConfigRecord({"delta": payload})
-    content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
-    return Message(content=content, reply_to=msg)
+    return update_reply(msg, instr, delta, metrics)
 
 
-def make_client_app(settings: Mapping[str, str] | None = None) -> ClientApp:
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ stages; every other message passes through.
+
+    The coordinator chooses per run whether rounds are secure, so the same ClientApp
+    serves both: only messages carrying SecAgg+'s stage record enter the protocol.
+    """
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, call_next)
+
+
+def make_client_app(
+    settings: Mapping[str, str] | None = None, *, mods: Sequence[Mod] = ()
+) -> ClientApp:
     """A ClientApp; ``settings`` fill in run-config keys (used by in-process simulations).
 
     Node config (SuperNode ``--node-config``) still wins over both, so a real device's
-    own data and profile paths are never overridden.
+    own data and profile paths are never overridden. ``mods`` are further Flower mods
+    around the train handler, inside SecAgg+'s (they see the reply before masking).
     """
     extra = dict(settings or {})
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[secure_aggregation_mod, *mods])
     def train(msg: Message, context: Context) -> Message:
         """A training round: prior delta out, personal adapter kept."""
         return _handle(msg, context, extra)

@@ -11,6 +11,13 @@ One round, as both sides see it:
    round's packing) with a :class:`RoundMetrics` record. The personal adapter stays on
    the device.
 
+With secure aggregation (SecAgg+) the same instruction travels inside the record layout
+Flower's SecAgg+ workflow uses (``fitins.config``, with the prior's bytes as one more
+field), and the device returns its clipped delta as one flat vector in
+:func:`flatten` order, which Flower's ``secaggplus_mod`` quantizes and masks before it
+leaves the device; the tensor names and shapes travel beside it in plaintext as a
+layout (they follow from the public spec and base, never from the user's data).
+
 Everything here is plain data: Flower records (or any other transport) carry the
 ``to_config`` dicts and the encoded bytes, so the wire contract does not depend on one
 framework's types.
@@ -18,6 +25,7 @@ framework's types.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -35,6 +43,11 @@ INSTRUCTION_KEY = "lorafleet.round"
 PRIOR_KEY = "lorafleet.prior"
 UPDATE_KEY = "lorafleet.update"
 METRICS_KEY = "lorafleet.metrics"
+
+# Secure aggregation: Flower's legacy record names, which its SecAgg+ workflow and mod use.
+SECURE_INSTRUCTION_KEY = "fitins.config"
+SECURE_PRIOR_FIELD = "lorafleet-prior"
+SECURE_LAYOUT_FIELD = "lorafleet-layout"
 
 ZERO_PRIOR = "zero"
 """The prior before round 1: B = 0. Devices know its shapes from their own base and
@@ -60,6 +73,8 @@ class RoundInstruction:
     seq_len: int = 128
     heldout_fraction: float = 0.2
     packing: Packing = "fp16"
+    noise_std: float = 0.0
+    """Std of the Gaussian noise the device adds to its clipped delta (client-side DP)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -87,6 +102,12 @@ class RoundInstruction:
         need(
             self.packing in get_args(Packing),
             f"packing must be fp32, fp16 or int8, got {self.packing!r}",
+        )
+        need(
+            isinstance(self.noise_std, int | float)
+            and math.isfinite(self.noise_std)
+            and self.noise_std >= 0,
+            f"noise_std must be a finite number >= 0, got {self.noise_std!r}",
         )
 
     def to_config(self) -> dict[str, int | float | str]:
@@ -171,3 +192,51 @@ def clip_by_global_norm(
         k: (np.asarray(v, dtype=np.float64) * scale).astype(np.float32) for k, v in tensors.items()
     }
     return out, norm, scale < 1.0
+
+
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
+"""Tensor names and shapes of a flattened delta, in :func:`flatten` order."""
+
+
+def flatten(
+    tensors: Mapping[str, npt.NDArray[np.floating[Any]]],
+) -> tuple[npt.NDArray[np.float32], Layout]:
+    """One float32 vector of every tensor, in sorted-name order, and its layout.
+
+    Secure aggregation sums vectors; one vector per device in a fixed order means a
+    device whose tensors differ fails the sum loudly instead of adding misaligned values.
+    """
+    names = sorted(tensors)
+    layout: Layout = tuple((n, tuple(int(d) for d in np.shape(tensors[n]))) for n in names)
+    if not names:
+        return np.zeros(0, np.float32), layout
+    flat = np.concatenate([np.asarray(tensors[n], np.float32).reshape(-1) for n in names])
+    return flat, layout
+
+
+def unflatten(flat: npt.NDArray[Any], layout: Layout) -> dict[str, npt.NDArray[np.float32]]:
+    """The tensors of :func:`flatten`, from the vector and its layout."""
+    sizes = [math.prod(shape) for _, shape in layout]
+    if int(np.size(flat)) != sum(sizes):
+        raise SpecError(f"flat delta has {np.size(flat)} values, its layout describes {sum(sizes)}")
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    offset = 0
+    vector = np.asarray(flat).reshape(-1)
+    for (name, shape), size in zip(layout, sizes, strict=True):
+        out[name] = vector[offset : offset + size].astype(np.float32).reshape(shape)
+        offset += size
+    return out
+
+
+def layout_to_json(layout: Layout) -> str:
+    """The layout as compact JSON (a plaintext field of a secure reply)."""
+    return json.dumps([[n, list(s)] for n, s in layout], separators=(",", ":"))
+
+
+def layout_from_json(text: str) -> Layout:
+    """Parse :func:`layout_to_json`, naming what is wrong."""
+    try:
+        raw = json.loads(text)
+        return tuple((str(n), tuple(int(d) for d in s)) for n, s in raw)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"delta layout is not valid JSON of [name, shape] pairs ({exc})") from None

@@ -4,6 +4,10 @@ Only B travels, and A is shared by the cohort, so averaging B deltas is exact: t
 averaged adapter is the adapter of the averaged update. Every update is checked before it
 counts (shape, finiteness, clip norm); a bad one is refused and logged with its node, and
 the round goes on without it.
+
+Under secure aggregation the coordinator only learns the mean of a round's deltas, so
+aggregators work from the mean (:meth:`Aggregator.apply`); :meth:`Aggregator.step` is
+the plain path, which first takes the example-weighted mean of the individual updates.
 """
 
 from __future__ import annotations
@@ -87,11 +91,19 @@ class Aggregator(ABC):
             out[name] = (acc / total).astype(np.float32)
         return out
 
-    @abstractmethod
     def step(
         self, prior: Mapping[str, npt.NDArray[np.float32]], updates: Sequence[Update]
     ) -> BTensors:
-        """The next prior."""
+        """The next prior from individual updates (their weighted mean, then :meth:`apply`)."""
+        return self.apply(prior, self.weighted_mean(updates))
+
+    @abstractmethod
+    def apply(
+        self,
+        prior: Mapping[str, npt.NDArray[np.float32]],
+        mean: Mapping[str, npt.NDArray[np.float32]],
+    ) -> BTensors:
+        """The next prior from the round's mean delta."""
 
     def state(self) -> dict[str, npt.NDArray[np.float32]]:
         """Tensors to persist with the prior (none for stateless aggregators)."""
@@ -108,11 +120,12 @@ class FedAvg(Aggregator):
 
     name = "fedavg"
 
-    def step(
-        self, prior: Mapping[str, npt.NDArray[np.float32]], updates: Sequence[Update]
+    def apply(
+        self,
+        prior: Mapping[str, npt.NDArray[np.float32]],
+        mean: Mapping[str, npt.NDArray[np.float32]],
     ) -> BTensors:
-        """The next prior."""
-        mean = self.weighted_mean(updates)
+        """Prior + server_lr * mean."""
         return {k: (prior[k] + self.server_lr * mean[k]).astype(np.float32) for k in prior}
 
 
@@ -129,11 +142,12 @@ class FedAdam(Aggregator):
         self._m: BTensors = {}
         self._v: BTensors = {}
 
-    def step(
-        self, prior: Mapping[str, npt.NDArray[np.float32]], updates: Sequence[Update]
+    def apply(
+        self,
+        prior: Mapping[str, npt.NDArray[np.float32]],
+        mean: Mapping[str, npt.NDArray[np.float32]],
     ) -> BTensors:
-        """The next prior."""
-        mean = self.weighted_mean(updates)
+        """One Adam step with the mean delta as the (ascent) direction."""
         out: BTensors = {}
         for k, p in prior.items():
             m_old = self._m.get(k, np.zeros_like(p)).astype(np.float64)

@@ -25,6 +25,7 @@ from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA256
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
+from lorafleet.server.dp import DP_MODES, PrivacyLedger
 from lorafleet.server.registry import PriorRecord, Registry, RoundId, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,24 @@ class CoordinatorConfig:
         default=True, metadata={"help": "Evaluate every node at the end."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of node sampling."})
+    secure_aggregation: bool = field(
+        default=False,
+        metadata={"help": "Sum prior deltas with SecAgg+: the coordinator sees only the sum."},
+    )
+    secagg_dropout_share: float = field(
+        default=0.2,
+        metadata={"help": "Share of a round's devices that may drop out under SecAgg+ (< 0.5)."},
+    )
+    secagg_num_shares: int = field(
+        default=0, metadata={"help": "SecAgg+ neighbours per device (0: every sampled device)."}
+    )
+    dp: str = field(
+        default="off", metadata={"help": "Differential privacy: off, central or client."}
+    )
+    dp_noise_multiplier: float = field(
+        default=1.0, metadata={"help": "DP noise std divided by the clip norm."}
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "Delta the spent epsilon is at."})
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -116,6 +135,33 @@ class CoordinatorConfig:
             self.aggregator in AGGREGATORS,
             f"aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}",
         )
+        need(
+            0 <= self.secagg_dropout_share < 0.5,
+            f"secagg-dropout-share must be in [0, 0.5), got {self.secagg_dropout_share}",
+        )
+        need(
+            self.secagg_num_shares == 0 or self.secagg_num_shares >= 3,
+            f"secagg-num-shares must be 0 (all devices) or >= 3, got {self.secagg_num_shares}",
+        )
+        need(
+            not self.secure_aggregation or self.min_train_nodes >= 2,
+            "secure aggregation needs min-train-nodes >= 2 (a sum of one is that device's delta)",
+        )
+        need(
+            self.dp in DP_MODES,
+            f"dp must be one of {', '.join(DP_MODES)}, got {self.dp!r}",
+        )
+        need(
+            self.dp != "client" or self.secure_aggregation,
+            "dp = client needs secure-aggregation = true (in the clear the coordinator sees each "
+            "delta with a 1/sqrt(n) share of the noise); use dp = central or turn SecAgg+ on",
+        )
+        need(
+            self.dp == "off"
+            or (self.dp_noise_multiplier > 0 and math.isfinite(self.dp_noise_multiplier)),
+            f"dp-noise-multiplier must be positive, got {self.dp_noise_multiplier}",
+        )
+        need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
         self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
 
     @property
@@ -175,6 +221,7 @@ class Coordinator:
         self.registry = registry
         self.root = Path(config.data_dir)
         self.priors_dir = self.root / "priors" / self.spec.fingerprint()[:16]
+        self.ledger_path = self.root / "privacy" / f"{self.spec.fingerprint()[:16]}.json"
         self.aggregator: Aggregator = make_aggregator(config.aggregator, config.server_lr)
 
     @classmethod
@@ -262,6 +309,41 @@ class Coordinator:
 
     def start_round(self, number: int, attempt: int) -> RoundRecord:
         """Record the start of a round attempt."""
+        c = self.config
         return self.registry.start_round(
-            self.spec, number, config={"aggregator": self.config.aggregator}, retry=True
+            self.spec,
+            number,
+            config={
+                "aggregator": c.aggregator,
+                "secure_aggregation": c.secure_aggregation,
+                "dp": c.dp,
+                **({"dp_noise_multiplier": c.dp_noise_multiplier} if c.dp != "off" else {}),
+            },
+            retry=True,
         )
+
+    # ---------------------------------------------------------------- privacy
+    def privacy_ledger(self) -> PrivacyLedger:
+        """The cohort's DP releases so far, checked against the registry.
+
+        A ledger that accounts less than the registry's latest round says was spent has
+        been lost or rolled back; going on would under-report epsilon, so it stops.
+        """
+        ledger = PrivacyLedger.load(self.ledger_path)
+        spent, at = 0.0, self.config.dp_delta
+        page = self.registry.list_rounds(self.spec, limit=200)  # newest first
+        for r in page.items:
+            if r.status == "finished" and r.dp_epsilon is not None and r.dp_epsilon > spent:
+                spent, at = r.dp_epsilon, r.dp_delta or at
+        if spent > 0 and ledger.epsilon(at) < spent * (1 - 1e-9):
+            raise IntegrityError(
+                f"privacy ledger {self.ledger_path} accounts less than the {spent:.4g} epsilon the "
+                "registry records; restore the coordinator's data dir from its backup"
+            )
+        return ledger
+
+    def record_release(self, ledger: PrivacyLedger, round: int, q: float, sigma: float) -> float:
+        """Add one noisy release to the ledger (written before the prior is) -> epsilon."""
+        ledger.add(round, q, sigma)
+        ledger.save(self.ledger_path)
+        return ledger.epsilon(self.config.dp_delta)

@@ -6,12 +6,20 @@ deltas, refuses malformed ones (logged with the node id), aggregates the rest in
 prior version and commits it to disk and the registry. Too few accepted updates fail the
 round cleanly; it is retried. A coordinator killed at any point resumes at the last
 completed round.
+
+With ``secure-aggregation = true`` the deltas are summed with Flower's SecAgg+
+(:mod:`lorafleet.server.secagg`): the coordinator learns only their mean. With ``dp``
+the mean gets Gaussian noise (here, or on the devices) and the privacy spent is
+accounted per round (:mod:`lorafleet.server.dp`). Operators steer it through the
+registry: a round does not start while the console has paused training, and revoked
+SuperNodes are neither sampled nor heard.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import FitIns, Parameters
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
@@ -30,24 +40,45 @@ from lorafleet.protocols.federation import (
     INSTRUCTION_KEY,
     METRICS_KEY,
     PRIOR_KEY,
+    SECURE_LAYOUT_FIELD,
+    SECURE_PRIOR_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
     RoundInstruction,
     RoundMetrics,
+    clip_by_global_norm,
+    global_norm,
+    layout_from_json,
+    unflatten,
 )
-from lorafleet.server.aggregation import BTensors, Update, refusal_reason
+from lorafleet.server.aggregation import (
+    NORM_TOLERANCE,
+    Aggregator,
+    BTensors,
+    Update,
+    refusal_reason,
+)
 from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.dp import gaussian_noise_like
 from lorafleet.server.registry import RoundId
 from lorafleet.server.registry.records import RoundStatus
+from lorafleet.server.secagg import SecAggParams, secagg_params, secure_mean
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+PAUSE_CONTROL = "training.paused"
+"""Registry control the web console sets; while true no round starts."""
 
 
 @dataclass
 class RoundOutcome:
-    """What one round attempt did, for logs, the registry and results.json."""
+    """What one round attempt did, for logs, the registry and results.json.
+
+    ``bytes_up``/``bytes_down`` are payload bytes: in the clear, the accepted deltas'
+    encoded size and the priors sent; under SecAgg+, everything the protocol's four
+    stages carried each way (keys, shares, masked vectors, instructions and priors).
+    """
 
     round: int
     attempt: int
@@ -60,22 +91,148 @@ class RoundOutcome:
     seconds: float = 0.0
     prior_version: str | None = None
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    secure: bool = False
+    failure: str | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes a message's records carry (bytes and strings by length, numbers as 8)."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, bytes):
+            return len(value)
+        if isinstance(value, str):
+            return len(value.encode())
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        return 8
+
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(a.data) for a in record.values())
+        else:
+            total += sum(size(v) for v in record.values())
+    return total
+
+
+class _Tally(Grid):
+    """The coordinator's Grid, counting payload bytes and noting who failed to answer."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.errors: dict[int, str] = {}
+        self.missing: set[int] = set()
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_content():
+                self.bytes_up += payload_bytes(reply.content)
+            else:
+                reason = reply.error.reason if reply.has_error() else "no content"
+                self.errors.setdefault(node, f"error: {str(reason)[:200]}")
+        self.missing |= {m.metadata.dst_node_id for m in messages} - answered
+        return replies
 
 
 class Federation:
     """The round loop over a Flower Grid, with the coordinator's durable state."""
 
-    def __init__(self, grid: Grid, coordinator: Coordinator) -> None:
+    pause_poll_s: float = 2.0
+    """How often a paused coordinator checks whether training may go on."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        coordinator: Coordinator,
+        *,
+        noise_rng: np.random.Generator | None = None,
+    ) -> None:
         self.grid = grid
         self.coord = coordinator
         self.cfg = coordinator.config
         self._sent_prior: dict[int, str] = {}  # node id -> prior version it has
+        self._unregistrable: set[int] = set()
+        self._ledger = coordinator.privacy_ledger() if self.cfg.dp != "off" else None
+        self._noise_rng = noise_rng  # None: OS-seeded (tests pass a seeded one)
+
+    # ------------------------------------------------------------ operator controls
+    def wait_while_paused(self) -> None:
+        """Block while the console has paused training (checked every ``pause_poll_s``)."""
+        registry = self.coord.registry
+        waited = False
+        while registry.get_control(PAUSE_CONTROL, False):
+            if not waited:
+                log.warning(
+                    "training is paused from the console; waiting (checking every %.0f s)",
+                    self.pause_poll_s,
+                )
+                waited = True
+            time.sleep(self.pause_poll_s)
+        if waited:
+            log.info("training resumed")
+
+    def eligible_nodes(self, *, register: bool = True) -> list[int]:
+        """Connected nodes that are not revoked; each is recorded in the registry."""
+        nodes = sorted(self.grid.get_node_ids())
+        if register:
+            for node in nodes:
+                self._register(node)
+        revoked = self.coord.registry.revoked_node_ids()
+        return [n for n in nodes if n not in revoked]
+
+    def _register(self, node: int) -> None:
+        """Record a node as seen; a registry that cannot store its id must not stop training."""
+        try:
+            self.coord.registry.register_node(node)
+        except Exception as exc:  # e.g. a 64-bit unsigned Flower id a signed column cannot hold
+            if node not in self._unregistrable:
+                self._unregistrable.add(node)
+                log.warning("node %d could not be recorded in the registry (%s)", node, exc)
 
     def wait_for_nodes(self) -> list[int]:
         """Block until enough nodes are connected (or fail with a clear error)."""
         deadline = time.monotonic() + self.cfg.wait_for_nodes_s
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self.eligible_nodes(register=False)
             if len(nodes) >= self.cfg.min_available_nodes:
                 return nodes
             if time.monotonic() > deadline:
@@ -85,7 +242,9 @@ class Federation:
                 )
             time.sleep(0.5)
 
-    def _instruction(self, number: int, prior_ref: str, mode: str) -> RoundInstruction:
+    def _instruction(
+        self, number: int, prior_ref: str, mode: str, *, noise_std: float = 0.0
+    ) -> RoundInstruction:
         c = self.cfg
         return RoundInstruction(
             round=number,
@@ -101,6 +260,7 @@ class Federation:
             seq_len=c.seq_len,
             heldout_fraction=c.heldout_fraction,
             packing=c.packing,  # type: ignore[arg-type]
+            noise_std=noise_std,
         )
 
     def _send(
@@ -121,32 +281,92 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s))
         return replies, bytes_down
 
+    # ------------------------------------------------------------------ one round
     def run_round(
         self, number: int, attempt: int, prior_ref: str, prior: BTensors | None
     ) -> RoundOutcome:
         """One attempt at round ``number``: sample, send, validate, aggregate, commit."""
+        self.wait_while_paused()
         started = time.perf_counter()
-        nodes = sorted(self.grid.get_node_ids())
+        nodes = self.eligible_nodes()
         rng = random.Random(f"{self.cfg.seed}/{number}/{attempt}")
         k = max(self.cfg.min_train_nodes, round(self.cfg.fraction_train * len(nodes)))
         sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
         record = self.coord.start_round(number, attempt)
-        outcome = RoundOutcome(round=number, attempt=attempt, sampled=len(sampled))
+        outcome = RoundOutcome(
+            round=number,
+            attempt=attempt,
+            sampled=len(sampled),
+            secure=self.cfg.secure_aggregation,
+        )
         log.info(
-            "round %d/%d%s: training on %d of %d devices",
+            "round %d/%d%s: training on %d of %d devices%s",
             number,
             self.cfg.num_rounds,
             f" (retry {attempt})" if attempt else "",
             len(sampled),
             len(nodes),
+            " with SecAgg+" if self.cfg.secure_aggregation else "",
         )
+        if self.cfg.secure_aggregation:
+            result = self._secure_round(number, sampled, prior_ref, prior, outcome)
+        else:
+            result = self._plain_round(number, sampled, prior_ref, prior, outcome)
+        for node, why in outcome.refused.items():
+            log.warning("round %d: update from node %d refused: %s", number, node, why)
+        if result is None:
+            outcome.seconds = time.perf_counter() - started
+            self._close(record.id, outcome, status="failed")
+            log.warning("round %d attempt %d failed: %s", number, attempt, outcome.failure)
+            return outcome
+        prior, mean = result
+        if self._ledger is not None:
+            mean = self._privatize(number, mean, outcome, available=len(nodes))
+        new_prior = self.coord.aggregator.apply(prior, mean)
+        means = _mean_metrics(outcome.metrics.values())
+        saved = self.coord.save_prior(
+            self.coord.next_prior_version(), new_prior, round=number, metrics=means
+        )
+        outcome.prior_version = saved.ref
+        outcome.seconds = time.perf_counter() - started
+        self._close(record.id, outcome, status="finished")
+        log.info(
+            "round %d/%d: %d/%d updates accepted, prior %s; held-out loss base %.3f, prior %.3f, personal %.3f (%.0f s)%s",
+            number,
+            self.cfg.num_rounds,
+            outcome.accepted,
+            len(sampled),
+            saved.ref,
+            means.get("base_loss", float("nan")),
+            means.get("prior_loss", float("nan")),
+            means.get("personal_loss", float("nan")),
+            outcome.seconds,
+            ""
+            if outcome.dp_epsilon is None
+            else f"; privacy spent so far: epsilon {outcome.dp_epsilon:.3g} at delta {outcome.dp_delta:g}",
+        )
+        return outcome
+
+    def _plain_round(
+        self,
+        number: int,
+        sampled: list[int],
+        prior_ref: str,
+        prior: BTensors | None,
+        outcome: RoundOutcome,
+    ) -> tuple[BTensors, BTensors] | None:
+        """Deltas in the clear: each is validated, then averaged (weighted by examples)."""
         instr = self._instruction(number, prior_ref, "train")
         replies, outcome.bytes_down = self._send(sampled, instr, prior, MessageType.TRAIN)
+        revoked = self.coord.registry.revoked_node_ids()  # revocations during the round count
         decoded: dict[int, tuple[BTensors, RoundMetrics, int]] = {}
         answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
+            if node in revoked or node not in sampled:
+                outcome.refused[node] = "node revoked" if node in revoked else "not sampled"
+                continue
             if not reply.has_content():
                 self._sent_prior.pop(node, None)  # it may have lost its copy
                 reason = reply.error.reason if reply.has_error() else "no content"
@@ -167,6 +387,7 @@ class Federation:
             prior = _consensus_zero_prior([d for d, _, _ in decoded.values()])
         shapes = {k: tuple(v.shape) for k, v in prior.items()}
         updates: list[Update] = []
+        private = self.cfg.dp != "off"
         for node, (delta, metrics, size) in decoded.items():
             reason = refusal_reason(delta, shapes, self.cfg.clip_norm)
             if reason is None and metrics.num_examples < 1:
@@ -176,43 +397,163 @@ class Federation:
                 continue
             outcome.bytes_up += size
             outcome.metrics[node] = {k: float(v) for k, v in asdict(metrics).items()}
-            updates.append(Update(node, delta, float(metrics.num_examples)))
+            if private:  # DP needs each device's influence bounded exactly: clip, weigh equally
+                delta = clip_by_global_norm(delta, self.cfg.clip_norm)[0]
+            updates.append(Update(node, delta, 1.0 if private else float(metrics.num_examples)))
         outcome.dropouts = len(set(sampled) - answered)
         outcome.accepted = len(updates)
-        for node, why in outcome.refused.items():
-            log.warning("round %d: update from node %d refused: %s", number, node, why)
         if len(updates) < self.cfg.min_train_nodes:
-            outcome.seconds = time.perf_counter() - started
-            self._close(record.id, outcome, status="failed")
-            log.warning(
-                "round %d attempt %d failed: %d accepted updates, %d needed",
-                number,
-                attempt,
-                len(updates),
-                self.cfg.min_train_nodes,
+            outcome.failure = f"{len(updates)} accepted updates, {self.cfg.min_train_nodes} needed"
+            return None
+        return prior, Aggregator.weighted_mean(updates)
+
+    def _secure_round(
+        self,
+        number: int,
+        sampled: list[int],
+        prior_ref: str,
+        prior: BTensors | None,
+        outcome: RoundOutcome,
+    ) -> tuple[BTensors, BTensors] | None:
+        """Deltas through SecAgg+: only their mean is revealed, then checked as a whole."""
+        c = self.cfg
+        if len(sampled) < max(2, c.min_train_nodes):
+            outcome.failure = (
+                f"{len(sampled)} devices available, {max(2, c.min_train_nodes)} needed"
             )
-            return outcome
-        new_prior = self.coord.aggregator.step(prior, updates)
-        means = _mean_metrics(outcome.metrics.values())
-        saved = self.coord.save_prior(
-            self.coord.next_prior_version(), new_prior, round=number, metrics=means
+            return None
+        noise_std = (
+            c.dp_noise_multiplier * c.clip_norm / math.sqrt(len(sampled))
+            if c.dp == "client"
+            else 0.0
         )
-        outcome.prior_version = saved.ref
-        outcome.seconds = time.perf_counter() - started
-        self._close(record.id, outcome, status="finished")
-        log.info(
-            "round %d/%d: %d/%d updates accepted, prior %s; held-out loss base %.3f, prior %.3f, personal %.3f (%.0f s)",
-            number,
-            self.cfg.num_rounds,
-            len(updates),
+        params = secagg_params(
             len(sampled),
-            saved.ref,
-            means.get("base_loss", float("nan")),
-            means.get("prior_loss", float("nan")),
-            means.get("personal_loss", float("nan")),
-            outcome.seconds,
+            clip_norm=c.clip_norm,
+            dropout_share=c.secagg_dropout_share,
+            noise_std=noise_std,
+            num_shares=c.secagg_num_shares,
         )
-        return outcome
+        instr = self._instruction(number, prior_ref, "train", noise_std=noise_std)
+        prior_payload = encode_tensors(prior, packing="fp32") if prior is not None else None
+        fitins: dict[int, FitIns] = {}
+        for node in sampled:
+            config: dict[str, Any] = dict(instr.to_config())
+            if prior_payload is not None and self._sent_prior.get(node) != prior_ref:
+                config[SECURE_PRIOR_FIELD] = prior_payload
+            fitins[node] = FitIns(Parameters(tensors=[], tensor_type=""), config)
+        tally = _Tally(self.grid)
+        try:
+            result = secure_mean(
+                tally, fitins, params, round_number=number, timeout=c.round_timeout_s
+            )
+        except Exception as exc:  # a device's bad vector breaks Flower's sum
+            log.exception("round %d: secure aggregation failed", number)
+            outcome.failure = f"secure aggregation failed ({type(exc).__name__}: {exc})"
+            result = None
+        outcome.bytes_up, outcome.bytes_down = tally.bytes_up, tally.bytes_down
+        outcome.dropouts = len(tally.missing)
+        for node, why in tally.errors.items():
+            outcome.refused[node] = why
+            self._sent_prior.pop(node, None)
+        for node in tally.missing:
+            self._sent_prior.pop(node, None)
+        if result is None:
+            outcome.failure = outcome.failure or (
+                f"SecAgg+ stopped: fewer than {params.threshold} of a device's "
+                f"{params.num_shares} neighbours answered (it survives "
+                f"{params.dropouts_survived} dropouts per neighbourhood)"
+            )
+            return None
+        contributors = sorted(result.replies)
+        for node in contributors:
+            self._sent_prior[node] = prior_ref
+        layouts: set[str] = set()
+        for node, fields in result.replies.items():
+            layouts.add(str(fields.get(SECURE_LAYOUT_FIELD, "")))
+            try:
+                metrics = RoundMetrics.from_metrics(
+                    {k: v for k, v in fields.items() if k != SECURE_LAYOUT_FIELD}
+                )
+                outcome.metrics[node] = {k: float(v) for k, v in asdict(metrics).items()}
+            except LorafleetError as exc:
+                log.warning("round %d: node %d sent unreadable metrics (%s)", number, node, exc)
+        outcome.accepted = len(contributors)
+        checked = self._check_secure_mean(
+            result.mean, layouts, prior, params, noise_std, contributors
+        )
+        if isinstance(checked, str):
+            outcome.failure = checked
+            return None
+        return checked
+
+    def _check_secure_mean(
+        self,
+        flat: Any,
+        layouts: set[str],
+        prior: BTensors | None,
+        params: SecAggParams,
+        noise_std: float,
+        contributors: list[int],
+    ) -> str | tuple[BTensors, BTensors]:
+        """The mean as tensors, or why the round must be discarded."""
+        if len(contributors) < self.cfg.min_train_nodes:
+            return (
+                f"{len(contributors)} devices finished SecAgg+, {self.cfg.min_train_nodes} needed"
+            )
+        revoked = self.coord.registry.revoked_node_ids() & set(contributors)
+        if revoked:
+            return f"node(s) {sorted(revoked)} were revoked during the round; their deltas are inside the sum"
+        if len(layouts) != 1:
+            return f"devices disagree on the delta's tensors ({len(layouts)} layouts)"
+        try:
+            layout = layout_from_json(next(iter(layouts)))
+            mean = unflatten(np.asarray(flat, np.float64), layout)
+        except LorafleetError as exc:
+            return f"the securely aggregated mean does not match the devices' layout ({exc})"
+        if prior is None:
+            prior = {name: np.zeros(shape, np.float32) for name, shape in layout}
+        if {k: v.shape for k, v in mean.items()} != {k: v.shape for k, v in prior.items()}:
+            return "the devices' tensors differ from the prior's"
+        if not all(np.isfinite(v).all() for v in mean.values()):
+            return "the securely aggregated mean contains NaN or Inf"
+        # Honest devices clip to C, so the mean's norm is at most C, up to quantization
+        # (< one step per value) and the client-side noise's (Gaussian) norm bound.
+        values = sum(v.size for v in mean.values())
+        m = len(contributors)
+        allowed = (
+            self.cfg.clip_norm * (1 + NORM_TOLERANCE)
+            + params.tolerance * math.sqrt(values)
+            + noise_std / math.sqrt(m) * (math.sqrt(values) + 10)
+        )
+        norm = global_norm(mean)
+        if norm > allowed:
+            return (
+                f"the mean delta's norm {norm:.4g} exceeds what {m} clipped deltas can reach "
+                f"({allowed:.4g}): a device did not clip; the round is discarded"
+            )
+        return prior, mean
+
+    def _privatize(
+        self, number: int, mean: BTensors, outcome: RoundOutcome, *, available: int
+    ) -> BTensors:
+        """Central noise on the mean (dp = central), and the round's privacy accounting."""
+        assert self._ledger is not None
+        c = self.cfg
+        m = max(outcome.accepted, 1)
+        if c.dp == "central":
+            # N(0, (sigma C)^2) on the sum of m deltas is N(0, (sigma C / m)^2) on their mean.
+            noise = gaussian_noise_like(
+                mean, c.dp_noise_multiplier * c.clip_norm / m, self._noise_rng
+            )
+            mean = {k: (v + noise[k]).astype(np.float32) for k, v in mean.items()}
+            sigma = c.dp_noise_multiplier
+        else:  # client: each sampled device added 1/sqrt(sampled) of it; dropouts took theirs
+            sigma = c.dp_noise_multiplier * math.sqrt(m / max(outcome.sampled, 1))
+        q = min(1.0, outcome.sampled / max(available, 1))
+        outcome.dp_epsilon = self.coord.record_release(self._ledger, number, q, sigma)
+        outcome.dp_delta = c.dp_delta
+        return mean
 
     def _close(self, round_id: RoundId, outcome: RoundOutcome, *, status: RoundStatus) -> None:
         """Record a round attempt's totals in the registry, finished or failed."""
@@ -225,14 +566,14 @@ class Federation:
             bytes_down=outcome.bytes_down,
             prior_ref=outcome.prior_version,
             status=status,
+            dp_epsilon=outcome.dp_epsilon if status == "finished" else None,
+            dp_delta=outcome.dp_delta if status == "finished" else None,
         )
 
     def evaluate_all(self, prior_ref: str, prior: BTensors | None) -> dict[int, dict[str, float]]:
-        """Held-out losses of base, prior and personal adapter on every node."""
+        """Held-out losses of base, prior and personal adapter on every (unrevoked) node."""
         instr = self._instruction(self.coord.completed_round(), prior_ref, "evaluate")
-        replies, _ = self._send(
-            sorted(self.grid.get_node_ids()), instr, prior, MessageType.EVALUATE
-        )
+        replies, _ = self._send(self.eligible_nodes(), instr, prior, MessageType.EVALUATE)
         out: dict[int, dict[str, float]] = {}
         for reply in replies:
             if reply.has_content():
@@ -279,6 +620,8 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
             "rounds": [asdict(o) for o in outcomes],
             "evaluation": {str(k): v for k, v in sorted(evaluation.items())},
             "bytes_up_per_client": _bytes_up_per_client(outcomes),
+            "secure_aggregation": config.secure_aggregation,
+            "privacy": _privacy_summary(fed, config),
         }
         atomic_write_text(
             Path(config.data_dir) / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True)
@@ -286,6 +629,18 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         return results
     finally:
         coord.close()
+
+
+def _privacy_summary(fed: Federation, config: CoordinatorConfig) -> dict[str, Any]:
+    """The DP mode and the cumulative epsilon (None without DP)."""
+    ledger = fed._ledger
+    return {
+        "dp": config.dp,
+        "noise_multiplier": config.dp_noise_multiplier if config.dp != "off" else None,
+        "delta": config.dp_delta if config.dp != "off" else None,
+        "epsilon": ledger.epsilon(config.dp_delta) if ledger is not None else None,
+        "releases": len(ledger.steps) if ledger is not None else 0,
+    }
 
 
 def _bytes_up_per_client(outcomes: list[RoundOutcome]) -> float:

@@ -37,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
             "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"]
         )
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--secure-aggregation",
+            action="store_true",
+            help="sum the prior deltas with SecAgg+ (the coordinator sees only the sum)",
+        )
+        p.add_argument(
+            "--dp",
+            default="off",
+            choices=["off", "central", "client"],
+            help="differential privacy of the prior (client needs --secure-aggregation)",
+        )
+        p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
         if name == "experiment":
             p.add_argument("--cold-start", default="4,16,64", help="k values; empty to skip")
     return parser
@@ -97,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision=args.precision,
             seed=args.seed,
             cold_start_ks=cold,
+            secure_aggregation=args.secure_aggregation,
+            dp=args.dp,
+            dp_noise_multiplier=args.dp_noise_multiplier,
         )
         print(
             f"federating {cfg.num_users if cfg.users_dir is None else 'the'} users for {cfg.num_rounds} rounds; run folder {cfg.output}"

@@ -77,10 +77,24 @@ class ExperimentConfig:
     cold_start_steps: int = 12
     seed: int = 0
     cpus_per_client: float = 1.0
+    secure_aggregation: bool = field(
+        default=False, metadata={"help": "Sum the prior deltas with SecAgg+."}
+    )
+    secagg_dropout_share: float = 0.2
+    dp: str = field(default="off", metadata={"help": "Differential privacy: off, central, client."})
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.num_users < 2 and self.users_dir is None:
             raise SpecError(f"experiment: num_users must be >= 2, got {self.num_users}")
+        if self.dp == "client" and not self.secure_aggregation:
+            raise SpecError(
+                "experiment: --dp client needs --secure-aggregation (without it the coordinator "
+                "sees each delta with only a share of the noise); use --dp central"
+            )
+        if self.dp not in ("off", "central", "client"):
+            raise SpecError(f"experiment: dp must be off, central or client, got {self.dp!r}")
         if any(k < 1 for k in self.cold_start_ks):
             raise SpecError(f"experiment: cold-start sizes must be >= 1, got {self.cold_start_ks}")
 
@@ -105,6 +119,7 @@ class ExperimentResult:
     rounds: list[dict[str, Any]]
     bytes_up_per_client: float
     cold_start: list[dict[str, float]] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +135,7 @@ class ExperimentResult:
             "rounds": self.rounds,
             "bytes_up_per_client": self.bytes_up_per_client,
             "cold_start": self.cold_start,
+            "privacy": self.privacy,
             "mean": self.means(),
             "seconds": self.seconds,
             "config": self.config,
@@ -204,6 +220,11 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
         data_dir=str(out / "coordinator"),
         final_evaluation=False,
         seed=cfg.seed,
+        secure_aggregation=cfg.secure_aggregation,
+        secagg_dropout_share=cfg.secagg_dropout_share,
+        dp=cfg.dp,
+        dp_noise_multiplier=cfg.dp_noise_multiplier,
+        dp_delta=cfg.dp_delta,
     )
     fed = simulate(
         users_dir,
@@ -247,6 +268,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
         rounds=fed.get("rounds", []),
         bytes_up_per_client=float(fed.get("bytes_up_per_client", 0.0)),
         cold_start=cold,
+        privacy={"secure_aggregation": cfg.secure_aggregation, **fed.get("privacy", {})},
         seconds=time.perf_counter() - started,
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     )
@@ -291,6 +313,13 @@ def format_table(result: ExperimentResult) -> str:
         f"{'mean':<18}{m['base_loss']:9.4f}{m['prior_loss']:9.4f}{m['local_loss']:9.4f}{m['personal_loss']:10.4f}"
     )
     lines.append(f"bytes uploaded per client per round: {result.bytes_up_per_client:,.0f}")
+    if result.privacy.get("secure_aggregation"):
+        lines.append("prior deltas summed with SecAgg+: the coordinator saw only their sum")
+    if result.privacy.get("epsilon") is not None:
+        lines.append(
+            f"differential privacy ({result.privacy['dp']}): epsilon {result.privacy['epsilon']:.3g} "
+            f"at delta {result.privacy['delta']:g}"
+        )
     if result.cold_start:
         lines.append("")
         lines.append(f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}")

@@ -275,7 +275,9 @@ devices = Table(
     Column("user_id", id_type(), ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
     Column("name", String(NAME_LEN), nullable=False),
     Column("public_key", LargeBinary(32), nullable=True, unique=True),
-    Column("node_id", BigInteger, nullable=True, unique=True),
+    # Flower node ids are unsigned 64-bit: kept as decimal text, which both backends hold
+    # exactly (a signed BIGINT overflows above 2**63).
+    Column("node_id", String(20), nullable=True, unique=True),
     Column("enrolled_at", UtcDateTime, nullable=False),
     Column("last_seen_at", UtcDateTime, nullable=True),
     Column("revoked_at", UtcDateTime, nullable=True),

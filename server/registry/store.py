@@ -247,6 +247,13 @@ def _ids_since(
     return out
 
 
+def _node_key(node_id: int) -> str:
+    """A Flower node id (unsigned 64-bit) as the registry stores it: decimal text."""
+    if isinstance(node_id, bool) or not isinstance(node_id, int) or not 0 <= node_id < 2**64:
+        raise RegistryValueError(f"node id must be an integer in 0..2**64-1, got {node_id!r}")
+    return str(node_id)
+
+
 def _prefix_upper(prefix: str) -> str:
     # Pseudonyms sort bytewise and are ASCII, so every string starting with `prefix` lies
     # in [prefix, prefix with its last character incremented).
@@ -1502,7 +1509,7 @@ class Registry:
             pseudonym=row.pseudonym,
             name=row.name,
             public_key=None if row.public_key is None else bytes(row.public_key),
-            node_id=None if row.node_id is None else int(row.node_id),
+            node_id=None if row.node_id is None else int(row.node_id),  # stored as text
             enrolled_at=row.enrolled_at,
             last_seen_at=row.last_seen_at,
             revoked_at=row.revoked_at,
@@ -1639,13 +1646,12 @@ class Registry:
 
     def register_node(self, node_id: int, *, name: str | None = None) -> DeviceRecord:
         """Record a Flower SuperNode the coordinator saw (insert once, then touch)."""
-        if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
-            raise RegistryValueError(f"node id must be an integer >= 0, got {node_id!r}")
+        key = _node_key(node_id)
         label = check_label("node name", name if name is not None else f"node-{node_id}")
         now = _now()
         with self._write() as conn:
             done = conn.execute(
-                update(devices).where(devices.c.node_id == node_id).values(last_seen_at=now)
+                update(devices).where(devices.c.node_id == key).values(last_seen_at=now)
             ).rowcount
             if not done:
                 conn.execute(
@@ -1653,7 +1659,7 @@ class Registry:
                     {
                         "kind": "supernode",
                         "name": label,
-                        "node_id": node_id,
+                        "node_id": key,
                         "enrolled_at": now,
                         "last_seen_at": now,
                     },
@@ -1665,7 +1671,9 @@ class Registry:
     def find_node(self, node_id: int) -> DeviceRecord | None:
         """The SuperNode with this Flower node id, or None if never seen."""
         with self._read() as conn:
-            row = conn.execute(self._device_query().where(devices.c.node_id == node_id)).first()
+            row = conn.execute(
+                self._device_query().where(devices.c.node_id == _node_key(node_id))
+            ).first()
         return None if row is None else self._device_record(row)
 
     def revoked_node_ids(self) -> frozenset[int]:

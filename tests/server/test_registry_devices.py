@@ -124,10 +124,11 @@ def test_bad_enrolment_input_is_one_clear_line(
 
 def test_supernodes_are_registered_once_touched_and_revoked(reg: Registry) -> None:
     # Prepare
-    first = reg.register_node(12345678901234)
+    big = 14781019532714943782  # Flower node ids are unsigned 64-bit
+    first = reg.register_node(big)
 
     # Execute
-    again = reg.register_node(12345678901234)
+    again = reg.register_node(big)
     reg.register_node(7)
     reg.revoke_device(again.id)
 
@@ -135,7 +136,9 @@ def test_supernodes_are_registered_once_touched_and_revoked(reg: Registry) -> No
     assert again.id == first.id and again.kind == "supernode" and again.user_id is None
     assert again.last_seen_at is not None and first.last_seen_at is not None
     assert again.last_seen_at >= first.last_seen_at
-    assert reg.revoked_node_ids() == frozenset({12345678901234})
+    assert reg.revoked_node_ids() == frozenset({big})
+    with pytest.raises(RegistryValueError, match="node id"):
+        reg.register_node(2**64)
     assert reg.find_node(7) is not None and reg.find_node(8) is None
 
 

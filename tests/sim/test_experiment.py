@@ -58,3 +58,11 @@ def test_the_sim_cli_reports_a_bad_users_folder_in_one_line(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_the_sim_cli_refuses_client_dp_without_secure_aggregation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["demo", "--dp", "client", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--secure-aggregation" in err[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +68,103 @@ def test_a_federation_learns_a_prior_and_keeps_personal_adapters_on_devices(
         assert versions[1].prior_version == results["rounds"][0]["prior_version"]
 
 
-def test_nothing_of_a_users_text_or_adapter_reaches_the_coordinator(
-    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
+def _windows(values: np.ndarray, count: int = 6) -> list[np.ndarray]:
+    """Runs of 4 consecutive values, all clearly non-zero (distinctive in fp32 and fp16)."""
+    flat = np.asarray(values, np.float64).reshape(-1)
+    if flat.size < 4:
+        return []
+    smallest = np.minimum.reduce([np.abs(flat[i : flat.size - 3 + i]) for i in range(4)])
+    starts = [int(i) for i in np.argsort(-smallest)[: count * 8 : 8] if smallest[i] > 1e-3]
+    return [flat[i : i + 4] for i in starts]
+
+
+def _needles(values: np.ndarray) -> list[bytes]:
+    out = []
+    for w in _windows(values):
+        out += [w.astype("<f4").tobytes(), w.astype("<f2").tobytes()]
+    return out
+
+
+def _coordinator_haystack(config: CoordinatorConfig) -> bytes:
+    """Every file in the data dir, and a SQL dump of the registry database."""
+    files = b"".join(p.read_bytes() for p in Path(config.data_dir).rglob("*") if p.is_file())
+    db = sqlite3.connect(config.registry.removeprefix("sqlite:///"))
+    try:
+        dump = "\n".join(db.iterdump()).encode()
+    finally:
+        db.close()
+    return files + dump
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_nothing_of_a_users_text_adapter_or_delta_is_stored_by_the_coordinator(
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any, secure: bool
 ) -> None:
-    users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1)
-    run(tmp_path, tiny_model_dir, users, config)
-    stored = b"".join(p.read_bytes() for p in Path(config.data_dir).rglob("*") if p.is_file())
-    for user in users.iterdir():
-        for line in (user / "train.txt").read_text().splitlines():
-            if len(line) > 20 and not line.startswith("#"):
-                assert line.encode() not in stored
+    # Prepare: real devices; a mod inside SecAgg+'s records each clipped delta as it
+    # leaves the training code (before masking), in the device's own process
+    users, config = setup_run(tmp_path, tiny_model_dir, secure_aggregation=secure)
+    deltas = tmp_path / "deltas"
+    deltas.mkdir()
+
+    def record(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        name = (
+            f"{context.node_config['partition-id']}-{msg.metadata.group_id or 'r'}-{time.time_ns()}"
+        )
+        if "fitres.parameters" in reply.content.array_records:
+            for array in reply.content.array_records["fitres.parameters"].values():
+                np.save(deltas / f"{name}.npy", array.numpy())
+        elif UPDATE_KEY in reply.content:
+            delta, _ = decode_tensors(reply.content[UPDATE_KEY]["delta"])  # type: ignore[arg-type]
+            np.save(deltas / f"{name}.npy", np.concatenate([v.ravel() for v in delta.values()]))
+        return reply
+
+    settings = {
+        "sim-users-dir": str(users),
+        "sim-profiles-dir": str(tmp_path / "profiles"),
+        "base": str(tiny_model_dir),
+        "precision": "fp32",
+        "device": "cpu",
+    }
+    app = federated.make_client_app(settings, mods=[record])
+    # Execute
+    results = run(tmp_path, tiny_model_dir, users, config, app=app)
+    # Assert: the run worked, and the coordinator's disk holds none of the users' data
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    assert all(r["secure"] is secure for r in results["rounds"])
+    stored = _coordinator_haystack(config)
+    needles: list[bytes] = []
+    recorded = sorted(deltas.glob("*.npy"))
+    assert len(recorded) == 6  # 3 devices x 2 rounds
+    for path in recorded:
+        needles += _needles(np.load(path))
     for profile_dir in (tmp_path / "profiles").iterdir():
-        b = Profile.open(profile_dir).read(1)[1]
-        for tensor in b.values():
-            row = np.ascontiguousarray(tensor[0], dtype="<f4").tobytes()
-            assert row not in stored
+        profile = Profile.open(profile_dir)
+        for version in profile.versions():
+            for tensor in profile.read(version.version)[1].values():
+                needles += _needles(tensor)
+    assert len(needles) > 50
+    assert not [n for n in needles if n in stored]
+    # the scan can find what is stored: the prior's own values are there
+    registry = Registry.open(config.registry)
+    try:
+        record = registry.active_prior(config.spec)
+    finally:
+        registry.close()
+    assert record is not None
+    prior_file = next(Path(config.data_dir).rglob(f"v{record.version:04d}.safetensors"))
+    prior, _ = decode_tensors(prior_file.read_bytes())
+    controls = [n for t in prior.values() for n in _needles(t)[::2]]  # fp32 ones
+    assert controls and all(n in stored for n in controls)
+    texts = 0
+    for user in users.iterdir():
+        for part in ("train.txt", "heldout.txt"):
+            for line in (user / part).read_text().splitlines():
+                if len(line) > 20 and not line.startswith("#"):
+                    texts += 1
+                    assert line.encode() not in stored
+                    assert line[:24].encode() not in stored
+    assert texts > 10
 
 
 def test_a_bad_update_is_refused_by_node_and_the_round_goes_on(

@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column("user_id", _id(), nullable=True),
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("public_key", sa.LargeBinary(32), nullable=True),
-        sa.Column("node_id", sa.BigInteger(), nullable=True),
+        sa.Column("node_id", sa.String(20), nullable=True),
         _ts("enrolled_at"),
         _ts("last_seen_at", nullable=True),
         _ts("revoked_at", nullable=True),

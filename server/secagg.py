@@ -1,0 +1,268 @@
+"""Secure aggregation of a round's prior deltas with Flower's SecAgg+.
+
+With ``secure-aggregation = true`` the coordinator never sees a device's delta: each
+device quantizes its clipped delta, adds pairwise masks agreed with its neighbours and a
+private mask, and uploads only that; the masks cancel in the sum, and the coordinator
+rebuilds the masks of devices that dropped out from secret shares their neighbours hold
+(Bell et al., 2020). The protocol is Flower's own (``SecAggPlusWorkflow`` on the
+coordinator, ``secaggplus_mod`` on the device); this module chooses its parameters from
+the round's clip norm and dropout budget and drives it for one round.
+
+Parameters, and why:
+
+- **Equal weights.** Each device uploads weight 1 (``max_weight = 1``), so Flower's
+  weighted average is the plain mean over the devices that finished: the secure sum is
+  all the coordinator needs, and no quantization precision is lost to weights.
+- **Clipping range = clip norm** (plus 8 standard deviations of the device's DP noise,
+  when it adds any). Every coordinate of a vector whose L2 norm is at most ``C`` lies in
+  ``[-C, C]``, so the range clips nothing an honest device sends.
+- **Quantization range** ``q``: the largest power of two with ``n * q < 2**32`` (the
+  modulus; ``n`` sampled devices), at most ``2**30``. The sum of ``n`` values in
+  ``[0, q]`` then never wraps. Flower rounds stochastically, so each device's value moves
+  by less than one step ``2C / q`` and so does the mean: :attr:`SecAggParams.tolerance`,
+  about ``1e-7 * C`` for 10 devices, far below fp16 packing's rounding.
+- **Dropouts.** Every device shares its secrets with ``k`` neighbours (all sampled
+  devices unless ``secagg-num-shares`` is set) and ``t = k - floor(d * k)`` of them
+  must answer (``d`` = ``secagg-dropout-share``, below 1/2 so that ``t > k/2``: a
+  coordinator can never collect both secrets of one device). A round survives any
+  ``floor(d * k)`` dropouts per neighbourhood; with more, the attempt fails cleanly and
+  is retried.
+
+What secure aggregation gives up: the coordinator cannot check a single delta. Devices
+clip their own; the coordinator checks the finite mean's norm is at most ``C`` (plus
+the quantization error and the DP noise's bound), which any device that skips clipping
+by much breaks, and then discards the whole round. Flower 1.41's mask generator seeds
+numpy's ``RandomState`` with 32 bits folded from the 256-bit shared secret; see
+docs/privacy.md for what that means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.server_config import ServerConfig
+from flwr.server.strategy import Strategy
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
+    SecAggPlusWorkflow,
+    WorkflowState,
+)
+from flwr.serverapp import Grid
+
+from lorafleet.protocols.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+MODULUS_RANGE = 2**32
+"""SecAgg+'s modulus: Flower requires a power of two below 2**32 + 1."""
+
+MAX_QUANTIZATION_RANGE = 2**30
+"""Flower quantizes into int32 before masking."""
+
+NOISE_SIGMAS = 8.0
+"""Client-side DP noise beyond this many standard deviations is clipped (p < 1e-15)."""
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """One SecAgg+ round's parameters (see the module docstring for the choices)."""
+
+    sampled: int
+    num_shares: int
+    threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int = MODULUS_RANGE
+
+    @property
+    def step(self) -> float:
+        """One quantization step."""
+        return 2 * self.clipping_range / self.quantization_range
+
+    @property
+    def tolerance(self) -> float:
+        """Bound on ``|secure mean - plain mean|`` per value (stochastic rounding: < 1 step)."""
+        return self.step
+
+    @property
+    def dropouts_survived(self) -> int:
+        """Dropouts per neighbourhood the round survives."""
+        return self.num_shares - self.threshold
+
+
+def secagg_params(
+    sampled: int,
+    *,
+    clip_norm: float,
+    dropout_share: float,
+    noise_std: float = 0.0,
+    num_shares: int = 0,
+) -> SecAggParams:
+    """SecAgg+ parameters for ``sampled`` devices with deltas clipped to ``clip_norm``.
+
+    Examples
+    --------
+    >>> p = secagg_params(10, clip_norm=1.0, dropout_share=0.3)
+    >>> (p.num_shares, p.threshold, p.clipping_range, p.quantization_range == 2**28)
+    (10, 7, 1.0, True)
+    """
+    if sampled < 2:
+        raise SpecError(f"secure aggregation needs at least 2 devices in a round, got {sampled}")
+    if not 0 <= dropout_share < 0.5:
+        raise SpecError(f"secagg-dropout-share must be in [0, 0.5), got {dropout_share!r}")
+    if not clip_norm > 0 or not math.isfinite(clip_norm):
+        raise SpecError(f"clip norm must be positive, got {clip_norm!r}")
+    k = sampled if num_shares <= 0 or num_shares >= sampled else num_shares
+    if k < sampled and k % 2 == 0:
+        k = min(k + 1, sampled)  # SecAgg+ neighbourhoods are symmetric: an odd size
+    t = max(k - math.floor(dropout_share * k), k // 2 + 1, 2)
+    if k < sampled:
+        t = min(t, k - 1)  # Flower requires threshold < num_shares when given as counts
+    q = min(MAX_QUANTIZATION_RANGE, 2 ** math.floor(math.log2((MODULUS_RANGE - 1) / sampled)))
+    return SecAggParams(
+        sampled=sampled,
+        num_shares=k,
+        threshold=t,
+        clipping_range=float(clip_norm + NOISE_SIGMAS * noise_std),
+        quantization_range=int(q),
+    )
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, also surviving devices lost before they shared keys.
+
+    Flower 1.41 keeps a device that never answered the setup or key-sharing stage among
+    the round's devices, then fails the unmasking because nobody holds shares of its
+    secrets. Such a device never masked anything, so it is dropped from the round (and
+    from every neighbourhood) once the key-sharing stage is over.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        super().share_keys_stage(grid, context, state)
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        state.nid_to_neighbours = {
+            nid: neighbours & kept
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in kept
+        }
+        return self._check_threshold(state)
+
+
+class _RoundStrategy(Strategy):
+    """The legacy strategy the workflow calls: our FitIns out, the secure mean back."""
+
+    def __init__(self, grid: Grid, fitins: Mapping[int, FitIns]) -> None:
+        self.grid = grid
+        self.fitins = dict(fitins)
+        self.mean: npt.NDArray[np.float64] | None = None
+        self.replies: dict[int, dict[str, Scalar]] = {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return [
+            (GridClientProxy(nid, self.grid, 0), ins) for nid, ins in sorted(self.fitins.items())
+        ]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if results:
+            # The workflow puts the unmasked mean into every result's parameters.
+            (vector,) = parameters_to_ndarrays(results[0][1].parameters)
+            self.mean = np.asarray(vector, dtype=np.float64).reshape(-1)
+        self.replies = {int(proxy.node_id): dict(res.metrics) for proxy, res in results}
+        return None, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+@dataclass(frozen=True)
+class SecureMean:
+    """What a SecAgg+ round reveals: the mean delta and each finisher's plaintext fields."""
+
+    mean: npt.NDArray[np.float64]  # (values,) flat, in the devices' flatten order
+    replies: dict[int, dict[str, Any]]  # node id -> the reply's plaintext metrics
+
+
+def secure_mean(
+    grid: Grid,
+    fitins: Mapping[int, FitIns],
+    params: SecAggParams,
+    *,
+    round_number: int,
+    timeout: float | None = None,
+) -> SecureMean | None:
+    """Run SecAgg+ over the devices in ``fitins``; None when too many dropped out.
+
+    Each device receives its FitIns (our instruction in ``fitins.config``) at the
+    masked-vector stage; its ClientApp, behind ``secaggplus_mod``, replies with weight 1
+    and its flat delta, which the mod masks.
+    """
+    if len(fitins) != params.sampled:
+        raise SpecError(f"SecAgg+ parameters are for {params.sampled} devices, got {len(fitins)}")
+    strategy = _RoundStrategy(grid, fitins)
+    base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(base, config=ServerConfig(num_rounds=1), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: round_number}
+    )
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = _Workflow(
+        # all sampled devices as neighbours is the fraction 1.0 in Flower's terms
+        num_shares=1.0 if params.num_shares == params.sampled else params.num_shares,
+        reconstruction_threshold=params.threshold,
+        max_weight=1.0,
+        clipping_range=params.clipping_range,
+        quantization_range=params.quantization_range,
+        modulus_range=params.modulus_range,
+        timeout=timeout,
+    )
+    workflow(grid, context)
+    if strategy.mean is None:
+        return None
+    return SecureMean(strategy.mean, strategy.replies)

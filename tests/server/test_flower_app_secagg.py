@@ -1,0 +1,411 @@
+"""Secure aggregation, differential privacy and the console's controls, round by round.
+
+These run the coordinator's real rounds and Flower's real SecAgg+ workflow and mod over
+an in-process grid (:class:`lorafleet.sim.runner.LocalGrid`) whose devices send
+synthetic clipped deltas, so every number can be checked exactly and nothing needs Ray.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.common import FitIns, Parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from lorafleet.client import federated
+from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.federation import (
+    RoundInstruction,
+    RoundMetrics,
+    flatten,
+    layout_from_json,
+    layout_to_json,
+    unflatten,
+)
+from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.dp import PrivacyLedger
+from lorafleet.server.flower_app import PAUSE_CONTROL, Federation, run_federation
+from lorafleet.server.registry import Registry
+from lorafleet.server.secagg import secagg_params, secure_mean
+from lorafleet.sim.runner import LocalGrid, make_synthetic_client_app, synthetic_delta
+
+SHAPES = {"layer0.q.lora_B": (96, 8), "layer0.v.lora_B": (32, 8)}
+BIG = {"layer0.q.lora_B": (256, 8), "layer0.v.lora_B": (128, 8)}
+SPEC = AdapterSpec(base_model_id="synthetic", base_sha256="0" * 64, rank=8)
+
+
+def config(tmp: Path, nodes: int, **overrides: Any) -> CoordinatorConfig:
+    args: dict[str, Any] = {
+        "num_rounds": 1,
+        "fraction_train": 1.0,
+        "min_train_nodes": 2,
+        "min_available_nodes": nodes,
+        "wait_for_nodes_s": 5,
+        "packing": "fp32",
+        "base_model_id": "synthetic",
+        "base_sha256": "0" * 64,
+        "final_evaluation": False,
+        "data_dir": str(tmp / "coordinator"),
+    }
+    args.update(overrides)
+    return CoordinatorConfig(**args)
+
+
+def plain_mean(shapes: dict[str, tuple[int, ...]], nodes: list[int], rnd: int, norm: float):  # type: ignore[no-untyped-def]
+    return np.mean(
+        [flatten(synthetic_delta(shapes, norm, (i, rnd)))[0].astype(np.float64) for i in nodes],
+        axis=0,
+    )
+
+
+def stage_of(msg: Message) -> str:
+    return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+
+
+def final_prior(cfg: CoordinatorConfig) -> dict[str, np.ndarray]:
+    coord = Coordinator.open(cfg)
+    try:
+        _, prior = coord.active_prior()
+    finally:
+        coord.close()
+    assert prior is not None
+    return prior
+
+
+# ------------------------------------------------------------------ SecAgg+ itself
+@pytest.mark.parametrize(("n", "clip"), [(3, 1.0), (10, 1.0), (10, 0.05)])
+def test_secure_mean_matches_the_plain_mean_within_the_stated_tolerance(
+    n: int, clip: float
+) -> None:
+    # Prepare: n devices with deltas clipped to `clip` (norm 0.9 * clip)
+    grid = LocalGrid(make_synthetic_client_app(SHAPES), n)
+    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero", clip_norm=clip)
+    fitins = {node: FitIns(Parameters([], ""), instr.to_config()) for node in grid.get_node_ids()}
+    params = secagg_params(n, clip_norm=clip, dropout_share=0.2)
+    # Execute
+    result = secure_mean(grid, fitins, params, round_number=1)
+    # Assert: every value within one quantization step of the plain mean
+    assert result is not None and len(result.replies) == n
+    expected = plain_mean(SHAPES, list(range(n)), 1, 0.9 * clip)
+    assert np.abs(result.mean - expected).max() <= params.tolerance
+    assert params.tolerance < 1e-6 * clip  # far below fp16 packing's rounding
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
+def test_a_round_survives_a_dropout_at_any_secagg_stage(stage: str) -> None:
+    # Prepare: device 2 of 5 fails at `stage`; a dropout share of 0.3 allows one
+    grid = LocalGrid(
+        make_synthetic_client_app(SHAPES),
+        5,
+        dropout=lambda pid, msg: pid == 2 and stage_of(msg) == stage,
+    )
+    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero")
+    fitins = {node: FitIns(Parameters([], ""), instr.to_config()) for node in grid.get_node_ids()}
+    params = secagg_params(5, clip_norm=1.0, dropout_share=0.3)
+    # Execute
+    result = secure_mean(grid, fitins, params, round_number=1)
+    # Assert: the mean over the devices whose masked vectors arrived
+    assert result is not None
+    finished = sorted(grid.partition[node] for node in result.replies)
+    assert finished == ([0, 1, 2, 3, 4] if stage == "unmask" else [0, 1, 3, 4])
+    expected = plain_mean(SHAPES, finished, 1, 0.9)
+    assert np.abs(result.mean - expected).max() <= params.tolerance
+
+
+@pytest.mark.parametrize(
+    ("n", "share", "num_shares", "expected"),
+    [
+        (2, 0.2, 0, (2, 2)),
+        (3, 0.34, 0, (3, 2)),
+        (10, 0.3, 0, (10, 7)),
+        (10, 0.0, 0, (10, 10)),
+        (50, 0.2, 8, (9, 8)),
+    ],
+)
+def test_dropout_share_maps_to_shares_and_threshold(
+    n: int, share: float, num_shares: int, expected: tuple[int, int]
+) -> None:
+    params = secagg_params(n, clip_norm=1.0, dropout_share=share, num_shares=num_shares)
+    assert (params.num_shares, params.threshold) == expected
+    assert params.threshold > params.num_shares / 2  # no one can collect both secrets
+    assert n * params.quantization_range < params.modulus_range  # the sum never wraps
+
+
+# ------------------------------------------------------------------ whole rounds
+def test_secure_and_plain_federations_reach_the_same_prior(tmp_path: Path) -> None:
+    # Prepare: the same synthetic devices, once in the clear (fp32) and once with SecAgg+
+    plain_cfg = config(tmp_path / "plain", 4, num_rounds=2)
+    secure_cfg = config(tmp_path / "secure", 4, num_rounds=2, secure_aggregation=True)
+    # Execute
+    plain = run_federation(LocalGrid(make_synthetic_client_app(SHAPES), 4), plain_cfg)
+    secure = run_federation(LocalGrid(make_synthetic_client_app(SHAPES), 4), secure_cfg)
+    # Assert: the same priors, up to SecAgg+'s tolerance per round and float32
+    tolerance = secagg_params(4, clip_norm=1.0, dropout_share=0.2).tolerance
+    a, b = final_prior(plain_cfg), final_prior(secure_cfg)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= 2 * tolerance + 1e-7
+    assert [r["accepted"] for r in secure["rounds"]] == [4, 4]
+    assert all(r["secure"] and r["bytes_up"] > 0 for r in secure["rounds"])
+    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    # the per-device metrics still arrive in the clear
+    assert all(m["num_examples"] == 20 for m in secure["rounds"][0]["metrics"].values())
+
+
+def test_too_many_dropouts_fail_the_attempt_cleanly_and_it_is_retried(tmp_path: Path) -> None:
+    # Prepare: 4 devices, no dropout allowed; two fail the first attempt's training
+    failed: set[int] = set()
+
+    def drop(pid: int, msg: Message) -> bool:
+        if pid in (1, 2) and stage_of(msg) == "collect_masked_vectors" and pid not in failed:
+            failed.add(pid)
+            return True
+        return False
+
+    cfg = config(tmp_path, 4, secure_aggregation=True, secagg_dropout_share=0.0)
+    # Execute
+    results = run_federation(LocalGrid(make_synthetic_client_app(SHAPES), 4, dropout=drop), cfg)
+    # Assert
+    first, second = results["rounds"]
+    assert first["prior_version"] is None and "SecAgg+ stopped" in first["failure"]
+    assert len(first["refused"]) == 2
+    assert second["prior_version"].endswith("/v1") and second["accepted"] == 4
+
+
+def test_a_device_that_does_not_clip_gets_the_secure_round_discarded(tmp_path: Path) -> None:
+    # Prepare: device 0 sends a delta 30x the clip norm (each value still within range)
+    rogue = ClientApp()
+
+    @rogue.train(mods=[federated.secure_aggregation_mod])
+    def train(msg: Message, context: Context) -> Message:
+        instr, _ = federated.read_instruction(msg)
+        pid = int(context.node_config["partition-id"])
+        norm = 30.0 if pid == 0 else 0.9
+        delta = synthetic_delta(SHAPES, norm * instr.clip_norm, (pid, instr.round))
+        metrics = RoundMetrics(num_examples=20, base_loss=2.0, prior_loss=1.8, personal_loss=1.5)
+        return federated.update_reply(msg, instr, delta, metrics)
+
+    cfg = config(tmp_path, 3, secure_aggregation=True, max_round_retries=0)
+    # Execute / Assert: the round is refused as a whole; no prior is published
+    with pytest.raises(Exception, match="round 1 failed"):
+        run_federation(LocalGrid(rogue, 3), cfg)
+    registry = Registry.open(cfg.registry)
+    try:
+        assert registry.list_prior_versions(cfg.spec).items == ()
+    finally:
+        registry.close()
+
+
+# ------------------------------------------------------------------ differential privacy
+@pytest.mark.parametrize(
+    ("mode", "secure"), [("central", False), ("central", True), ("client", True)]
+)
+def test_dp_noise_has_the_stated_scale_and_epsilon_is_reported(
+    tmp_path: Path, mode: str, secure: bool
+) -> None:
+    # Prepare: 5 devices, 2 rounds, sigma 2, 5 of 10 sampled (q = 0.5)
+    cfg = config(
+        tmp_path,
+        10,
+        num_rounds=2,
+        fraction_train=0.5,
+        secure_aggregation=secure,
+        dp=mode,
+        dp_noise_multiplier=2.0,
+        clip_norm=0.5,
+    )
+    # Execute
+    results = run_federation(LocalGrid(make_synthetic_client_app(BIG), 10), cfg)
+    # Assert: epsilon grows per round and matches an independent ledger
+    expected = PrivacyLedger()
+    epsilons = []
+    for r in results["rounds"]:
+        expected.add(r["round"], 0.5, 2.0)
+        epsilons.append(r["dp_epsilon"])
+        assert r["dp_epsilon"] == pytest.approx(expected.epsilon(1e-5))
+        assert r["dp_delta"] == 1e-5
+    assert 0 < epsilons[0] < epsilons[1]
+    assert results["privacy"]["epsilon"] == pytest.approx(epsilons[-1])
+    registry = Registry.open(cfg.registry)
+    try:
+        rounds = sorted(registry.list_rounds(cfg.spec).items, key=lambda r: r.number)
+        assert [r.dp_epsilon for r in rounds] == pytest.approx(epsilons)
+        assert all(r.dp_delta == 1e-5 for r in rounds)
+    finally:
+        registry.close()
+    # the round-1 prior is the mean plus N(0, (sigma C / m)^2) per value
+    sampled = sorted(int(n) for n in results["rounds"][0]["metrics"])
+    grid_nodes = sorted(LocalGrid(make_synthetic_client_app(BIG), 10).partition.items())
+    pids = [pid for node, pid in grid_nodes if node in sampled]
+    coord = Coordinator.open(cfg)
+    try:
+        record = coord.registry.list_prior_versions(cfg.spec).items[-1]  # v1
+        prior1 = coord.load_prior(record)
+    finally:
+        coord.close()
+    got, _ = flatten(prior1)
+    noise = got.astype(np.float64) - plain_mean(BIG, pids, 1, 0.9 * 0.5)
+    assert np.std(noise) == pytest.approx(2.0 * 0.5 / len(pids), rel=0.15)
+
+
+def test_a_lost_privacy_ledger_stops_the_coordinator(tmp_path: Path) -> None:
+    cfg = config(tmp_path, 3, dp="central")
+    run_federation(LocalGrid(make_synthetic_client_app(SHAPES), 3), cfg)
+    ledger = next((tmp_path / "coordinator" / "privacy").glob("*.json"))
+    ledger.unlink()
+    again = config(tmp_path, 3, dp="central", num_rounds=2)
+    with pytest.raises(IntegrityError, match="privacy ledger"):
+        run_federation(LocalGrid(make_synthetic_client_app(SHAPES), 3), again)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"dp": "client"}, "needs secure-aggregation"),
+        ({"dp": "loud"}, "dp must be one of"),
+        ({"dp": "central", "dp_noise_multiplier": 0.0}, "dp-noise-multiplier"),
+        ({"dp_delta": 1.0}, "dp-delta"),
+        ({"secagg_dropout_share": 0.5}, "secagg-dropout-share"),
+        ({"secure_aggregation": True, "min_train_nodes": 1}, "min-train-nodes >= 2"),
+        ({"secagg_num_shares": 2}, "secagg-num-shares"),
+    ],
+)
+def test_privacy_settings_are_checked(
+    tmp_path: Path, overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(SpecError, match=match):
+        config(tmp_path, 3, **overrides)
+
+
+def test_run_config_keys_reach_the_privacy_settings() -> None:
+    cfg = CoordinatorConfig.from_run_config(
+        {
+            "secure-aggregation": "true",
+            "secagg-dropout-share": 0.3,
+            "dp": "client",
+            "dp-noise-multiplier": 0.8,
+            "dp-delta": 1e-6,
+        }
+    )
+    assert (cfg.secure_aggregation, cfg.secagg_dropout_share, cfg.dp) == (True, 0.3, "client")
+    assert (cfg.dp_noise_multiplier, cfg.dp_delta) == (0.8, 1e-6)
+
+
+# ------------------------------------------------------------------ console controls
+def test_a_paused_coordinator_starts_no_round_until_resumed(tmp_path: Path) -> None:
+    # Prepare: training paused in the registry before the run
+    cfg = config(tmp_path, 3)
+    coord = Coordinator.open(cfg)
+    coord.registry.set_control(PAUSE_CONTROL, True)
+    grid = LocalGrid(make_synthetic_client_app(SHAPES), 3)
+    fed = Federation(grid, coord)
+    fed.pause_poll_s = 0.05
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(fed.run_round(1, 0, "zero", None)))
+    # Execute
+    worker.start()
+    time.sleep(0.5)
+    delivered_while_paused = grid.delivered
+    coord.registry.set_control(PAUSE_CONTROL, False)
+    worker.join(timeout=30)
+    coord.close()
+    # Assert
+    assert delivered_while_paused == 0
+    assert done and done[0].prior_version is not None and grid.delivered == 3
+
+
+def test_revoked_nodes_are_not_sampled_and_every_node_is_registered(tmp_path: Path) -> None:
+    # Prepare: 4 nodes seen once, then one revoked from the console
+    cfg = config(tmp_path, 3, num_rounds=2, min_available_nodes=3)
+    grid = LocalGrid(make_synthetic_client_app(SHAPES), 4)
+    received: dict[int, int] = {}
+    grid.dropout = lambda pid, msg: received.__setitem__(pid, received.get(pid, 0) + 1) or False
+    Path(cfg.data_dir).mkdir(parents=True)
+    registry = Registry.open(cfg.registry)
+    revoked_node = sorted(grid.partition)[1]
+    device = registry.register_node(revoked_node)
+    registry.revoke_device(device.id)
+    registry.close()
+    # Execute
+    results = run_federation(grid, cfg)
+    # Assert: three devices took part each round, never the revoked one
+    assert [r["sampled"] for r in results["rounds"]] == [3, 3]
+    assert 1 not in received and sorted(received) == [0, 2, 3]
+    registry = Registry.open(cfg.registry)
+    try:
+        seen = {d.node_id for d in registry.list_devices(kind="supernode").items}
+        assert seen == set(grid.partition)
+        assert registry.revoked_node_ids() == {revoked_node}
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_node_revoked_during_a_round_is_not_heard(tmp_path: Path, secure: bool) -> None:
+    # Prepare: node of partition 0 is revoked while it trains
+    cfg = config(tmp_path, 4, secure_aggregation=secure, max_round_retries=1)
+    grid = LocalGrid(make_synthetic_client_app(SHAPES), 4)
+    victim = sorted(grid.partition)[0]
+    revoked: list[int] = []
+
+    def revoke_while_training(pid: int, msg: Message) -> bool:
+        training = "fitins.config" in msg.content.config_records or (
+            RECORD_KEY_CONFIGS not in msg.content.config_records
+        )
+        if pid == 0 and training and not revoked:
+            registry = Registry.open(cfg.registry)
+            try:
+                registry.revoke_device(registry.register_node(victim).id)
+            finally:
+                registry.close()
+            revoked.append(victim)
+        return False
+
+    grid.dropout = revoke_while_training
+    # Execute
+    results = run_federation(grid, cfg)
+    # Assert: in the clear its reply is refused; under SecAgg+ the sum that holds it is
+    # discarded and the retry runs without it
+    final = results["rounds"][-1]
+    assert final["prior_version"] is not None and str(victim) not in map(str, final["metrics"])
+    if secure:
+        assert "revoked" in results["rounds"][0]["failure"] and len(results["rounds"]) == 2
+    else:
+        assert results["rounds"][0]["refused"][victim] == "node revoked"
+
+
+def test_a_device_that_requires_secure_aggregation_refuses_a_plain_round(tmp_path: Path) -> None:
+    # Prepare: real device apps set to insist on SecAgg+, a coordinator in the clear
+    app = federated.make_client_app({"require-secure-aggregation": "true"})
+    coord = Coordinator.open(config(tmp_path, 3))
+    try:
+        # Execute
+        outcome = Federation(LocalGrid(app, 3), coord).run_round(1, 0, "zero", None)
+    finally:
+        coord.close()
+    # Assert: no device sent its delta, each said why
+    assert outcome.accepted == 0 and outcome.prior_version is None
+    assert len(outcome.refused) == 3
+    assert all("requires secure aggregation" in why for why in outcome.refused.values())
+
+
+def test_a_flat_delta_round_trips_through_its_layout() -> None:
+    # Prepare
+    delta = synthetic_delta(SHAPES, 0.5, 7)
+    # Execute
+    flat, layout = flatten(delta)
+    back = unflatten(flat, layout_from_json(layout_to_json(layout)))
+    # Assert
+    assert flat.shape == (96 * 8 + 32 * 8,)
+    assert all(np.array_equal(back[k], delta[k]) for k in delta)
+    with pytest.raises(SpecError, match="layout describes"):
+        unflatten(flat[:-1], layout)
+    with pytest.raises(SpecError, match="noise_std"):
+        RoundInstruction(round=1, spec=SPEC, prior_version="zero", noise_std=-1.0)
