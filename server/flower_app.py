@@ -603,6 +603,11 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         outcomes: list[RoundOutcome] = []
         for number in range(done + 1, config.num_rounds + 1):
             for attempt in range(config.max_round_retries + 1):
+                # The operator may have paused the run and rolled the prior back in the
+                # console: wait out the pause, then start from whatever prior is active.
+                fed.wait_while_paused()
+                record, prior = coord.active_prior()
+                prior_ref = record.ref if record is not None else ZERO_PRIOR
                 outcome = fed.run_round(number, attempt, prior_ref, prior)
                 outcomes.append(outcome)
                 if outcome.prior_version is not None:

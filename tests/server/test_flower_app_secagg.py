@@ -409,3 +409,50 @@ def test_a_flat_delta_round_trips_through_its_layout() -> None:
         unflatten(flat[:-1], layout)
     with pytest.raises(SpecError, match="noise_std"):
         RoundInstruction(round=1, spec=SPEC, prior_version="zero", noise_std=-1.0)
+
+
+def test_a_prior_rolled_back_during_a_pause_is_where_the_next_round_starts(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the operator pauses during round 2, rolls back to prior v1 once round 2
+    # has published v2, then resumes; all while the run goes on
+    cfg = config(tmp_path, 3, num_rounds=3)
+    Path(cfg.data_dir).mkdir(parents=True)
+    operator = Registry.open(cfg.registry)
+    seen: list[int] = []
+
+    def pause_in_round_two(pid: int, msg: Message) -> bool:
+        seen.append(pid)
+        if len(seen) == 4:  # the first message of round 2
+            operator.set_control(PAUSE_CONTROL, True)
+        return False
+
+    def roll_back_then_resume() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(p.version == 2 for p in operator.list_prior_versions(spec).items):
+                operator.set_active_prior(spec, 1)
+                operator.set_control(PAUSE_CONTROL, False)
+                return
+            time.sleep(0.05)
+
+    grid = LocalGrid(make_synthetic_client_app(SHAPES), 3, dropout=pause_in_round_two)
+    spec = Coordinator.open(cfg).spec
+    console = threading.Thread(target=roll_back_then_resume)
+    # Execute
+    console.start()
+    results = run_federation(grid, cfg)
+    console.join(timeout=60)
+    # Assert: prior v3 = v1 + the mean of round 3's deltas (FedAvg, server lr 1), not v2 + ...
+    coord = Coordinator.open(cfg)
+    try:
+        priors = {
+            p.version: coord.load_prior(p)
+            for p in coord.registry.list_prior_versions(coord.spec).items
+        }
+    finally:
+        coord.close()
+        operator.close()
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3] and sorted(priors) == [1, 2, 3]
+    step = flatten(priors[3])[0].astype(np.float64) - flatten(priors[1])[0]
+    assert np.abs(step - plain_mean(SHAPES, [0, 1, 2], 3, 0.9)).max() < 1e-6
