@@ -2,8 +2,8 @@
 
 A profile (:mod:`lorafleet.client.profile`) holds the adapter spec, the identity of the
 base it belongs to, and immutable adapter versions; this class puts the frozen base and
-the personal adapter on top of it. Nothing in a profile is ever sent anywhere by this
-class.
+the personal adapter on top of it. Nothing in a profile leaves the device through this
+class except by :meth:`PersonalModel.backup`, which seals it first (``docs/backup.md``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,21 @@ from lorafleet.client.adapter import (
     materialize,
     set_b,
 )
+from lorafleet.client.backup import (
+    BackupClient,
+    BackupRecord,
+    backup_profile,
+    obtain_keys,
+    restore_profile,
+)
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
+from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import PROFILE_FILE, Profile
 from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
+from lorafleet.protocols.crypto import KdfParams
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
@@ -217,6 +226,157 @@ class PersonalModel:
         """Make an earlier saved version current again (versions are never deleted)."""
         self._load_version(version)
         self._profile.set_current(version)
+
+    # ---------------------------------------------------------- backup/restore
+    def backup(
+        self,
+        client: BackupClient,
+        *,
+        key_file: str | os.PathLike[str],
+        passphrase: str | None = None,
+        keys: UnlockedKeys | None = None,
+        adapter: str = "default",
+        version: int | None = None,
+        upload_key_file: bool = True,
+    ) -> BackupRecord:
+        """Seal the current (or a given) version and store it on the coordinator.
+
+        The adapter version (every file of its folder, byte for byte) is sealed on this
+        device under the user's master key (see ``docs/envelope.md``), bound to the
+        user, ``adapter`` name, version and base, and uploaded through ``client``;
+        the coordinator never sees a key or the plaintext. With ``upload_key_file``
+        the key file (its keys wrapped by the passphrase and recovery keys, never in
+        the clear) is stored too, so :meth:`restore` works on a new device with the
+        passphrase alone.
+
+        Parameters
+        ----------
+        client
+            An enrolled device's :class:`~lorafleet.client.backup.BackupClient`.
+        key_file
+            The device's key file (:class:`~lorafleet.client.keys.KeyStore`).
+        passphrase
+            Unlocks ``key_file``; not needed when ``keys`` are given.
+        keys
+            Master keys already unlocked (saves a passphrase KDF run).
+        adapter
+            Name of this profile's adapter on the server.
+        version
+            Which saved version; default the current one.
+        upload_key_file
+            Also store the key file (once per change).
+
+        Returns
+        -------
+        BackupRecord
+            The stored blob(s); ``uploaded`` is False if that version was already there.
+
+        Examples
+        --------
+        >>> client = BackupClient.open("backup.example:7443", "~/.app/device.json")  # doctest: +SKIP
+        >>> pm.backup(client, key_file="~/.app/keys.json", passphrase="...")  # doctest: +SKIP
+        """
+        path = Path(key_file).expanduser()
+        if keys is None:
+            if passphrase is None:
+                raise SpecError("backup needs the key file's passphrase, or unlocked keys")
+            keys = KeyStore.unlock(path, passphrase)
+        return backup_profile(
+            client,
+            self.profile,
+            keys,
+            adapter=adapter,
+            version=version,
+            key_file=path if upload_key_file else None,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        profile: str | os.PathLike[str],
+        client: BackupClient,
+        *,
+        key_file: str | os.PathLike[str],
+        passphrase: str | None = None,
+        recovery_key: bytes | None = None,
+        new_passphrase: str | None = None,
+        kdf: KdfParams | None = None,
+        adapter: str = "default",
+        version: int | None = None,
+        allow_downgrade: bool = False,
+        base: str | os.PathLike[str] | None = None,
+        precision: Precision = "auto",
+        device: str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        seq_len: int = 128,
+    ) -> PersonalModel:
+        """Restore a backed-up adapter into ``profile`` (e.g. on a new device) and open it.
+
+        The keys come from the device's key file at ``key_file``, or, when this device
+        has none, from the key file the user backed up: unlocked with ``passphrase``,
+        or rebuilt with ``recovery_key`` under ``new_passphrase``. The blob is fetched,
+        checked and opened before anything is written, so a wrong passphrase, a
+        damaged, truncated, swapped or replayed blob raises one clear error and leaves
+        the profile (and the key file) as they were. The restored version's files are
+        bit-identical to the backed-up ones, so the model generates the same text.
+
+        Parameters
+        ----------
+        profile
+            Profile folder: new, or one of the same adapter (then never moved back to an
+            older version unless ``allow_downgrade``).
+        client
+            An enrolled device's backup client (enrol the new device first).
+        key_file
+            Where this device's key file is, or is to be written.
+        passphrase, recovery_key, new_passphrase, kdf
+            Exactly one of ``passphrase`` and ``recovery_key``; ``new_passphrase`` (and
+            optionally ``kdf``) for the key file a recovery key rebuilds.
+        adapter, version
+            What to restore; default the newest backed-up version of ``adapter``.
+        allow_downgrade
+            Allow making an older version current than the profile's.
+        base
+            The base model on this device (default: the one recorded in the backup).
+        precision, device, cache_dir, seq_len
+            As for :meth:`open`.
+
+        Examples
+        --------
+        >>> client = BackupClient.enroll(address, token, "~/.app/device.json")  # doctest: +SKIP
+        >>> pm = PersonalModel.restore(  # doctest: +SKIP
+        ...     "~/.app/profile", client, key_file="~/.app/keys.json", passphrase="..."
+        ... )
+        """
+        keys, pending = obtain_keys(
+            client,
+            Path(key_file),
+            passphrase=passphrase,
+            recovery_key=recovery_key,
+            new_passphrase=new_passphrase,
+            kdf=kdf,
+        )
+        try:
+            restore_profile(
+                client,
+                Path(profile).expanduser(),
+                keys,
+                adapter=adapter,
+                version=version,
+                allow_downgrade=allow_downgrade,
+                base_source=None if base is None else str(base),
+            )
+            pending.install()
+        finally:
+            pending.discard()
+        return cls.open(
+            profile,
+            base=base,
+            precision=precision,
+            device=device,
+            cache_dir=cache_dir,
+            seq_len=seq_len,
+        )
 
     # -------------------------------------------------------------------- data
     def _examples(

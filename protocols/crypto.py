@@ -19,6 +19,8 @@ Primitives, all from the ``cryptography`` package:
   travel with the key file, so a file written with either opens anywhere that has it.
 - **X25519** for recovery keys: a key is wrapped for a recipient's public key with an
   ephemeral key pair, HKDF and AES-256-GCM (an ECIES construction).
+- **Ed25519** (RFC 8032) for device signatures: a device enrolled for backup signs each
+  request with its private key; the coordinator verifies with the registered public key.
 
 Nonces. Every key this project encrypts under is either fresh (one data key per blob,
 one ephemeral key per recovery wrap) or used a handful of times (a passphrase key wraps
@@ -37,9 +39,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -59,6 +62,8 @@ WRAPPED_KEY_BYTES = KEY_BYTES + SEAL_OVERHEAD
 """Length of :func:`wrap_key` output: nonce, encrypted key, tag (60 bytes)."""
 RECIPIENT_WRAPPED_KEY_BYTES = KEY_BYTES + WRAPPED_KEY_BYTES
 """Length of :func:`wrap_for_recipient` output: ephemeral public key, then a wrap (92)."""
+SIGNATURE_BYTES = 64
+"""Length of an Ed25519 signature."""
 MAX_PLAINTEXT_BYTES = 2**31 - 1 - TAG_BYTES
 """Largest plaintext :func:`seal` takes: ciphertext plus tag must fit OpenSSL's 2**31 - 1."""
 
@@ -440,6 +445,72 @@ def unwrap_with_private(private_key: bytes, wrapped: bytes, aad: bytes) -> bytes
         raise DecryptionError("recovery-wrapped key is damaged (bad ephemeral key)") from None
     kek = _recipient_kek(shared, ephemeral_public, private.public_key().public_bytes_raw())
     return unwrap_key(kek, wrapped[KEY_BYTES:], aad)
+
+
+# --- device signatures (Ed25519) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SigningKeyPair:
+    """An Ed25519 key pair, both halves as 32 raw bytes; ``repr`` hides the private half.
+
+    A device keeps the private half (mode 0600, beside its key file); the coordinator's
+    registry holds the public half, registered at enrolment.
+    """
+
+    private_key: bytes = field(repr=False)
+    public_key: bytes
+
+
+def signing_keypair() -> SigningKeyPair:
+    """A fresh Ed25519 key pair.
+
+    Examples
+    --------
+    >>> pair = signing_keypair()
+    >>> verify_signature(pair.public_key, b"msg", sign(pair.private_key, b"msg"))
+    True
+    """
+    private = Ed25519PrivateKey.generate()
+    return SigningKeyPair(
+        private_key=private.private_bytes_raw(),
+        public_key=private.public_key().public_bytes_raw(),
+    )
+
+
+def signing_public_key(private_key: bytes) -> bytes:
+    """The public half of a 32-byte Ed25519 private key."""
+    _check_key(private_key, "signing private key")
+    return Ed25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+
+
+def sign(private_key: bytes, message: bytes) -> bytes:
+    """Ed25519 signature (64 bytes) of ``message``; deterministic per key and message."""
+    _check_key(private_key, "signing private key")
+    if not isinstance(message, bytes):
+        raise SpecError(f"message must be bytes, got {type(message).__name__}")
+    return Ed25519PrivateKey.from_private_bytes(private_key).sign(message)
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s Ed25519 signature of ``message``.
+
+    Never raises for hostile input: a public key or signature of the wrong type or size,
+    or bytes that are not a valid curve point, give ``False`` like a wrong signature.
+    """
+    if not (
+        isinstance(public_key, bytes)
+        and len(public_key) == KEY_BYTES
+        and isinstance(signature, bytes)
+        and len(signature) == SIGNATURE_BYTES
+        and isinstance(message, bytes)
+    ):
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- deployment credentials

@@ -1173,6 +1173,29 @@ class Registry:
             self._point_prior(conn, fp, int(prior_id))
         return self.get_prior(prior_ref(fp, version))
 
+    def list_cohorts(self) -> list[str]:
+        """Spec fingerprints of the cohorts that ran a round or hold a prior, latest first.
+
+        A grouped scan of the rounds' and priors' cohort indexes: a deployment has a handful
+        of cohorts however many users and versions it holds.
+        """
+        latest: dict[str, datetime] = {}
+        with self._read() as conn:
+            for table, column in (
+                (rounds, rounds.c.started_at),
+                (prior_versions, prior_versions.c.created_at),
+            ):
+                rows = conn.execute(
+                    select(table.c.spec_fingerprint, func.max(column).label("at")).group_by(
+                        table.c.spec_fingerprint
+                    )
+                ).all()
+                for row in rows:
+                    seen = latest.get(row.spec_fingerprint)
+                    if seen is None or row.at > seen:
+                        latest[row.spec_fingerprint] = row.at
+        return sorted(latest, key=lambda fp: (latest[fp], fp), reverse=True)
+
     def active_prior(self, spec: SpecRef) -> PriorRecord | None:
         """The prior version new users of this cohort start from, or None (start from zero)."""
         fp = self._spec_fp(spec)
@@ -1492,6 +1515,20 @@ class Registry:
             rows = conn.execute(query.order_by(blobs.c.id.desc()).limit(limit + 1)).all()
         items = tuple(self._blob_record(r) for r in rows[:limit])
         return Page(items, items[-1].id if len(rows) > limit else None)
+
+    def blob_shared_with_others(self, sha256: str, user: UserRef) -> bool:
+        """Whether a blob of another user names the same ciphertext (the store dedups by hash).
+
+        Sealed blobs carry fresh random nonces, so two users never share one in practice;
+        the erasure of a user still asks before it deletes a stored file.
+        """
+        check_sha256("sha256", sha256)
+        with self._read() as conn:
+            uid = self._user_id(conn, user)
+            row = conn.execute(
+                select(blobs.c.id).where(blobs.c.sha256 == sha256, blobs.c.user_id != uid).limit(1)
+            ).first()
+        return row is not None
 
     def delete_blob_meta(self, blob_id: str) -> bool:
         """Forget a blob the store deleted (retention); False if it was not recorded."""

@@ -309,3 +309,73 @@ def test_hostile_kdf_parameters_are_refused(obj: dict[str, object], message: str
 
 def test_the_docstring_examples_run() -> None:
     assert doctest.testmod(crypto).failed == 0
+
+
+# --- device signatures (Ed25519) -----------------------------------------------------
+
+# RFC 8032, section 7.1, TEST 1 (empty message) and TEST 2 (one byte).
+RFC8032_SECRET = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+RFC8032_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+RFC8032_SIG = bytes.fromhex(
+    "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+)
+RFC8032_SECRET_2 = bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+RFC8032_SIG_2 = bytes.fromhex(
+    "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"
+)
+
+
+def test_ed25519_gives_the_rfc8032_known_answers() -> None:
+    # Execute
+    public = crypto.signing_public_key(RFC8032_SECRET)
+    signature = crypto.sign(RFC8032_SECRET, b"")
+    signature_2 = crypto.sign(RFC8032_SECRET_2, b"\x72")
+
+    # Assert
+    assert public == RFC8032_PUBLIC
+    assert signature == RFC8032_SIG
+    assert signature_2 == RFC8032_SIG_2
+    assert crypto.verify_signature(RFC8032_PUBLIC, b"", RFC8032_SIG)
+
+
+def test_a_signature_verifies_only_for_its_key_and_message() -> None:
+    # Prepare
+    pair, other = crypto.signing_keypair(), crypto.signing_keypair()
+    signature = crypto.sign(pair.private_key, b"request")
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+
+    # Execute / Assert
+    assert len(signature) == crypto.SIGNATURE_BYTES
+    assert crypto.verify_signature(pair.public_key, b"request", signature)
+    assert not crypto.verify_signature(pair.public_key, b"requesT", signature)
+    assert not crypto.verify_signature(other.public_key, b"request", signature)
+    assert not crypto.verify_signature(pair.public_key, b"request", flipped)
+
+
+@pytest.mark.parametrize(
+    ("public", "message", "signature"),
+    [
+        (b"", b"m", bytes(64)),
+        (bytes(31), b"m", bytes(64)),
+        (bytes(32), b"m", bytes(63)),
+        (b"\xff" * 32, b"m", bytes(64)),  # not a point on the curve
+        ("00" * 32, b"m", bytes(64)),
+        (bytes(32), "m", bytes(64)),
+        (bytes(32), b"m", None),
+    ],
+)
+def test_hostile_verification_input_is_false_not_an_exception(
+    public: object, message: object, signature: object
+) -> None:
+    # Execute / Assert
+    assert crypto.verify_signature(public, message, signature) is False  # type: ignore[arg-type]
+
+
+def test_signing_keypair_repr_hides_the_private_key() -> None:
+    # Prepare
+    pair = crypto.signing_keypair()
+
+    # Execute / Assert
+    assert pair.private_key.hex() not in repr(pair)
+    assert repr(pair.private_key) not in repr(pair)
+    assert crypto.signing_public_key(pair.private_key) == pair.public_key

@@ -250,3 +250,30 @@ def test_a_registry_at_revision_0001_upgrades_in_place(registry_url: str) -> Non
 
     # Assert
     assert done.dp_epsilon == 0.5
+
+
+def test_cohorts_are_listed_latest_first_whether_they_ran_rounds_or_only_hold_a_prior(
+    reg: Registry,
+) -> None:
+    # Prepare: cohort A ran a round; cohort B later only got a prior (no round yet)
+    other = AdapterSpec(base_model_id="tiny", base_sha256="b" * 64)
+    reg.start_round(SPEC, 1)
+    reg.add_prior_version(other, 1, content_hash="c" * 64, size_bytes=10)
+
+    # Execute
+    cohorts = reg.list_cohorts()
+
+    # Assert
+    assert cohorts == [other.fingerprint(), SPEC.fingerprint()]
+
+
+def test_a_blob_shared_with_another_user_is_detected(reg: Registry) -> None:
+    # Prepare
+    reg.ensure_users(["alice", "bob", "carol"])
+    reg.put_blob_meta("alice", "a-1", size_bytes=3, sha256="d" * 64)
+    reg.put_blob_meta("bob", "b-1", size_bytes=3, sha256="d" * 64)
+    reg.put_blob_meta("carol", "c-1", size_bytes=3, sha256="e" * 64)
+
+    # Execute / Assert
+    assert reg.blob_shared_with_others("d" * 64, "alice")
+    assert not reg.blob_shared_with_others("e" * 64, "carol")

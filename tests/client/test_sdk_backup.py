@@ -1,0 +1,99 @@
+"""PersonalModel.backup / PersonalModel.restore: a new device gets the same adapter back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafleet.client.backup import BackupClient
+from lorafleet.client.keys import KeyStore
+from lorafleet.client.sdk import PersonalModel
+from lorafleet.client.train import TrainConfig
+from lorafleet.protocols import crypto
+from lorafleet.server.backup_service import BackupServicer, serve_backup
+from lorafleet.server.blob_store import BlobStore
+from lorafleet.server.registry import Registry
+
+NOTES = [
+    "Maya climbs at the gym on Tuesdays and Thursdays with her friend Jonas.",
+    "The cat Pixel sleeps on the radiator every afternoon.",
+    "Tidewatch is a small app that shows the tide tables for the harbour.",
+    "Remember to water the basil and call the bakery about Saturday.",
+    "Lunch was lentil soup again, and the bread from the corner bakery.",
+    "Jonas says the new route at the gym is a sandbagged five.",
+    "Pixel knocked the basil off the windowsill again this morning.",
+    "Tidewatch now shows the next low tide on the home screen.",
+]
+FAST = TrainConfig(steps=6, lr=0.05, eval_every=3, precision="fp32")
+PASSPHRASE = "tide tables at the harbour"
+CHEAP: crypto.KdfParams = (
+    crypto.Argon2idParams(iterations=1, memory_kib=64, lanes=1)
+    if crypto.argon2id_available()
+    else crypto.ScryptParams(log2_n=10)
+)
+OPEN = {"precision": "fp32", "device": "cpu", "seq_len": 32}
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("unlock", ["passphrase", "recovery key"])
+def test_a_restored_adapter_is_bit_identical_and_generates_the_same_text(
+    tiny_model_dir: Path, tmp_path: Path, unlock: str
+) -> None:
+    # Prepare: a coordinator, and Maya's phone with a trained adapter
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    server, port = serve_backup(BackupServicer(registry, BlobStore(tmp_path / "blobs")))
+    address = f"127.0.0.1:{port}"
+    registry.ensure_user("u-maya")
+    recovery = crypto.recovery_keypair()
+    phone = tmp_path / "phone"
+    KeyStore.create(
+        phone / "keys.json", PASSPHRASE, recovery_public_keys=[recovery.public_key], kdf=CHEAP
+    )
+    pm = PersonalModel.open(phone / "profile", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    pm.train(NOTES, FAST, progress=False)
+    phone_client = BackupClient.enroll(
+        address, registry.issue_enrolment_token("u-maya"), phone / "device.json", name="phone"
+    )
+    laptop = tmp_path / "laptop"
+    try:
+        # Execute: back up on the phone; restore on a new laptop with its own enrolment
+        record = pm.backup(phone_client, key_file=phone / "keys.json", passphrase=PASSPHRASE)
+        laptop_client = BackupClient.enroll(
+            address, registry.issue_enrolment_token("u-maya"), laptop / "device.json", name="laptop"
+        )
+        secret = (
+            {"passphrase": PASSPHRASE}
+            if unlock == "passphrase"
+            else {
+                "recovery_key": recovery.private_key,
+                "new_passphrase": "laptop pass",
+                "kdf": CHEAP,
+            }
+        )
+        restored = PersonalModel.restore(
+            laptop / "profile",
+            laptop_client,
+            key_file=laptop / "keys.json",
+            base=tiny_model_dir,
+            **secret,  # type: ignore[arg-type]
+            **OPEN,  # type: ignore[arg-type]
+        )
+
+        # Assert
+        assert record.uploaded and record.key_file is not None
+        assert restored.version == pm.version == 1
+        assert files(laptop / "profile" / "adapters") == files(phone / "profile" / "adapters")
+        prompt = "Maya climbs"
+        assert restored.generate(prompt, max_new_tokens=8, chat=False) == pm.generate(
+            prompt, max_new_tokens=8, chat=False
+        )
+        assert (laptop / "keys.json").is_file()
+    finally:
+        server.stop(None)
+        registry.close()
