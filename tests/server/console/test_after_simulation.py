@@ -1,0 +1,76 @@
+"""The console over the state a real (tiny) federation left behind."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorafleet.server.registry import Registry
+
+from .conftest import csrf_of, login
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def sim_setup_run() -> Any:
+    """``tests/sim/conftest.py``'s run set-up (a fixture there, a function here)."""
+    spec = importlib.util.spec_from_file_location("_sim_conftest", REPO / "tests/sim/conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._setup_run
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_the_console_shows_a_finished_simulations_rounds_charts_and_priors(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a real two-round federation of three simulated devices
+    from fastapi.testclient import TestClient
+
+    from lorafleet.server.console import AdminStore, ConsoleConfig, create_app
+    from lorafleet.sim.runner import SimResources, simulate
+
+    from .conftest import ADMIN, CHEAP_KDF, PASSWORD
+
+    users, config = sim_setup_run()(tmp_path, tiny_model_dir)
+    results = simulate(
+        users,
+        tmp_path,
+        config,
+        base=str(tiny_model_dir),
+        precision="fp32",
+        device="cpu",
+        resources=SimResources(cpus_per_client=1, total_cpus=2),
+    )
+    AdminStore(config.data_dir).set_password(ADMIN, PASSWORD, params=CHEAP_KDF)
+    app = create_app(ConsoleConfig(data_dir=config.data_dir))
+
+    with TestClient(app, follow_redirects=False) as client:
+        token = login(client)
+
+        # Execute
+        overview = client.get("/").text
+        priors = client.get("/priors").text
+        rollback = client.post(
+            "/actions/rollback",
+            data={"csrf_token": token, "spec": config.spec.fingerprint(), "version": "1"},
+        )
+        audit = client.get("/audit").text
+
+    # Assert: both rounds with their participants, the loss and bytes charts, the priors
+    assert overview.count('<tr class="status-finished">') == 2
+    assert overview.count('<polyline class="line series-') == 3
+    assert overview.count('<rect class="bar series-') == 4
+    assert "Final evaluation" in overview and results["prior_version"] in overview
+    assert 'id="prior-v2"' in priors and 'id="prior-v1"' in priors
+    assert rollback.status_code == 303
+    assert "prior.rollback" in audit
+    csrf_of(audit)
+    with Registry.open(config.registry) as reg:
+        active = reg.active_prior(config.spec)
+    assert active is not None and active.version == 1
