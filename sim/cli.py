@@ -6,11 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafleet.protocols.errors import LorafleetError
+
+if TYPE_CHECKING:
+    from lorafleet.server.console.app import ConsoleServer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
             help="differential privacy of the prior (client needs --secure-aggregation)",
         )
         p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
+        p.add_argument(
+            "--console",
+            type=int,
+            default=None,
+            metavar="PORT",
+            help="serve the admin console on 127.0.0.1:PORT during the run and after it",
+        )
         if name == "experiment":
             p.add_argument("--cold-start", default="4,16,64", help="k values; empty to skip")
     return parser
@@ -113,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dp=args.dp,
             dp_noise_multiplier=args.dp_noise_multiplier,
         )
+        console = (
+            None
+            if args.console is None
+            else start_console(cfg.output / "coordinator", args.console)
+        )
         print(
             f"federating {cfg.num_users if cfg.users_dir is None else 'the'} users for {cfg.num_rounds} rounds; run folder {cfg.output}"
         )
@@ -130,7 +147,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result), end="")
     print(f"plot: {(cfg.output / 'plot.png').resolve()}")
     print(f"results: {(cfg.output / 'results.json').resolve()}")
+    if console is not None:
+        print(f"console still on {console.url}; Ctrl-C to stop", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            console.stop()
     return 0
+
+
+def start_console(data_dir: Path, port: int) -> ConsoleServer:
+    """Serve the admin console over the simulation's coordinator state, on loopback.
+
+    The console opens (and, on a fresh run, creates) the coordinator's registry, so an
+    operator can watch rounds arrive, pause the run or roll the prior back while it goes.
+    On a first start it prints the one-time setup token that sets the admin password.
+    """
+    from lorafleet.server.console.app import ConsoleConfig, ConsoleServer, create_app
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = ConsoleConfig(data_dir=str(data_dir), host="127.0.0.1", port=port)
+    app = create_app(config)
+    server = ConsoleServer(app, config)
+    url = server.start()
+    print(f"console on {url}", flush=True)
+    if app.state.setup_token is not None:
+        print(f"no admin yet: open {url}/setup with the one-time token {app.state.setup_token}")
+    return server
 
 
 if __name__ == "__main__":
