@@ -68,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show a profile's spec and versions, or this machine's set-up")
     p.add_argument("--profile", type=Path, default=None)
 
+    p = sub.add_parser("export", help="export the base to ONNX (cached) and print its quality gate")
+    p.add_argument(
+        "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
+    )
+    p.add_argument("--quantization", default="int8", choices=["none", "int8", "int4"])
+    p.add_argument("--target-modules", default="q_proj,v_proj", help="layers that take the adapter")
+    p.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
+    p.add_argument(
+        "--keep-float", default="", help="layers left in float32, e.g. lm_head,down_proj"
+    )
+    p.add_argument(
+        "--max-ce-increase-pct", type=float, default=3.0, help="quality gate vs float32, in %%"
+    )
+    p.add_argument(
+        "--allow-quality-loss", action="store_true", help="keep an export that fails the gate"
+    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="lorafleet's cache root")
+
     p = sub.add_parser("demo", help="the single-device story on the bundled demo notes")
     p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
     p.add_argument("--steps", type=int, default=40)
@@ -166,6 +184,28 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"{mark} v{p.version:04d}  parent={p.parent}  {p.created_at}  {metrics}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from lorafleet.client.base import load_base
+    from lorafleet.client.onnx_export import OnnxExportConfig, export_base
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    config = OnnxExportConfig(
+        quantization=args.quantization,
+        target_modules=names(args.target_modules),
+        block_size=args.block_size,
+        keep_float=names(args.keep_float),
+        max_ce_increase_pct=args.max_ce_increase_pct,
+        allow_quality_loss=args.allow_quality_loss,
+    )
+    exported = export_base(
+        load_base(args.base, cache_dir=args.cache_dir), config, cache_dir=args.cache_dir
+    )
+    print(exported.quality.summary())
+    print(f"exported to {exported.folder}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from lorafleet.client.demo import run_demo
 
@@ -179,6 +219,7 @@ _COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "info": _cmd_info,
+    "export": _cmd_export,
     "demo": _cmd_demo,
 }
 

@@ -1,0 +1,132 @@
+"""bench/generate.py runs end to end in its --quick size, so it never rots (BENCH.md).
+
+Targets are never asserted here: a benchmark reports, the docs record the full tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATE = REPO / "bench" / "generate.py"
+PATHS = ["peft-fp32", "peft-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"]
+QUICK_BATCHES = [1, 2]
+
+
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GENERATE), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def load_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_generate", GENERATE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_generate", module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_complete_result(doc: dict[str, Any]) -> None:
+    assert doc["bench"] == "generate"
+    assert doc["machine"]["threads"] == 2
+    assert doc["machine"]["onnxruntime"]
+    names = [f"{p}/b{b}" for b in QUICK_BATCHES for p in PATHS]
+    assert [row["name"] for row in doc["rows"]] == names
+    for row in doc["rows"]:
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
+        assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"], row
+        assert 0.0 <= row["same_tokens_as_reference"] <= 1.0
+        if row["path"].startswith("onnx-"):
+            assert math.isfinite(row["gate_ce"]) and isinstance(row["gate_passed"], bool)
+    speed = doc["ratios"]["tokens_per_s_vs_reference"]
+    assert set(speed) == set(names)
+    assert speed["peft-fp32/b1"] == 1.0 and speed["peft-fp32/b2"] == 1.0
+    # The float32 ONNX graph greedily picks exactly what peft picks.
+    assert (
+        next(r for r in doc["rows"] if r["name"] == "onnx-fp32/b1")["same_tokens_as_reference"]
+        == 1.0
+    )
+    assert doc["target"]["path"] == "onnx-int8"
+
+
+def test_quick_run_reports_every_path_on_a_tiny_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    out = tmp_path / "x.json"
+
+    # Execute
+    proc = run_bench(
+        "--quick",
+        "--base",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    )
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_complete_result(json.loads(out.read_text(encoding="utf-8")))
+    assert "target >= 3x tokens/s" in proc.stdout
+    assert "skipped (--quick)" in proc.stdout
+    for name in PATHS:
+        assert name in proc.stdout
+
+
+def test_onnx_child_reports_its_peak_rss_without_torch(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the inputs the full run hands its children.
+    bench = load_bench(monkeypatch)
+    args = argparse.Namespace(base=str(tiny_model_dir), cache_dir=tmp_path / "cache", threads=2)
+    inputs, _ = bench.prepare(args, bench.QUICK)
+    inputs.save(tmp_path)
+    common = importlib.import_module("_common")
+
+    # Execute
+    result = common.run_child(
+        [
+            str(GENERATE),
+            "--child",
+            "onnx-int8",
+            "--inputs",
+            str(tmp_path),
+            "--new-tokens",
+            "4",
+            "--base",
+            str(tiny_model_dir),
+        ],
+        timeout_s=300,
+    )
+
+    # Assert: the ONNX path's memory is measured without PyTorch in the process.
+    assert result["path"] == "onnx-int8"
+    assert result["torch_imported"] is False
+    assert 10 < result["peak_rss_mb"] < 100_000  # MiB, not KiB or bytes
+
+
+def test_bad_base_is_one_clear_line(tmp_path: Path) -> None:
+    proc = run_bench("--quick", "--base", str(tmp_path / "missing"), timeout=120)
+
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
