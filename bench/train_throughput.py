@@ -12,6 +12,11 @@ one step of each path in turn, so machine drift hits every path alike. Rows:
 - ``lorafleet-fp32``, ``lorafleet-bf16-mixed``, ``lorafleet-bf16``: lorafleet's adapter
   (seeded frozen A, only B trainable, lr 2e-3) in each of its precisions; ``bf16`` stores
   the base weights in bf16.
+- ``lorafleet-int8``: the quantized training path (precision ``int8``,
+  :mod:`lorafleet.client.qtrain`): frozen matmuls in int8 (W8A8, per-token activations,
+  down_proj in bf16), eager attention and a fused chunked lm_head + cross-entropy.
+- ``lorafleet-lean-bf16``: the same lean forward with bf16 frozen matmuls, so the table
+  shows what the int8 kernels add on top of the leaner step.
 
 The table gives tokens/s (median [min-max] over the timed steps), each ratio to the
 reference and to peft-bf16, each path's peak memory (max RSS of a child process that
@@ -50,6 +55,7 @@ from lorafleet.client.data import (
     split_examples,
 )
 from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.qtrain import FrozenWeights, QuantConfig
 from lorafleet.client.train import LocalTrainer, TrainConfig, trainable_parameters
 from lorafleet.protocols.errors import DataError, LorafleetError
 from lorafleet.protocols.spec import AdapterSpec
@@ -64,10 +70,12 @@ FULL_STEPS, QUICK_STEPS, WARMUP_STEPS, CHILD_STEPS = 45, 3, 2, 3
 QUICK_NOTES, QUICK_HELDOUT_BLOCKS = 40, 2  # --quick: the first notes, a short evaluation
 HELDOUT_FRACTION, SPLIT_SEED, BATCH_SEED, PEFT_INIT_SEED = 0.2, 0, 0, 0
 TARGET_SPEEDUP, TARGET_LOSS_PCT = 2.0, 2.0
+# The quantized path's own goal (issue #5): >= 3x the reference and >= 1.3x peft-bf16.
+QUANT_PATH, QUANT_SPEEDUP, QUANT_VS_PEFT_BF16 = "lorafleet-int8", 3.0, 1.3
 DEVICE = torch.device("cpu")
 
 Adapter = Literal["peft", "lorafleet"]
-Precision = Literal["fp32", "bf16-mixed", "bf16"]
+Precision = Literal["fp32", "bf16-mixed", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,12 @@ class TrainPath:
     precision: Precision
     lr: float
     what: str
+    frozen_matmuls: FrozenWeights | None = None  # int8 only: qtrain's QuantConfig.weights
 
     @property
     def base_dtype(self) -> torch.dtype:
-        """Dtype the base weights are loaded in: bf16 only for the ``bf16`` precision."""
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        """Dtype the base weights are loaded in: bf16 for ``bf16`` and ``int8``."""
+        return torch.bfloat16 if self.precision in ("bf16", "int8") else torch.float32
 
 
 PATHS = (
@@ -94,6 +103,22 @@ PATHS = (
         "lorafleet-bf16-mixed", "lorafleet", "bf16-mixed", 2e-3, "B only, fp32 base, autocast"
     ),
     TrainPath("lorafleet-bf16", "lorafleet", "bf16", 2e-3, "B only, bf16 base, autocast"),
+    TrainPath(
+        "lorafleet-lean-bf16",
+        "lorafleet",
+        "int8",
+        2e-3,
+        "B only, bf16 base, lean forward, bf16 matmuls",
+        frozen_matmuls="bf16",
+    ),
+    TrainPath(
+        QUANT_PATH,
+        "lorafleet",
+        "int8",
+        2e-3,
+        "B only, bf16 base, lean forward, int8 W8A8 frozen matmuls",
+        frozen_matmuls="int8",
+    ),
 )
 PATHS_BY_KEY = {p.key: p for p in PATHS}
 REFERENCE, PEFT_BF16 = PATHS[0].key, PATHS[1].key
@@ -189,7 +214,9 @@ def build_run(path: TrainPath, base: LoadedBase, train: TokenBlocks, threads: in
         threads=threads,
         device=DEVICE.type,
     )
-    return Run(path, model, LocalTrainer(model, config), batch_stream(train, BATCH_SEED))
+    quant = None if path.frozen_matmuls is None else QuantConfig(weights=path.frozen_matmuls)
+    trainer = LocalTrainer(model, config, quant=quant)
+    return Run(path, model, trainer, batch_stream(train, BATCH_SEED))
 
 
 def load_path_base(path: TrainPath, args: argparse.Namespace) -> LoadedBase:
@@ -320,6 +347,7 @@ class Row:
             "adapter": self.path.adapter,
             "precision": self.path.precision,
             "base_dtype": str(self.path.base_dtype).removeprefix("torch."),
+            "frozen_matmuls": self.path.frozen_matmuls,
             "lr": self.path.lr,
             "trainable_params": self.trainable_params,
             "tokens_per_s": self.tokens_per_s.median,
@@ -386,10 +414,35 @@ def target(rows: Sequence[Row]) -> dict[str, Any]:
     }
 
 
+def quantized_target(
+    rows: Sequence[Row], ratio_table: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Issue #5's goal for the quantized training path, checked on its own row."""
+    ref = next(r for r in rows if r.path.key == REFERENCE)
+    row = next(r for r in rows if r.path.key == QUANT_PATH)
+    vs_ref = ratio_table["tokens_per_s_vs_reference"][QUANT_PATH]
+    vs_bf16 = ratio_table["tokens_per_s_vs_peft_bf16"][QUANT_PATH]
+    pct = loss_pct(row.heldout_loss, ref.heldout_loss)
+    return {
+        "goal": (
+            f">= {QUANT_SPEEDUP:g}x reference and >= {QUANT_VS_PEFT_BF16:g}x peft-bf16 "
+            f"tokens/s at <= +{TARGET_LOSS_PCT:g}% held-out loss"
+        ),
+        "path": QUANT_PATH,
+        "tokens_per_s_vs_reference": vs_ref,
+        "tokens_per_s_vs_peft_bf16": vs_bf16,
+        "heldout_loss_vs_reference_pct": pct,
+        "met": bool(
+            vs_ref >= QUANT_SPEEDUP and vs_bf16 >= QUANT_VS_PEFT_BF16 and pct <= TARGET_LOSS_PCT
+        ),
+    }
+
+
 def render(
     rows: Sequence[Row],
     ratio_table: dict[str, dict[str, float]],
     goal: dict[str, Any],
+    quant_goal: dict[str, Any],
     notes: Sequence[str],
 ) -> str:
     headers = [
@@ -423,7 +476,16 @@ def render(
         f"target >= {TARGET_SPEEDUP:g}x at <= +{TARGET_LOSS_PCT:g}%: "
         f"{'MET' if goal['met'] else 'NOT MET'}"
     )
-    return "\n".join([_common.format_table(headers, cells), "", verdict, "", *notes])
+    quant_verdict = (
+        f"quantized path: {quant_goal['path']}, "
+        f"{quant_goal['tokens_per_s_vs_reference']:.2f}x reference and "
+        f"{quant_goal['tokens_per_s_vs_peft_bf16']:.2f}x peft-bf16 tokens/s at "
+        f"{quant_goal['heldout_loss_vs_reference_pct']:+.1f}% held-out loss; target >= "
+        f"{QUANT_SPEEDUP:g}x and >= {QUANT_VS_PEFT_BF16:g}x at <= +{TARGET_LOSS_PCT:g}%: "
+        f"{'MET' if quant_goal['met'] else 'NOT MET'}"
+    )
+    table = _common.format_table(headers, cells)
+    return "\n".join([table, "", verdict, quant_verdict, "", *notes])
 
 
 # --------------------------------------------------------------------------- main
@@ -466,6 +528,7 @@ def bench_main(args: argparse.Namespace) -> int:
     rows = [make_row(run, loss, rss[run.path.key]) for run, loss in rows_pre]
     ratio_table = ratios(rows)
     goal = target(rows)
+    quant_goal = quantized_target(rows, ratio_table)
     machine = _common.machine_info(threads=args.threads, device=DEVICE.type)
     machine["load_average_1m_max"] = max(loads) if loads else None
     busy = bool(loads) and max(loads) > float(machine["usable_cores"] or 1) + 0.5
@@ -483,7 +546,9 @@ def bench_main(args: argparse.Namespace) -> int:
         f"{steps} timed steps per path after {args.warmup} warm-up steps, interleaved step by "
         "step; tokens/s per step, median [min-max]; same batch sequence for every path.",
         "peft rows: stock peft LoRA (A Kaiming, B zero), A and B trainable, AdamW lr 5e-4. "
-        "lorafleet rows: seeded frozen A, only B trainable, AdamW lr 2e-3.",
+        "lorafleet rows: seeded frozen A, only B trainable, AdamW lr 2e-3. lean/int8 rows: "
+        "lorafleet.client.qtrain's training forward (eager attention, fused chunked "
+        "lm_head+CE; int8: W8A8 frozen matmuls except down_proj), evaluated on the normal base.",
         "Held-out loss: every trained adapter evaluated the same way, in fp32 on fp32 base "
         f"weights (lorafleet-bf16's B copied into an fp32 model); base without adapter: {base_loss:.4f}.",
         f"Peak RSS: {rss_note}.",
@@ -497,7 +562,7 @@ def bench_main(args: argparse.Namespace) -> int:
             f"WARNING: the machine was busy with other work (load up to {max(loads):.1f} on "
             f"{machine['usable_cores']} cores); timings are noisy, rerun on a quiet machine."
         )
-    print(render(rows, ratio_table, goal, notes), flush=True)
+    print(render(rows, ratio_table, goal, quant_goal, notes), flush=True)
 
     if args.json is not None:
         _common.write_json(
@@ -507,6 +572,7 @@ def bench_main(args: argparse.Namespace) -> int:
             rows=[r.to_dict() for r in rows],
             ratios=ratio_table,
             target=goal,
+            target_quantized=quant_goal,
             settings={
                 "quick": args.quick,
                 "base": args.base,

@@ -4,7 +4,10 @@
 weights are stored in bf16 (half the memory) and computed under bf16 autocast while the
 adapter stays fp32. On the CPUs measured here that trained B about 2.3x faster than fp32
 at the same held-out loss (docs/benchmarks.md). Users override either choice explicitly:
-``fp32`` (exact reference), ``bf16-mixed`` (fp32 weights, bf16 autocast).
+``fp32`` (exact reference), ``bf16-mixed`` (fp32 weights, bf16 autocast), or ``int8``
+(CPU only): the base is loaded in bf16 as for ``bf16``, and training runs its frozen
+matrix multiplies in int8 through :mod:`lorafleet.client.qtrain`; evaluation and
+generation use the bf16 base.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16-mixed", "bf16"]
-ConcretePrecision = Literal["fp32", "bf16-mixed", "bf16"]
+Precision = Literal["auto", "fp32", "bf16-mixed", "bf16", "int8"]
+ConcretePrecision = Literal["fp32", "bf16-mixed", "bf16", "int8"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,20 +51,25 @@ def resolve_precision(precision: Precision, device: torch.device) -> ConcretePre
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return "fp32"
         return "bf16"
-    if precision not in ("fp32", "bf16-mixed", "bf16"):
-        raise SpecError(f"unknown precision {precision!r}; use auto, fp32, bf16-mixed or bf16")
+    if precision not in ("fp32", "bf16-mixed", "bf16", "int8"):
+        raise SpecError(
+            f"unknown precision {precision!r}; use auto, fp32, bf16-mixed, bf16 or int8"
+        )
+    if precision == "int8" and device.type != "cpu":
+        raise SpecError(f"precision int8 is a CPU training path; on {device.type} use bf16")
     return precision
 
 
 def base_dtype(precision: Precision, device: torch.device) -> torch.dtype:
-    """Dtype to load the frozen base in: bf16 for ``bf16``, else fp32."""
-    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
+    """Dtype to load the frozen base in: bf16 for ``bf16`` and ``int8``, else fp32."""
+    concrete = resolve_precision(precision, device)
+    return torch.bfloat16 if concrete in ("bf16", "int8") else torch.float32
 
 
 def autocast_context(
     precision: Precision, device: torch.device
 ) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast for bf16 and bf16-mixed; a no-op for fp32."""
+    """bf16 autocast for bf16, bf16-mixed and int8 (its evaluation); a no-op for fp32."""
     if resolve_precision(precision, device) != "fp32":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -23,7 +23,13 @@ import torch
 from lorafleet.client.adapter import get_b, set_b
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.evaluate import heldout_loss
-from lorafleet.client.runtime import Precision, autocast_context, resolve_device
+from lorafleet.client.qtrain import QuantConfig, QuantizedCausalLM, prepare_quantized_model
+from lorafleet.client.runtime import (
+    Precision,
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+)
 from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,10 @@ class TrainConfig:
     )
     precision: Precision = field(
         default="auto",
-        metadata={"help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights) or auto (bf16)."},
+        metadata={
+            "help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights), int8 (CPU: int8 "
+            "frozen matmuls, lorafleet.client.qtrain) or auto (bf16)."
+        },
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
     eval_every: int = field(
@@ -102,8 +111,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(
-            self.precision in ("auto", "fp32", "bf16-mixed", "bf16"),
-            f"precision must be auto, fp32, bf16-mixed or bf16, got {self.precision!r}",
+            self.precision in ("auto", "fp32", "bf16-mixed", "bf16", "int8"),
+            f"precision must be auto, fp32, bf16-mixed, bf16 or int8, got {self.precision!r}",
         )
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         need(self.patience >= 0, f"patience must be >= 0, got {self.patience!r}")
@@ -149,7 +158,8 @@ class LocalTrainer:
     """One optimizer over a model's trainable adapter parameters, stepped batch by batch.
 
     :func:`train_adapter` drives it for the SDK; benchmarks and the federated client drive
-    it directly so every path shares the same step.
+    it directly so every path shares the same step. With precision ``int8`` the step's
+    loss comes from :mod:`lorafleet.client.qtrain`'s fast forward (``quant`` tunes it).
     """
 
     def __init__(
@@ -158,6 +168,7 @@ class LocalTrainer:
         config: TrainConfig,
         *,
         prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -170,6 +181,9 @@ class LocalTrainer:
             raise SpecError(
                 "train: the model has no trainable parameters; materialize an adapter first"
             )
+        self._fast: QuantizedCausalLM | None = None
+        if resolve_precision(config.precision, self.device) == "int8":
+            self._fast = prepare_quantized_model(model, quant, params=self.params)
         self._prox: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         if config.prox_mu > 0:
             if prior_b is None:
@@ -191,13 +205,14 @@ class LocalTrainer:
         """One optimizer step on ``batch``; returns (loss, tokens that carried loss)."""
         cfg, dev = self.config, self.device
         self.model.train()
-        with autocast_context(cfg.precision, dev):
-            out = self.model(
-                input_ids=batch.input_ids.to(dev),
-                attention_mask=batch.attention_mask.to(dev),
-                labels=batch.labels.to(dev),
-            )
-        loss = out.loss.float()  # mean over the batch's labelled tokens
+        ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+        labels = batch.labels.to(dev)
+        if self._fast is not None:
+            loss = self._fast.loss(ids, mask, labels)
+        else:
+            with autocast_context(cfg.precision, dev):
+                out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss.float()  # mean over the batch's labelled tokens
         if self._prox:
             loss = loss + 0.5 * cfg.prox_mu * sum(
                 ((p.float() - p0) ** 2).sum() for p, p0 in self._prox
@@ -206,7 +221,7 @@ class LocalTrainer:
             raise SpecError(
                 f"train: loss became {loss.item()} at step {self.steps_done + 1}; lower lr (now {cfg.lr})"
             )
-        loss.backward()
+        torch.autograd.backward(loss)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()

@@ -24,6 +24,8 @@ PATHS = [
     "lorafleet-fp32",
     "lorafleet-bf16-mixed",
     "lorafleet-bf16",
+    "lorafleet-lean-bf16",
+    "lorafleet-int8",
 ]
 RATIO_KEYS = {
     "tokens_per_s_vs_reference",
@@ -60,6 +62,13 @@ def assert_complete_result(doc: dict[str, Any]) -> None:
     assert doc["ratios"]["tokens_per_s_vs_reference"]["peft-fp32"] == 1.0
     assert doc["ratios"]["tokens_per_s_vs_peft_bf16"]["peft-bf16-autocast"] == 1.0
     assert doc["target"]["fastest_path"].startswith("lorafleet-")
+    quant = doc["target_quantized"]
+    assert quant["path"] == "lorafleet-int8"
+    assert (
+        quant["tokens_per_s_vs_reference"]
+        == doc["ratios"]["tokens_per_s_vs_reference"]["lorafleet-int8"]
+    )
+    assert isinstance(quant["met"], bool)
 
 
 def test_quick_run_reports_every_path_on_a_tiny_base(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -81,6 +90,7 @@ def test_quick_run_reports_every_path_on_a_tiny_base(tiny_model_dir: Path, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_complete_result(json.loads(out.read_text(encoding="utf-8")))
     assert "target >= 2x" in proc.stdout
+    assert "quantized path: lorafleet-int8" in proc.stdout
     assert "skipped (--quick)" in proc.stdout  # peak RSS needs children; --quick skips them
     for name in PATHS:
         assert name in proc.stdout

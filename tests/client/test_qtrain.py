@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafleet.client.adapter import get_b, materialize, set_b
+from lorafleet.client.base import load_base
+from lorafleet.client.data import Example, TokenBlocks, encode_blocks
+from lorafleet.client.qtrain import (
+    QuantConfig,
+    linear_cross_entropy,
+    prepare_quantized_model,
+    quantize_rows,
+)
+from lorafleet.client.train import LocalTrainer, TrainConfig, train_adapter
+from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.spec import AdapterSpec
+
+NOTES = [
+    "Maya climbs at the gym on Tuesdays and Thursdays with her friend Jonas.",
+    "The cat Pixel sleeps on the radiator every afternoon.",
+    "Tidewatch is a small app that shows the tide tables for the harbour.",
+    "Lunch was lentil soup again, and the bread from the corner bakery.",
+] * 6
+
+
+def setup(
+    tiny_model_dir: Path, *, dtype: torch.dtype = torch.float32, random_b: bool = False
+) -> tuple[Any, TokenBlocks]:
+    base = load_base(tiny_model_dir, dtype=dtype)
+    spec = AdapterSpec(base_model_id="tiny", base_sha256=base.sha256, rank=4, alpha=8)
+    model = materialize(base.model, spec, base_sha256=base.sha256)
+    if random_b:  # B = 0 would make every B gradient skip the adapter's own path
+        rng = np.random.default_rng(0)
+        set_b(
+            model,
+            {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_b(model).items()},
+        )
+    # seq_len 32 leaves the last block padded, so the attention mask matters
+    blocks = encode_blocks([Example(text=t) for t in NOTES], base.tokenizer, seq_len=32)
+    return model, blocks
+
+
+def reference_loss_and_grads(model: Any, blocks: TokenBlocks) -> tuple[float, list[torch.Tensor]]:
+    """The stock Hugging Face/peft forward and backward in fp32."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(
+        input_ids=blocks.input_ids, attention_mask=blocks.attention_mask, labels=blocks.labels
+    )
+    out.loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    return float(out.loss.detach()), grads
+
+
+def fast_loss_and_grads(
+    model: Any, blocks: TokenBlocks, config: QuantConfig
+) -> tuple[float, list[torch.Tensor]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = prepare_quantized_model(model, config, params=params)
+    loss = fast.loss(blocks.input_ids, blocks.attention_mask, blocks.labels)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    x, y = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+def test_fp32_fast_forward_equals_the_stock_model(tiny_model_dir: Path) -> None:
+    # Prepare: the fast forward with no quantization must be the same function as HF's
+    model, blocks = setup(tiny_model_dir, random_b=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, blocks)
+
+    # Execute
+    loss, grads = fast_loss_and_grads(model, blocks, QuantConfig(weights="fp32", ce_chunk=7))
+
+    # Assert
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("weights", "loss_rel", "min_cosine"),
+    [("bf16", 0.01, 0.995), ("int8", 0.02, 0.99)],
+)
+def test_quantized_loss_and_gradients_stay_close_to_fp32(
+    tiny_model_dir: Path, weights: str, loss_rel: float, min_cosine: float
+) -> None:
+    # Prepare
+    model, blocks = setup(tiny_model_dir, random_b=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, blocks)
+
+    # Execute
+    loss, grads = fast_loss_and_grads(model, blocks, QuantConfig(weights=weights))  # type: ignore[arg-type]
+
+    # Assert
+    assert loss == pytest.approx(ref_loss, rel=loss_rel)
+    assert cosine(grads, ref_grads) > min_cosine
+    assert all(g.dtype == torch.float32 for g in grads)  # B's master copy stays fp32
+
+
+def test_int8_training_tracks_fp32_and_changes_only_b(tiny_model_dir: Path) -> None:
+    # Prepare: the same run in fp32 (reference) and through the int8 path, on a bf16 base
+    config = {"steps": 20, "lr": 0.05, "eval_every": 5, "patience": 0}
+    ref_model, blocks = setup(tiny_model_dir)
+    model, _ = setup(tiny_model_dir, dtype=torch.bfloat16)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    # Execute
+    ref = train_adapter(ref_model, blocks, blocks, TrainConfig(precision="fp32", **config))
+    fast = train_adapter(model, blocks, blocks, TrainConfig(precision="int8", **config))
+
+    # Assert: it learns, its curve stays near fp32's, the base never moves, B is fp32
+    assert fast.heldout_loss_after < fast.heldout_loss_before - 0.3
+    assert fast.heldout_loss_after == pytest.approx(ref.heldout_loss_after, rel=0.05)
+    assert np.allclose(fast.train_losses, ref.train_losses, rtol=0.05)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    b = get_b(model)
+    assert all(v.dtype == np.float32 and np.abs(v).sum() > 0 for v in b.values())
+
+
+def test_int8_trained_b_round_trips_exactly_into_an_fp32_model(tiny_model_dir: Path) -> None:
+    # Prepare
+    model, blocks = setup(tiny_model_dir, dtype=torch.bfloat16)
+    train_adapter(model, blocks, blocks, TrainConfig(steps=5, lr=0.05, precision="int8"))
+    trained = get_b(model)
+    fp32_model, _ = setup(tiny_model_dir)
+
+    # Execute: a stock personal adapter, usable by any precision
+    set_b(fp32_model, trained)
+
+    # Assert
+    again = get_b(fp32_model)
+    assert all(np.array_equal(again[k], trained[k]) for k in trained)
+
+
+def test_linear_cross_entropy_matches_torch_and_its_gradient() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 6, requires_grad=True)
+    weight = torch.randn(13, 6)
+    targets = torch.randint(0, 13, (11,))
+    ref = F.cross_entropy(F.linear(hidden, weight), targets)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+
+    # Execute
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=4)
+    (grad,) = torch.autograd.grad(loss * 3.0, hidden)
+
+    # Assert
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, 3.0 * ref_grad)
+
+
+def test_row_quantization_round_trips_within_half_a_step() -> None:
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [300.0, 1.0, -300.0]])
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, 1)
+    assert torch.all((q.float() * scale - x).abs() <= scale / 2 + 1e-6)
+    assert int(q.abs().max()) == 127
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": "int4"}, "weights must be int8, bf16 or fp32"),
+        ({"int8_modules": ("lm_head",)}, "are not Linear names"),
+        ({"int8_modules": ("q_proj",)}, "share one matmul"),
+        ({"ce_chunk": 0}, "ce_chunk must be an integer >= 1"),
+    ],
+)
+def test_bad_quant_config_names_the_fix(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_int8_needs_a_llama_family_model_with_an_adapter(tiny_model_dir: Path) -> None:
+    # A bare base has nothing to train; a non-causal-LM module is not supported.
+    with pytest.raises(SpecError, match="no adapter"):
+        prepare_quantized_model(load_base(tiny_model_dir).model)
+    with pytest.raises(SpecError, match="Llama-family"):
+        prepare_quantized_model(torch.nn.Linear(4, 4))
+
+
+def test_int8_refuses_trainable_parameters_besides_b(tiny_model_dir: Path) -> None:
+    # Prepare: a caller that also unfroze the norms would silently not train them
+    model, _ = setup(tiny_model_dir)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.requires_grad_(True)
+
+    # Execute / Assert
+    with pytest.raises(SpecError, match="only the adapter's B"):
+        LocalTrainer(model, TrainConfig(precision="int8", device="cpu"))
+
+
+def test_fast_forward_is_built_once_per_model(tiny_model_dir: Path) -> None:
+    # The federated client builds a trainer each round; the base is quantized once.
+    model, _ = setup(tiny_model_dir)
+    assert prepare_quantized_model(model) is prepare_quantized_model(model)
+    assert prepare_quantized_model(model) is not prepare_quantized_model(
+        model, QuantConfig(weights="bf16")
+    )
