@@ -29,7 +29,9 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
     )
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"])
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8"]
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted bases are cached")
 
@@ -64,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-adapter", action="store_true", help="use the bare base model")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="torch (PyTorch), onnx (ONNX Runtime, float32) or onnx-int8 (int8 base weights); "
+        "the base is exported to ONNX once and cached",
+    )
+    p.add_argument(
+        "--provider",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="ONNX Runtime execution provider for the onnx backends (auto: CUDA if "
+        "onnxruntime-gpu is installed, else cpu)",
+    )
 
     p = sub.add_parser("info", help="show a profile's spec and versions, or this machine's set-up")
     p.add_argument("--profile", type=Path, default=None)
@@ -89,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the single-device story on the bundled demo notes")
     p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"])
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8"]
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     return parser
 
@@ -148,10 +166,26 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    provider = None if args.provider == "auto" else args.provider
+    if args.backend == "torch":
+        if provider is not None:
+            raise LorafleetError(
+                f"--provider {provider} applies to --backend onnx or onnx-int8; the torch "
+                "backend runs on --device"
+            )
+    else:  # a provider that is not there fails now, before the model loads
+        from lorafleet.client.onnx_runtime import select_providers
+
+        select_providers(provider)
+        log.info("generating with the %s backend", args.backend)
     pm = _open(args)
     print(
         pm.generate(
-            args.prompt, max_new_tokens=args.max_new_tokens, use_adapter=not args.no_adapter
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            use_adapter=not args.no_adapter,
+            backend=args.backend,
+            provider=provider,
         )
     )
 

@@ -555,8 +555,17 @@ def _quantize(
     weight_t: npt.NDArray[np.float32], bits: int, block_size: int
 ) -> tuple[Any, Any, Any]:
     """Block-wise asymmetric quantization of a (K, N) weight, MatMulNBits layout."""
-    # onnxruntime ships no type information; imported by name so mypy sees Any.
-    nbits = importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    # onnxruntime ships no type information; imported by name so mypy sees Any. Importing
+    # it calls logging.basicConfig(level=INFO), which would turn on every library's INFO
+    # logs in the host app; the root logger is put back as it was.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        nbits = importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
     quantizer = nbits.DefaultWeightOnlyQuantizer(
         nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
     )

@@ -9,12 +9,14 @@ class except by :meth:`PersonalModel.backup`, which seals it first (``docs/backu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -47,9 +49,41 @@ from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
 
+if TYPE_CHECKING:  # ONNX Runtime is only imported when an ONNX backend is first used
+    from lorafleet.client.onnx_export import ExportedBase, OnnxExportConfig
+    from lorafleet.client.onnx_runtime import OnnxAdapter, OnnxLM
+
 log = logging.getLogger(__name__)
 
-__all__ = ["PROFILE_FILE", "EvalReport", "PersonalModel", "TrainReport"]
+__all__ = ["BACKENDS", "PROFILE_FILE", "Backend", "EvalReport", "PersonalModel", "TrainReport"]
+
+Backend = Literal["torch", "onnx", "onnx-int8"]
+"""How :meth:`PersonalModel.generate` runs the model (see ``docs/sdk.md``)."""
+BACKENDS: tuple[str, ...] = get_args(Backend)
+# Registry of the ONNX Runtime backends: name -> quantization of the exported base.
+_ONNX_BACKENDS: dict[str, Literal["none", "int8"]] = {"onnx": "none", "onnx-int8": "int8"}
+
+
+@dataclass(eq=False)
+class _OnnxSession:
+    """The one ONNX Runtime session of a PersonalModel, and the adapter bound to it."""
+
+    backend: str
+    provider: str  # as asked: auto, cpu or cuda
+    exported: ExportedBase
+    lm: OnnxLM
+    adapter: OnnxAdapter | None = None
+    b_digest: str = ""  # digest of the B that ``adapter`` was bound from
+
+
+def _b_digest(b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> str:
+    """Content digest of B matrices: tells whether a bound ONNX adapter is stale."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(b):
+        value = np.ascontiguousarray(b[name], dtype=np.float32)
+        h.update(f"{name}{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -103,8 +137,11 @@ class PersonalModel:
         precision: Precision = "auto",
         device: str = "auto",
         seq_len: int = 128,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Prefer :meth:`open`; this wires already-loaded parts together."""
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._onnx: _OnnxSession | None = None  # loaded by the first ONNX generation
         self._profile = profile
         self.profile = profile.root
         self.base = base
@@ -174,7 +211,14 @@ class PersonalModel:
             )
             lora_targets(loaded.model, spec)  # a bad target fails before anything is written
             Profile.create(root, spec, base_source=str(base))
-        return cls(Profile.open(root), loaded, precision=precision, device=device, seq_len=seq_len)
+        return cls(
+            Profile.open(root),
+            loaded,
+            precision=precision,
+            device=device,
+            seq_len=seq_len,
+            cache_dir=cache,
+        )
 
     # ---------------------------------------------------------------- versions
     def _load_version(self, version: int) -> None:
@@ -480,21 +524,210 @@ class PersonalModel:
         chat: bool = True,
         temperature: float = 0.0,
         seed: int = 0,
+        backend: Backend = "torch",
+        provider: str | None = None,
     ) -> str:
         """Reply to ``prompt`` with the personal adapter (or the bare base).
 
         Greedy by default; with ``temperature > 0`` sampling is reproducible per ``seed``.
+
+        Parameters
+        ----------
+        prompt
+            The user's text; with ``chat`` it is sent as a user turn through the
+            tokenizer's chat template, otherwise it is continued as plain text.
+        max_new_tokens
+            At most this many new tokens; generation stops earlier at end-of-sequence.
+        use_adapter
+            ``False`` answers with the bare base, for comparison.
+        chat
+            Use the chat template (instruction-tuned bases expect it).
+        temperature, seed
+            Sampling (top-p 0.95) when ``temperature > 0``; the torch backend only.
+        backend
+            ``"torch"`` (PyTorch with the adapter in peft), ``"onnx"`` (the base exported
+            to ONNX Runtime, float32: the same tokens as torch) or ``"onnx-int8"`` (int8
+            base weights: faster, a quarter of the memory, within the export's quality
+            gate). The first ONNX call exports the base once (cached for every profile
+            on this base) and loads one session, kept for later calls; the current
+            adapter version is applied to it on every call.
+        provider
+            ONNX Runtime execution provider: ``"cpu"``, ``"cuda"``, or ``None``/``"auto"``
+            (CUDA when onnxruntime-gpu is installed, else the CPU; ``$LORAFLEET_ORT_PROVIDER``
+            overrides). ONNX backends only.
+
+        Returns
+        -------
+        str
+            The new text, without the prompt and without special tokens.
+
+        Raises
+        ------
+        SpecError
+            An empty prompt, ``max_new_tokens < 1``, an unknown backend, a provider with
+            the torch backend, or sampling with an ONNX backend.
+        LorafleetError
+            The provider is not available, or the base cannot be exported (not a
+            Llama-family base, or the int8 export fails its quality gate).
+
+        Examples
+        --------
+        >>> pm.generate("Walked Turnip along the", chat=False, backend="onnx-int8")  # doctest: +SKIP
+        'beach this morning.'
         """
-        return generate(
-            self.model,
-            self.base.tokenizer,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            use_adapter=use_adapter,
-            chat=chat,
-            temperature=temperature,
-            seed=seed,
+        quantization = self._check_backend(backend, provider)
+        if quantization is None:
+            return generate(
+                self.model,
+                self.base.tokenizer,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                use_adapter=use_adapter,
+                chat=chat,
+                temperature=temperature,
+                seed=seed,
+            )
+        if temperature > 0:
+            raise SpecError(
+                f"generate: sampling (temperature={temperature}) runs on the torch backend only; "
+                f"use temperature=0 with backend={backend!r}, or backend='torch'"
+            )
+        # The same checks and the same prompt encoding as lorafleet.client.evaluate.generate.
+        if not prompt:
+            raise SpecError("generate: the prompt is empty")
+        if max_new_tokens < 1:
+            raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokenizer = self.base.tokenizer
+        if chat and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        ids = [int(t) for t in tokenizer(text, add_special_tokens=not chat)["input_ids"]]
+        session = self._onnx_session(backend, provider, progress=True)
+        adapter = self._onnx_adapter(session) if use_adapter else session.lm.zero_adapter()
+        new = session.lm.generate([ids], adapter, max_new_tokens)[0]
+        return str(tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+    def prepare_backend(
+        self,
+        backend: Backend = "onnx-int8",
+        *,
+        provider: str | None = None,
+        progress: bool = True,
+    ) -> ExportedBase | None:
+        """Get an ONNX backend ready now instead of on the first :meth:`generate` call.
+
+        Exports the base if no export is cached (about a minute for the default base,
+        once per base and backend on this machine) and loads the ONNX Runtime session.
+        Call it while the app starts, or off the UI thread, so that the first reply
+        comes as fast as the others.
+
+        Parameters
+        ----------
+        backend
+            ``"onnx"`` or ``"onnx-int8"``; ``"torch"`` needs nothing and returns None.
+        provider
+            As for :meth:`generate`.
+        progress
+            Print the one-time export's progress line and bar on stderr.
+
+        Returns
+        -------
+        ExportedBase or None
+            The cached export in use (its ``quality`` holds the quality gate's numbers).
+
+        Examples
+        --------
+        >>> exported = pm.prepare_backend("onnx-int8")  # doctest: +SKIP
+        >>> print(exported.quality.summary())  # doctest: +SKIP
+        quality gate (int8): cross-entropy 5.0890 vs float32 5.0865 (+0.05%) on 5112 tokens ...
+        """
+        if self._check_backend(backend, provider) is None:
+            return None
+        return self._onnx_session(backend, provider, progress=progress).exported
+
+    def _check_backend(self, backend: str, provider: str | None) -> Literal["none", "int8"] | None:
+        """The export quantization of an ONNX backend, None for torch; refuses bad pairs."""
+        if backend not in BACKENDS:
+            raise SpecError(
+                f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}"
+            )
+        if backend == "torch":
+            if provider is not None and provider.strip().lower() != "auto":
+                raise SpecError(
+                    f"provider={provider!r} applies to the ONNX backends (onnx, onnx-int8); "
+                    "the torch backend runs on the device the profile was opened with"
+                )
+            return None
+        return _ONNX_BACKENDS[backend]
+
+    def _onnx_session(self, backend: str, provider: str | None, *, progress: bool) -> _OnnxSession:
+        """The ONNX Runtime session for ``backend``: reused, or exported/loaded once."""
+        from lorafleet.client.onnx_export import (
+            OnnxExportConfig,
+            QualityGateError,
+            find_export,
         )
+        from lorafleet.client.onnx_runtime import select_providers
+
+        asked = (provider or "auto").strip().lower()
+        current = self._onnx
+        if current is not None and (current.backend, current.provider) == (backend, asked):
+            return current
+        config = OnnxExportConfig(
+            quantization=_ONNX_BACKENDS[backend], target_modules=self.spec.target_modules
+        )
+        try:
+            exported = find_export(self.spec.base_sha256, config, cache_dir=self._cache_dir)
+            if exported is None:
+                select_providers(provider)  # a bad provider fails now, not after the export
+                exported = self._export(backend, config, progress=progress)
+        except QualityGateError as exc:
+            raise QualityGateError(
+                f"backend {backend!r} is refused for this base: {exc}. Use backend='onnx' "
+                "(float32) or 'torch'"
+            ) from None
+        if current is not None:
+            log.info("replacing the %s ONNX session by %s", current.backend, backend)
+            self._onnx = None  # release the old session before loading the new one
+        self._onnx = _OnnxSession(backend, asked, exported, exported.load(provider=provider))
+        return self._onnx
+
+    def _export(self, backend: str, config: OnnxExportConfig, *, progress: bool) -> ExportedBase:
+        """Export the base once, from a fresh float32 copy (this model carries the adapter)."""
+        import torch
+
+        from lorafleet.client.onnx_export import export_base, export_root
+
+        line = (
+            f"backend {backend}: exporting base {self.spec.base_model_id} to ONNX "
+            f"({config.quantization}) once; it is cached in {export_root(self._cache_dir)} "
+            "for every later run"
+        )
+        log.info("%s", line)
+        if progress:
+            tqdm.write(line, file=sys.stderr)
+        # peft wrapped self.base.model in place, and its B may be trained: export and gate
+        # the bare base's weights, read again in float32 from the verified source.
+        fresh = load_base(
+            self.base.source,
+            cache_dir=self._cache_dir,
+            expected_sha256=self.spec.base_sha256,
+            dtype=torch.float32,
+        )
+        return export_base(fresh, config, cache_dir=self._cache_dir, progress=progress)
+
+    def _onnx_adapter(self, session: _OnnxSession) -> OnnxAdapter:
+        """The current B bound to the session, rebound whenever B changed in any way."""
+        b = get_b(self.model)  # (out, r) each; small (0.74 MB for the default adapter)
+        digest = _b_digest(b)
+        if session.adapter is None or session.b_digest != digest:
+            session.adapter = session.lm.adapter(self.spec, b)
+            session.b_digest = digest
+            log.debug("bound adapter version %s to the ONNX session", self.version)
+        return session.adapter
 
     def info(self) -> dict[str, Any]:
         """A summary for people and logs: no tensors, no text, nothing private."""
@@ -510,4 +743,11 @@ class PersonalModel:
             "trainable_parameters": sum(
                 p.numel() for p in self.model.parameters() if p.requires_grad
             ),
+            "onnx_session": None
+            if self._onnx is None
+            else {
+                "backend": self._onnx.backend,
+                "providers": list(self._onnx.lm.providers),
+                "export": str(self._onnx.exported.folder),
+            },
         }

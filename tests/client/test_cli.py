@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -124,4 +125,62 @@ def test_generate_on_a_folder_that_is_not_a_profile_creates_nothing(
     code = main(["generate", *common(tmp_path, tiny_model_dir), "--prompt", "hi"])
     assert code == 2
     assert "not a lorafleet profile yet" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_generate_on_the_onnx_backend_from_the_shell(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: a trained profile; exports go to a cache of the test's own.
+    caplog.set_level(logging.INFO, logger="lorafleet")
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
+    args = [*common(tmp_path, tiny_model_dir), "--cache-dir", str(tmp_path / "cache")]
+    ask = ["--prompt", "Maya climbs", "--max-new-tokens", "8"]
+    assert main(["train", *args, "--data", str(data), "--steps", "2", "--rank", "4"]) == 0
+    capsys.readouterr()
+
+    # Execute
+    assert main(["generate", *args, *ask]) == 0
+    torch_reply = capsys.readouterr().out
+    assert main(["generate", *args, *ask, "--backend", "onnx", "--provider", "cpu"]) == 0
+    onnx = capsys.readouterr()
+
+    # Assert: float32 ONNX says what torch says; the one-time export and the provider are
+    # announced (int8 runs the same code with another export: tests/client/test_sdk_onnx.py).
+    assert onnx.out == torch_reply and torch_reply.strip()
+    assert "exporting base" in onnx.err and "once" in onnx.err
+    assert "['CPUExecutionProvider'] (override)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--provider", "cpu"], "applies to --backend onnx"),
+        (["--backend", "onnx-int8", "--provider", "cuda"], "onnxruntime-gpu"),
+    ],
+)
+def test_bad_backend_and_provider_combinations_are_one_error_line(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    fragment: str,
+) -> None:
+    # Prepare: an ONNX Runtime without the CUDA execution provider
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+
+    # Execute
+    code = main(["generate", *common(tmp_path, tiny_model_dir), "--prompt", "hi", *extra])
+
+    # Assert: refused before anything is loaded or created
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
     assert not (tmp_path / "p").exists()

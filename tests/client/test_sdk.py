@@ -275,3 +275,20 @@ def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(
     a = pm.generate("Maya", max_new_tokens=5, chat=False, temperature=1.0, seed=7)
     assert torch.equal(torch.rand(1), expected_next)
     assert pm.generate("Maya", max_new_tokens=5, chat=False, temperature=1.0, seed=7) == a
+
+
+def test_the_int8_training_path_trains_through_the_sdk(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a profile on the int8 quantized training path (B stays fp32)
+    pm = PersonalModel.open(
+        tmp_path / "p", base=tiny_model_dir, rank=4, precision="int8", device="cpu", seq_len=32
+    )
+    # Execute
+    report = pm.train(
+        NOTES, TrainConfig(steps=6, lr=0.05, eval_every=3, precision="int8"), progress=False
+    )
+    # Assert
+    assert report.provenance is not None and report.provenance.version == 1
+    assert report.result.heldout_loss_after < report.result.heldout_loss_before
+    assert all(b.dtype == np.float32 for b in pm.adapter_b().values())
