@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -60,6 +59,7 @@ from lorafleet.protocols.errors import (
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.request_auth import sign_request
 from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.protocols.transport import is_loopback, read_root_certificate
 from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
 
 __all__ = [
@@ -268,16 +268,6 @@ class BackupRecord:
 # --- the client -----------------------------------------------------------------------
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _credentials(
     address: str, root_cert: bytes | Path | None, insecure: bool
 ) -> grpc.ChannelCredentials | None:
@@ -285,18 +275,8 @@ def _credentials(
         return None
     if root_cert is None:
         # TLS by default: plain text only to this machine itself (tests, a local proxy).
-        return None if _is_loopback(address) else grpc.ssl_channel_credentials()
-    if isinstance(root_cert, bytes):
-        pem = root_cert
-    else:
-        try:
-            pem = Path(root_cert).read_bytes()
-        except OSError as exc:
-            raise LorafleetError(
-                f"cannot read the TLS root certificate {root_cert}: {exc.strerror}; pass a PEM file"
-            ) from None
-    if b"-----BEGIN CERTIFICATE-----" not in pem:
-        raise LorafleetError("the TLS root certificate is not a PEM certificate")
+        return None if is_loopback(address) else grpc.ssl_channel_credentials()
+    pem = read_root_certificate(root_cert)
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 

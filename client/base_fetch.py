@@ -64,6 +64,7 @@ from lorafleet.protocols.serde import (
     manifest_from_proto,
     manifest_request_to_proto,
 )
+from lorafleet.protocols.transport import read_root_certificate
 from lorafleet.protocols.v1 import base_pb2, base_pb2_grpc
 
 __all__ = ["FETCHED_INFO_NAME", "fetch_base", "fetched_path"]
@@ -225,20 +226,7 @@ def fetch_base(
 def _channel_credentials(root_cert: bytes | Path | None) -> grpc.ChannelCredentials | None:
     if root_cert is None:
         return None
-    if isinstance(root_cert, bytes):
-        pem = root_cert
-    else:
-        try:
-            pem = Path(root_cert).read_bytes()
-        except OSError as exc:
-            raise LorafleetError(
-                f"cannot read the TLS root certificate {root_cert}: {exc.strerror}; pass a PEM file"
-            ) from None
-    if b"-----BEGIN CERTIFICATE-----" not in pem:
-        raise LorafleetError(
-            "the TLS root certificate is not a PEM certificate ('-----BEGIN CERTIFICATE-----')"
-        )
-    return grpc.ssl_channel_credentials(root_certificates=pem)
+    return grpc.ssl_channel_credentials(root_certificates=read_root_certificate(root_cert))
 
 
 def _rpc_parts(exc: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:

@@ -14,7 +14,6 @@ refuses a device from then on; ``backup serve`` runs the backup service
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorafleet.protocols.errors import LorafleetError
+from lorafleet.protocols.transport import is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,16 +52,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _publish(args: argparse.Namespace) -> None:
     from lorafleet.server.base_store import BaseStore
 
@@ -78,7 +68,7 @@ def _serve(args: argparse.Namespace) -> None:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise LorafleetError("give both --tls-cert and --tls-key, or neither")
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key) if args.tls_cert else None
-    if tls is None and not _is_loopback(args.address):
+    if tls is None and not is_loopback(args.address):
         raise LorafleetError(
             f"refusing plain gRPC on {args.address}: pass --tls-cert and --tls-key, or bind to 127.0.0.1"
         )
@@ -225,7 +215,7 @@ def _backup_serve(args: argparse.Namespace) -> None:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise LorafleetError("give both --tls-cert and --tls-key, or neither")
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key) if args.tls_cert else None
-    if tls is None and not _is_loopback(args.address):
+    if tls is None and not is_loopback(args.address):
         raise LorafleetError(
             f"refusing plain gRPC on {args.address}: pass --tls-cert and --tls-key, or bind to 127.0.0.1"
         )
