@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
             "--secure-aggregation",
-            action="store_true",
-            help="sum the prior deltas with SecAgg+ (the coordinator sees only the sum)",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="sum the prior deltas with SecAgg+ so the coordinator sees only the sum "
+            "(default: on; --no-secure-aggregation sends clipped deltas in the clear)",
         )
         p.add_argument(
             "--dp",
