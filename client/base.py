@@ -213,6 +213,7 @@ def load_base(
     cache_dir: Path | None = None,
     expected_sha256: str | None = None,
     dtype: torch.dtype = torch.float32,
+    quantization: Literal["nf4"] | None = None,
 ) -> LoadedBase:
     """Load a base model, verified against its manifest, in eval mode with frozen weights.
 
@@ -228,7 +229,11 @@ def load_base(
         The manifest digest the caller needs (an adapter's or a round's
         ``base_sha256``); any other base is refused before its weights are read.
     dtype
-        Floating-point dtype of the returned weights.
+        Floating-point dtype of the returned weights (the compute dtype with ``nf4``).
+    quantization
+        ``"nf4"``: load the Linear weights 4-bit NF4 with bitsandbytes, on the first CUDA
+        GPU (``pip install 'lorafleet[gpu]'``). The manifest is verified on the
+        unquantized files as always; quantization happens while loading them.
 
     Returns
     -------
@@ -281,7 +286,7 @@ def load_base(
         _check_expected(manifest, expected_sha256, src)
         origin = str(folder)
 
-    model, tokenizer = _load_folder(folder, dtype, src)
+    model, tokenizer = _load_folder(folder, dtype, src, quantization)
     elapsed = time.perf_counter() - start
     logger.info(
         "loaded base %s (sha256 %s…, %s) from %s in %.1f s",
@@ -498,15 +503,36 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # --- loading ---------------------------------------------------------------------------
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, src: BaseSource) -> tuple[Any, Any]:
+def _nf4_options(dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained options that quantize the Linear weights to NF4 on the first GPU."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LorafleetError(
+            "quantization nf4 needs the bitsandbytes package: pip install 'lorafleet[gpu]'"
+        )
+    if not torch.cuda.is_available():
+        raise SpecError("quantization nf4 needs a CUDA GPU; on the CPU use int8 or bf16")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
+def _load_folder(
+    folder: Path, dtype: torch.dtype, src: BaseSource, quantization: Literal["nf4"] | None = None
+) -> tuple[Any, Any]:
     """Load model and tokenizer from a verified folder; freeze the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantization not in (None, "nf4"):
+        raise SpecError(f"unknown base quantization {quantization!r}; use nf4 or none")
+    extra = _nf4_options(dtype) if quantization == "nf4" else {}
     try:
         # disable_mmap: read the weights into memory now. A memory-mapped model would
         # silently change if its file were rewritten in place after verification.
         model: Any = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, disable_mmap=True
+            folder, dtype=dtype, use_safetensors=True, disable_mmap=True, **extra
         )
         tokenizer: Any = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:

@@ -30,7 +30,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
         "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
     )
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8"]
+        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted bases are cached")
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8"]
+        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
     )
     p.add_argument("--cache-dir", type=Path, default=None)
     return parser

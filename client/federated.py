@@ -41,7 +41,14 @@ from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.profile import Profile
-from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
+from lorafleet.client.runtime import (
+    Precision,
+    base_dtype,
+    base_quantization,
+    place_on,
+    resolve_device,
+    resolve_precision,
+)
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
@@ -136,9 +143,10 @@ def worker_for(
             cache_dir=cache_dir,
             expected_sha256=instr.spec.base_sha256,
             dtype=base_dtype(concrete, dev),
+            quantization=base_quantization(concrete, dev),
         )
         model = materialize(base.model, instr.spec, base_sha256=base.sha256)
-        model.to(dev)
+        place_on(model, dev)
         worker = _Worker(base, model, dev, concrete)
         _WORKERS[key] = worker
     return worker

@@ -7,14 +7,15 @@ at the same held-out loss (docs/benchmarks.md). Users override either choice exp
 ``fp32`` (exact reference), ``bf16-mixed`` (fp32 weights, bf16 autocast), or ``int8``
 (CPU only): the base is loaded in bf16 as for ``bf16``, and training runs its frozen
 matrix multiplies in int8 through :mod:`lorafleet.client.qtrain`; evaluation and
-generation use the bf16 base.
+generation use the bf16 base. ``nf4`` (CUDA only) loads the frozen base 4-bit NF4 through
+bitsandbytes with bf16 compute, for GPUs with little memory; B stays fp32 either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -22,8 +23,8 @@ from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16-mixed", "bf16", "int8"]
-ConcretePrecision = Literal["fp32", "bf16-mixed", "bf16", "int8"]
+Precision = Literal["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
+ConcretePrecision = Literal["fp32", "bf16-mixed", "bf16", "int8", "nf4"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -51,19 +52,28 @@ def resolve_precision(precision: Precision, device: torch.device) -> ConcretePre
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return "fp32"
         return "bf16"
-    if precision not in ("fp32", "bf16-mixed", "bf16", "int8"):
+    if precision not in ("fp32", "bf16-mixed", "bf16", "int8", "nf4"):
         raise SpecError(
-            f"unknown precision {precision!r}; use auto, fp32, bf16-mixed, bf16 or int8"
+            f"unknown precision {precision!r}; use auto, fp32, bf16-mixed, bf16, int8 or nf4"
         )
     if precision == "int8" and device.type != "cpu":
         raise SpecError(f"precision int8 is a CPU training path; on {device.type} use bf16")
+    if precision == "nf4" and device.type != "cuda":
+        raise SpecError(
+            "precision nf4 (bitsandbytes 4-bit) needs a CUDA GPU; on the CPU use int8 or bf16"
+        )
     return precision
 
 
 def base_dtype(precision: Precision, device: torch.device) -> torch.dtype:
-    """Dtype to load the frozen base in: bf16 for ``bf16`` and ``int8``, else fp32."""
+    """Dtype to load the frozen base in: bf16 for ``bf16``, ``int8`` and ``nf4``, else fp32."""
     concrete = resolve_precision(precision, device)
-    return torch.bfloat16 if concrete in ("bf16", "int8") else torch.float32
+    return torch.bfloat16 if concrete in ("bf16", "int8", "nf4") else torch.float32
+
+
+def base_quantization(precision: Precision, device: torch.device) -> Literal["nf4"] | None:
+    """How :func:`~lorafleet.client.base.load_base` should quantize the base at load time."""
+    return "nf4" if resolve_precision(precision, device) == "nf4" else None
 
 
 def autocast_context(
@@ -73,3 +83,12 @@ def autocast_context(
     if resolve_precision(precision, device) != "fp32":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def place_on(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model`` to ``device``, except a 4-bit base, which bitsandbytes already placed."""
+    get_base: Any = getattr(model, "get_base_model", None)
+    inner = get_base() if callable(get_base) else model
+    if getattr(inner, "is_loaded_in_4bit", False):
+        return
+    model.to(device)

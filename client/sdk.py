@@ -42,7 +42,14 @@ from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_exam
 from lorafleet.client.evaluate import generate, heldout_loss, perplexity
 from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import PROFILE_FILE, Profile
-from lorafleet.client.runtime import Precision, base_dtype, resolve_device, resolve_precision
+from lorafleet.client.runtime import (
+    Precision,
+    base_dtype,
+    base_quantization,
+    place_on,
+    resolve_device,
+    resolve_precision,
+)
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
 from lorafleet.protocols.crypto import KdfParams
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError, SpecError
@@ -150,7 +157,7 @@ class PersonalModel:
         self._device = resolve_device(device)
         self.precision = resolve_precision(precision, self._device)
         self.model = materialize(base.model, self.spec, base_sha256=base.sha256)
-        self.model.to(self._device)
+        place_on(self.model, self._device)
         self._provenance: AdapterProvenance | None = None
         current = profile.current_version()
         if current is not None:
@@ -187,12 +194,17 @@ class PersonalModel:
             base = Profile.read_base_source(root) or DEFAULT_BASE
         dev = resolve_device(device)
         dtype = base_dtype(precision, dev)
+        quantization = base_quantization(precision, dev)
         cache = Path(cache_dir) if cache_dir is not None else None
         if stored is not None:
             spec = stored
             try:  # refused from the manifest, before any weights are read
                 loaded = load_base(
-                    base, cache_dir=cache, dtype=dtype, expected_sha256=spec.base_sha256
+                    base,
+                    cache_dir=cache,
+                    dtype=dtype,
+                    expected_sha256=spec.base_sha256,
+                    quantization=quantization,
                 )
             except IntegrityError as exc:
                 raise IntegrityError(
@@ -200,7 +212,7 @@ class PersonalModel:
                     f"but {base} differs ({exc}); open it with the same base"
                 ) from None
         else:
-            loaded = load_base(base, cache_dir=cache, dtype=dtype)
+            loaded = load_base(base, cache_dir=cache, dtype=dtype, quantization=quantization)
             spec = AdapterSpec(
                 base_model_id=loaded.model_id,
                 base_sha256=loaded.sha256,

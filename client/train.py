@@ -27,6 +27,7 @@ from lorafleet.client.qtrain import QuantConfig, QuantizedCausalLM, prepare_quan
 from lorafleet.client.runtime import (
     Precision,
     autocast_context,
+    place_on,
     resolve_device,
     resolve_precision,
 )
@@ -65,7 +66,8 @@ class TrainConfig:
         default="auto",
         metadata={
             "help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights), int8 (CPU: int8 "
-            "frozen matmuls, lorafleet.client.qtrain) or auto (bf16)."
+            "frozen matmuls, lorafleet.client.qtrain), nf4 (CUDA: 4-bit bitsandbytes base) "
+            "or auto (bf16)."
         },
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
@@ -111,8 +113,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(
-            self.precision in ("auto", "fp32", "bf16-mixed", "bf16", "int8"),
-            f"precision must be auto, fp32, bf16-mixed, bf16 or int8, got {self.precision!r}",
+            self.precision in ("auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"),
+            f"precision must be auto, fp32, bf16-mixed, bf16, int8 or nf4, got {self.precision!r}",
         )
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         need(self.patience >= 0, f"patience must be >= 0, got {self.patience!r}")
@@ -175,7 +177,7 @@ class LocalTrainer:
         self.model = model
         self.config = config
         self.device = resolve_device(config.device)
-        model.to(self.device)
+        place_on(model, self.device)
         self.params = trainable_parameters(model)
         if not self.params:
             raise SpecError(

@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--packing", default="fp16", choices=["fp32", "fp16", "int8"])
         p.add_argument("--base", default="default")
         p.add_argument(
-            "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"]
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"],
         )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(

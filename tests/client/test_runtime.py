@@ -1,0 +1,82 @@
+"""Device and precision choice: what each precision means where, and one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorafleet.client import PersonalModel, TrainConfig
+from lorafleet.client.base import load_base
+from lorafleet.client.runtime import base_dtype, base_quantization, resolve_precision
+from lorafleet.protocols.errors import LorafleetError, SpecError
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("precision", "concrete", "dtype", "quantization"),
+    [
+        ("auto", "bf16", torch.bfloat16, None),
+        ("fp32", "fp32", torch.float32, None),
+        ("bf16-mixed", "bf16-mixed", torch.float32, None),
+        ("bf16", "bf16", torch.bfloat16, None),
+        ("int8", "int8", torch.bfloat16, None),
+    ],
+)
+def test_each_cpu_precision_resolves_to_a_base_dtype(
+    precision: str, concrete: str, dtype: torch.dtype, quantization: str | None
+) -> None:
+    # Execute / Assert
+    assert resolve_precision(precision, CPU) == concrete  # type: ignore[arg-type]
+    assert base_dtype(precision, CPU) == dtype  # type: ignore[arg-type]
+    assert base_quantization(precision, CPU) == quantization  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("precision", "error"),
+    [("nf4", "needs a CUDA GPU"), ("fp8", "unknown precision 'fp8'")],
+)
+def test_a_precision_the_cpu_cannot_run_is_one_clear_error(precision: str, error: str) -> None:
+    # Execute / Assert
+    with pytest.raises(SpecError, match=error) as exc:
+        resolve_precision(precision, CPU)  # type: ignore[arg-type]
+    assert "\n" not in str(exc.value)
+
+
+def test_opening_a_profile_in_nf4_on_the_cpu_is_refused_before_loading(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute / Assert
+    with pytest.raises(SpecError, match="nf4"):
+        PersonalModel.open(tmp_path / "p", base=tiny_model_dir, precision="nf4", device="cpu")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_loading_a_base_in_nf4_without_a_gpu_names_what_is_missing(tiny_model_dir: Path) -> None:
+    # Execute / Assert: bitsandbytes missing, or no CUDA GPU: either way one line
+    with pytest.raises(LorafleetError, match="nf4 needs"):
+        load_base(tiny_model_dir, quantization="nf4", dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_an_nf4_base_trains_an_exact_fp32_b_on_the_gpu(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a 4-bit NF4 base on the GPU (needs bitsandbytes: pip install 'lorafleet[gpu]')
+    pm = PersonalModel.open(
+        tmp_path / "p", base=tiny_model_dir, rank=4, precision="nf4", device="cuda", seq_len=32
+    )
+    notes = [f"Maya climbs at Crux Yard on day {i} and logs route {i % 7}." for i in range(40)]
+    # Execute
+    report = pm.train(
+        notes, TrainConfig(steps=6, lr=0.05, eval_every=3, precision="nf4"), progress=False
+    )
+    reply = pm.generate("Maya climbs", max_new_tokens=4, chat=False)
+    # Assert
+    assert report.result.heldout_loss_after < report.result.heldout_loss_before
+    assert all(b.dtype == np.float32 for b in pm.adapter_b().values())
+    assert isinstance(reply, str)
