@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.sim.cli import main
+from lorafleet.sim.cli import _parser, main
 from lorafleet.sim.experiment import ExperimentConfig, run_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -63,6 +63,17 @@ def test_the_sim_cli_reports_a_bad_users_folder_in_one_line(
 def test_the_sim_cli_refuses_client_dp_without_secure_aggregation(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["demo", "--dp", "client", "--output", str(tmp_path / "out")])
+    code = main(
+        ["demo", "--no-secure-aggregation", "--dp", "client", "--output", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--secure-aggregation" in err[0]
+
+
+@pytest.mark.parametrize("command", ["demo", "experiment"])
+def test_the_simulator_sums_prior_deltas_with_secagg_unless_told_not_to(command: str) -> None:
+    # Execute
+    default = _parser().parse_args([command])
+    plain = _parser().parse_args([command, "--no-secure-aggregation"])
+    # Assert
+    assert default.secure_aggregation is True and plain.secure_aggregation is False
