@@ -57,6 +57,26 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
+def prompt_text(tokenizer: Any, prompt: str, *, chat: bool, max_new_tokens: int) -> str:
+    """The text a generation starts from, checked; every backend encodes it the same way.
+
+    With ``chat=True`` the prompt is wrapped in the tokenizer's chat template as a user
+    turn (which already holds the special tokens, so encode it with
+    ``add_special_tokens=not chat``).
+    """
+    if not prompt:
+        raise SpecError("generate: the prompt is empty")
+    if max_new_tokens < 1:
+        raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chat and getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
+    return prompt
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -73,16 +93,7 @@ def generate(
     With ``chat=True`` the prompt is wrapped in the tokenizer's chat template as a user
     turn, which is how instruction-tuned bases such as SmolLM2-Instruct expect it.
     """
-    if not prompt:
-        raise SpecError("generate: the prompt is empty")
-    if max_new_tokens < 1:
-        raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = prompt
+    text = prompt_text(tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
     kwargs: dict[str, Any] = {

@@ -39,7 +39,7 @@ from lorafleet.client.backup import (
 )
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
-from lorafleet.client.evaluate import generate, heldout_loss, perplexity
+from lorafleet.client.evaluate import generate, heldout_loss, perplexity, prompt_text
 from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import PROFILE_FILE, Profile
 from lorafleet.client.runtime import (
@@ -604,18 +604,8 @@ class PersonalModel:
                 f"generate: sampling (temperature={temperature}) runs on the torch backend only; "
                 f"use temperature=0 with backend={backend!r}, or backend='torch'"
             )
-        # The same checks and the same prompt encoding as lorafleet.client.evaluate.generate.
-        if not prompt:
-            raise SpecError("generate: the prompt is empty")
-        if max_new_tokens < 1:
-            raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
         tokenizer = self.base.tokenizer
-        if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt
+        text = prompt_text(tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens)
         ids = [int(t) for t in tokenizer(text, add_special_tokens=not chat)["input_ids"]]
         session = self._onnx_session(backend, provider, progress=True)
         adapter = self._onnx_adapter(session) if use_adapter else session.lm.zero_adapter()

@@ -604,10 +604,13 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         for number in range(done + 1, config.num_rounds + 1):
             for attempt in range(config.max_round_retries + 1):
                 # The operator may have paused the run and rolled the prior back in the
-                # console: wait out the pause, then start from whatever prior is active.
+                # console: wait out the pause, then start from whatever prior is active
+                # (one registry query; the prior's file is read only if it changed).
                 fed.wait_while_paused()
-                record, prior = coord.active_prior()
-                prior_ref = record.ref if record is not None else ZERO_PRIOR
+                active = coord.registry.active_prior(coord.spec)
+                if (active.ref if active is not None else ZERO_PRIOR) != prior_ref:
+                    record, prior = coord.active_prior()
+                    prior_ref = record.ref if record is not None else ZERO_PRIOR
                 outcome = fed.run_round(number, attempt, prior_ref, prior)
                 outcomes.append(outcome)
                 if outcome.prior_version is not None:
