@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ MAX_PLAINTEXT_BYTES = 2**31 - 1 - TAG_BYTES
 _RECOVERY_INFO = b"lorafleet/v1/recovery-kek"
 _SALT_MIN, _SALT_MAX = 16, 64
 _MAX_KDF_MEMORY_BYTES = 4 * 2**30  # a crafted key file must not make a device allocate more
+# OpenSSL's multi-lane Argon2id (cryptography 50 / OpenSSL 4.0 here) deadlocks when two
+# derivations with lanes > 1 run at once in one process. Single-lane derivations do not
+# share that state and run in parallel; multi-lane ones (hashes and key files made with
+# the old default of 4 lanes) take this lock, one at a time.
+_MULTI_LANE_ARGON2 = threading.Lock()
 
 
 # --- symmetric recipes -----------------------------------------------------------
@@ -201,16 +207,21 @@ def _check_salt(salt: object) -> None:
 class Argon2idParams:
     """Argon2id cost and salt (RFC 9106).
 
-    The defaults are RFC 9106's second recommended option (t=3, 64 MiB, 4 lanes), about
-    0.2 s on a laptop core: slow enough that guessing passphrases from a stolen key file
-    is expensive, fast enough to unlock once per session on a phone. Tests pass tiny
-    costs; the stored parameters, not the defaults, decide how a file is opened.
+    The defaults are RFC 9106's second recommended option (t=3, 64 MiB) with one lane
+    instead of four, about 0.2 s on a laptop core: slow enough that guessing passphrases
+    from a stolen key file is expensive, fast enough to unlock once per session on a
+    phone. One lane does the same memory-hard work (the cost is set by t and m; lanes
+    only split it for parallel threads, which this OpenSSL build runs on one core
+    anyway) and, unlike several lanes, can run in several threads at once without
+    deadlocking OpenSSL (see :func:`derive_from_passphrase`). Tests pass tiny costs; the
+    stored parameters, not the defaults, decide how a file is opened, so key files and
+    password hashes made with 4 lanes still open.
     """
 
     salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     iterations: int = 3
     memory_kib: int = 64 * 1024
-    lanes: int = 4
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         _check_salt(self.salt)
@@ -341,6 +352,11 @@ def derive_from_passphrase(passphrase: str, params: KdfParams) -> bytes:
 
     The passphrase is normalized to Unicode NFC and encoded as UTF-8 first, so the same
     passphrase typed on two keyboards (composed or decomposed accents) gives one key.
+
+    Safe to call from many threads at once: single-lane Argon2id (the default) and
+    scrypt run in parallel; Argon2id with more than one lane (files and hashes made by
+    older versions) runs one derivation at a time in the process, because two at once
+    deadlock inside OpenSSL.
     """
     if not isinstance(passphrase, str):
         raise SpecError(f"passphrase must be a string, got {type(passphrase).__name__}")
@@ -360,7 +376,10 @@ def derive_from_passphrase(passphrase: str, params: KdfParams) -> bytes:
             lanes=params.lanes,
             memory_cost=params.memory_kib,
         )
-        return kdf.derive(secret)
+        if params.lanes == 1:
+            return kdf.derive(secret)
+        with _MULTI_LANE_ARGON2:
+            return kdf.derive(secret)
     if isinstance(params, ScryptParams):
         return Scrypt(
             salt=params.salt, length=KEY_BYTES, n=2**params.log2_n, r=params.r, p=params.p
