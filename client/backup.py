@@ -101,7 +101,7 @@ _RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _AUTH_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")
 _ARCHIVE_HEAD = struct.Struct("<4sBI")  # magic, archive version, JSON length
 _T = TypeVar("_T")
 

@@ -72,13 +72,13 @@ SOURCE_MANIFEST_NAME = "lorafleet-source-manifest.json"
 CACHE_MANIFEST_NAME = "lorafleet-cache-manifest.json"
 """In a conversion cache folder: the manifest of the folder's own files."""
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 # Only what loading needs: safetensors weights (never pickles), config and tokenizer.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _STALE_TMP_S = 3600.0  # leftovers of a killed conversion older than this are swept
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True, eq=False)

@@ -48,18 +48,18 @@ from lorafleet.protocols.errors import (
     SpecError,
     WrongPassphraseError,
 )
+from lorafleet.protocols.keyfile import FORMAT as FORMAT
+from lorafleet.protocols.keyfile import MAX_KEYFILE_BYTES
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "lorafleet-keyfile"
-"""Value of the key file's ``format`` member."""
 FORMAT_VERSION = 1
 """The key file layout this module writes and the only one it reads."""
 WRAP_AAD_PREFIX = b"lorafleet/keyfile/v1\x00"
 """Associated data of a wrapped key: this, the 16-byte store id, the uint32 LE key id."""
 MAX_KEY_ID = 2**32 - 1
-_MAX_FILE_BYTES = 1 << 20
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_MAX_FILE_BYTES = MAX_KEYFILE_BYTES
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 class UnlockedKeys(Mapping[int, bytes]):

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
 CURRENT_FILE = "current"
 ADAPTERS_DIR = "adapters"
-_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+_VERSION_DIR = re.compile(r"^v(\d{4,})\Z")
 
 
 def _version_name(version: int) -> str:

@@ -58,7 +58,7 @@ MAX_CHUNKS = 131_072
 FETCH_BATCH_BYTES = 64 << 20
 """Bytes a client asks for in one FetchChunks call; servers accept at least this much."""
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _is_uint(value: object) -> bool:

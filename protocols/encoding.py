@@ -109,7 +109,7 @@ _KEY_PACKING = "lorafleet.packing"
 _SCALE_SUFFIX = ".__scale__"
 _HEADER_METADATA = "__metadata__"
 _HASH_DOMAIN = b"lorafleet/content/v1\x00"
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}\Z")
 
 # safetensors' own reader refuses headers above 100 MB; ours are a few kB.
 _MAX_HEADER_BYTES = 100_000_000

@@ -60,8 +60,8 @@ MAX_PLAINTEXT_BYTES = crypto.MAX_PLAINTEXT_BYTES
 """Largest plaintext one envelope holds (just under 2 GiB)."""
 MAX_KEY_ID = 2**32 - 1
 
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _CONTEXT_FIELD = struct.Struct("<I")
 
 

@@ -46,7 +46,7 @@ STAT_CACHE_NAME = ".lorafleet-verified.json"
 
 _STAT_CACHE_FORMAT = 1
 _CHUNK = 1 << 20  # hash in 1 MiB reads: constant memory whatever the file size
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _canonical(data: Any) -> str:

@@ -60,8 +60,8 @@ SIGNING_DOMAIN = b"lorafleet/v1/signed-request\x00"
 """First bytes of every signed payload, so the key signs nothing else by accident."""
 NONCE_BYTES = 16
 _MAX_METHOD = 256
-_HEX = re.compile(r"^[0-9a-f]*$")
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
+_HEX = re.compile(r"^[0-9a-f]*\Z")
+_DIGITS = re.compile(r"^[0-9]{1,19}\Z")
 
 
 class RequestAuthError(LorafleetError):

@@ -27,8 +27,8 @@ AInit = Literal["kaiming_uniform", "sign"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 SPEC_FORMAT = 1
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _MAX_RANK = 1024
 
 

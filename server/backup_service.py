@@ -18,8 +18,11 @@ Calls (see ``protocols/v1/backup.proto`` and ``docs/backup.md``):
     device of the caller's user.
 
 Every call but ``Enroll`` is signed (:mod:`lorafleet.protocols.request_auth`): the
-servicer checks the timestamp window, looks up the device by its public key, refuses
-a revoked one, verifies the signature and remembers the nonce, before it reads anything.
+servicer checks the timestamp window, verifies the signature with the public key the
+request names, looks that key up among enrolled devices, refuses a revoked one and
+remembers the nonce, before it reads anything. A wrong signature gets the same answer
+whether its key is enrolled, revoked or unknown. A ``keyfile`` blob must be at most
+1 MiB and shaped like a key file (``protocols/keyfile.py``).
 A blob of another user is NOT_FOUND, exactly like a blob that does not exist, so a
 device learns nothing about other users' blob ids.
 
@@ -30,10 +33,12 @@ UNAUTHENTICATED      no/malformed/wrong signature, stale timestamp, replayed non
                      unknown device, bad enrolment token
 PERMISSION_DENIED    revoked device; another user named in DeleteUserData
 INVALID_ARGUMENT     malformed request, resume offset beyond what the server holds,
-                     an adapter blob that is not an envelope for its blob id
+                     an adapter blob that is not an envelope for its blob id, a
+                     keyfile blob that is not shaped like a key file
 NOT_FOUND            no such blob for this user
 ALREADY_EXISTS       blob id, adapter version or device key already taken
-RESOURCE_EXHAUSTED   blob over the size limit, more bytes than promised, replay cache full
+RESOURCE_EXHAUSTED   blob over the size limit (1 MiB for a key file), more bytes than
+                     promised, replay cache full
 ABORTED              the same upload is running on another call
 DATA_LOSS            upload does not match its sha256 (it is discarded), stored blob lost
 UNAVAILABLE          the registry database cannot be reached
@@ -59,6 +64,7 @@ from google.protobuf.message import Message
 
 from lorafleet.protocols import envelope
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
+from lorafleet.protocols.keyfile import MAX_KEYFILE_BYTES, check_keyfile_shape
 from lorafleet.protocols.request_auth import RequestAuthError, SignedRequest, parse_metadata
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
@@ -276,6 +282,14 @@ def _check_envelope(head: bytes, blob_id: str, size: int) -> None:
         raise _Invalid(f"blob {blob_id}: its envelope header announces another size")
 
 
+def _check_keyfile(data: bytes, blob_id: str) -> None:
+    """A keyfile blob is shaped like a key file (the device checks its contents)."""
+    try:
+        check_keyfile_shape(data)
+    except IntegrityError as exc:
+        raise _Invalid(f"keyfile blob {blob_id}: {exc}") from None
+
+
 class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     """Answers the backup calls from a registry (metadata, devices) and a blob store.
 
@@ -328,13 +342,16 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
                 f"the server's clock (at most {self.window_s:.0f} s allowed); set the "
                 "device's clock and retry"
             )
+        # The signature is checked against the key the request names before that key is
+        # looked up, so a caller without the private key learns nothing about the device
+        # (enrolled, revoked or unknown): every such request gets this one answer.
+        if not signed.verify(method, message):
+            raise _Unauthenticated("request signature does not verify")
         device = self.registry.find_device_by_key(signed.public_key)
         if device is None or device.kind != "device" or device.user_id is None:
             raise _Unauthenticated("this device key is not enrolled; enrol the device first")
         if device.revoked:
             raise _Denied(f"device {device.id} was revoked; enrol it again with a new token")
-        if not signed.verify(method, message):
-            raise _Unauthenticated("request signature does not verify")
         self.replays.add(signed.public_key, signed.nonce, now=now)
         last = device.last_seen_at
         if last is None or datetime.now(UTC) - last > _TOUCH_EVERY:
@@ -380,6 +397,10 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
                 raise _Invalid(f"spec_json is not an adapter spec ({exc})") from None
         elif h.adapter or h.version or h.spec_json:
             raise _Invalid("a keyfile blob has no adapter, version or spec")
+        elif h.size > MAX_KEYFILE_BYTES:
+            raise _Exhausted(
+                f"a key file is at most {MAX_KEYFILE_BYTES} bytes; this one announces {h.size}"
+            )
         if h.size < 1:
             raise _Invalid("size must be at least 1 byte")
         if h.offset > h.size:
@@ -522,13 +543,15 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
                         h.size,
                     )
                     return backup_pb2.PutBlobResponse(complete=False, received=upload.received)
-                if h.kind == "adapter":
-                    try:
+                try:
+                    if h.kind == "adapter":
                         _check_envelope(upload.head(envelope.HEADER_BYTES), h.blob_id, h.size)
-                    except _Invalid:
-                        upload.close()
-                        self.store.discard_upload(caller.owner, h.blob_id)
-                        raise
+                    else:
+                        _check_keyfile(upload.head(h.size), h.blob_id)
+                except _Invalid:
+                    upload.close()
+                    self.store.discard_upload(caller.owner, h.blob_id)
+                    raise
                 sha = upload.commit()
             record = self._record(caller, h, sha)
         except LorafleetError as exc:

@@ -54,9 +54,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOB_BYTES = 512 * 2**20
 """512 MiB: ten times a rank-64 adapter on a 1B-parameter base; raise it per deployment."""
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_BLOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _HASH_BUF = 1 << 20
 _TMP_PREFIX = ".tmp-"
 

@@ -70,7 +70,7 @@ _HELDOUT_POOL = 0.25  # share of possible note bodies reserved for held-out sets
 _HELDOUT_CUT = int(_HELDOUT_POOL * 2**64)
 _NOTE_FILES = ("train", "heldout")
 _NOTE_SUFFIXES = (".txt", ".md", ".jsonl")
-_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _INLINE_SPACE = re.compile(r"[^\S\n]+")
 _PERSONA_FILE = "persona.json"
 

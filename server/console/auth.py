@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_FILE = "console-admin.json"
 MIN_PASSWORD_CHARS = 12
-_USERNAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_USERNAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}\Z")
 
 
 class ConsoleAuthError(LorafleetError):

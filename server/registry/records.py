@@ -36,10 +36,10 @@ T = TypeVar("T")
 C = TypeVar("C", int, str)
 
 MAX_PAGE = 1000
-_PSEUDONYM = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9._:@+=-]{0,128}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+_PSEUDONYM = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}\Z")
+_PREFIX = re.compile(r"^[A-Za-z0-9._:@+=-]{0,128}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")
 PSEUDONYM_CHARS = "letters, digits and . _ : @ + = -"
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one, not one per call
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import grpc
 import pytest
 
 from lorafleet.client.backup import BackupAuthError, BackupClient, BackupError
+from lorafleet.client.keys import KeyStore
 from lorafleet.protocols import crypto
 from lorafleet.protocols.envelope import BlobContext, new_blob_id, seal_blob
 from lorafleet.protocols.request_auth import sign_request
@@ -24,10 +26,11 @@ from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
 from lorafleet.server.backup_service import METHODS, BackupServicer, serve_backup
 from lorafleet.server.blob_store import BlobStore
 from lorafleet.server.cli import main as server_cli
-from lorafleet.server.registry import Registry
+from lorafleet.server.registry import Registry, RegistryValueError
 
 SPEC = AdapterSpec(base_model_id="tiny", base_sha256="ab" * 32, rank=4)
 KEY = crypto.random_key()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -82,6 +85,13 @@ def put_adapter(client: BackupClient, version: int = 1, size: int = 1000) -> tup
     blob_id, data = envelope(client.user, version, size)
     client.put_blob(blob_id, data, kind="adapter", adapter="default", version=version, spec=SPEC)
     return blob_id, data
+
+
+def key_file_bytes(tmp: Path) -> bytes:
+    """A real key file (tiny KDF cost), as a device uploads it for a passphrase restore."""
+    path = tmp / f"keys-{time.monotonic_ns()}.json"
+    KeyStore.create(path, "a passphrase", kdf=crypto.ScryptParams(log2_n=4))
+    return path.read_bytes()
 
 
 def code_of(call: Any) -> grpc.StatusCode:
@@ -220,6 +230,29 @@ def test_a_replayed_signed_request_is_refused(service: Service) -> None:
 
     # Assert
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("state", ["enrolled", "revoked"])
+def test_a_bad_signature_gets_one_answer_whether_or_not_the_device_is_revoked(
+    service: Service, state: str
+) -> None:
+    # Prepare: a request naming the device's public key, signed by someone else
+    client = service.client("u-1")
+    if state == "revoked":
+        service.registry.revoke_device(client.identity.device_id)  # type: ignore[arg-type]
+    request = backup_pb2.ListBlobsRequest(adapter="default")
+    forged = sign_request(crypto.signing_keypair().private_key, METHODS["ListBlobs"], request)
+    metadata = tuple(
+        (k, client.identity.public_key.hex()) if k == "lf-device-key" else (k, v) for k, v in forged
+    )
+
+    # Execute
+    with pytest.raises(grpc.RpcError) as info:
+        service.stub().ListBlobs(request, metadata=metadata)
+
+    # Assert: nothing in the answer tells a revoked device from an enrolled one
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details() == "request signature does not verify"
 
 
 def test_a_revoked_device_gets_one_clear_error_from_the_client(service: Service) -> None:
@@ -379,6 +412,79 @@ def test_a_blob_over_the_limit_is_resource_exhausted(service: Service) -> None:
     assert info.value.code == "RESOURCE_EXHAUSTED"
 
 
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("3 MiB of junk", "RESOURCE_EXHAUSTED", "a key file is at most 1048576 bytes"),
+        ("1 KiB of junk", "INVALID_ARGUMENT", "not UTF-8 JSON"),
+        ("JSON that is no key file", "INVALID_ARGUMENT", "format member"),
+        ("a key file without its store id", "INVALID_ARGUMENT", "store_id"),
+    ],
+)
+def test_a_keyfile_blob_must_be_a_key_file_of_at_most_1_mib(
+    service: Service, tmp_path: Path, case: str, code: str, message: str
+) -> None:
+    # Prepare
+    client = service.client("u-1")
+    data = {
+        "3 MiB of junk": bytes(range(256)) * (3 << 12),
+        "1 KiB of junk": bytes(range(256)) * 4,
+        "JSON that is no key file": b'{"hello": "world"}',
+        "a key file without its store id": key_file_bytes(tmp_path).replace(
+            b'"store_id"', b'"store"'
+        ),
+    }[case]
+    blob_id = new_blob_id()
+
+    # Execute
+    with pytest.raises(BackupError, match=message) as info:
+        client.put_blob(blob_id, data, kind="keyfile")
+
+    # Assert
+    assert info.value.code == code
+    assert client.list_blobs() == [] and client.upload_status(blob_id) == (False, 0)
+
+
+def test_a_real_key_file_is_stored(service: Service, tmp_path: Path) -> None:
+    # Prepare
+    client = service.client("u-1")
+    data = key_file_bytes(tmp_path)
+
+    # Execute
+    info = client.put_blob(new_blob_id(), data, kind="keyfile")
+
+    # Assert
+    assert client.get_blob(info.blob_id) == data
+
+
+def test_a_name_with_a_trailing_newline_is_refused(service: Service) -> None:
+    # Prepare
+    client = service.client("u-1")
+    blob_id, data = envelope("u-1")
+
+    # Execute / Assert: over the wire, and at the registry the CLI uses
+    with pytest.raises(BackupError) as info:
+        client.put_blob(blob_id, data, kind="adapter", adapter="default\n", version=1, spec=SPEC)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert client.list_blobs() == []
+    with pytest.raises(RegistryValueError, match="is not valid"):
+        service.registry.ensure_user("u-2\n")
+
+
+def test_no_pattern_that_validates_input_lets_a_trailing_newline_through() -> None:
+    # Python's `$` also matches before a final newline; `\Z` (or fullmatch) does not.
+    anchored = re.compile(r"re\.compile\(r?[\"'][^\"']*\$[\"']\)")
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}"
+        for package in ("protocols", "client", "server", "sim")
+        for path in sorted((REPO / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if anchored.search(line)
+    ]
+
+    assert offenders == []
+
+
 @pytest.mark.parametrize("case", ["not an envelope", "another blob's envelope"])
 def test_an_adapter_blob_must_be_the_envelope_of_its_blob_id(service: Service, case: str) -> None:
     # Prepare
@@ -465,7 +571,7 @@ def test_delete_user_data_erases_blobs_uploads_records_and_devices(
         # Prepare
         maya, jonas = service.client("u-maya"), service.client("u-jonas")
         _, maya_data = put_adapter(maya, version=1)
-        maya.put_blob(new_blob_id(), b"key file bytes", kind="keyfile")
+        maya.put_blob(new_blob_id(), key_file_bytes(tmp_path), kind="keyfile")
         _, jonas_data = put_adapter(jonas, version=1)
         with service.store.upload("1", "cd" * 16, size=100, sha256="0" * 64) as up:
             up.write(b"x" * 10)  # an unfinished upload of maya's (user id 1)
