@@ -44,7 +44,7 @@ import grpc
 from google.protobuf.message import Message
 
 from lorafleet.client.adapter import read_b, read_provenance
-from lorafleet.client.keys import KeyStore, UnlockedKeys
+from lorafleet.client.keys import KeyStore, SeenGenerations, UnlockedKeys
 from lorafleet.client.profile import ADAPTERS_DIR, CURRENT_FILE, PROFILE_FILE, Profile
 from lorafleet.protocols import crypto
 from lorafleet.protocols.atomic import atomic_directory, atomic_write_bytes
@@ -832,6 +832,8 @@ def backup_profile(
     key_info = None
     if key_bytes is not None:
         key_info = _upload_key_file(client, key_bytes, client.list_blobs())
+        assert key_file is not None
+        SeenGenerations.beside(Path(key_file)).note_file(Path(key_file))
     return BackupRecord(adapter=info, key_file=key_info, uploaded=uploaded)
 
 
@@ -886,9 +888,16 @@ def obtain_keys(
 
     With the device's own key file at ``key_file``, it is unlocked with the passphrase
     (or the recovery key). Without one, the newest key file the user backed up is
-    fetched and unlocked (passphrase) or rebuilt under ``new_passphrase`` (recovery
-    key); it is staged beside ``key_file`` and written there only by
-    :meth:`PendingKeyFile.install`, so a failed restore leaves no file behind.
+    fetched and unlocked (passphrase, :meth:`KeyStore.adopt`) or rebuilt under
+    ``new_passphrase`` (recovery key, :meth:`KeyStore.restore`); it is staged beside
+    ``key_file`` and written there only by :meth:`PendingKeyFile.install`, so a failed
+    restore leaves no file behind.
+
+    The server is not trusted with the key file: its recovery keys must match the
+    ``recovery_tag`` the user's own keys wrote, and its newest generation must not be
+    older than the one recorded in ``<key_file>.seen``
+    (:class:`~lorafleet.client.keys.SeenGenerations`, updated here and by
+    :func:`backup_profile`).
 
     Raises
     ------
@@ -896,15 +905,23 @@ def obtain_keys(
         The passphrase does not unlock the key file.
     MissingKeyFileError
         No key file on this device and none backed up.
+    KeyFileTamperedError
+        The fetched key file's recovery keys were changed (the server added one).
+    KeyFileRollbackError
+        The server offered an older key file than this device has seen.
     """
     path = Path(key_file).expanduser()
     if (passphrase is None) == (recovery_key is None):
         raise SpecError("give exactly one of passphrase and recovery_key")
+    seen = SeenGenerations.beside(path)
     if path.exists():
         if passphrase is not None:
-            return KeyStore.unlock(path, passphrase), PendingKeyFile(path, None)
-        assert recovery_key is not None
-        return KeyStore.unlock_with_recovery(path, recovery_key), PendingKeyFile(path, None)
+            keys = KeyStore.unlock(path, passphrase)
+        else:
+            assert recovery_key is not None
+            keys = KeyStore.unlock_with_recovery(path, recovery_key)
+        seen.note_file(path)
+        return keys, PendingKeyFile(path, None)
     if recovery_key is not None and not new_passphrase:
         raise SpecError("restoring with a recovery key needs new_passphrase for the new key file")
     key_blobs = [b for b in client.list_blobs() if b.kind == "keyfile"]
@@ -920,11 +937,10 @@ def obtain_keys(
     pending = PendingKeyFile(path, staged)
     try:
         if passphrase is not None:
-            atomic_write_bytes(staged, data, mode=0o600)
-            keys = KeyStore.unlock(staged, passphrase)
+            keys = KeyStore.adopt(staged, data, passphrase, seen=seen)
         else:
             assert recovery_key is not None and new_passphrase is not None
-            keys = KeyStore.restore(staged, data, recovery_key, new_passphrase, kdf=kdf)
+            keys = KeyStore.restore(staged, data, recovery_key, new_passphrase, kdf=kdf, seen=seen)
     except BaseException:
         pending.discard()
         raise

@@ -21,6 +21,15 @@ keys only, so it is safe to store next to the backups (even a weak passphrase ca
 guessed from it), and :meth:`KeyStore.restore` rebuilds a key file from it on a new
 device with a recovery private key. The file format is in ``docs/envelope.md``.
 
+The list of recovery keys is in the clear, so the file also carries a ``recovery_tag``:
+an HMAC over that list keyed from the master keys. It is checked right after every
+unlock and before anything is wrapped for a listed key, so whoever holds a copy of the
+file (the backup server) cannot add a recovery key of its own and be handed the next
+generation by :meth:`KeyStore.rotate` (:class:`KeyFileTamperedError`). A key file
+fetched from elsewhere (:meth:`KeyStore.adopt`, :meth:`KeyStore.restore`) must also not
+be older than the newest generation this device has seen (:class:`SeenGenerations`,
+:class:`KeyFileRollbackError`).
+
 Passphrases and keys never appear in logs, exception messages or ``repr``.
 """
 
@@ -43,6 +52,8 @@ from lorafleet.protocols import crypto
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.errors import (
     DecryptionError,
+    KeyFileRollbackError,
+    KeyFileTamperedError,
     KeyStoreError,
     MissingKeyFileError,
     SpecError,
@@ -58,8 +69,11 @@ FORMAT_VERSION = 1
 WRAP_AAD_PREFIX = b"lorafleet/keyfile/v1\x00"
 """Associated data of a wrapped key: this, the 16-byte store id, the uint32 LE key id."""
 MAX_KEY_ID = 2**32 - 1
+RECOVERY_TAG_INFO = b"lorafleet/keyfile/v1/recovery-tag"
+"""HKDF ``info`` of the key that MACs a key file's recovery list (``recovery_tag``)."""
 _MAX_FILE_BYTES = MAX_KEYFILE_BYTES
 _HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class UnlockedKeys(Mapping[int, bytes]):
@@ -139,12 +153,45 @@ class _KeyFile:
     kdf: crypto.KdfParams | None
     wraps: dict[int, bytes]
     recovery: dict[bytes, dict[int, bytes]]
+    tag: bytes | None = None
+    """``recovery_tag``: binds ``recovery`` to the master keys; None in older files."""
 
     def key_ids(self) -> list[int]:
         ids = set(self.wraps)
         for wraps in self.recovery.values():
             ids |= set(wraps)
         return sorted(ids)
+
+    @property
+    def generation(self) -> int:
+        """The newest master key generation the file holds."""
+        return max(self.key_ids())
+
+    def recovery_message(self) -> bytes:
+        """The canonical bytes ``recovery_tag`` authenticates (docs/envelope.md).
+
+        Everything that decides who besides the passphrase can unwrap a master key: the
+        store id, every generation, and each recovery public key with its wrapped
+        copies, in sorted order with fixed-size fields and u32 LE counts.
+        """
+        ids = self.key_ids()
+        out = [RECOVERY_TAG_INFO + b"\x00", self.store_id, _u32(len(ids))]
+        out += [_u32(key_id) for key_id in ids]
+        out.append(_u32(len(self.recovery)))
+        for public, wraps in sorted(self.recovery.items()):
+            out += [public, _u32(len(wraps))]
+            for key_id, wrapped in sorted(wraps.items()):
+                out += [_u32(key_id), wrapped]
+        return b"".join(out)
+
+    def seal_recovery(self, keys: Mapping[int, bytes]) -> None:
+        """Set ``tag`` for the current recovery list; ``keys`` are all master keys."""
+        self.tag = crypto.mac_tag(
+            [keys[k] for k in sorted(keys)],
+            self.recovery_message(),
+            info=RECOVERY_TAG_INFO,
+            salt=self.store_id,
+        )
 
     def to_bytes(self, *, bundle: bool = False) -> bytes:
         obj: dict[str, Any] = {
@@ -159,7 +206,13 @@ class _KeyFile:
         if not bundle:
             assert self.kdf is not None
             obj["passphrase"] = {"kdf": self.kdf.to_json(), "keys": _wraps_to_json(self.wraps)}
+        if self.tag is not None:
+            obj["recovery_tag"] = self.tag.hex()
         return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _u32(value: int) -> bytes:
+    return value.to_bytes(4, "little")
 
 
 def _wraps_to_json(wraps: Mapping[int, bytes]) -> list[dict[str, Any]]:
@@ -218,7 +271,12 @@ def _parse(data: bytes) -> _KeyFile:
                 f"({FORMAT_VERSION}); upgrade lorafleet"
             )
         raise ValueError(f"format_version {version!r} is invalid")
-    _members(obj, "key file", {"format", "format_version", "store_id", "recovery"}, {"passphrase"})
+    _members(
+        obj,
+        "key file",
+        {"format", "format_version", "store_id", "recovery"},
+        {"passphrase", "recovery_tag"},
+    )
     store_id = obj["store_id"]
     if not isinstance(store_id, str) or not _HEX32.match(store_id):
         raise ValueError("store_id must be 32 lowercase hex characters")
@@ -244,7 +302,13 @@ def _parse(data: bytes) -> _KeyFile:
         )
     if kdf is None and not recovery:
         raise ValueError("it holds no wrapped keys at all")
-    return _KeyFile(bytes.fromhex(store_id), kdf, wraps, recovery)
+    tag: bytes | None = None
+    if "recovery_tag" in obj:
+        tag_hex = obj["recovery_tag"]
+        if not isinstance(tag_hex, str) or not _HEX64.match(tag_hex):
+            raise ValueError("recovery_tag must be 64 lowercase hex characters")
+        tag = bytes.fromhex(tag_hex)
+    return _KeyFile(bytes.fromhex(store_id), kdf, wraps, recovery, tag)
 
 
 def _parse_or_explain(data: bytes, source: str) -> _KeyFile:
@@ -399,6 +463,69 @@ def _unlock_recovery(source: str, keyfile: _KeyFile, private_key: bytes) -> dict
     return keys
 
 
+def _check_recovery(source: str, keyfile: _KeyFile, keys: Mapping[int, bytes]) -> bool:
+    """Whether ``recovery_tag`` vouches for the recovery list; raise if the list changed.
+
+    ``keys`` are every master key, just unwrapped (by passphrase or recovery key). A
+    file without the tag (written before it existed) gives False and the caller applies
+    the migration rule of docs/envelope.md; a tag that does not match, or generations
+    that differ from the ones the keys open, raise :class:`KeyFileTamperedError`.
+    """
+    if sorted(keys) != keyfile.key_ids():
+        raise KeyFileTamperedError(
+            f"{source} lists master key generations {keyfile.key_ids()} but only "
+            f"{sorted(keys)} open with your key: generations were added to its recovery "
+            "part by someone without your keys; refusing it. Use the key file of a device "
+            "you trust, or KeyStore.restore with a recovery bundle you kept"
+        )
+    if keyfile.tag is None:
+        return False
+    ordered = [keys[k] for k in sorted(keys)]
+    message = keyfile.recovery_message()
+    if not crypto.mac_tag_ok(
+        ordered, message, keyfile.tag, info=RECOVERY_TAG_INFO, salt=keyfile.store_id
+    ):
+        raise KeyFileTamperedError(
+            f"{source}: its recovery keys (who else can unwrap your master keys) were changed "
+            "since your keys last wrote it, e.g. a key added by whoever holds a copy (the "
+            "backup server?); refusing it. Use the key file of a device you trust, or "
+            "KeyStore.restore with a recovery bundle you kept"
+        )
+    return True
+
+
+def _publics(recovery: Iterable[bytes]) -> str:
+    return ", ".join(p.hex()[:16] + "..." for p in sorted(recovery)) or "none"
+
+
+def _vouch_local(path: Path, keyfile: _KeyFile, keys: Mapping[int, bytes]) -> None:
+    """Check a device's own key file; an untagged (older) one is accepted with a warning.
+
+    The file is this device's own, written by an older lorafleet; its next change
+    (rotate, change_passphrase, add or remove a recovery key) adds the tag over the
+    recovery keys it lists now, so the warning names them for the user to check.
+    """
+    if not _check_recovery(f"key file {path}", keyfile, keys) and keyfile.recovery:
+        logger.warning(
+            "key file %s has no recovery_tag (written by an older lorafleet); its next "
+            "change binds the recovery keys it lists: %s. Remove any that is not yours "
+            "with KeyStore.remove_recovery_key",
+            path,
+            _publics(keyfile.recovery),
+        )
+
+
+def _check_generation(source: str, keyfile: _KeyFile, seen: SeenGenerations | None) -> None:
+    floor = seen.floor(keyfile.store_id) if seen is not None else 0
+    if keyfile.generation < floor:
+        raise KeyFileRollbackError(
+            f"{source} holds master key generations up to {keyfile.generation}, but this "
+            f"device has seen generation {floor} of these keys: it is an older copy "
+            "offered as the newest (a rollback); refusing it. Copy the newest key file "
+            "from a device that has it, or restore with your recovery key"
+        )
+
+
 def _wrap_all(kek: bytes, store_id: bytes, keys: Mapping[int, bytes]) -> dict[int, bytes]:
     return {k: crypto.wrap_key(kek, key, _aad(store_id, k)) for k, key in keys.items()}
 
@@ -409,6 +536,88 @@ def _wrap_all_for(public: bytes, store_id: bytes, keys: Mapping[int, bytes]) -> 
 
 def _fresh_salt(params: crypto.KdfParams) -> crypto.KdfParams:
     return dataclasses.replace(params, salt=secrets.token_bytes(16))
+
+
+# --- rollback protection ---------------------------------------------------------------
+
+
+SEEN_FORMAT = "lorafleet-seen-generations"
+"""Value of the ``format`` member of a :class:`SeenGenerations` file."""
+
+
+class SeenGenerations:
+    """The newest master key generation this device has seen, per key set (store id).
+
+    A small JSON file, mode 0600, by default beside the key file (``keys.json.seen``):
+    ``{"format": "lorafleet-seen-generations", "stores": {"<store id hex>": n}}``. A key
+    file fetched from elsewhere (:meth:`KeyStore.adopt`, :meth:`KeyStore.restore`) whose
+    newest generation is below the recorded one is refused as a rollback. Numbers only
+    grow; nothing secret is in the file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> seen = SeenGenerations.beside(Path(folder.name) / "keys.json")
+    >>> seen.note(bytes(16), 3); seen.note(bytes(16), 2); seen.floor(bytes(16))
+    3
+    >>> folder.cleanup()
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def beside(cls, key_file: Path | str) -> SeenGenerations:
+        """The record kept next to ``key_file`` (``<name>.seen``)."""
+        key_file = Path(key_file)
+        return cls(key_file.with_name(key_file.name + ".seen"))
+
+    def _load(self) -> dict[str, int]:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise KeyStoreError(
+                f"{self.path} is unreadable ({exc}); delete it (this device then forgets "
+                "which key file generations it has seen)"
+            ) from None
+        stores = doc.get("stores") if isinstance(doc, dict) else None
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != SEEN_FORMAT
+            or not isinstance(stores, dict)
+            or not all(
+                isinstance(k, str) and _HEX32.match(k) and type(v) is int and v >= 0
+                for k, v in stores.items()
+            )
+        ):
+            raise KeyStoreError(
+                f"{self.path} is damaged; delete it (this device then forgets which key "
+                "file generations it has seen)"
+            )
+        return dict(stores)
+
+    def floor(self, store_id: bytes) -> int:
+        """The newest generation of key set ``store_id`` seen here (0: none)."""
+        return self._load().get(store_id.hex(), 0)
+
+    def note(self, store_id: bytes, generation: int) -> None:
+        """Remember ``generation`` of ``store_id`` unless a newer one is remembered."""
+        stores = self._load()
+        if stores.get(store_id.hex(), 0) >= generation:
+            return
+        stores[store_id.hex()] = generation
+        doc = {"format": SEEN_FORMAT, "stores": stores}
+        atomic_write_bytes(
+            self.path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), mode=0o600
+        )
+
+    def note_file(self, key_file: Path | str) -> None:
+        """Remember the newest generation of this device's own key file."""
+        keyfile = _read(Path(key_file))
+        self.note(keyfile.store_id, keyfile.generation)
 
 
 # --- the public face -----------------------------------------------------------------
@@ -480,6 +689,7 @@ class KeyStore:
                 wraps=_wrap_all(kek, store_id, keys),
                 recovery={p: _wrap_all_for(p, store_id, keys) for p in publics},
             )
+            keyfile.seal_recovery(keys)
             _write(path, keyfile)
         logger.info("created key file %s (%s, %d recovery keys)", path, params.name, len(publics))
         return UnlockedKeys(keys)
@@ -493,7 +703,9 @@ class KeyStore:
         there is no file at ``path``.
         """
         path = Path(path)
-        _, keys = _unlock_passphrase(path, _read(path), passphrase)
+        keyfile = _read(path)
+        _, keys = _unlock_passphrase(path, keyfile, passphrase)
+        _vouch_local(path, keyfile, keys)
         return UnlockedKeys(keys)
 
     @staticmethod
@@ -504,7 +716,9 @@ class KeyStore:
         """
         path = Path(path)
         keyfile = _read(path)
-        return UnlockedKeys(_unlock_recovery(f"key file {path}", keyfile, private_key))
+        keys = _unlock_recovery(f"key file {path}", keyfile, private_key)
+        _vouch_local(path, keyfile, keys)
+        return UnlockedKeys(keys)
 
     @staticmethod
     def change_passphrase(
@@ -524,11 +738,13 @@ class KeyStore:
         with _locked(path):
             keyfile = _read(path)
             _, keys = _unlock_passphrase(path, keyfile, old_passphrase)
+            _vouch_local(path, keyfile, keys)
             assert keyfile.kdf is not None
             params = kdf if kdf is not None else _fresh_salt(keyfile.kdf)
             kek = crypto.derive_from_passphrase(new_passphrase, params)
             keyfile.kdf = params
             keyfile.wraps = _wrap_all(kek, keyfile.store_id, keys)
+            keyfile.seal_recovery(keys)
             _write(path, keyfile)
         logger.info("changed the passphrase of key file %s", path)
 
@@ -542,14 +758,17 @@ class KeyStore:
         path = Path(path)
         with _locked(path):
             keyfile = _read(path)
-            kek, _ = _unlock_passphrase(path, keyfile, passphrase)
-            new_id = max(keyfile.key_ids()) + 1
+            kek, keys = _unlock_passphrase(path, keyfile, passphrase)
+            # Before anything is wrapped for the listed recovery keys: were they changed?
+            _vouch_local(path, keyfile, keys)
+            new_id = keyfile.generation + 1
             if new_id > MAX_KEY_ID:
                 raise KeyStoreError(f"key file {path} has used every key id; create a new one")
             new = {new_id: crypto.random_key()}
             keyfile.wraps.update(_wrap_all(kek, keyfile.store_id, new))
             for public, wraps in keyfile.recovery.items():
                 wraps.update(_wrap_all_for(public, keyfile.store_id, new))
+            keyfile.seal_recovery({**keys, **new})
             _write(path, keyfile)
         logger.info("rotated key file %s to master key generation %d", path, new_id)
         return new_id
@@ -565,7 +784,9 @@ class KeyStore:
         with _locked(path):
             keyfile = _read(path)
             _, keys = _unlock_passphrase(path, keyfile, passphrase)
+            _vouch_local(path, keyfile, keys)
             keyfile.recovery[public] = _wrap_all_for(public, keyfile.store_id, keys)
+            keyfile.seal_recovery(keys)
             _write(path, keyfile)
         logger.info("added recovery key %s... to key file %s", public.hex()[:16], path)
 
@@ -576,12 +797,14 @@ class KeyStore:
         (public,) = _check_public_keys([public_key])
         with _locked(path):
             keyfile = _read(path)
-            _unlock_passphrase(path, keyfile, passphrase)
+            _, keys = _unlock_passphrase(path, keyfile, passphrase)
             if public not in keyfile.recovery:
                 raise KeyStoreError(
                     f"recovery key {public.hex()[:16]}... is not registered in {path}"
                 )
+            _vouch_local(path, keyfile, keys)
             del keyfile.recovery[public]
+            keyfile.seal_recovery(keys)
             _write(path, keyfile)
         logger.info("removed recovery key %s... from key file %s", public.hex()[:16], path)
 
@@ -611,11 +834,42 @@ class KeyStore:
         passphrase: str,
         *,
         kdf: crypto.KdfParams | None = None,
+        seen: SeenGenerations | None = None,
     ) -> UnlockedKeys:
         """Rebuild a key file at ``path`` from a recovery bundle and a recovery key.
 
         The new file holds every generation the bundle held, wrapped under the new
-        ``passphrase``, and keeps all registered recovery keys. ``path`` must not exist.
+        ``passphrase``, and keeps the registered recovery keys once the bundle's
+        ``recovery_tag`` proves they are the ones your keys registered. ``path`` must
+        not exist.
+
+        Parameters
+        ----------
+        path
+            Where the new key file goes.
+        bundle
+            A recovery bundle or a whole key file (e.g. fetched from the backup server).
+        private_key
+            A registered recovery private key (32 bytes, X25519).
+        passphrase
+            The new key file's passphrase.
+        kdf
+            Its KDF and cost (default: production strength, fresh salt).
+        seen
+            This device's record of generations seen; a bundle older than it is refused.
+
+        Raises
+        ------
+        KeyFileTamperedError
+            The bundle's recovery keys were changed (a key added by whoever held it).
+        KeyFileRollbackError
+            The bundle is older than a key file this device has seen.
+
+        Notes
+        -----
+        A bundle written before ``recovery_tag`` existed cannot prove who added its
+        other recovery keys, so only the key given here is kept (a warning names the
+        ones dropped; add them again with :meth:`add_recovery_key` if they are yours).
         """
         path = Path(path)
         _check_passphrase(passphrase)
@@ -623,6 +877,19 @@ class KeyStore:
             raise SpecError(f"bundle must be bytes, got {type(bundle).__name__}")
         source = _parse_or_explain(bundle, "recovery bundle")
         keys = _unlock_recovery("the recovery bundle", source, private_key)
+        recovery = source.recovery
+        if not _check_recovery("the recovery bundle", source, keys):
+            public = crypto.recovery_public_key(private_key)
+            if len(recovery) > 1:
+                logger.warning(
+                    "the recovery bundle has no recovery_tag (written by an older lorafleet), "
+                    "so its other recovery keys cannot be told from ones someone added; "
+                    "keeping only the key you restored with, dropping: %s. Add them again "
+                    "with KeyStore.add_recovery_key if they are yours",
+                    _publics(p for p in recovery if p != public),
+                )
+            recovery = {public: recovery[public]}
+        _check_generation("the recovery bundle", source, seen)
         params = kdf if kdf is not None else crypto.kdf_params_default()
         with _locked(path):
             if path.exists():
@@ -634,10 +901,82 @@ class KeyStore:
                 store_id=source.store_id,
                 kdf=params,
                 wraps=_wrap_all(kek, source.store_id, keys),
-                recovery=source.recovery,
+                recovery=recovery,
             )
+            keyfile.seal_recovery(keys)
             _write(path, keyfile)
+        if seen is not None:
+            seen.note(keyfile.store_id, keyfile.generation)
         logger.info("restored key file %s with %d master key generations", path, len(keys))
+        return UnlockedKeys(keys)
+
+    @staticmethod
+    def adopt(
+        path: Path | str,
+        data: bytes,
+        passphrase: str,
+        *,
+        seen: SeenGenerations | None = None,
+    ) -> UnlockedKeys:
+        """Install a key file that came from elsewhere (the backup server) at ``path``.
+
+        It is unlocked with ``passphrase`` and its recovery keys are checked against its
+        ``recovery_tag`` before it is written, so a server that added its own recovery
+        key (to be handed every later generation by :meth:`rotate`) is caught here.
+
+        Parameters
+        ----------
+        path
+            Where the key file goes; must not exist.
+        data
+            The key file's bytes.
+        passphrase
+            Its passphrase.
+        seen
+            This device's record of generations seen; an older key file is refused.
+
+        Raises
+        ------
+        WrongPassphraseError
+            The passphrase does not unlock it.
+        KeyFileTamperedError
+            Its recovery keys were changed since the user's keys last wrote it.
+        KeyFileRollbackError
+            It is older than a key file this device has seen.
+
+        Notes
+        -----
+        A key file written before ``recovery_tag`` existed cannot prove its recovery
+        keys are the user's, so they are dropped (with a warning naming them) and the
+        file is written with a tag over the empty list: the passphrase still opens
+        it; add recovery keys again with :meth:`add_recovery_key`.
+        """
+        path = Path(path)
+        if not isinstance(data, bytes):
+            raise SpecError(f"data must be bytes, got {type(data).__name__}")
+        source = f"the key file offered for {path}"
+        keyfile = _parse_or_explain(data, source)
+        _, keys = _unlock_passphrase(path, keyfile, passphrase)
+        tagged = _check_recovery(source, keyfile, keys)
+        _check_generation(source, keyfile, seen)
+        if not tagged:
+            if keyfile.recovery:
+                logger.warning(
+                    "%s has no recovery_tag (written by an older lorafleet), so its recovery "
+                    "keys cannot be told from ones someone added; dropping them: %s. Add "
+                    "yours again with KeyStore.add_recovery_key",
+                    source,
+                    _publics(keyfile.recovery),
+                )
+            keyfile.recovery = {}
+            keyfile.seal_recovery(keys)
+            data = keyfile.to_bytes()
+        with _locked(path):
+            if path.exists():
+                raise KeyStoreError(f"{path} already exists; move it away first")
+            atomic_write_bytes(path, data, mode=0o600)
+        if seen is not None:
+            seen.note(keyfile.store_id, keyfile.generation)
         return UnlockedKeys(keys)
 
     @staticmethod

@@ -13,7 +13,10 @@ Primitives, all from the ``cryptography`` package:
   (16)``. A wrong key, a flipped bit or different associated data fails the tag check
   and raises :class:`~lorafleet.protocols.errors.DecryptionError`, never garbage.
 - **HKDF-SHA256** to derive one key from another (a per-blob data key from the master
-  key, a key-encryption key from an X25519 shared secret).
+  key, a key-encryption key from an X25519 shared secret, a MAC key from the master
+  keys).
+- **HMAC-SHA256** to bind what is stored in the clear next to wrapped keys (a key
+  file's list of recovery keys) to the keys themselves: :func:`mac_tag`.
 - **Argon2id** (RFC 9106) to turn a passphrase into a key where the OpenSSL build has it
   (OpenSSL >= 3.2, cryptography >= 44), else **scrypt**; the choice and its parameters
   travel with the key file, so a file written with either opens anywhere that has it.
@@ -33,6 +36,8 @@ counter state that a restored backup or a second device could roll back.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import secrets
 import threading
 import unicodedata
@@ -186,6 +191,58 @@ def unwrap_key(kek: bytes, wrapped: bytes, aad: bytes) -> bytes:
             f"wrapped key is {len(wrapped)} bytes, expected {WRAPPED_KEY_BYTES}: it is damaged"
         )
     return open_sealed(kek, wrapped, aad)
+
+
+MAC_TAG_BYTES = 32
+"""Length of a :func:`mac_tag` (HMAC-SHA256, never truncated)."""
+
+
+def _mac_key(keys: Sequence[bytes], info: bytes, salt: bytes) -> bytes:
+    if not keys:
+        raise SpecError("a MAC tag needs at least one key")
+    for key in keys:
+        _check_key(key)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info)
+    return hkdf.derive(b"".join(keys))
+
+
+def mac_tag(keys: Sequence[bytes], message: bytes, *, info: bytes, salt: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` under a key derived from every one of ``keys``.
+
+    The MAC key is ``HKDF-SHA256(ikm = keys[0] || keys[1] || ..., salt, info)``, so
+    only a holder of all the keys (in this order) can make or check a tag, and a
+    change to any key, to ``message`` or to the order of the keys gives another tag.
+
+    Parameters
+    ----------
+    keys
+        32-byte keys (a key file's master keys, oldest generation first).
+    message
+        The canonical bytes to authenticate.
+    info, salt
+        What the tag is for, and a non-secret value that separates one use from another.
+
+    Examples
+    --------
+    >>> keys = [bytes(32), bytes(range(32))]
+    >>> tag = mac_tag(keys, b"list", info=b"x", salt=b"s")
+    >>> len(tag), mac_tag_ok(keys, b"list", tag, info=b"x", salt=b"s")
+    (32, True)
+    >>> mac_tag_ok(keys, b"list!", tag, info=b"x", salt=b"s")
+    False
+    """
+    if not isinstance(message, bytes):
+        raise SpecError(f"message must be bytes, got {type(message).__name__}")
+    return hmac.new(_mac_key(keys, info, salt), message, hashlib.sha256).digest()
+
+
+def mac_tag_ok(
+    keys: Sequence[bytes], message: bytes, tag: bytes, *, info: bytes, salt: bytes
+) -> bool:
+    """Whether ``tag`` is :func:`mac_tag` of ``message`` (constant-time compare)."""
+    if not isinstance(tag, bytes) or len(tag) != MAC_TAG_BYTES:
+        return False
+    return hmac.compare_digest(mac_tag(keys, message, info=info, salt=salt), tag)
 
 
 # --- passphrase KDF ----------------------------------------------------------------

@@ -39,3 +39,11 @@ class WrongPassphraseError(KeyStoreError):
 
 class MissingKeyFileError(KeyStoreError):
     """No key file where one was expected; the message says how to restore it."""
+
+
+class KeyFileTamperedError(KeyStoreError, IntegrityError):
+    """A key file's recovery keys (who else can unwrap the master keys) were changed."""
+
+
+class KeyFileRollbackError(KeyStoreError, IntegrityError):
+    """A key file older than one this device has already seen was offered as the newest."""

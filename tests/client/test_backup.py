@@ -9,11 +9,13 @@ they were.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,9 +35,12 @@ from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import Profile
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.protocols import crypto
+from lorafleet.protocols.envelope import new_blob_id
 from lorafleet.protocols.errors import (
     DecryptionError,
     IntegrityError,
+    KeyFileRollbackError,
+    KeyFileTamperedError,
     KeyStoreError,
     LorafleetError,
     MissingKeyFileError,
@@ -344,6 +349,140 @@ def test_a_recovery_key_rebuilds_the_key_file_under_a_new_passphrase(
     # Assert
     assert KeyStore.unlock(new_keys, "new one").current_key == keys.current_key
     assert [p.name for p in new_keys.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# --- a malicious coordinator and the key file ---------------------------------------------
+
+
+def _upload_as_newest(env: Env, data: bytes) -> None:
+    """The coordinator stores ``data`` as Maya's newest key file.
+
+    It needs no stolen credential: it issues enrolment tokens itself, so it enrols a
+    device of its own for her and uploads through the real service.
+    """
+    rogue = env.enroll("u-maya", f"coordinator-{len(list(env.tmp.glob('coordinator-*')))}")
+    info = rogue.put_blob(new_blob_id(), data, kind="keyfile")
+    newest = next(b for b in rogue.list_blobs() if b.kind == "keyfile")
+    assert newest.blob_id == info.blob_id  # what a restoring device fetches
+
+
+def _plant_recovery_key(env: Env, *, strip_tag: bool = False) -> crypto.RecoveryKeyPair:
+    """Append the coordinator's own X25519 recovery entry to Maya's stored key file."""
+    reader = env.enroll("u-maya", "coordinator-reader")
+    stored = next(b for b in reader.list_blobs() if b.kind == "keyfile")
+    doc = json.loads(reader.get_blob(stored.blob_id, expected=stored))
+    planted = crypto.recovery_keypair()
+    store_id = bytes.fromhex(doc["store_id"])
+    wraps = []
+    for entry in doc["passphrase"]["keys"]:  # it cannot wrap her keys, so it wraps its own
+        aad = b"lorafleet/keyfile/v1\x00" + store_id + entry["key_id"].to_bytes(4, "little")
+        wrapped = crypto.wrap_for_recipient(planted.public_key, crypto.random_key(), aad)
+        wraps.append({"key_id": entry["key_id"], "wrapped": wrapped.hex()})
+    doc["recovery"].append({"public_key": planted.public_key.hex(), "keys": wraps})
+    if strip_tag:  # pretend the file predates the tag
+        del doc["recovery_tag"]
+    _upload_as_newest(env, json.dumps(doc, indent=2, sort_keys=True).encode())
+    return planted
+
+
+@pytest.mark.parametrize("unlock_with", ["passphrase", "recovery key"])
+def test_a_coordinator_that_plants_its_own_recovery_key_is_refused(
+    env: Env,
+    device_a: tuple[BackupClient, Path, Path, UnlockedKeys],
+    tmp_path: Path,
+    unlock_with: str,
+) -> None:
+    # Prepare
+    client, profile, key_file, keys = device_a
+    backup_both(client, profile, keys, key_file)
+    _plant_recovery_key(env)
+    laptop = env.enroll("u-maya", "laptop")
+    new_keys = tmp_path / "b" / "keys.json"
+    how: dict[str, Any] = (
+        {"passphrase": PASSPHRASE}
+        if unlock_with == "passphrase"
+        else {"recovery_key": RECOVERY.private_key, "new_passphrase": "new one", "kdf": CHEAP}
+    )
+
+    # Execute
+    with pytest.raises(KeyFileTamperedError, match=r"recovery keys .* were changed") as info:
+        obtain_keys(laptop, new_keys, **how)
+
+    # Assert: one line, and no key file (staged or not) for a later rotate to use
+    assert "\n" not in str(info.value)
+    assert [p.name for p in new_keys.parent.iterdir()] == []
+
+
+def test_rotate_refuses_a_key_file_with_a_planted_recovery_key(
+    env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
+) -> None:
+    # Prepare: the planted file copied onto a device by hand, past obtain_keys
+    client, profile, key_file, keys = device_a
+    backup_both(client, profile, keys, key_file)
+    _plant_recovery_key(env)
+    laptop = env.enroll("u-maya", "laptop")
+    newest = next(b for b in laptop.list_blobs() if b.kind == "keyfile")
+    copied = tmp_path / "copied-keys.json"
+    copied.write_bytes(laptop.get_blob(newest.blob_id, expected=newest))
+    before = copied.read_bytes()
+
+    # Execute / Assert: no new generation is wrapped for anyone
+    with pytest.raises(KeyFileTamperedError, match="refusing it"):
+        KeyStore.rotate(copied, PASSPHRASE)
+    assert copied.read_bytes() == before
+
+
+def test_a_planted_key_in_a_file_stripped_of_its_tag_never_gets_a_later_generation(
+    env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
+) -> None:
+    # Prepare: the coordinator also removes the tag, posing as a file from before it
+    client, profile, key_file, keys = device_a
+    backup_both(client, profile, keys, key_file)
+    planted = _plant_recovery_key(env, strip_tag=True)
+    laptop = env.enroll("u-maya", "laptop")
+    new_keys = tmp_path / "b" / "keys.json"
+
+    # Execute: restore, rotate, back the new key file up (what the coordinator waits for)
+    got, pending = obtain_keys(laptop, new_keys, passphrase=PASSPHRASE)
+    restore_profile(laptop, tmp_path / "b" / "profile", got)
+    pending.install()
+    KeyStore.rotate(new_keys, PASSPHRASE)
+    record = backup_profile(
+        laptop, tmp_path / "b" / "profile", KeyStore.unlock(new_keys, PASSPHRASE), key_file=new_keys
+    )
+
+    # Assert: the unprovable recovery keys were dropped, so the new generation is
+    # wrapped for nobody but the passphrase; the planted key opens nothing
+    assert record.key_file is not None
+    uploaded = tmp_path / "uploaded.json"
+    uploaded.write_bytes(laptop.get_blob(record.key_file.blob_id, expected=record.key_file))
+    assert KeyStore.info(uploaded).key_ids == (1, 2)
+    assert KeyStore.info(uploaded).recovery_public_keys == ()
+    with pytest.raises(KeyStoreError, match="not registered"):
+        KeyStore.unlock_with_recovery(uploaded, planted.private_key)
+
+
+def test_an_older_key_file_served_as_newest_is_a_rollback(
+    env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
+) -> None:
+    # Prepare: generation 1 backed up, then generation 2; the laptop restores (sees 2)
+    client, profile, key_file, keys = device_a
+    backup_both(client, profile, keys, key_file)
+    generation_1 = key_file.read_bytes()
+    KeyStore.rotate(key_file, PASSPHRASE)
+    backup_profile(client, profile, KeyStore.unlock(key_file, PASSPHRASE), key_file=key_file)
+    laptop = env.enroll("u-maya", "laptop")
+    new_keys = tmp_path / "b" / "keys.json"
+    got, pending = obtain_keys(laptop, new_keys, passphrase=PASSPHRASE)
+    pending.install()
+    assert sorted(got) == [1, 2]
+    new_keys.unlink()  # the laptop loses its key file (its record of generations stays)
+    _upload_as_newest(env, generation_1)  # the coordinator serves the old one as newest
+
+    # Execute / Assert
+    with pytest.raises(KeyFileRollbackError, match=r"generation 2 .* rollback"):
+        obtain_keys(laptop, new_keys, passphrase=PASSPHRASE)
+    assert not new_keys.exists()
 
 
 def test_restore_never_downgrades_a_profile_unless_told_to(

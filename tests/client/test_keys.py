@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from lorafleet.client.keys import KeyStore, UnlockedKeys
+from lorafleet.client.keys import KeyStore, SeenGenerations, UnlockedKeys
 from lorafleet.protocols import atomic, crypto
 from lorafleet.protocols.envelope import BlobContext, new_blob_id, open_blob, seal_blob
 from lorafleet.protocols.errors import (
     DecryptionError,
+    KeyFileRollbackError,
+    KeyFileTamperedError,
     KeyStoreError,
     LorafleetError,
     MissingKeyFileError,
@@ -325,6 +327,190 @@ def test_no_bundle_without_recovery_keys(tmp_path: Path) -> None:
         KeyStore.recovery_bundle(path)
 
 
+# --- the recovery list is bound to the master keys -----------------------------------
+
+
+def _plant(doc: dict[str, Any], change: str, keep: bytes = b"") -> crypto.RecoveryKeyPair:
+    """Change the recovery part the way someone without the keys can; their key pair.
+
+    A removed or swapped recovery key is never ``keep`` (the one the test opens with).
+    """
+    planted = crypto.recovery_keypair()
+    other = next(i for i, e in enumerate(doc["recovery"]) if e["public_key"] != keep.hex())
+    store_id = bytes.fromhex(doc["store_id"])
+    key_ids = [k["key_id"] for k in doc["passphrase"]["keys"]]
+
+    def wrap_for(public: bytes, key_id: int) -> str:
+        aad = b"lorafleet/keyfile/v1\x00" + store_id + key_id.to_bytes(4, "little")
+        return crypto.wrap_for_recipient(public, crypto.random_key(), aad).hex()
+
+    if change == "recovery key added":
+        entry = {
+            "public_key": planted.public_key.hex(),
+            "keys": [{"key_id": k, "wrapped": wrap_for(planted.public_key, k)} for k in key_ids],
+        }
+        doc["recovery"].append(entry)
+    elif change == "recovery key swapped":
+        doc["recovery"][other]["public_key"] = planted.public_key.hex()
+    elif change == "recovery key removed":
+        del doc["recovery"][other]
+    elif change == "recovery copy replaced":
+        own = bytes.fromhex(doc["recovery"][0]["public_key"])
+        doc["recovery"][0]["keys"][0]["wrapped"] = wrap_for(own, key_ids[0])
+    elif change == "generation added to the recovery part":
+        for entry in doc["recovery"]:
+            own = bytes.fromhex(entry["public_key"])
+            entry["keys"].append({"key_id": 99, "wrapped": wrap_for(own, 99)})
+    return planted
+
+
+PLANTS = [
+    "recovery key added",
+    "recovery key swapped",
+    "recovery key removed",
+    "recovery copy replaced",
+    "generation added to the recovery part",
+]
+
+
+@pytest.mark.parametrize("change", PLANTS)
+@pytest.mark.parametrize("operation", ["unlock", "rotate", "change_passphrase", "add_recovery_key"])
+def test_a_changed_recovery_list_is_refused_before_anything_is_wrapped(
+    key_file: Path, recovery: crypto.RecoveryKeyPair, change: str, operation: str
+) -> None:
+    # Prepare: two registered recovery keys, then the file changed by someone keyless
+    KeyStore.add_recovery_key(key_file, PASSPHRASE, crypto.recovery_keypair().public_key)
+    doc = json.loads(key_file.read_text())
+    _plant(doc, change)
+    key_file.write_text(json.dumps(doc))
+    before = _snapshot(key_file)
+    run = {
+        "unlock": lambda: KeyStore.unlock(key_file, PASSPHRASE),
+        "rotate": lambda: KeyStore.rotate(key_file, PASSPHRASE),
+        "change_passphrase": lambda: KeyStore.change_passphrase(key_file, PASSPHRASE, "new"),
+        "add_recovery_key": lambda: KeyStore.add_recovery_key(
+            key_file, PASSPHRASE, crypto.recovery_keypair().public_key
+        ),
+    }[operation]
+
+    # Execute
+    with pytest.raises(KeyFileTamperedError, match="refusing it") as info:
+        run()
+
+    # Assert
+    assert "\n" not in str(info.value)
+    assert _snapshot(key_file) == before
+
+
+@pytest.mark.parametrize("change", PLANTS)
+def test_a_bundle_with_a_changed_recovery_list_does_not_restore(
+    key_file: Path, recovery: crypto.RecoveryKeyPair, tmp_path: Path, change: str
+) -> None:
+    # Prepare: two registered recovery keys; the bundle changed by someone keyless
+    KeyStore.add_recovery_key(key_file, PASSPHRASE, crypto.recovery_keypair().public_key)
+    doc = json.loads(KeyStore.recovery_bundle(key_file))
+    doc["passphrase"] = {"keys": [{"key_id": 1}]}  # _plant reads the generations from here
+    _plant(doc, change, keep=recovery.public_key)
+    del doc["passphrase"]
+    target = tmp_path / "new" / "keys.json"
+
+    # Execute / Assert
+    with pytest.raises(KeyFileTamperedError, match="refusing it"):
+        KeyStore.restore(target, json.dumps(doc).encode(), recovery.private_key, "new", kdf=CHEAP)
+    assert not target.exists()
+
+
+def _strip_tag(path: Path) -> bytes:
+    doc = json.loads(path.read_text())
+    del doc["recovery_tag"]
+    return json.dumps(doc).encode()
+
+
+def test_an_older_file_without_the_tag_opens_and_gets_it_at_the_next_change(
+    key_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a file as lorafleet wrote it before the tag existed
+    key_file.write_bytes(_strip_tag(key_file))
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        keys = KeyStore.unlock(key_file, PASSPHRASE)
+    KeyStore.rotate(key_file, PASSPHRASE)
+
+    # Assert: accepted with a warning naming the keys; tagged (and checked) from then on
+    assert sorted(keys) == [1] and "no recovery_tag" in caplog.text
+    assert "recovery_tag" in json.loads(key_file.read_text())
+    doc = json.loads(key_file.read_text())
+    _plant(doc, "recovery key added")
+    key_file.write_text(json.dumps(doc))
+    with pytest.raises(KeyFileTamperedError):
+        KeyStore.rotate(key_file, PASSPHRASE)
+
+
+def test_adopting_an_untagged_file_drops_its_unprovable_recovery_keys(
+    key_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the server strips the tag and plants its key
+    doc = json.loads(_strip_tag(key_file))
+    planted = _plant(doc, "recovery key added")
+    target = tmp_path / "new" / "keys.json"
+    target.parent.mkdir()
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        keys = KeyStore.adopt(target, json.dumps(doc).encode(), PASSPHRASE)
+    KeyStore.rotate(target, PASSPHRASE)
+
+    # Assert: the passphrase opens it; no recovery key, least of all the planted one
+    assert sorted(keys) == [1] and "dropping them" in caplog.text
+    assert KeyStore.info(target).recovery_public_keys == ()
+    with pytest.raises(KeyStoreError, match="not registered"):
+        KeyStore.unlock_with_recovery(target, planted.private_key)
+
+
+def test_restoring_an_untagged_bundle_keeps_only_the_key_used(
+    key_file: Path, recovery: crypto.RecoveryKeyPair, tmp_path: Path
+) -> None:
+    # Prepare
+    bundle_path = tmp_path / "bundle.json"
+    bundle_path.write_bytes(KeyStore.recovery_bundle(key_file))
+    doc = json.loads(_strip_tag(bundle_path))
+    doc["passphrase"] = {"keys": [{"key_id": 1}]}
+    planted = _plant(doc, "recovery key added")
+    del doc["passphrase"]
+    target = tmp_path / "new" / "keys.json"
+
+    # Execute
+    KeyStore.restore(target, json.dumps(doc).encode(), recovery.private_key, "new", kdf=CHEAP)
+    KeyStore.rotate(target, "new")
+
+    # Assert
+    assert KeyStore.info(target).recovery_public_keys == (recovery.public_key.hex(),)
+    assert sorted(KeyStore.unlock_with_recovery(target, recovery.private_key)) == [1, 2]
+    with pytest.raises(KeyStoreError, match="not registered"):
+        KeyStore.unlock_with_recovery(target, planted.private_key)
+
+
+def test_an_older_generation_than_one_seen_is_a_rollback(
+    key_file: Path, recovery: crypto.RecoveryKeyPair, tmp_path: Path
+) -> None:
+    # Prepare: generation 1 saved aside; the device then sees generation 2
+    old = key_file.read_bytes()
+    KeyStore.rotate(key_file, PASSPHRASE)
+    seen = SeenGenerations(tmp_path / "seen.json")
+    seen.note_file(key_file)
+    target = tmp_path / "new" / "keys.json"
+    target.parent.mkdir()
+
+    # Execute / Assert
+    with pytest.raises(KeyFileRollbackError, match="generation 2"):
+        KeyStore.adopt(target, old, PASSPHRASE, seen=seen)
+    with pytest.raises(KeyFileRollbackError, match="rollback"):
+        KeyStore.restore(target, old, recovery.private_key, "new", kdf=CHEAP, seen=seen)
+    assert not target.exists()
+    assert sorted(KeyStore.adopt(target, key_file.read_bytes(), PASSPHRASE, seen=seen)) == [1, 2]
+
+
 # --- damaged files -----------------------------------------------------------------
 
 
@@ -493,9 +679,18 @@ def test_the_documented_reader_opens_key_files_and_blobs_without_lorafleet(
         for ctx, blob in ((ctx1, blob1), (ctx2, blob2))
     ]
 
+    tag_ok = example["recovery_tag_ok"]
+    doc = json.loads(path.read_text())
+    _plant(doc, "recovery key added")
+    planted = json.dumps(doc).encode()
+
     # Assert
     assert by_passphrase == by_recovery == dict(keys)
     assert opened == [b"generation one", b"generation two"]
+    assert tag_ok(path.read_bytes(), by_passphrase) and tag_ok(
+        KeyStore.recovery_bundle(path), by_recovery
+    )
+    assert not tag_ok(planted, by_passphrase)
 
 
 def test_the_docstring_examples_run() -> None:
