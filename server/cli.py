@@ -98,6 +98,14 @@ def _console_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--tls-cert", type=Path, default=None, help="certificate chain (PEM) for HTTPS")
     p.add_argument("--tls-key", type=Path, default=None, help="private key (PEM) for HTTPS")
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="ADDRS",
+        help="comma-separated addresses/networks of a reverse proxy in front of the console "
+        "whose X-Forwarded-For/-Proto headers are believed (default: none, the peer address "
+        "is the client's)",
+    )
 
 
 def _console(args: argparse.Namespace) -> None:
@@ -120,6 +128,7 @@ def _console(args: argparse.Namespace) -> None:
         port=args.port,
         tls_cert=None if args.tls_cert is None else str(args.tls_cert),
         tls_key=None if args.tls_key is None else str(args.tls_key),
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     blob_root = args.blob_store or args.data_dir / "blobs"
     eraser = blob_store_eraser(BlobStore(blob_root)) if blob_root.is_dir() else None

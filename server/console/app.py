@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -101,6 +101,14 @@ class ConsoleConfig:
     secure_cookies: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
+    forwarded_allow_ips: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated addresses or networks of the reverse proxy whose "
+            "X-Forwarded-For/-Proto the console believes; None (the default): no proxy "
+            "headers are believed from anyone, the socket's peer is the client"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -113,6 +121,8 @@ class ConsoleConfig:
             raise SpecError("console: session lifetimes must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecError("console: give both --tls-cert and --tls-key, or neither")
+        if self.forwarded_allow_ips is not None:
+            _check_proxies(self.forwarded_allow_ips)
         if self.tls_cert is None and not is_loopback(self.host):
             raise SpecError(
                 f"console: refusing plain HTTP on {self.host}: pass --tls-cert and --tls-key, "
@@ -128,6 +138,33 @@ class ConsoleConfig:
     def tls(self) -> bool:
         """Whether the console serves HTTPS itself."""
         return self.tls_cert is not None
+
+
+def _check_proxies(value: str) -> None:
+    """Each comma-separated item is an IP address or network (never ``*``)."""
+    items = [item.strip() for item in value.split(",")]
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SpecError(
+                f"console: --forwarded-allow-ips item {item!r} is not an IP address or "
+                "network; name the reverse proxy's address (e.g. 127.0.0.1 or 10.0.0.0/24)"
+            ) from None
+
+
+SETUP_ACCOUNT = "\x00setup"
+"""The throttle's account name for wrong setup tokens (no real account can be named so)."""
+
+
+def peer_of(request: Request) -> str:
+    """The client's address: the socket's peer, or what a named proxy forwarded.
+
+    uvicorn rewrites ``request.client`` from ``X-Forwarded-For`` only when the peer is
+    one of ``ConsoleConfig.forwarded_allow_ips`` (none by default), so a client cannot
+    choose the address that the login throttle and the audit log see.
+    """
+    return request.client.host if request.client else "unknown"
 
 
 def is_loopback(host: str) -> bool:
@@ -218,9 +255,8 @@ class Console:
         return bool(self.registry.get_control(PAUSED_KEY, False))
 
     def audit(self, request: Request, actor: str, action: str, target: str, **detail: Any) -> None:
-        """Write one audit entry, with the client's address."""
-        client = request.client.host if request.client else "unknown"
-        self.registry.record_audit(actor, action, target, {"address": client, **detail})
+        """Write one audit entry, with the client's address (:func:`peer_of`)."""
+        self.registry.record_audit(actor, action, target, {"address": peer_of(request), **detail})
 
     def cohorts(self) -> list[str]:
         """Spec fingerprints of the cohorts that ran rounds or hold a prior, latest first."""
@@ -558,17 +594,17 @@ def create_app(
         password: Annotated[str, Form()] = "",
         next: Annotated[str, Form()] = "/",
     ) -> Response:
-        address = request.client.host if request.client else "unknown"
-        if console.throttle.blocked(address):
+        address = peer_of(request)
+        if console.throttle.blocked(username, address):
             session.flash("error", "too many failed logins from this address; wait a few minutes")
             return render(request, "login.html", session, status_code=429, next=_safe_next(next))
         ok = await _run_sync(lambda: console.admin.verify(username, password))
         if not ok:
-            console.throttle.failed(address)
+            console.throttle.failed(username, address)
             log.warning("console: failed login from %s", address)
             session.flash("error", "wrong name or password")
             return render(request, "login.html", session, status_code=401, next=_safe_next(next))
-        console.throttle.succeeded(address)
+        console.throttle.succeeded(username, address)
         fresh = console.sessions.login(session, username)
         console.audit(request, username, "login", "console")
         response = back(next)
@@ -607,9 +643,9 @@ def create_app(
     ) -> Response:
         if console.admin.configured:
             return RedirectResponse("/login", status_code=303)
-        address = request.client.host if request.client else "unknown"
+        address = peer_of(request)
         try:
-            if console.throttle.blocked(address):
+            if console.throttle.blocked(SETUP_ACCOUNT, address):
                 raise ConsoleAuthError(
                     "too many failed attempts from this address; wait a few minutes"
                 )
@@ -618,7 +654,7 @@ def create_app(
             if password != password2:
                 raise ConsoleAuthError("the two passwords differ; type the same one twice")
             if not console.setup.redeem(token.strip()):
-                console.throttle.failed(address)
+                console.throttle.failed(SETUP_ACCOUNT, address)
                 raise ConsoleAuthError(
                     "wrong setup token: use the one the console printed when it started"
                 )
@@ -1000,10 +1036,17 @@ class ConsoleServer:
                 "choose another --port"
             ) from None
         port = sock.getsockname()[1]
+        proxies = self.config.forwarded_allow_ips
         uv_config = uvicorn.Config(
             self.app,
             log_level="warning",
             access_log=False,
+            # Proxy headers only from the proxy the operator named; uvicorn's own default
+            # (believe X-Forwarded-For from 127.0.0.1, or $FORWARDED_ALLOW_IPS) would let
+            # any local process, or an SSH tunnel's user, pick the address the login
+            # throttle and the audit log see.
+            proxy_headers=proxies is not None,
+            forwarded_allow_ips=[p.strip() for p in proxies.split(",")] if proxies else [],
             ssl_certfile=self.config.tls_cert,
             ssl_keyfile=self.config.tls_key,
             timeout_graceful_shutdown=2,

@@ -12,8 +12,11 @@
   idle time and absolute age; logging in replaces the pre-login session (no fixation).
 - **CSRF:** every session, even before login, has its own random token; every POST
   must carry it (a hidden form field or the ``X-CSRF-Token`` header).
-- **Throttling:** repeated failed logins from one address are refused for a while, so
-  the KDF is not an oracle an attacker can query at full speed.
+- **Throttling:** repeated failed logins for one account from one peer address are
+  refused for a while, so the KDF is not an oracle an attacker can query at full speed;
+  failures from one peer never lock the account out for another peer (the admin still
+  logs in from elsewhere while an attacker hammers the form). The peer is the socket's
+  address, unless the operator named a reverse proxy (``--forwarded-allow-ips``).
 """
 
 from __future__ import annotations
@@ -330,38 +333,50 @@ def csrf_ok(session: Session | None, token: str | None) -> bool:
 
 
 class LoginThrottle:
-    """At most ``max_failures`` failed logins per address in ``window_s`` seconds."""
+    """At most ``max_failures`` failed logins per (account, peer) in ``window_s`` seconds.
+
+    Keyed by both, so a peer that guesses passwords is slowed down without locking the
+    account for anyone else: a global or per-account lock would let an attacker lock
+    the admin out from anywhere.
+
+    Examples
+    --------
+    >>> throttle = LoginThrottle(max_failures=1)
+    >>> throttle.failed("admin", "203.0.113.7")
+    >>> throttle.blocked("admin", "203.0.113.7"), throttle.blocked("admin", "192.0.2.1")
+    (True, False)
+    """
 
     def __init__(
         self, *, max_failures: int = 5, window_s: float = 300.0, clock: Any = time.monotonic
     ) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
         self._clock = clock
 
-    def _recent(self, address: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(address, deque())
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        q = self._failures.setdefault(key, deque())
         while q and now - q[0] > self.window_s:
             q.popleft()
         return q
 
-    def blocked(self, address: str) -> bool:
-        """Whether this address must wait before trying again."""
+    def blocked(self, account: str, peer: str) -> bool:
+        """Whether ``peer`` must wait before trying ``account`` again."""
         with self._lock:
-            return len(self._recent(address, self._clock())) >= self.max_failures
+            return len(self._recent((account, peer), self._clock())) >= self.max_failures
 
-    def failed(self, address: str) -> None:
-        """Count one failed attempt."""
+    def failed(self, account: str, peer: str) -> None:
+        """Count one failed attempt of ``peer`` at ``account``."""
         with self._lock:
             now = self._clock()
-            self._recent(address, now).append(now)
-            if len(self._failures) > 10_000:  # forget idle addresses
+            self._recent((account, peer), now).append(now)
+            if len(self._failures) > 10_000:  # forget idle pairs
                 for key in [k for k, q in self._failures.items() if not q]:
                     del self._failures[key]
 
-    def succeeded(self, address: str) -> None:
-        """Forget the address's failures."""
+    def succeeded(self, account: str, peer: str) -> None:
+        """Forget ``peer``'s failures at ``account``."""
         with self._lock:
-            self._failures.pop(address, None)
+            self._failures.pop((account, peer), None)

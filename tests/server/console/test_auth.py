@@ -114,16 +114,16 @@ def test_csrf_tokens_belong_to_one_session() -> None:
     assert not csrf_ok(a, None) and not csrf_ok(None, a.csrf)
 
 
-def test_failed_logins_block_an_address_for_the_window_only() -> None:
+def test_failed_logins_block_an_account_from_one_address_for_the_window_only() -> None:
     # Prepare
     clock = Clock()
     throttle = LoginThrottle(max_failures=3, window_s=60, clock=clock)
 
     # Execute
     for _ in range(3):
-        throttle.failed("10.0.0.1")
+        throttle.failed("admin", "10.0.0.1")
 
     # Assert
-    assert throttle.blocked("10.0.0.1") and not throttle.blocked("10.0.0.2")
+    assert throttle.blocked("admin", "10.0.0.1") and not throttle.blocked("admin", "10.0.0.2")
     clock.now += 61
-    assert not throttle.blocked("10.0.0.1")
+    assert not throttle.blocked("admin", "10.0.0.1")

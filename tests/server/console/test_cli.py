@@ -64,18 +64,17 @@ def test_the_console_command_serves_the_setup_page_and_prints_a_one_time_token(
     assert "Traceback" not in err
 
 
-def test_a_public_address_without_tls_is_one_clear_line(tmp_path: Path) -> None:
-    # Execute
-    proc = subprocess.run(
+def run_console(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``lorafleet-server console --data-dir DATA_DIR ARGS...`` to its end."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "lorafleet.server.cli",
             "console",
             "--data-dir",
-            str(tmp_path),
-            "--host",
-            "0.0.0.0",
+            str(data_dir),
+            *args,
         ],
         capture_output=True,
         text=True,
@@ -83,7 +82,22 @@ def test_a_public_address_without_tls_is_one_clear_line(tmp_path: Path) -> None:
         check=False,
     )
 
+
+def test_a_public_address_without_tls_is_one_clear_line(tmp_path: Path) -> None:
+    # Execute
+    proc = run_console(tmp_path, "--host", "0.0.0.0")
+
     # Assert
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: console: refusing plain HTTP on 0.0.0.0")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_forwarded_allow_ips_that_names_no_proxy_is_one_clear_line(tmp_path: Path) -> None:
+    # Execute
+    proc = run_console(tmp_path, "--forwarded-allow-ips", "*")
+
+    # Assert: trusting every peer's X-Forwarded-For is what the flag exists to avoid
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: console: --forwarded-allow-ips item '*'")
     assert "Traceback" not in proc.stderr
