@@ -12,6 +12,8 @@ from lorafleet.protocols.envelope import seal_blob as seal_blob
 from lorafleet.protocols.errors import DataError as DataError
 from lorafleet.protocols.errors import DecryptionError as DecryptionError
 from lorafleet.protocols.errors import IntegrityError as IntegrityError
+from lorafleet.protocols.errors import KeyFileRollbackError as KeyFileRollbackError
+from lorafleet.protocols.errors import KeyFileTamperedError as KeyFileTamperedError
 from lorafleet.protocols.errors import KeyStoreError as KeyStoreError
 from lorafleet.protocols.errors import LorafleetError as LorafleetError
 from lorafleet.protocols.errors import MissingKeyFileError as MissingKeyFileError
@@ -31,6 +33,8 @@ __all__ = [
     "DataError",
     "DecryptionError",
     "IntegrityError",
+    "KeyFileRollbackError",
+    "KeyFileTamperedError",
     "KeyStoreError",
     "LorafleetError",
     "ManifestFile",
