@@ -268,9 +268,9 @@ class Argon2idParams:
     instead of four, about 0.2 s on a laptop core: slow enough that guessing passphrases
     from a stolen key file is expensive, fast enough to unlock once per session on a
     phone. One lane does the same memory-hard work (the cost is set by t and m; lanes
-    only split it for parallel threads, which this OpenSSL build runs on one core
-    anyway) and, unlike several lanes, can run in several threads at once without
-    deadlocking OpenSSL (see :func:`derive_from_passphrase`). Tests pass tiny costs; the
+    only let it be split across threads: 0.23 s with one lane against 0.17 s with four
+    on the machine this was tuned on) and, unlike several lanes, can run in several
+    threads at once without deadlocking OpenSSL (see :func:`derive_from_passphrase`). Tests pass tiny costs; the
     stored parameters, not the defaults, decide how a file is opened, so key files and
     password hashes made with 4 lanes still open.
     """
