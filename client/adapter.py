@@ -94,6 +94,13 @@ def _a_b(layer: LoraLayer) -> tuple[torch.nn.Linear, torch.nn.Linear]:
     )
 
 
+def adapter_layers(
+    peft_model: torch.nn.Module,
+) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:
+    """The ``(A, B)`` Linear modules of every adapted layer, keyed by module path."""
+    return {path: _a_b(layer) for path, layer in _lora_layers(peft_model).items()}
+
+
 def materialize(
     model: torch.nn.Module,
     spec: AdapterSpec,

@@ -32,6 +32,7 @@ __all__ = [
     "TokenBlocks",
     "demo_notes_path",
     "encode_blocks",
+    "encode_notes",
     "read_examples",
     "split_examples",
 ]
@@ -543,6 +544,33 @@ def encode_blocks(examples: Sequence[Example], tokenizer: Any, seq_len: int = 12
         attention.view(n_blocks, seq_len),
         labels.view(n_blocks, seq_len),
     )
+
+
+def encode_notes(examples: Sequence[Example], tokenizer: Any, max_len: int = 256) -> TokenBlocks:
+    """One row per example, padded to the longest (at most ``max_len`` tokens).
+
+    Packed blocks (:func:`encode_blocks`) let a note's loss lean on the notes before it
+    in the stream; scoring each note alone is how a user meets the model (a fresh
+    context), and the two rank methods differently when notes are short. Tokens are
+    exactly those :func:`encode_blocks` would pack for the note; a longer note is cut.
+    """
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < _MIN_SEQ_LEN:
+        raise SpecError(f"max_len must be an integer >= {_MIN_SEQ_LEN}, got {max_len!r}")
+    if not examples:
+        raise DataError("no examples to encode; read some notes first")
+    rows = [encode_blocks([e], tokenizer, seq_len=max_len) for e in examples]
+    # encode_blocks pads each note to a whole block; keep its first block (cut long notes).
+    ids = [r.input_ids[0][r.attention_mask[0].bool()] for r in rows]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(ids), width), int(pad or 0), dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        attention[i, : len(row)] = 1
+        labels[i, : len(row)] = row
+    return TokenBlocks(input_ids, attention, labels)  # (N, W)
 
 
 def _render_chat(example: Example, tokenizer: Any) -> str:

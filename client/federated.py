@@ -84,11 +84,18 @@ class DeviceData:
     def from_path(
         cls, path: Path, *, heldout_fraction: float = 0.2, user_id: str = ""
     ) -> DeviceData:
-        """A folder with train.txt + heldout.txt, or any notes file/folder (split here)."""
+        """A folder with train + heldout files (.txt or .jsonl), or any notes (split here).
+
+        The held-out side is what the device selects on (early stopping, the choice of
+        its personal adapter); an experiment keeps its test notes off the device.
+        """
         path = Path(path)
-        train_file, held_file = path / "train.txt", path / "heldout.txt"
-        if train_file.is_file() and held_file.is_file():
-            return cls(user_id or path.name, read_examples(train_file), read_examples(held_file))
+        for suffix in (".txt", ".jsonl"):
+            train_file, held_file = path / f"train{suffix}", path / f"heldout{suffix}"
+            if train_file.is_file() and held_file.is_file():
+                return cls(
+                    user_id or path.name, read_examples(train_file), read_examples(held_file)
+                )
         train, held = split_examples(read_examples(path), heldout_fraction)
         return cls(user_id or path.name, train, held)
 
@@ -228,20 +235,35 @@ def run_round(
             trainer.step(next(batches))
         stepped = get_b(w.model)
         delta = {k: stepped[k] - prior_b[k] for k in prior_b}
-    # Personal step: from the user's own B, pulled toward the prior.
-    set_b(w.model, personal_b)
-    if instr.personal_steps == 0:  # otherwise training measures it (and keeps the best)
-        personal_loss = prior_loss if current is None else loss()
+    # Personal step. It starts from whichever of {the prior just received, the user's
+    # current personal B} is better on the user's validation notes, trains, and keeps the
+    # best B it saw on them (the start included). So a round never leaves the personal
+    # adapter worse on validation than the prior or than itself: when the prior has
+    # improved past an old personal adapter the user moves on from the prior, and when
+    # a user's own text says training hurts (too few notes), the prior is kept.
+    # Validation is the device's held-out side; an experiment's test notes never get here.
+    if current is None:
+        start_b, start_loss, start_from = prior_b, prior_loss, "prior"
+    else:
+        set_b(w.model, personal_b)
+        own_loss = loss()
+        if own_loss <= prior_loss:
+            start_b, start_loss, start_from = personal_b, own_loss, "personal"
+        else:
+            start_b, start_loss, start_from = prior_b, prior_loss, "prior"
+    set_b(w.model, start_b)
+    if instr.personal_steps == 0:
+        personal_loss = start_loss
     else:
         personal_cfg = TrainConfig(
             steps=instr.personal_steps,
             lr=instr.lr,
             batch_size=instr.batch_size,
-            warmup_steps=min(5, instr.personal_steps // 4),
+            warmup_steps=min(2, instr.personal_steps // 4),
             prox_mu=instr.prox_mu,
             precision=w.precision,  # type: ignore[arg-type]
             device=str(w.device),
-            eval_every=max(1, instr.personal_steps // 2),
+            eval_every=max(1, instr.personal_steps // 3),
             patience=0,
             seed=instr.round,
         )
@@ -254,6 +276,10 @@ def run_round(
                 "base_loss": base_loss,
                 "prior_loss": prior_loss,
                 "personal_loss": personal_loss,
+                "start_loss": start_loss,
+                "started_from_prior": float(start_from == "prior"),
+                "best_step": float(result.best_step),
+                "steps": float(result.steps + (instr.prior_steps if delta is not None else 0)),
             },
             prior_version=instr.prior_version,
             round=instr.round,

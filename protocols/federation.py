@@ -67,8 +67,8 @@ class RoundInstruction:
     personal_steps: int = 8
     prior_steps: int = 8
     lr: float = 2e-3
-    prox_mu: float = 0.01
-    clip_norm: float = 1.0
+    prox_mu: float = 0.0
+    clip_norm: float = 10.0
     batch_size: int = 4
     seq_len: int = 128
     heldout_fraction: float = 0.2

@@ -36,6 +36,37 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--fraction", type=float, default=0.5, help="share of users per round")
         p.add_argument("--notes", type=int, default=60, help="notes per synthetic user")
         p.add_argument("--steps", type=int, default=6, help="personal and prior steps per round")
+        p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
+        p.add_argument(
+            "--clip-norm",
+            type=float,
+            default=10.0,
+            help="max L2 norm of a device's prior delta (DP noise scales with it)",
+        )
+        p.add_argument(
+            "--prox-mu", type=float, default=0.0, help="pull of the personal B toward the prior"
+        )
+        p.add_argument(
+            "--local-steps",
+            type=int,
+            default=0,
+            help="steps of the local-only baselines (default: rounds x steps, the personal budget)",
+        )
+        p.add_argument(
+            "--seeds", default="", help="comma-separated seeds to repeat the run with (the spread)"
+        )
+        p.add_argument(
+            "--baselines",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="also run local-only (stock peft, B-only) and FedAvg global (+FT) baselines",
+        )
+        p.add_argument(
+            "--engine",
+            default="ray",
+            choices=["ray", "local"],
+            help="Flower's Ray simulation, or the same apps in this process (no Ray)",
+        )
         p.add_argument("--packing", default="fp16", choices=["fp32", "fp16", "int8"])
         p.add_argument("--base", default="default")
         p.add_argument(
@@ -67,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "experiment":
             p.add_argument("--cold-start", default="4,16,64", help="k values; empty to skip")
+            p.add_argument(
+                "--newcomers-dir",
+                type=Path,
+                default=None,
+                help="real users who never take part, for the cold-start curve",
+            )
     return parser
 
 
@@ -111,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cold: tuple[int, ...] = ()
         if args.command == "experiment" and args.cold_start.strip():
             cold = tuple(int(k) for k in args.cold_start.split(","))
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else ()
         cfg = ExperimentConfig(
             output=args.output,
             num_users=args.users,
@@ -124,6 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             base=args.base,
             precision=args.precision,
             seed=args.seed,
+            seeds=seeds,
+            lr=args.lr,
+            clip_norm=args.clip_norm,
+            prox_mu=args.prox_mu,
+            local_steps=args.local_steps,
+            baselines=args.baselines,
+            engine=args.engine,
+            newcomers_dir=getattr(args, "newcomers_dir", None),
             cold_start_ks=cold,
             secure_aggregation=args.secure_aggregation,
             dp=args.dp,

@@ -1,47 +1,56 @@
 """Federated personalization experiments: the table that says whether it works.
 
-A run generates synthetic users (or reads real per-user folders), federates them on
-Flower's simulation engine, then measures for every user on their own held-out text:
+An experiment splits every user's notes three ways by a hash of their content:
+**train** (what every method trains on), **validation** (the only text any choice is
+made on: early stopping, the device's choice of its personal adapter) and **test**
+(the figure reported, seen by nothing before). Devices in the federation get train and
+validation only; the test notes stay in this process.
+
+It then runs, on the same users, splits and base, for each seed:
 
 - ``base``: the frozen base alone;
-- ``prior``: the shared prior the federation learned (what a new user starts from);
-- ``local``: a personal adapter trained only on the user's data, from zero, with as many
-  steps as the federated personal adapter got (no federation at all);
-- ``personal``: the personal adapter trained in the federation (from the prior, pulled
-  toward it).
+- ``local_peft``: stock peft, a full LoRA (A and B) trained on the user's text alone;
+- ``local_b``: lorafleet's B-only adapter trained on the user's text alone (no
+  federation), with the same early stopping the personal adapter gets;
+- ``fedavg`` and ``fedavg_ft``: a FlowerTune-style FedAvg global LoRA, and that model
+  fine-tuned on each user's text (the classic personalized-FL baseline);
+- ``prior`` and ``personal``: lorafleet's shared prior and each user's personal adapter,
+  from the real Flower federation (:func:`lorafleet.sim.runner.simulate`).
 
-and a cold-start curve: a user who never took part, with k notes, trained from the prior
-versus from zero. Those measurements run in the experiment's own process, which knows
-which folder belongs to which user; the coordinator never learns it.
+Each is scored on the test split twice: on packed ``seq_len``-token chunks of the
+concatenated notes, and note by note in a fresh context (how a user meets the model);
+short notes rank methods differently under the two. Device steps and tokens are counted
+per user and method, the prior's steps included. A cold-start curve trains a newcomer
+(a user who never took part: a real one with ``newcomers_dir``, else a synthetic one)
+on k notes from the prior and from zero.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
 from lorafleet.client.base import LoadedBase, load_base
-from lorafleet.client.data import Example, TokenBlocks, encode_blocks
-from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.data import Example, encode_blocks, encode_notes, split_examples
 from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
-from lorafleet.client.train import TrainConfig, train_adapter
+from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
-from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.errors import DataError, SpecError
 from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.sim.baselines import AdapterState, Lab, LabUser, fedavg_global
 from lorafleet.sim.personas import (
     PersonaConfig,
     UserData,
-    generate_notes,
     generate_personas,
     load_user_folders,
     write_user_folders,
@@ -50,10 +59,32 @@ from lorafleet.sim.runner import SimResources, simulate
 
 log = logging.getLogger(__name__)
 
+METHODS: tuple[str, ...] = (
+    "base",
+    "local_peft",
+    "local_b",
+    "fedavg",
+    "fedavg_ft",
+    "prior",
+    "personal",
+)
+"""Every method an experiment scores, in table order."""
+
+LABELS = {
+    "base": "base",
+    "local_peft": "local peft",
+    "local_b": "local B",
+    "fedavg": "FedAvg",
+    "fedavg_ft": "FedAvg+FT",
+    "prior": "prior",
+    "personal": "personal",
+}
+_LOCAL = ("local_peft", "local_b")
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: the users, the federation and the measurements."""
+    """One experiment: the users, the federation, the baselines and the measurements."""
 
     output: Path = field(metadata={"help": "Folder for everything the run writes."})
     num_users: int = 8
@@ -61,13 +92,16 @@ class ExperimentConfig:
     users_dir: Path | None = field(
         default=None, metadata={"help": "Real per-user folders instead of personas."}
     )
+    newcomers_dir: Path | None = field(
+        default=None, metadata={"help": "Real users who never take part, for the cold start."}
+    )
     num_rounds: int = 3
     fraction_train: float = 0.5
     personal_steps: int = 6
     prior_steps: int = 6
     lr: float = 2e-3
-    prox_mu: float = 0.01
-    clip_norm: float = 1.0
+    prox_mu: float = 0.0
+    clip_norm: float = 10.0
     packing: str = "fp16"
     seq_len: int = 128
     rank: int = 8
@@ -76,6 +110,20 @@ class ExperimentConfig:
     cold_start_ks: tuple[int, ...] = (4, 16, 64)
     cold_start_steps: int = 12
     seed: int = 0
+    seeds: tuple[int, ...] = field(
+        default=(), metadata={"help": "Seeds to repeat the run with; empty: (seed,)."}
+    )
+    val_fraction: float = field(
+        default=0.2, metadata={"help": "Share of each user's training notes for validation."}
+    )
+    baselines: bool = field(default=True, metadata={"help": "Run the reviewer's baselines."})
+    local_steps: int = field(
+        default=0, metadata={"help": "Steps of the local-only baselines; 0: rounds x steps."}
+    )
+    peft_lr: float = field(default=5e-4, metadata={"help": "Learning rate of stock peft LoRA."})
+    engine: str = field(
+        default="ray", metadata={"help": "Flower's Ray simulation, or local (in-process)."}
+    )
     cpus_per_client: float = 1.0
     secure_aggregation: bool = field(
         default=False, metadata={"help": "Sum the prior deltas with SecAgg+."}
@@ -97,116 +145,278 @@ class ExperimentConfig:
             raise SpecError(f"experiment: dp must be off, central or client, got {self.dp!r}")
         if any(k < 1 for k in self.cold_start_ks):
             raise SpecError(f"experiment: cold-start sizes must be >= 1, got {self.cold_start_ks}")
+        if not 0 < self.val_fraction < 1:
+            raise SpecError(f"experiment: val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.engine not in ("ray", "local"):
+            raise SpecError(f"experiment: engine must be ray or local, got {self.engine!r}")
+        if self.local_steps < 0:
+            raise SpecError(f"experiment: local_steps must be >= 0, got {self.local_steps}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds the experiment repeats over."""
+        return self.seeds or (self.seed,)
+
+    @property
+    def budget_local(self) -> int:
+        """Steps of each local-only baseline (and of FedAvg's local fine-tuning)."""
+        return self.local_steps or self.num_rounds * self.personal_steps
+
+
+@dataclass(frozen=True)
+class Split:
+    """One user's three-way split (examples, not tokens)."""
+
+    user_id: str
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    def record(self) -> dict[str, Any]:
+        """Counts and short content hashes of each side, for results.json."""
+
+        def ids(side: list[Example]) -> list[str]:
+            return [hashlib.sha256(e.content_key()).hexdigest()[:12] for e in side]
+
+        return {
+            "train": ids(self.train),
+            "val": ids(self.val),
+            "test": ids(self.test),
+        }
+
+
+def three_way_split(user: UserData, val_fraction: float) -> Split:
+    """Test = the user's held-out side; validation split off the train side by hash.
+
+    Both cuts come from :func:`lorafleet.client.data.split_examples` (by a hash of the
+    content, not by position), so they are the same on every machine and seed.
+    """
+    try:
+        train, val = split_examples(user.train, val_fraction, seed=1, min_train=2, min_heldout=1)
+    except DataError as exc:
+        raise DataError(f"user {user.user_id}: {exc}") from None
+    return Split(user.user_id, train, val, list(user.heldout))
 
 
 @dataclass
 class UserResult:
-    """Held-out losses of one user."""
+    """One user in one seed: test/validation losses and compute per method."""
 
     id: str
-    base_loss: float
-    prior_loss: float
-    local_loss: float
-    personal_loss: float
+    test: dict[str, float]
+    test_notes: dict[str, float]
+    val: dict[str, float]
+    steps: dict[str, int]
+    tokens: dict[str, int]
     rounds_taken_part: int
 
 
 @dataclass
-class ExperimentResult:
-    """Everything the run measured; ``to_json`` is the results file's content."""
+class SeedRun:
+    """Everything one seed measured."""
 
+    seed: int
     users: list[UserResult]
     rounds: list[dict[str, Any]]
     bytes_up_per_client: float
     cold_start: list[dict[str, float]] = field(default_factory=list)
     privacy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentResult:
+    """The whole experiment; ``to_json`` is the results file's content."""
+
+    runs: list[SeedRun]
+    split: dict[str, dict[str, Any]]
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
-    def means(self) -> dict[str, float]:
-        """Mean held-out loss per method."""
-        keys = ("base_loss", "prior_loss", "local_loss", "personal_loss")
-        return {k: float(np.mean([getattr(u, k) for u in self.users])) for k in keys}
+    @property
+    def methods(self) -> list[str]:
+        """The methods every run scored, in table order."""
+        have = set.intersection(*(set(u.test) for r in self.runs for u in r.users))
+        return [m for m in METHODS if m in have]
+
+    def per_user(self, metric: str = "test") -> dict[str, dict[str, tuple[float, float]]]:
+        """``{user: {method: (mean over seeds, std over seeds)}}``."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for uid in [u.id for u in self.runs[0].users]:
+            rows = [next(u for u in r.users if u.id == uid) for r in self.runs]
+            out[uid] = {}
+            for m in self.methods:
+                values = np.array([getattr(row, metric)[m] for row in rows])
+                out[uid][m] = (float(values.mean()), float(values.std()))
+        return out
+
+    def means(self, metric: str = "test") -> dict[str, tuple[float, float]]:
+        """``{method: (mean over users and seeds, std over seeds of the user mean)}``."""
+        out = {}
+        for m in self.methods:
+            per_seed = [np.mean([getattr(u, metric)[m] for u in r.users]) for r in self.runs]
+            out[m] = (float(np.mean(per_seed)), float(np.std(per_seed)))
+        return out
+
+    def wins(self, metric: str = "test") -> dict[str, int]:
+        """Users where personal <= min(local-only, FedAvg global), strictly and within spread.
+
+        Local-only is the better of stock peft and lorafleet's B-only local adapter for
+        that user; "within spread" allows the larger of the two methods' seed std.
+        """
+        strict = spread = 0
+        for by_method in self.per_user(metric).values():
+            candidates = [m for m in (*_LOCAL, "fedavg") if m in by_method]
+            if not candidates or "personal" not in by_method:
+                continue
+            best = min(candidates, key=lambda m: by_method[m][0])
+            p_mean, p_std = by_method["personal"]
+            b_mean, b_std = by_method[best]
+            strict += p_mean <= b_mean
+            spread += p_mean <= b_mean + max(p_std, b_std)
+        return {"strict": strict, "within_spread": spread, "users": len(self.per_user(metric))}
+
+    def margin(self, metric: str = "test") -> float | None:
+        """How far personal's mean is below min(mean local-only, mean FedAvg), as a fraction."""
+        means = self.means(metric)
+        ref = [means[m][0] for m in (*_LOCAL, "fedavg") if m in means]
+        if "personal" not in means or not ref:
+            return None
+        return 1.0 - means["personal"][0] / min(ref)
 
     def to_json(self) -> str:
-        """The results file: users, rounds, bytes, cold start, means."""
+        """The results file: config, split, every seed's users and the summary."""
+        summary = {
+            metric: {
+                "mean": {m: v[0] for m, v in self.means(metric).items()},
+                "std_over_seeds": {m: v[1] for m, v in self.means(metric).items()},
+                "wins": self.wins(metric),
+                "margin": self.margin(metric),
+            }
+            for metric in ("test", "test_notes", "val")
+        }
         record = {
-            "users": [asdict(u) for u in self.users],
-            "rounds": self.rounds,
-            "bytes_up_per_client": self.bytes_up_per_client,
-            "cold_start": self.cold_start,
-            "privacy": self.privacy,
-            "mean": self.means(),
-            "seconds": self.seconds,
             "config": self.config,
+            "split": self.split,
+            "runs": [asdict(r) for r in self.runs],
+            "summary": summary,
+            "seconds": self.seconds,
         }
         return json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
 
 
-class _Evaluator:
-    """One base and adapter in this process, for every user's measurements."""
+# ------------------------------------------------------------------------- running
+def _load_users(cfg: ExperimentConfig, out: Path) -> tuple[list[UserData], list[UserData]]:
+    """The federation's users and the cold start's newcomers."""
+    if cfg.users_dir is not None:
+        users = load_user_folders(Path(cfg.users_dir))
+        if cfg.newcomers_dir is not None:
+            return users, load_user_folders(Path(cfg.newcomers_dir))
+        if len(users) < 3:
+            return users, []
+        # No newcomer given: the user with the most notes sits the federation out.
+        newcomer = max(users, key=lambda u: (len(u.train), u.user_id))
+        log.warning("cold start: %s sits the federation out as the newcomer", newcomer.user_id)
+        return [u for u in users if u is not newcomer], [newcomer]
+    personas = generate_personas(
+        PersonaConfig(num_users=cfg.num_users + 1, notes_per_user=cfg.notes_per_user, seed=cfg.seed)
+    )
+    users_dir = out / "users"
+    if not users_dir.exists():
+        write_user_folders(personas[: cfg.num_users], users_dir)
+    newcomer = UserData(
+        personas[-1].user_id,
+        [Example(text=t) for t in personas[-1].train],
+        [Example(text=t) for t in personas[-1].heldout],
+    )
+    return load_user_folders(users_dir), [newcomer]
 
-    def __init__(
-        self, cfg: ExperimentConfig, coord_cfg: CoordinatorConfig, base: LoadedBase
-    ) -> None:
-        self.cfg = cfg
-        self.device = resolve_device("auto")
-        self.precision = resolve_precision(cfg.precision, self.device)  # type: ignore[arg-type]
-        self.base = base
-        self.model = materialize(base.model, coord_cfg.spec, base_sha256=base.sha256)
-        self.zero = {k: np.zeros_like(v) for k, v in get_b(self.model).items()}
 
-    def blocks(self, examples: Sequence[Example]) -> TokenBlocks:
-        return encode_blocks(examples, self.base.tokenizer, seq_len=self.cfg.seq_len)
+def _write_devices(splits: Sequence[Split], root: Path) -> Path:
+    """Each device's folder: train.jsonl and heldout.jsonl (= validation), never test."""
+    for s in splits:
+        for name, side in (("train", s.train), ("heldout", s.val)):
+            lines = [json.dumps(_example_json(e), ensure_ascii=False) for e in side]
+            atomic_write_text(root / s.user_id / f"{name}.jsonl", "\n".join(lines) + "\n")
+    return root
 
-    def loss(self, b: BTensors | None, held: TokenBlocks) -> float:
-        if b is None:
-            with adapter_disabled(self.model):
-                return heldout_loss(self.model, held, precision=self.precision, device=self.device)
-        set_b(self.model, b)
-        return heldout_loss(self.model, held, precision=self.precision, device=self.device)
 
-    def train_from(
-        self, start: BTensors, train: TokenBlocks, held: TokenBlocks, steps: int
-    ) -> float:
-        set_b(self.model, start)
-        config = TrainConfig(
-            steps=max(1, steps),
-            lr=self.cfg.lr,
-            precision=self.precision,
-            device=str(self.device),
-            eval_every=0,  # one evaluation, at the end: these are measurements, not tuning
-            patience=0,
-            warmup_steps=min(5, steps // 4),
-            seed=self.cfg.seed,
+def _example_json(example: Example) -> dict[str, Any]:
+    if example.text is not None:
+        return {"text": example.text}
+    assert example.messages is not None
+    return {"messages": [{"role": r, "content": c} for r, c in example.messages]}
+
+
+class _Scorer:
+    """Token blocks of every user, and the losses of a method's states on them."""
+
+    def __init__(self, lab: Lab, base: LoadedBase, splits: Sequence[Split], seq_len: int):
+        tok = base.tokenizer
+        self.lab = lab
+        self.users = [
+            LabUser(
+                s.user_id,
+                encode_blocks(s.train, tok, seq_len=seq_len),
+                encode_blocks(s.val, tok, seq_len=seq_len),
+                len(s.train),
+            )
+            for s in splits
+        ]
+        self.test = {s.user_id: encode_blocks(s.test, tok, seq_len=seq_len) for s in splits}
+        self.test_notes = {
+            s.user_id: encode_notes(s.test, tok, max_len=2 * seq_len) for s in splits
+        }
+
+    def score(self, state: AdapterState | None, user: LabUser) -> tuple[float, float, float]:
+        """(test packed, test note by note, validation packed)."""
+        return (
+            self.lab.loss(state, self.test[user.user_id]),
+            self.lab.loss(state, self.test_notes[user.user_id]),
+            self.lab.loss(state, user.val),
         )
-        return train_adapter(self.model, train, held, config).heldout_loss_after
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
-    """Run the federation and every measurement; writes results.json, table.txt, plot.png."""
+    """Run every seed's federation, baselines and measurements; writes the results.
+
+    Writes ``results.json`` (config, split, every seed and the summary), ``table.txt``
+    and ``plot.png`` into ``cfg.output``.
+    """
     started = time.perf_counter()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.users_dir is not None:
-        users_dir = Path(cfg.users_dir)
-        users: list[UserData] = load_user_folders(users_dir, seed=cfg.seed)
-    else:
-        personas = generate_personas(
-            PersonaConfig(num_users=cfg.num_users, notes_per_user=cfg.notes_per_user, seed=cfg.seed)
-        )
-        users_dir = out / "users"
-        if not users_dir.exists():
-            write_user_folders(personas, users_dir)
-        users = load_user_folders(users_dir, seed=cfg.seed)
+    users, newcomers = _load_users(cfg, out)
+    splits = [three_way_split(u, cfg.val_fraction) for u in users]
     # Load the base here first: it converts the default GGUF once before the workers start.
     dev = resolve_device("auto")
-    base = load_base(cfg.base, dtype=base_dtype(cfg.precision, dev))  # type: ignore[arg-type]
-    coord_cfg = CoordinatorConfig(
+    precision = resolve_precision(cfg.precision, dev)  # type: ignore[arg-type]
+    base = load_base(cfg.base, dtype=base_dtype(precision, dev))
+    coord_cfg = _coordinator_config(cfg, base, out / "seed-0", seed=0, num_users=len(users))
+    lab = Lab(base, coord_cfg.spec, precision=precision, device=str(dev))
+    scorer = _Scorer(lab, base, splits, cfg.seq_len)
+    runs = []
+    for seed in cfg.run_seeds:
+        runs.append(_run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress))
+    result = ExperimentResult(
+        runs=runs,
+        split={s.user_id: s.record() for s in splits},
+        seconds=time.perf_counter() - started,
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    )
+    atomic_write_text(out / "results.json", result.to_json())
+    atomic_write_text(out / "table.txt", format_table(result))
+    _plot(result, out / "plot.png")
+    return result
+
+
+def _coordinator_config(
+    cfg: ExperimentConfig, base: LoadedBase, run_dir: Path, *, seed: int, num_users: int
+) -> CoordinatorConfig:
+    return CoordinatorConfig(
         num_rounds=cfg.num_rounds,
         fraction_train=cfg.fraction_train,
-        min_train_nodes=min(2, len(users)),
-        min_available_nodes=len(users),
+        min_train_nodes=min(2, num_users),
+        min_available_nodes=num_users,
         personal_steps=cfg.personal_steps,
         prior_steps=cfg.prior_steps,
         lr=cfg.lr,
@@ -217,114 +427,247 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
         rank=cfg.rank,
         base_model_id=base.model_id,
         base_sha256=base.sha256,
-        data_dir=str(out / "coordinator"),
+        data_dir=str(run_dir / "coordinator"),
         final_evaluation=False,
-        seed=cfg.seed,
+        seed=seed,
         secure_aggregation=cfg.secure_aggregation,
         secagg_dropout_share=cfg.secagg_dropout_share,
         dp=cfg.dp,
         dp_noise_multiplier=cfg.dp_noise_multiplier,
         dp_delta=cfg.dp_delta,
     )
+
+
+def _run_seed(
+    cfg: ExperimentConfig,
+    seed: int,
+    base: LoadedBase,
+    lab: Lab,
+    scorer: _Scorer,
+    splits: Sequence[Split],
+    newcomers: Sequence[UserData],
+    *,
+    progress: bool,
+) -> SeedRun:
+    run_dir = Path(cfg.output) / f"seed-{seed}"
+    devices = _write_devices(splits, run_dir / "devices")
+    coord_cfg = _coordinator_config(cfg, base, run_dir, seed=seed, num_users=len(splits))
     fed = simulate(
-        users_dir,
-        out,
+        devices,
+        run_dir,
         coord_cfg,
         base=cfg.base,
         precision=cfg.precision,
         resources=SimResources(cpus_per_client=cfg.cpus_per_client),
+        engine=cfg.engine,
     )
-    evaluator = _Evaluator(cfg, coord_cfg, base)
     coord = Coordinator.open(coord_cfg)
     try:
-        _, prior = coord.active_prior()
+        _, prior_b = coord.active_prior()
     finally:
         coord.close()
-    prior = prior or evaluator.zero
-    results: list[UserResult] = []
-    bar = tqdm(users, desc="evaluating users", unit="user", disable=not progress)
-    for user in bar:
-        held = evaluator.blocks(user.heldout)
-        train = evaluator.blocks(user.train)
-        profile_dir = out / "profiles" / user.user_id
+    prior: AdapterState = prior_b or lab.zero_b
+    per_round_steps = cfg.prior_steps + cfg.personal_steps
+    tokens_per_step = 4 * cfg.seq_len  # batch size 4 of seq_len blocks (an upper bound)
+
+    results: dict[str, UserResult] = {}
+    for user in scorer.users:
+        profile_dir = run_dir / "profiles" / user.user_id
         versions = (
             Profile.open(profile_dir).versions() if (profile_dir / "profile.json").is_file() else []
         )
-        personal = Profile.open(profile_dir).read(versions[-1].version)[1] if versions else None
-        steps = cfg.personal_steps * max(1, len(versions))
-        results.append(
-            UserResult(
-                id=user.user_id,
-                base_loss=evaluator.loss(None, held),
-                prior_loss=evaluator.loss(prior, held),
-                personal_loss=evaluator.loss(personal if personal is not None else prior, held),
-                local_loss=evaluator.train_from(evaluator.zero, train, held, steps),
-                rounds_taken_part=len(versions),
-            )
-        )
-    cold = _cold_start(cfg, evaluator, prior, progress=progress) if cfg.cold_start_ks else []
-    result = ExperimentResult(
-        users=results,
+        personal = Profile.open(profile_dir).read(versions[-1].version)[1] if versions else prior
+        res = UserResult(user.user_id, {}, {}, {}, {}, {}, len(versions))
+        taken = sum(int(v.metrics.get("steps", per_round_steps)) for v in versions)
+        for method, state, steps in (
+            ("base", None, 0),
+            ("prior", prior, len(versions) * cfg.prior_steps),
+            ("personal", personal, taken),
+        ):
+            _record(res, method, scorer.score(state, user), steps, tokens_per_step)
+        results[user.user_id] = res
+
+    if cfg.baselines:
+        _run_baselines(cfg, seed, lab, scorer, results, tokens_per_step, progress=progress)
+    cold = (
+        _cold_start(cfg, seed, lab, base, prior, newcomers, progress=progress)
+        if cfg.cold_start_ks and newcomers
+        else []
+    )
+    return SeedRun(
+        seed=seed,
+        users=[results[u.user_id] for u in scorer.users],
         rounds=fed.get("rounds", []),
         bytes_up_per_client=float(fed.get("bytes_up_per_client", 0.0)),
         cold_start=cold,
         privacy={"secure_aggregation": cfg.secure_aggregation, **fed.get("privacy", {})},
-        seconds=time.perf_counter() - started,
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     )
-    atomic_write_text(out / "results.json", result.to_json())
-    atomic_write_text(out / "table.txt", format_table(result))
-    _plot(result, out / "plot.png")
-    return result
+
+
+def _record(
+    res: UserResult,
+    method: str,
+    scores: tuple[float, float, float],
+    steps: int,
+    tokens_per_step: int,
+) -> None:
+    res.test[method], res.test_notes[method], res.val[method] = scores
+    res.steps[method] = steps
+    res.tokens[method] = steps * tokens_per_step
+
+
+def _train_config(cfg: ExperimentConfig, seed: int, *, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(
+        steps=max(1, steps),
+        lr=lr,
+        precision=resolve_precision(cfg.precision, resolve_device("auto")),  # type: ignore[arg-type]
+        device="auto",
+        warmup_steps=min(5, steps // 4),
+        eval_every=max(1, steps // 8),
+        patience=3,
+        seed=seed,
+    )
+
+
+def _run_baselines(
+    cfg: ExperimentConfig,
+    seed: int,
+    lab: Lab,
+    scorer: _Scorer,
+    results: dict[str, UserResult],
+    tokens_per_step: int,
+    *,
+    progress: bool,
+) -> None:
+    """Local-only (stock peft and B-only), FedAvg global and FedAvg fine-tuned, per user."""
+    steps = cfg.budget_local
+    peft_cfg = replace(_train_config(cfg, seed, steps=steps, lr=cfg.peft_lr), eval_every=0)
+    b_cfg = _train_config(cfg, seed, steps=steps, lr=cfg.lr)
+    bar = tqdm(scorer.users, desc=f"baselines (seed {seed})", unit="user", disable=not progress)
+    for user in bar:
+        res = results[user.user_id]
+        state, _ = lab.train(lab.peft_init(seed), user.train, peft_cfg)
+        _record(res, "local_peft", scorer.score(state, user), steps, tokens_per_step)
+        state, taken = lab.train(lab.zero_b, user.train, b_cfg, val=user.val)
+        _record(res, "local_b", scorer.score(state, user), taken, tokens_per_step)
+    global_state, spent = fedavg_global(
+        lab,
+        scorer.users,
+        rounds=cfg.num_rounds,
+        steps=cfg.prior_steps,
+        fraction=cfg.fraction_train,
+        lr=cfg.peft_lr,
+        seed=seed,
+        precision=lab.precision,
+        device=str(lab.device),
+    )
+    for user in scorer.users:
+        res = results[user.user_id]
+        _record(
+            res, "fedavg", scorer.score(global_state, user), spent[user.user_id], tokens_per_step
+        )
+        state, _ = lab.train(global_state, user.train, peft_cfg)
+        total = spent[user.user_id] + steps
+        _record(res, "fedavg_ft", scorer.score(state, user), total, tokens_per_step)
 
 
 def _cold_start(
-    cfg: ExperimentConfig, ev: _Evaluator, prior: BTensors, *, progress: bool
+    cfg: ExperimentConfig,
+    seed: int,
+    lab: Lab,
+    base: LoadedBase,
+    prior: AdapterState,
+    newcomers: Sequence[UserData],
+    *,
+    progress: bool,
 ) -> list[dict[str, float]]:
-    """A new user with k notes: from the prior versus from zero."""
-    index = cfg.num_users  # a persona that never took part
-    newcomer = generate_personas(
-        PersonaConfig(num_users=index + 1, notes_per_user=cfg.notes_per_user, seed=cfg.seed)
-    )[index]
-    held = ev.blocks([Example(text=t) for t in newcomer.heldout])
-    notes = generate_notes(index, max(cfg.cold_start_ks), seed=cfg.seed)
+    """A newcomer with k notes, trained from the prior and from zero; test loss, averaged.
+
+    Early stopping on the newcomer's validation notes, test notes reported, as for the
+    federation's users; k larger than a newcomer's training notes is skipped for them.
+    """
+    tok = base.tokenizer
     rows = []
+    config = _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.lr)
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
-        train = ev.blocks([Example(text=t) for t in notes[:k]])
-        rows.append(
-            {
-                "k": float(k),
-                "from_prior": ev.train_from(prior, train, held, cfg.cold_start_steps),
-                "from_zero": ev.train_from(ev.zero, train, held, cfg.cold_start_steps),
-            }
-        )
+        from_prior: list[float] = []
+        from_zero: list[float] = []
+        for newcomer in newcomers:
+            split = three_way_split(newcomer, cfg.val_fraction)
+            if len(split.train) < k:
+                continue
+            train = encode_blocks(split.train[:k], tok, seq_len=cfg.seq_len)
+            val = encode_blocks(split.val, tok, seq_len=cfg.seq_len)
+            test = encode_blocks(split.test, tok, seq_len=cfg.seq_len)
+            for start, sink in ((prior, from_prior), (lab.zero_b, from_zero)):
+                state, _ = lab.train(start, train, config, val=val)
+                sink.append(lab.loss(state, test))
+        if from_prior:
+            rows.append(
+                {
+                    "k": float(k),
+                    "from_prior": float(np.mean(from_prior)),
+                    "from_zero": float(np.mean(from_zero)),
+                    "newcomers": float(len(from_prior)),
+                }
+            )
     return rows
 
 
+# ------------------------------------------------------------------------- reporting
+def _table(result: ExperimentResult, metric: str, title: str) -> list[str]:
+    methods = result.methods
+    per_user = result.per_user(metric)
+    width = max(12, *(len(u) + 2 for u in per_user))
+    head = f"{'user':<{width}}" + "".join(f"{LABELS[m]:>12}" for m in methods)
+    lines = [title, head]
+    for uid, by_method in per_user.items():
+        lines.append(f"{uid:<{width}}" + "".join(f"{by_method[m][0]:12.4f}" for m in methods))
+    means = result.means(metric)
+    lines.append(f"{'mean':<{width}}" + "".join(f"{means[m][0]:12.4f}" for m in methods))
+    if len(result.runs) > 1:
+        lines.append(f"{'± seeds':<{width}}" + "".join(f"{means[m][1]:12.4f}" for m in methods))
+    wins = result.wins(metric)
+    margin = result.margin(metric)
+    if "personal" in methods and margin is not None:
+        lines.append(
+            f"personal <= min(local-only, FedAvg global) on {wins['strict']}/{wins['users']} users "
+            f"({wins['within_spread']}/{wins['users']} within the seeds' spread); "
+            f"mean {100 * margin:+.1f}% below the better of the two"
+        )
+    return lines
+
+
 def format_table(result: ExperimentResult) -> str:
-    """Per-user and mean held-out losses (lower is better), and the cold-start rows."""
-    lines = [f"{'user':<18}{'base':>9}{'prior':>9}{'local':>9}{'personal':>10}{'rounds':>8}"]
-    for u in result.users:
-        lines.append(
-            f"{u.id:<18}{u.base_loss:9.4f}{u.prior_loss:9.4f}{u.local_loss:9.4f}{u.personal_loss:10.4f}{u.rounds_taken_part:8d}"
-        )
-    m = result.means()
+    """Test-split tables (packed and note by note), compute per user, cold start."""
+    seeds = ", ".join(str(r.seed) for r in result.runs)
+    lines = _table(result, "test", f"test loss, packed chunks (lower is better; seeds {seeds})")
+    lines.append("")
+    lines.extend(_table(result, "test_notes", "test loss, note by note"))
+    lines.append("")
+    steps = {m: np.mean([u.steps[m] for r in result.runs for u in r.users]) for m in result.methods}
     lines.append(
-        f"{'mean':<18}{m['base_loss']:9.4f}{m['prior_loss']:9.4f}{m['local_loss']:9.4f}{m['personal_loss']:10.4f}"
+        "device steps per user: "
+        + ", ".join(f"{LABELS[m]} {steps[m]:.0f}" for m in result.methods if m != "base")
     )
-    lines.append(f"bytes uploaded per client per round: {result.bytes_up_per_client:,.0f}")
-    if result.privacy.get("secure_aggregation"):
+    run = result.runs[0]
+    lines.append(f"bytes uploaded per client per round: {run.bytes_up_per_client:,.0f}")
+    if run.privacy.get("secure_aggregation"):
         lines.append("prior deltas summed with SecAgg+: the coordinator saw only their sum")
-    if result.privacy.get("epsilon") is not None:
+    if run.privacy.get("epsilon") is not None:
         lines.append(
-            f"differential privacy ({result.privacy['dp']}): epsilon {result.privacy['epsilon']:.3g} "
-            f"at delta {result.privacy['delta']:g}"
+            f"differential privacy ({run.privacy['dp']}): epsilon {run.privacy['epsilon']:.3g} "
+            f"at delta {run.privacy['delta']:g}"
         )
-    if result.cold_start:
+    if run.cold_start:
         lines.append("")
-        lines.append(f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}")
-        for row in result.cold_start:
-            lines.append(f"{int(row['k']):<18}{row['from_prior']:12.4f}{row['from_zero']:12.4f}")
+        lines.append(f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}   (test loss)")
+        ks = [row["k"] for row in run.cold_start]
+        for k in ks:
+            rows = [row for r in result.runs for row in r.cold_start if row["k"] == k]
+            fp = np.mean([row["from_prior"] for row in rows])
+            fz = np.mean([row["from_zero"] for row in rows])
+            lines.append(f"{int(k):<18}{fp:12.4f}{fz:12.4f}")
     return "\n".join(lines) + "\n"
 
 
@@ -334,26 +677,31 @@ def _plot(result: ExperimentResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        1, 2 if result.cold_start else 1, figsize=(11 if result.cold_start else 6, 4)
-    )
-    ax = axes[0] if result.cold_start else axes
-    means = result.means()
-    names = ["base", "prior", "local", "personal"]
+    cold = result.runs[0].cold_start
+    fig, axes = plt.subplots(1, 2 if cold else 1, figsize=(12 if cold else 7, 4))
+    ax = axes[0] if cold else axes
+    means = result.means("test")
+    names = list(means)
     ax.bar(
-        names, [means[f"{n}_loss"] for n in names], color=["#999", "#6a9fd4", "#e0a458", "#3c8d5a"]
+        [LABELS[n] for n in names],
+        [means[n][0] for n in names],
+        yerr=[means[n][1] for n in names],
+        color=[
+            "#3c8d5a" if n == "personal" else "#6a9fd4" if n == "prior" else "#999" for n in names
+        ],
     )
-    ax.set_ylabel("held-out loss (mean over users)")
-    ax.set_title("personalization")
-    low = min(means.values())
-    ax.set_ylim(low * 0.95, max(means.values()) * 1.02)
-    if result.cold_start:
-        ks = [r["k"] for r in result.cold_start]
-        axes[1].plot(ks, [r["from_prior"] for r in result.cold_start], "o-", label="from prior")
-        axes[1].plot(ks, [r["from_zero"] for r in result.cold_start], "o-", label="from zero")
+    ax.set_ylabel("test loss (mean over users)")
+    ax.set_title("personalization (test split)")
+    ax.tick_params(axis="x", rotation=30)
+    values = [v[0] for v in means.values()]
+    ax.set_ylim(min(values) * 0.95, max(values) * 1.02)
+    if cold:
+        ks = [r["k"] for r in cold]
+        axes[1].plot(ks, [r["from_prior"] for r in cold], "o-", label="from prior")
+        axes[1].plot(ks, [r["from_zero"] for r in cold], "o-", label="from zero")
         axes[1].set_xscale("log", base=2)
         axes[1].set_xlabel("notes of a new user (k)")
-        axes[1].set_ylabel("held-out loss")
+        axes[1].set_ylabel("test loss")
         axes[1].set_title("cold start")
         axes[1].legend()
     fig.tight_layout()

@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from lorafleet.client.federated import make_client_app
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.server.coordinator import CoordinatorConfig
-from lorafleet.server.flower_app import make_server_app
+from lorafleet.server.flower_app import make_server_app, run_federation
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,21 @@ def simulate(
     resources: SimResources | None = None,
     client_app: ClientApp | None = None,
     extra_settings: Mapping[str, str] | None = None,
+    engine: str = "ray",
 ) -> dict[str, Any]:
     """Simulate one device per user folder in ``users_dir``; returns the results record.
 
     The coordinator's state lives in ``config.data_dir``; a second call with the same
-    folder resumes after the last completed round.
+    folder resumes after the last completed round. ``engine="ray"`` runs Flower's
+    simulation engine (one Ray actor per CPU); ``engine="local"`` runs the same
+    ServerApp and ClientApp code in this process through :class:`LocalGrid`, one device
+    after another (no Ray start-up, one base in memory: what experiments on a small
+    machine want).
     """
     from flwr.simulation import run_simulation
 
+    if engine not in ("ray", "local"):
+        raise LorafleetError(f"unknown simulation engine {engine!r}; use ray or local")
     users = [
         p for p in sorted(Path(users_dir).iterdir()) if p.is_dir() and not p.name.startswith(".")
     ]
@@ -91,6 +98,9 @@ def simulate(
             "include_dashboard": False,
         },
     }
+    if engine == "local":
+        grid = LocalGrid(client_app or make_client_app(settings), len(users))
+        return run_federation(grid, config)
     results: dict[str, Any] = {}
 
     def capture(record: dict[str, Any]) -> None:

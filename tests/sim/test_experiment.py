@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from lorafleet.sim.cli import _parser, main
-from lorafleet.sim.experiment import ExperimentConfig, run_experiment
+from lorafleet.sim.experiment import METHODS, ExperimentConfig, run_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def test_an_experiment_writes_the_results_table_and_plot(
+def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # Prepare
@@ -26,26 +26,44 @@ def test_an_experiment_writes_the_results_table_and_plot(
         personal_steps=3,
         prior_steps=3,
         lr=0.05,
+        peft_lr=0.02,
         seq_len=32,
         rank=4,
         base=str(tiny_model_dir),
         precision="fp32",
         cold_start_ks=(2, 8),
         cold_start_steps=3,
+        seeds=(0, 1),
+        engine="local",
     )
     # Execute
     result = run_experiment(cfg, progress=False)
-    # Assert: one row per user with all four losses, rounds, bytes, cold start
+    # Assert: the split is recorded and disjoint; the devices never got a test note
     record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert len(record["users"]) == 3
-    for user in record["users"]:
-        assert set(user) >= {"id", "base_loss", "prior_loss", "local_loss", "personal_loss"}
-        assert user["personal_loss"] < user["base_loss"]
-        assert user["rounds_taken_part"] == 2
-    assert len(record["rounds"]) == 2 and record["bytes_up_per_client"] > 0
-    assert [row["k"] for row in record["cold_start"]] == [2.0, 8.0]
-    assert result.means()["personal_loss"] < result.means()["base_loss"]
-    assert "mean" in (tmp_path / "run" / "table.txt").read_text()
+    assert len(record["split"]) == 3
+    for uid, sides in record["split"].items():
+        train, val, test = (set(sides[k]) for k in ("train", "val", "test"))
+        assert train and val and test
+        assert not (train & val or train & test or val & test)
+        device = tmp_path / "run" / "seed-0" / "devices" / uid
+        on_device = (device / "train.jsonl").read_text() + (device / "heldout.jsonl").read_text()
+        assert len(on_device.splitlines()) == len(train) + len(val)
+    # Every seed scored every method on test (packed and note by note) and validation
+    assert [r["seed"] for r in record["runs"]] == [0, 1]
+    for run in record["runs"]:
+        for user in run["users"]:
+            for metric in ("test", "test_notes", "val"):
+                assert set(user[metric]) == set(METHODS)
+            assert user["rounds_taken_part"] == 2
+            assert user["steps"]["personal"] == 2 * (cfg.personal_steps + cfg.prior_steps)
+            assert user["test"]["personal"] < user["test"]["base"]
+        assert len(run["rounds"]) == 2 and run["bytes_up_per_client"] > 0
+        assert [row["k"] for row in run["cold_start"]] == [2.0, 8.0]
+    summary = record["summary"]["test"]
+    assert summary["wins"]["users"] == 3 and 0 <= summary["wins"]["strict"] <= 3
+    assert result.means()["personal"][0] < result.means()["base"][0]
+    table = (tmp_path / "run" / "table.txt").read_text()
+    assert "note by note" in table and "FedAvg+FT" in table and "± seeds" in table
     assert (tmp_path / "run" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

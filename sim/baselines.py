@@ -1,0 +1,214 @@
+"""The baselines a reviewer asks for, run in the experiment's own process on one base.
+
+Every personalization figure lorafleet reports stands next to what a user would get
+without it, measured on the same users, the same splits and the same base:
+
+- **local-only, stock peft**: a full LoRA (A and B trained, peft's default init: A
+  Kaiming-uniform, B zero) on the user's own text, the recipe a user would copy from
+  peft's docs (rank 8 on q and v, lr 5e-4);
+- **local-only, lorafleet**: B only on the cohort's seeded A, lorafleet's own recipe,
+  with no federation (isolates what the federation adds);
+- **FedAvg global**: a full LoRA trained FlowerTune-style, every round each sampled
+  user trains the global A and B for some steps and the server averages them weighted
+  by example counts;
+- **FedAvg global, fine-tuned locally**: the classic personalized-FL baseline, the
+  FedAvg model trained further on each user's text.
+
+They run sequentially here (an exact FedAvg: the same sampling, the same weighted
+mean) rather than through Flower, because they are references and not lorafleet's
+path: lorafleet's own prior and personal adapters come from the real Flower
+federation (:func:`lorafleet.sim.runner.simulate`). :class:`Lab` holds one peft model
+and swaps the adapter state (B, or A and B) between users and methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from lorafleet.client.adapter import (
+    adapter_disabled,
+    adapter_layers,
+    get_b,
+    materialize,
+    set_b,
+)
+from lorafleet.client.base import LoadedBase
+from lorafleet.client.data import TokenBlocks
+from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.runtime import ConcretePrecision
+from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
+from lorafleet.protocols.spec import AdapterSpec
+
+__all__ = ["AdapterState", "Lab", "LabUser", "fedavg_global"]
+
+AdapterState = dict[str, npt.NDArray[np.float32]]
+"""Adapter weights keyed ``"<module path>:A"`` / ``"<module path>:B"`` (full LoRA) or
+``"<module path>"`` (B only, lorafleet's layout)."""
+
+
+@dataclass(frozen=True)
+class LabUser:
+    """One user's token blocks: train, validation (for selection) and test (reported)."""
+
+    user_id: str
+    train: TokenBlocks
+    val: TokenBlocks
+    num_examples: int
+
+
+class Lab:
+    """One base with one adapter, whose state is swapped per user and method."""
+
+    def __init__(
+        self, base: LoadedBase, spec: AdapterSpec, *, precision: ConcretePrecision, device: str
+    ) -> None:
+        self.precision = precision
+        self.device = torch.device(device)
+        self.model = materialize(base.model, spec, base_sha256=base.sha256)
+        self.model.to(self.device)
+        self.layers = adapter_layers(self.model)
+        self.seeded_a = {k: a.weight.detach().clone() for k, (a, _) in self.layers.items()}
+        self.zero_b: AdapterState = {k: np.zeros_like(v) for k, v in get_b(self.model).items()}
+
+    # ------------------------------------------------------------------ state
+    def peft_init(self, seed: int) -> AdapterState:
+        """Stock peft's fresh LoRA: A Kaiming-uniform (a=sqrt(5)), B zero."""
+        gen = torch.Generator().manual_seed(seed)
+        state: AdapterState = {}
+        for path, (lin_a, lin_b) in self.layers.items():
+            fan_in = lin_a.weight.shape[1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a=sqrt(5)
+            a = (torch.rand(lin_a.weight.shape, generator=gen) * 2 - 1) * bound
+            state[f"{path}:A"] = a.numpy().astype(np.float32)
+            state[f"{path}:B"] = np.zeros(tuple(lin_b.weight.shape), dtype=np.float32)
+        return state
+
+    def _load(self, state: Mapping[str, npt.NDArray[np.floating[Any]]]) -> bool:
+        """Put ``state`` in the model; returns whether it is a full LoRA (A trainable)."""
+        full = any(k.endswith(":A") for k in state)
+        with torch.no_grad():
+            for path, (lin_a, lin_b) in self.layers.items():
+                if full:
+                    lin_a.weight.copy_(torch.from_numpy(np.asarray(state[f"{path}:A"])))
+                    lin_b.weight.copy_(torch.from_numpy(np.asarray(state[f"{path}:B"])))
+                else:
+                    lin_a.weight.copy_(self.seeded_a[path])
+                lin_a.weight.requires_grad_(full)
+        if not full:
+            set_b(self.model, state)
+        return full
+
+    def _read(self, full: bool) -> AdapterState:
+        if not full:
+            return get_b(self.model)
+        out: AdapterState = {}
+        for path, (lin_a, lin_b) in self.layers.items():
+            out[f"{path}:A"] = lin_a.weight.detach().float().cpu().numpy().copy()
+            out[f"{path}:B"] = lin_b.weight.detach().float().cpu().numpy().copy()
+        return out
+
+    def _restore_seeded(self) -> None:
+        with torch.no_grad():
+            for path, (lin_a, _) in self.layers.items():
+                lin_a.weight.copy_(self.seeded_a[path])
+                lin_a.weight.requires_grad_(False)
+
+    # ------------------------------------------------------------------ work
+    def loss(
+        self, state: Mapping[str, npt.NDArray[np.floating[Any]]] | None, blocks: TokenBlocks
+    ) -> float:
+        """Held-out loss of ``state`` (``None``: the bare base) on ``blocks``."""
+        if state is None:
+            with adapter_disabled(self.model):
+                return heldout_loss(
+                    self.model, blocks, precision=self.precision, device=self.device
+                )
+        self._load(state)
+        try:
+            return heldout_loss(self.model, blocks, precision=self.precision, device=self.device)
+        finally:
+            self._restore_seeded()
+
+    def train(
+        self,
+        state: Mapping[str, npt.NDArray[np.floating[Any]]],
+        train: TokenBlocks,
+        config: TrainConfig,
+        *,
+        val: TokenBlocks | None = None,
+    ) -> tuple[AdapterState, int]:
+        """Train from ``state``; returns (trained state, steps taken).
+
+        With ``val`` a B-only run early-stops and keeps the best validation state (the
+        config's ``eval_every``/``patience``); otherwise it runs ``config.steps``.
+        """
+        full = self._load(state)
+        if full and config.precision == "int8":  # the int8 path trains B only
+            config = replace(config, precision="bf16")
+        try:
+            if val is not None and not full:
+                steps = train_adapter(self.model, train, val, config).steps
+            else:  # a fixed budget: no evaluation, nothing selected
+                trainer = LocalTrainer(self.model, config)
+                batches = cycle_batches(
+                    train, config.batch_size, torch.Generator().manual_seed(config.seed)
+                )
+                for _ in range(config.steps):
+                    trainer.step(next(batches))
+                self.model.eval()
+                steps = config.steps
+            return self._read(full), steps
+        finally:
+            self._restore_seeded()
+
+
+def fedavg_global(
+    lab: Lab,
+    users: Sequence[LabUser],
+    *,
+    rounds: int,
+    steps: int,
+    fraction: float,
+    lr: float,
+    seed: int,
+    batch_size: int = 4,
+    precision: ConcretePrecision,
+    device: str,
+) -> tuple[AdapterState, dict[str, int]]:
+    """FlowerTune-style FedAvg of a full LoRA; returns (global state, steps per user).
+
+    Each round samples ``max(2, round(fraction * n))`` users (a PCG64 generator keyed by
+    ``seed`` and the round), trains each from the global state for ``steps`` steps and
+    averages A and B weighted by the users' example counts.
+    """
+    state = lab.peft_init(seed)
+    spent = {u.user_id: 0 for u in users}
+    for rnd in range(1, rounds + 1):
+        rng = np.random.Generator(np.random.PCG64([seed, rnd]))
+        k = min(len(users), max(2, round(fraction * len(users))))
+        sampled = [users[i] for i in sorted(rng.choice(len(users), size=k, replace=False))]
+        total = sum(u.num_examples for u in sampled)
+        acc = {key: np.zeros_like(v, dtype=np.float64) for key, v in state.items()}
+        for user in sampled:
+            cfg = TrainConfig(
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                warmup_steps=min(5, steps // 4),
+                precision=precision,
+                device=device,
+                seed=seed * 1000 + rnd,
+            )
+            trained, done = lab.train(state, user.train, cfg)
+            spent[user.user_id] += done
+            for key, value in trained.items():
+                acc[key] += value * (user.num_examples / total)
+        state = {key: v.astype(np.float32) for key, v in acc.items()}
+    return state, spent
