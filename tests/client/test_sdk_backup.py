@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from lorafleet.client.keys import KeyStore
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols import crypto
+from lorafleet.protocols.errors import StorageError
 from lorafleet.server.backup_service import BackupServicer, serve_backup
 from lorafleet.server.blob_store import BlobStore
 from lorafleet.server.registry import Registry
@@ -94,6 +96,47 @@ def test_a_restored_adapter_is_bit_identical_and_generates_the_same_text(
             prompt, max_new_tokens=8, chat=False
         )
         assert (laptop / "keys.json").is_file()
+    finally:
+        server.stop(None)
+        registry.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"), [("read-only", "read-only file system"), ("full", "disk full")]
+)
+def test_a_restore_onto_a_disk_that_cannot_take_it_is_one_storage_error(
+    tiny_model_dir: Path, tmp_path: Path, small_disk: Any, fault: str, fragment: str
+) -> None:
+    # Prepare: a phone's backup on a real service; the laptop's folder is on its own small
+    # file system, then made read-only or full (both refuse root, unlike chmod)
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    server, port = serve_backup(BackupServicer(registry, BlobStore(tmp_path / "blobs")))
+    address = f"127.0.0.1:{port}"
+    registry.ensure_user("u-maya")
+    phone = tmp_path / "phone"
+    KeyStore.create(phone / "keys.json", PASSPHRASE, kdf=CHEAP)
+    pm = PersonalModel.open(phone / "profile", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    pm.train(NOTES, FAST, progress=False)
+    token = registry.issue_enrolment_token
+    phone_client = BackupClient.enroll(address, token("u-maya"), phone / "device.json")
+    laptop_client = BackupClient.enroll(address, token("u-maya"), tmp_path / "laptop.json")
+    laptop = small_disk.path / "laptop"
+    laptop.mkdir()
+    try:
+        pm.backup(phone_client, key_file=phone / "keys.json", passphrase=PASSPHRASE)
+        small_disk.read_only() if fault == "read-only" else small_disk.fill()
+        # Execute / Assert: one project error naming where, and nothing half-written
+        with pytest.raises(StorageError, match=fragment) as info:
+            PersonalModel.restore(
+                laptop / "profile",
+                laptop_client,
+                key_file=laptop / "keys.json",
+                base=tiny_model_dir,
+                passphrase=PASSPHRASE,
+                **OPEN,  # type: ignore[arg-type]
+            )
+        assert str(laptop) in str(info.value)
+        assert list(laptop.iterdir()) == []
     finally:
         server.stop(None)
         registry.close()
