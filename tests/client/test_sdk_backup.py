@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors.numpy import load as safetensors_load
 
-from lorafleet.client.backup import BackupClient
+from lorafleet.client.backup import BackupClient, pack_version
 from lorafleet.client.keys import KeyStore
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import TrainConfig
@@ -140,3 +143,29 @@ def test_a_restore_onto_a_disk_that_cannot_take_it_is_one_storage_error(
     finally:
         server.stop(None)
         registry.close()
+
+
+def test_the_backup_archive_is_the_documented_layout_with_a_and_b(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a trained profile's version 1, packed as a backup packs it
+    pm = PersonalModel.open(tmp_path / "p", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    pm.train(NOTES, FAST, progress=False)
+    data = pack_version(tmp_path / "p", 1)
+    # Execute: read it with docs/backup.md alone (integers little-endian)
+    magic, fmt, head_len = struct.unpack_from("<4sBI", data)
+    head = json.loads(data[9 : 9 + head_len])
+    offset = 9 + head_len + head["profile_json_size"]
+    profile_json = json.loads(data[9 + head_len : offset])
+    files = {}
+    for entry in head["files"]:
+        files[entry["path"]] = data[offset : offset + entry["size"]]
+        offset += entry["size"]
+    # Assert: the layout holds to the last byte; the PEFT folder carries A and B (README)
+    assert (magic, fmt, head["version"], offset) == (b"LFBK", 1, 1, len(data))
+    assert profile_json["spec"]["rank"] == 4
+    assert {"adapter_config.json", "adapter_model.safetensors", "lorafleet_adapter.json"} <= set(
+        files
+    )
+    tensors = safetensors_load(files["adapter_model.safetensors"])
+    assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
