@@ -130,6 +130,36 @@ def test_train_on_a_profile_that_cannot_be_written_is_one_error_line(
     assert _snapshot(profile) == before
 
 
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_command_that_would_write_on_a_read_only_mount_is_one_error_line(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    small_disk: Any,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # Prepare: a new profile, or the ONNX export cache, on a read-only mount
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
+    small_disk.read_only()
+    target = small_disk.path / ("p" if command == "train" else "cache")
+    argv = (
+        ["train", *common(tmp_path, tiny_model_dir), "--data", str(data), "--steps", "2"]
+        if command == "train"
+        else ["export", "--base", str(tiny_model_dir), "--cache-dir", str(target)]
+    )
+    argv = [str(target) if a == str(tmp_path / "p") else a for a in argv]
+    # Execute
+    code = main(argv)
+    # Assert: exit 2 and one line naming the path and the fix; nothing was written
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert code == 2 and "Traceback" not in stderr
+    assert len(errors) == 1 and str(target) in errors[0], stderr
+    assert "read-only" in errors[0].lower() and ("writable" in errors[0])
+    assert list(small_disk.path.iterdir()) == []
+
+
 def test_info_on_a_folder_that_is_not_a_profile(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
