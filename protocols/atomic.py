@@ -70,15 +70,19 @@ def writing(target: Path) -> Iterator[None]:
         raise storage_error(exc, Path(target)) from None
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing ancestors; the ones created, deepest first."""
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """Create ``folder`` and its missing ancestors, recording each in ``created``.
+
+    ``created`` lists them deepest first, so a failure part-way can still be undone.
+    """
     missing: list[Path] = []
     probe = folder
     while not probe.exists() and probe != probe.parent:
         missing.append(probe)
         probe = probe.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing
+    for parent in reversed(missing):
+        parent.mkdir(exist_ok=True)
+        created.insert(0, parent)
 
 
 def _remove_empty(created: list[Path]) -> None:
@@ -100,7 +104,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     path = Path(path)
     created: list[Path] = []
     try:
-        created = _make_parents(path.parent)
+        _make_parents(path.parent, created)
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     except OSError as exc:
         _remove_empty(created)
@@ -138,7 +142,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise LorafleetError(f"{target} already exists; versions are never overwritten")
     created: list[Path] = []
     try:
-        created = _make_parents(target.parent)
+        _make_parents(target.parent, created)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
     except OSError as exc:
         _remove_empty(created)
