@@ -47,7 +47,7 @@ from lorafleet.client.adapter import read_b, read_provenance
 from lorafleet.client.keys import KeyStore, SeenGenerations, UnlockedKeys
 from lorafleet.client.profile import ADAPTERS_DIR, CURRENT_FILE, PROFILE_FILE, Profile
 from lorafleet.protocols import crypto
-from lorafleet.protocols.atomic import atomic_directory, atomic_write_bytes
+from lorafleet.protocols.atomic import atomic_directory, atomic_write_bytes, writing
 from lorafleet.protocols.envelope import BlobContext, new_blob_id, open_blob, seal_blob
 from lorafleet.protocols.errors import (
     IntegrityError,
@@ -868,10 +868,15 @@ class PendingKeyFile:
         self.staged = None
 
     def discard(self) -> None:
-        """Delete the staged copy (a failed restore)."""
+        """Delete the staged copy (a failed restore); never hides the restore's own error.
+
+        On a read-only or failing disk there may be nothing to delete and no way to
+        delete it: that is no reason to replace the error the caller is handling.
+        """
         if self.staged is not None:
-            self.staged.unlink(missing_ok=True)
-            self.staged.with_name(self.staged.name + ".lock").unlink(missing_ok=True)
+            for leftover in (self.staged, self.staged.with_name(self.staged.name + ".lock")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
             self.staged = None
 
 
@@ -932,7 +937,8 @@ def obtain_keys(
             "KeyStore.restore and your recovery bundle"
         )
     data = client.get_blob(key_blobs[0].blob_id, expected=key_blobs[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.restoring-{secrets.token_hex(4)}")
     pending = PendingKeyFile(path, staged)
     try:
@@ -1030,15 +1036,16 @@ def restore_profile(
                     f"{archive.version}; versions are never overwritten"
                 )
         else:
-            with atomic_directory(folder) as tmp:
+            with profile.writing(), atomic_directory(folder) as tmp:
                 _write_version(tmp, archive, spec)
-        profile.set_current(archive.version)
+        with profile.writing():
+            profile.set_current(archive.version)
     else:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise LorafleetError(
                 f"{root} exists and is not a lorafleet profile; restore into a new folder"
             )
-        with contextlib.suppress(FileNotFoundError):
+        with writing(root), contextlib.suppress(FileNotFoundError):
             root.rmdir()  # an empty folder: the assembled profile takes its place
         with atomic_directory(root) as tmp:
             _write_version(tmp / ADAPTERS_DIR / f"v{archive.version:04d}", archive, spec)

@@ -419,7 +419,13 @@ def update_reply(
     ``secaggplus_mod`` masks it and removes the clear values before the reply leaves.
     With ``instr.noise_std`` the device first adds its share of the DP noise, from an
     OS-seeded generator.
+
+    The delta is clipped to ``instr.clip_norm`` here, on the reply path itself, whoever
+    computed it: under SecAgg+ the coordinator cannot check one device's delta, so a
+    delta beyond the clip norm must never reach the masked sum (docs/privacy.md).
     """
+    if delta is not None:
+        delta = clip_by_global_norm(delta, instr.clip_norm)[0]
     if delta is not None and instr.noise_std > 0:
         gen = rng if rng is not None else np.random.default_rng()
         delta = {

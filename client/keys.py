@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.protocols import crypto
-from lorafleet.protocols.atomic import atomic_write_bytes
+from lorafleet.protocols.atomic import atomic_write_bytes, writing
 from lorafleet.protocols.errors import (
     DecryptionError,
     KeyFileRollbackError,
@@ -376,8 +376,9 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory locks; a single writer is assumed
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

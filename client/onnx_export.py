@@ -49,7 +49,7 @@ from lorafleet.client.onnx_runtime import (
     OnnxLM,
 )
 from lorafleet.protocols.atomic import atomic_directory, remove_stale_temporaries
-from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
+from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError, StorageError
 from lorafleet.protocols.spec import AdapterSpec
 
 __all__ = [
@@ -350,7 +350,7 @@ def export_base(
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(root)
     except OSError as exc:
-        raise LorafleetError(
+        raise StorageError(
             f"cannot write ONNX exports under {root}: {exc.strerror}; set LORAFLEET_CACHE to "
             "a writable folder"
         ) from None

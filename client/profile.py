@@ -5,6 +5,7 @@ Layout::
     profile/
       profile.json         spec + base source
       current              name of the version in use, e.g. "v0003"
+      .lorafleet-lock      held by a process while it writes (saves keep their temporaries)
       adapters/v0001/      adapter_config.json, adapter_model.safetensors,
                            lorafleet_adapter.json (spec + provenance)
 
@@ -15,10 +16,13 @@ full disk leaves the previous version in use. This class knows the layout only; 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ import numpy.typing as npt
 from peft import PeftModel
 
 from lorafleet.client.adapter import BTensors, b_content_hash, read_b, read_provenance, save_adapter
-from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries
+from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries, writing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
 CURRENT_FILE = "current"
 ADAPTERS_DIR = "adapters"
+LOCK_FILE = ".lorafleet-lock"
+"""Held (``flock``) by a process writing to the profile; see :meth:`Profile.writing`."""
 _VERSION_DIR = re.compile(r"^v(\d{4,})\Z")
 
 
@@ -59,6 +65,7 @@ class Profile:
         """Prefer :meth:`open` or :meth:`create`."""
         self.root = root
         self.spec = spec
+        self._writing = False
 
     @staticmethod
     def read_spec(root: Path) -> AdapterSpec | None:
@@ -86,15 +93,60 @@ class Profile:
 
     @classmethod
     def open(cls, root: Path) -> Profile:
-        """An existing profile; leftovers of interrupted saves are removed."""
+        """An existing profile; leftovers of interrupted saves are removed.
+
+        A save in progress in another process holds the profile's lock file, and its
+        temporary folder is left alone; so is a read-only profile, which nothing can
+        have been writing to.
+        """
         root = Path(root)
         spec = cls.read_spec(root)
         if spec is None:
             raise LorafleetError(f"{root} is not a lorafleet profile (no {PROFILE_FILE})")
         profile = cls(root, spec)
-        remove_stale_temporaries(root)
-        remove_stale_temporaries(root / ADAPTERS_DIR)
+        try:
+            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # read-only: there is nothing to clean up, and nobody is saving
+            return profile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("another process is saving to %s; its temporary files are kept", root)
+            os.close(fd)
+            return profile
+        try:
+            remove_stale_temporaries(root)
+            remove_stale_temporaries(root / ADAPTERS_DIR)
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
         return profile
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the profile's lock file while the block writes to the profile.
+
+        Other processes' :meth:`open` then keep the block's temporary files instead of
+        removing them as leftovers of a crash; a second writer waits for the first. The
+        lock is re-entrant within this object (a training run holds it around its save).
+
+        Raises
+        ------
+        StorageError
+            The lock file cannot be created (a read-only profile, a full disk); nothing
+            was written.
+        """
+        if self._writing:
+            yield
+            return
+        with writing(self.root):
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._writing = True
+            yield
+        finally:
+            self._writing = False
+            os.close(fd)
 
     @classmethod
     def create(cls, root: Path, spec: AdapterSpec, *, base_source: str) -> Profile:
@@ -104,7 +156,8 @@ class Profile:
             raise LorafleetError(f"profile {root} is a file; pass a directory")
         if (root / PROFILE_FILE).exists():
             raise LorafleetError(f"{root} is already a profile; open it instead")
-        root.mkdir(parents=True, exist_ok=True)
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
         record = {"format": 1, "base_source": base_source, "spec": spec.to_dict()}
         atomic_write_text(root / PROFILE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return cls(root, spec)
@@ -154,20 +207,21 @@ class Profile:
         round: int | None = None,
     ) -> AdapterProvenance:
         """Write ``model``'s adapter (whose B is ``b``) as a new version and make it current."""
-        versions = [p.version for p in self.versions()]
-        version = max(versions, default=0) + 1
-        provenance = AdapterProvenance(
-            spec=self.spec,
-            version=version,
-            content_hash=b_content_hash(self.spec, b),
-            parent=self.current_version(),
-            prior_version=prior_version,
-            round=round,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            metrics=dict(metrics or {}),
-        )
-        save_adapter(model, self.version_dir(version), provenance)
-        self.set_current(version)
+        with self.writing():
+            versions = [p.version for p in self.versions()]
+            version = max(versions, default=0) + 1
+            provenance = AdapterProvenance(
+                spec=self.spec,
+                version=version,
+                content_hash=b_content_hash(self.spec, b),
+                parent=self.current_version(),
+                prior_version=prior_version,
+                round=round,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                metrics=dict(metrics or {}),
+            )
+            save_adapter(model, self.version_dir(version), provenance)
+            self.set_current(version)
         log.info("saved adapter version %d to %s", version, self.version_dir(version))
         return provenance
 

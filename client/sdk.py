@@ -8,6 +8,7 @@ class except by :meth:`PersonalModel.backup`, which seals it first (``docs/backu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -490,27 +491,32 @@ class PersonalModel:
         examples = self._examples(data)
         train_ex, held_ex = split_examples(examples, heldout_fraction, seed=config.seed)
         train_blocks, held_blocks = self._blocks(train_ex), self._blocks(held_ex)
-        bar = tqdm(total=config.steps, desc="training adapter", unit="step", disable=not progress)
-
-        def tick(step: int, total: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-
-        try:
-            result = train_adapter(
-                self.model, train_blocks, held_blocks, config, prior_b=prior_b, progress=tick
+        with contextlib.ExitStack() as hold:
+            if save:  # a profile that cannot be written (read-only) fails now, not after training
+                hold.enter_context(self._profile.writing())
+            bar = tqdm(
+                total=config.steps, desc="training adapter", unit="step", disable=not progress
             )
-        finally:
-            bar.close()
-        provenance = None
-        if save:
-            provenance = self.save(
-                metrics={
-                    "heldout_loss_before": result.heldout_loss_before,
-                    "heldout_loss_after": result.heldout_loss_after,
-                    "train_tokens": float(result.tokens),
-                }
-            )
+
+            def tick(step: int, total: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            try:
+                result = train_adapter(
+                    self.model, train_blocks, held_blocks, config, prior_b=prior_b, progress=tick
+                )
+            finally:
+                bar.close()
+            provenance = None
+            if save:
+                provenance = self.save(
+                    metrics={
+                        "heldout_loss_before": result.heldout_loss_before,
+                        "heldout_loss_after": result.heldout_loss_after,
+                        "train_tokens": float(result.tokens),
+                    }
+                )
         return TrainReport(result, provenance, len(train_ex), len(held_ex))
 
     def evaluate(

@@ -18,6 +18,7 @@ from lorafleet.protocols.errors import KeyStoreError as KeyStoreError
 from lorafleet.protocols.errors import LorafleetError as LorafleetError
 from lorafleet.protocols.errors import MissingKeyFileError as MissingKeyFileError
 from lorafleet.protocols.errors import SpecError as SpecError
+from lorafleet.protocols.errors import StorageError as StorageError
 from lorafleet.protocols.errors import WrongPassphraseError as WrongPassphraseError
 from lorafleet.protocols.manifest import BaseManifest as BaseManifest
 from lorafleet.protocols.manifest import ManifestFile as ManifestFile
@@ -41,6 +42,7 @@ __all__ = [
     "MissingKeyFileError",
     "Packing",
     "SpecError",
+    "StorageError",
     "WrongPassphraseError",
     "content_hash",
     "decode_tensors",

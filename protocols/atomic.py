@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorafleet.protocols.errors import LorafleetError
+from lorafleet.protocols.errors import LorafleetError, StorageError
 
 TMP_PREFIX = ".lorafleet-tmp-"
 
@@ -30,23 +30,85 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _explain(exc: OSError, target: Path) -> LorafleetError:
-    if exc.errno == errno.ENOSPC:
-        return LorafleetError(
-            f"disk full while writing {target}; free some space and retry (nothing was replaced)"
+def storage_error(exc: OSError, target: Path) -> StorageError:
+    """The one-line :class:`StorageError` for an ``OSError`` met while writing ``target``.
+
+    Examples
+    --------
+    >>> print(storage_error(OSError(errno.EROFS, "Read-only file system"), Path("/p/current")))
+    cannot write /p/current: read-only file system; remount it read-write or choose a writable location (nothing was replaced)
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "disk full" if exc.errno == errno.ENOSPC else "over the disk quota or size limit"
+        return StorageError(
+            f"cannot write {target}: {why}; free some space and retry (nothing was replaced)"
         )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LorafleetError(
-            f"cannot write {target}: permission denied; choose a writable location"
+    if exc.errno == errno.EROFS:
+        fix = "remount it read-write or choose a writable location"
+        return StorageError(
+            f"cannot write {target}: read-only file system; {fix} (nothing was replaced)"
         )
-    return LorafleetError(f"cannot write {target}: {exc.strerror or exc} (nothing was replaced)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(
+            f"cannot write {target}: permission denied; make it writable or choose a writable "
+            "location (nothing was replaced)"
+        )
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return StorageError(
+            f"cannot write {target}: a file stands where a folder is expected "
+            f"({exc.filename or target}); move it away or choose another location"
+        )
+    return StorageError(f"cannot write {target}: {exc.strerror or exc} (nothing was replaced)")
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn any ``OSError`` of the block into the :class:`StorageError` for ``target``."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, Path(target)) from None
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """Create ``folder`` and its missing ancestors, recording each in ``created``.
+
+    ``created`` lists them deepest first, so a failure part-way can still be undone.
+    """
+    missing: list[Path] = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for parent in reversed(missing):
+        parent.mkdir(exist_ok=True)
+        created.insert(0, parent)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Undo :func:`_make_parents` after a failed write (only folders still empty)."""
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` all at once; on any failure the old file stays."""
+    """Replace ``path`` with ``data`` all at once; on any failure the old file stays.
+
+    Raises
+    ------
+    StorageError
+        The folder cannot be created or written (read-only, full disk, a file in the
+        way); ``path`` is unchanged and no temporary file is left.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    created: list[Path] = []
+    try:
+        _make_parents(path.parent, created)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    except OSError as exc:
+        _remove_empty(created)
+        raise storage_error(exc, path) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -58,7 +120,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _explain(exc, path) from None
+        _remove_empty(created)
+        raise storage_error(exc, path) from None
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
@@ -71,13 +134,19 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` when the block succeeds.
 
     ``target`` must not exist yet (versions are immutable). If the block raises, or the
-    disk fills, the temporary directory is removed and ``target`` is never created.
+    disk fills, the temporary directory is removed and ``target`` is never created; an
+    ``OSError`` (read-only, full disk) becomes a :class:`StorageError` naming ``target``.
     """
     target = Path(target)
     if target.exists():
         raise LorafleetError(f"{target} already exists; versions are never overwritten")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
+    created: list[Path] = []
+    try:
+        _make_parents(target.parent, created)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
+    except OSError as exc:
+        _remove_empty(created)
+        raise storage_error(exc, target) from None
     try:
         yield tmp
         # Every file and folder inside must be on disk before the rename publishes them.
@@ -92,9 +161,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _explain(exc, target) from None
+        _remove_empty(created)
+        raise storage_error(exc, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
 
 

@@ -25,6 +25,13 @@ class DataError(LorafleetError):
     """The user's training or evaluation data cannot be used as given."""
 
 
+class StorageError(LorafleetError):
+    """A file or folder cannot be written: read-only, disk full, or a file in the way.
+
+    The message names the path and what to do; nothing was half-written.
+    """
+
+
 class DecryptionError(IntegrityError):
     """Ciphertext does not open: wrong key, or bytes or context altered since sealing."""
 

@@ -49,6 +49,10 @@ SECURE_INSTRUCTION_KEY = "fitins.config"
 SECURE_PRIOR_FIELD = "lorafleet-prior"
 SECURE_LAYOUT_FIELD = "lorafleet-layout"
 
+MAX_NUM_EXAMPLES = 10**9
+"""The most training examples a device may report: a phone's notes are far fewer, and
+anything larger (``1e12``, ``inf``) is a lie or a bug, refused at the protocol boundary."""
+
 ZERO_PRIOR = "zero"
 """The prior before round 1: B = 0. Devices know its shapes from their own base and
 spec, so the coordinator never needs the base's architecture."""
@@ -149,6 +153,27 @@ class RoundMetrics:
     train_seconds: float = 0.0
     bytes_up: int = 0
 
+    def __post_init__(self) -> None:
+        # Replies come from devices, so every number is checked before the coordinator
+        # uses it: num_examples is an aggregation weight, and inf/nan/huge would let one
+        # device crash the round or become the whole prior.
+        n: object = self.num_examples
+        if isinstance(n, float) and math.isfinite(n) and n.is_integer():
+            object.__setattr__(self, "num_examples", int(n))
+        elif isinstance(n, bool) or not isinstance(n, int):
+            raise SpecError(
+                f"round metrics: num-examples must be an integer, got {n!r}; "
+                "report how many training examples the device used"
+            )
+        if not 0 <= self.num_examples <= MAX_NUM_EXAMPLES:
+            raise SpecError(
+                f"round metrics: num-examples must be in [0, {MAX_NUM_EXAMPLES}], "
+                f"got {self.num_examples!r}"
+            )
+        b = self.bytes_up
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < 2**63:
+            raise SpecError(f"round metrics: bytes-up must be a size in bytes, got {b!r}")
+
     def to_metrics(self) -> dict[str, int | float]:
         """Flat numbers for a Flower MetricRecord."""
         return {
@@ -158,7 +183,19 @@ class RoundMetrics:
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> RoundMetrics:
-        """Parse :meth:`to_metrics` output."""
+        """Parse :meth:`to_metrics` output, refusing numbers no honest device sends.
+
+        Examples
+        --------
+        >>> RoundMetrics.from_metrics({"num-examples": 12.0, "base-loss": 2.0,
+        ...     "prior-loss": 1.9, "personal-loss": 1.8}).num_examples
+        12
+        >>> RoundMetrics.from_metrics({"num-examples": float("inf"), "base-loss": 2.0,
+        ...     "prior-loss": 1.9, "personal-loss": 1.8})
+        Traceback (most recent call last):
+        ...
+        lorafleet.protocols.errors.SpecError: round metrics: num-examples must be an integer, got inf; report how many training examples the device used
+        """
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")

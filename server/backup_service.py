@@ -47,11 +47,9 @@ UNAVAILABLE          the registry database cannot be reached
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -180,48 +178,45 @@ def _abort(context: grpc.ServicerContext, exc: LorafleetError) -> NoReturn:
 
 
 class ReplayCache:
-    """Nonces of recently accepted requests, forgotten once their timestamp is too old.
+    """Nonces of recently accepted requests, in the registry, forgotten once too old.
 
     A request is only accepted within ``window_s`` of the server clock, so a nonce
     needs remembering for ``2 * window_s`` after it was first seen, no longer: older
-    copies are refused by the timestamp check. The cache is bounded: when it holds
+    copies are refused by the timestamp check. The nonces live in the registry's
+    ``request_nonces`` table, so a restarted service (or another replica on the same
+    registry) still refuses a captured request. The cache is bounded: when it holds
     ``max_entries`` nonces that are all still needed, new requests are refused
     (RESOURCE_EXHAUSTED, retry shortly) rather than forgetting one, which would open a
     replay.
 
     Examples
     --------
-    >>> cache = ReplayCache(window_s=300, max_entries=10)
-    >>> cache.add(b"k", b"n1", now=0.0)
-    >>> cache.add(b"k", b"n1", now=1.0)
+    >>> registry = Registry.open("sqlite://")
+    >>> ReplayCache(registry, window_s=300, max_entries=10).add(b"k" * 32, b"n" * 16, now=0.0)
+    >>> ReplayCache(registry, window_s=300, max_entries=10).add(b"k" * 32, b"n" * 16, now=1.0)
     Traceback (most recent call last):
     ...
     lorafleet.server.backup_service._Unauthenticated: request replayed: its nonce was already used
     """
 
-    def __init__(self, *, window_s: float, max_entries: int) -> None:
+    def __init__(self, registry: Registry, *, window_s: float, max_entries: int) -> None:
+        self.registry = registry
         self.window_s = window_s
         self.max_entries = max_entries
-        self._seen: collections.OrderedDict[tuple[bytes, bytes], float] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._seen)
 
     def add(self, key: bytes, nonce: bytes, *, now: float) -> None:
         """Record a nonce of ``key``; raise if it was seen within the last two windows."""
-        forget_before = now - 2 * self.window_s
-        with self._lock:
-            while self._seen:
-                oldest, seen_at = next(iter(self._seen.items()))
-                if seen_at > forget_before:
-                    break
-                del self._seen[oldest]
-            if (key, nonce) in self._seen:
-                raise _Unauthenticated("request replayed: its nonce was already used")
-            if len(self._seen) >= self.max_entries:
-                raise _Exhausted("the server is handling too many requests; retry in a minute")
-            self._seen[(key, nonce)] = now
+        outcome = self.registry.remember_nonce(
+            key,
+            nonce,
+            now=datetime.fromtimestamp(now, UTC),
+            keep_until=datetime.fromtimestamp(now + 2 * self.window_s, UTC),
+            max_entries=self.max_entries,
+        )
+        if outcome == "replayed":
+            raise _Unauthenticated("request replayed: its nonce was already used")
+        if outcome == "full":
+            raise _Exhausted("the server is handling too many requests; retry in a minute")
 
 
 # --- the servicer ---------------------------------------------------------------------
@@ -324,7 +319,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         self.store = store
         self.window_s = float(window_s)
         self.clock = clock
-        self.replays = ReplayCache(window_s=self.window_s, max_entries=max_nonces)
+        self.replays = ReplayCache(registry, window_s=self.window_s, max_entries=max_nonces)
         self._adapters: dict[AdapterId, AdapterRecord] = {}
 
     # --- authentication ---------------------------------------------------------------

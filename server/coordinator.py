@@ -22,6 +22,7 @@ import numpy.typing as npt
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import Packing, content_hash, decode_tensors, encode_tensors
 from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.federation import MAX_NUM_EXAMPLES
 from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA256
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
@@ -108,6 +109,13 @@ class CoordinatorConfig:
     secagg_num_shares: int = field(
         default=0, metadata={"help": "SecAgg+ neighbours per device (0: every sampled device)."}
     )
+    max_example_weight: int = field(
+        default=0,
+        metadata={
+            "help": "Cap on a device's aggregation weight (its num-examples); "
+            "0: prior-steps x batch-size, the examples one round's prior step can use."
+        },
+    )
     dp: str = field(
         default="off", metadata={"help": "Differential privacy: off, central or client."}
     )
@@ -170,6 +178,11 @@ class CoordinatorConfig:
             or (self.dp_noise_multiplier > 0 and math.isfinite(self.dp_noise_multiplier)),
             f"dp-noise-multiplier must be positive, got {self.dp_noise_multiplier}",
         )
+        need(
+            0 <= self.max_example_weight <= MAX_NUM_EXAMPLES,
+            f"max-example-weight must be in [0, {MAX_NUM_EXAMPLES}] (0: prior-steps x "
+            f"batch-size), got {self.max_example_weight}",
+        )
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
         self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
 
@@ -184,6 +197,17 @@ class CoordinatorConfig:
             target_modules=tuple(t.strip() for t in self.target_modules.split(",") if t.strip()),
             cohort_seed=self.cohort_seed,
         )
+
+    @property
+    def example_weight_cap(self) -> int:
+        """The most a device's num-examples counts for in a plain round's weighted mean.
+
+        A device that reports more examples than its prior step can use in one round
+        (``prior-steps x batch-size``, unless ``max-example-weight`` says otherwise)
+        weighs no more than one that used them all, so no single device of a round
+        carries more than a fair share.
+        """
+        return self.max_example_weight or max(1, self.prior_steps * self.batch_size)
 
     @property
     def registry(self) -> str:

@@ -399,7 +399,10 @@ class Federation:
             outcome.metrics[node] = {k: float(v) for k, v in asdict(metrics).items()}
             if private:  # DP needs each device's influence bounded exactly: clip, weigh equally
                 delta = clip_by_global_norm(delta, self.cfg.clip_norm)[0]
-            updates.append(Update(node, delta, 1.0 if private else float(metrics.num_examples)))
+            # Weighted by examples, each weight capped so that no device (honest with a
+            # huge data set, or lying) outweighs a fair share of the round.
+            weight = min(metrics.num_examples, self.cfg.example_weight_cap)
+            updates.append(Update(node, delta, 1.0 if private else float(weight)))
         outcome.dropouts = len(set(sampled) - answered)
         outcome.accepted = len(updates)
         if len(updates) < self.cfg.min_train_nodes:

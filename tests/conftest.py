@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding a tiny Llama (2 layers, width 32) and its tokenizer."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A real file system of its own (a small tmpfs) that a test can fill or make read-only.
+
+    Tests run as root, so ``chmod`` cannot make a folder unwritable; a read-only mount
+    and a full file system refuse root too (EROFS, ENOSPC).
+    """
+
+    path: Path
+
+    def read_only(self) -> None:
+        """Remount read-only: every write below ``path`` fails with EROFS."""
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
+
+    def fill(self) -> None:
+        """Write a filler file until the file system is full (ENOSPC)."""
+        with open(self.path / "filler", "wb", buffering=0) as fh:
+            for chunk in (1 << 20, 4096, 1):
+                try:
+                    while True:
+                        fh.write(b"\0" * chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Disk]:
+    """A 64 MiB tmpfs mounted for this test; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "lorafleet-test", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"needs to mount a tmpfs (root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield Disk(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -319,5 +319,16 @@ controls = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 
+request_nonces = Table(
+    "request_nonces",
+    metadata,
+    # The backup service's replay cache: the nonce of every accepted signed request, kept
+    # until its timestamp is too old to pass the clock check, so a restart forgets none.
+    Column("public_key", LargeBinary(32), primary_key=True),
+    Column("nonce", LargeBinary(16), primary_key=True),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Index("ix_request_nonces_expires_at", "expires_at"),
+)
+
 IMMUTABLE_TABLES = ("adapter_versions", "prior_versions")
 """Tables whose rows a database trigger refuses to ``UPDATE`` (see the first migration)."""

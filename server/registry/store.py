@@ -82,6 +82,7 @@ from lorafleet.server.registry.models import (
     enrolment_tokens,
     evaluations,
     prior_versions,
+    request_nonces,
     rounds,
     specs,
     users,
@@ -1659,6 +1660,44 @@ class Registry:
                 self._device_query().where(devices.c.public_key == public_key)
             ).first()
         return None if row is None else self._device_record(row)
+
+    def remember_nonce(
+        self,
+        public_key: bytes,
+        nonce: bytes,
+        *,
+        now: datetime,
+        keep_until: datetime,
+        max_entries: int,
+    ) -> Literal["new", "replayed", "full"]:
+        """Record a signed request's nonce until ``keep_until``; say if it was seen.
+
+        Nonces whose ``keep_until`` has passed are forgotten first. The table survives a
+        restart of the backup service and is shared by every replica on one registry,
+        so a captured request replays against none of them. ``"full"``: ``max_entries``
+        nonces are all still needed (the caller refuses the request rather than forget
+        one, which would open a replay).
+        """
+        try:
+            with self._write() as conn:
+                conn.execute(delete(request_nonces).where(request_nonces.c.expires_at <= now))
+                held = conn.execute(select(func.count()).select_from(request_nonces)).scalar_one()
+                seen = conn.execute(
+                    select(request_nonces.c.nonce).where(
+                        request_nonces.c.public_key == public_key, request_nonces.c.nonce == nonce
+                    )
+                ).first()
+                if seen is not None:
+                    return "replayed"
+                if held >= max_entries:
+                    return "full"
+                conn.execute(
+                    insert(request_nonces),
+                    {"public_key": public_key, "nonce": nonce, "expires_at": keep_until},
+                )
+        except IntegrityError:  # a concurrent request with the same nonce won the insert
+            return "replayed"
+        return "new"
 
     def touch_device(self, device_id: DeviceId) -> None:
         """Record that the device was seen now (the console's "last seen")."""

@@ -4,6 +4,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,79 @@ def test_bad_data_prints_one_error_line_and_exits_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"),
+    [("read-only", "read-only file system; remount it"), ("full", "disk full; free some space")],
+)
+def test_train_on_a_profile_that_cannot_be_written_is_one_error_line(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    small_disk: Any,
+    capsys: pytest.CaptureFixture[str],
+    fault: str,
+    fragment: str,
+) -> None:
+    # Prepare: a profile with one version on its own small file system, then the fault
+    # (a real read-only mount or a real full disk: both refuse root, unlike chmod)
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
+    profile = small_disk.path / "p"
+    args = ["--profile", str(profile), "--base", str(tiny_model_dir)]
+    args += ["--precision", "fp32", "--device", "cpu"]
+    train = ["train", *args, "--data", str(data), "--steps", "2", "--rank", "4"]
+    assert main(train) == 0
+    capsys.readouterr()
+    before = _snapshot(profile)
+    small_disk.read_only() if fault == "read-only" else small_disk.fill()
+    # Execute
+    code = main(train)
+    # Assert: exit 2, one error line (beside progress bars) naming the profile and the
+    # fix, no traceback, the profile as it was
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert code == 2 and "Traceback" not in stderr
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write "), stderr
+    assert str(profile) in errors[0] and fragment in errors[0]
+    assert _snapshot(profile) == before
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_command_that_would_write_on_a_read_only_mount_is_one_error_line(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    small_disk: Any,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # Prepare: a new profile, or the ONNX export cache, on a read-only mount
+    data = tmp_path / "notes.txt"
+    data.write_text(NOTES, encoding="utf-8")
+    small_disk.read_only()
+    target = small_disk.path / ("p" if command == "train" else "cache")
+    argv = (
+        ["train", *common(tmp_path, tiny_model_dir), "--data", str(data), "--steps", "2"]
+        if command == "train"
+        else ["export", "--base", str(tiny_model_dir), "--cache-dir", str(target)]
+    )
+    argv = [str(target) if a == str(tmp_path / "p") else a for a in argv]
+    # Execute
+    code = main(argv)
+    # Assert: exit 2 and one line naming the path and the fix; nothing was written
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert code == 2 and "Traceback" not in stderr
+    assert len(errors) == 1 and str(target) in errors[0], stderr
+    assert "read-only" in errors[0].lower() and ("writable" in errors[0])
+    assert list(small_disk.path.iterdir()) == []
 
 
 def test_info_on_a_folder_that_is_not_a_profile(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
+from safetensors.numpy import load as safetensors_load
 
-from lorafleet.client.backup import BackupClient
+from lorafleet.client.backup import BackupClient, pack_version
 from lorafleet.client.keys import KeyStore
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols import crypto
+from lorafleet.protocols.errors import StorageError
 from lorafleet.server.backup_service import BackupServicer, serve_backup
 from lorafleet.server.blob_store import BlobStore
 from lorafleet.server.registry import Registry
@@ -97,3 +102,70 @@ def test_a_restored_adapter_is_bit_identical_and_generates_the_same_text(
     finally:
         server.stop(None)
         registry.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"), [("read-only", "read-only file system"), ("full", "disk full")]
+)
+def test_a_restore_onto_a_disk_that_cannot_take_it_is_one_storage_error(
+    tiny_model_dir: Path, tmp_path: Path, small_disk: Any, fault: str, fragment: str
+) -> None:
+    # Prepare: a phone's backup on a real service; the laptop's folder is on its own small
+    # file system, then made read-only or full (both refuse root, unlike chmod)
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    server, port = serve_backup(BackupServicer(registry, BlobStore(tmp_path / "blobs")))
+    address = f"127.0.0.1:{port}"
+    registry.ensure_user("u-maya")
+    phone = tmp_path / "phone"
+    KeyStore.create(phone / "keys.json", PASSPHRASE, kdf=CHEAP)
+    pm = PersonalModel.open(phone / "profile", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    pm.train(NOTES, FAST, progress=False)
+    token = registry.issue_enrolment_token
+    phone_client = BackupClient.enroll(address, token("u-maya"), phone / "device.json")
+    laptop_client = BackupClient.enroll(address, token("u-maya"), tmp_path / "laptop.json")
+    laptop = small_disk.path / "laptop"
+    laptop.mkdir()
+    try:
+        pm.backup(phone_client, key_file=phone / "keys.json", passphrase=PASSPHRASE)
+        small_disk.read_only() if fault == "read-only" else small_disk.fill()
+        # Execute / Assert: one project error naming where, and nothing half-written
+        with pytest.raises(StorageError, match=fragment) as info:
+            PersonalModel.restore(
+                laptop / "profile",
+                laptop_client,
+                key_file=laptop / "keys.json",
+                base=tiny_model_dir,
+                passphrase=PASSPHRASE,
+                **OPEN,  # type: ignore[arg-type]
+            )
+        assert str(laptop) in str(info.value)
+        assert list(laptop.iterdir()) == []
+    finally:
+        server.stop(None)
+        registry.close()
+
+
+def test_the_backup_archive_is_the_documented_layout_with_a_and_b(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a trained profile's version 1, packed as a backup packs it
+    pm = PersonalModel.open(tmp_path / "p", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    pm.train(NOTES, FAST, progress=False)
+    data = pack_version(tmp_path / "p", 1)
+    # Execute: read it with docs/backup.md alone (integers little-endian)
+    magic, fmt, head_len = struct.unpack_from("<4sBI", data)
+    head = json.loads(data[9 : 9 + head_len])
+    offset = 9 + head_len + head["profile_json_size"]
+    profile_json = json.loads(data[9 + head_len : offset])
+    files = {}
+    for entry in head["files"]:
+        files[entry["path"]] = data[offset : offset + entry["size"]]
+        offset += entry["size"]
+    # Assert: the layout holds to the last byte; the PEFT folder carries A and B (README)
+    assert (magic, fmt, head["version"], offset) == (b"LFBK", 1, 1, len(data))
+    assert profile_json["spec"]["rank"] == 4
+    assert {"adapter_config.json", "adapter_model.safetensors", "lorafleet_adapter.json"} <= set(
+        files
+    )
+    tensors = safetensors_load(files["adapter_model.safetensors"])
+    assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from lorafleet.client.backup import BackupAuthError, BackupClient, BackupError
 from lorafleet.client.keys import KeyStore
@@ -230,6 +231,49 @@ def test_a_replayed_signed_request_is_refused(service: Service) -> None:
 
     # Assert
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_request_replayed_after_a_restart_is_refused(registry_url: str, tmp_path: Path) -> None:
+    # Prepare: a real signed request, accepted by a service that is then stopped
+    with _start(registry_url, tmp_path) as first:
+        client = first.client("u-1")
+        request, metadata = _list_call(first, client)
+        first.stub().ListBlobs(request, metadata=metadata)
+    # Execute: a new service (new registry connection, servicer and gRPC server) on the
+    # same registry, within the request's window
+    with _start(registry_url, tmp_path) as second, pytest.raises(grpc.RpcError) as info:
+        second.stub().ListBlobs(request, metadata=metadata)
+    # Assert: refused as a replay, while a fresh request of the same device passes
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "replayed" in str(info.value.details())
+    with _start(registry_url, tmp_path) as third:
+        fresh, fresh_metadata = _list_call(third, client)
+        assert list(third.stub().ListBlobs(fresh, metadata=fresh_metadata).blobs) == []
+
+
+def test_the_replay_cache_forgets_a_nonce_after_two_windows_and_is_bounded(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a service whose clock the test moves, with room for two nonces
+    now = [time.time()]
+    with _start(
+        f"sqlite:///{tmp_path / 'r.db'}", tmp_path, max_nonces=2, clock=lambda: now[0]
+    ) as service:
+        client = service.client("u-1")
+        calls = [_list_call(service, client, timestamp_ms=int(now[0] * 1000)) for _ in range(3)]
+        stub = service.stub()
+        stub.ListBlobs(calls[0][0], metadata=calls[0][1])
+        stub.ListBlobs(calls[1][0], metadata=calls[1][1])
+        # Execute / Assert: full of nonces still needed: refused, not forgotten
+        full = code_of(lambda: stub.ListBlobs(calls[2][0], metadata=calls[2][1]))
+        assert full == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # two windows later the old nonces are gone and a new request fits
+        now[0] += 2 * service.servicer.window_s + 1
+        later = _list_call(service, client, timestamp_ms=int(now[0] * 1000))
+        stub.ListBlobs(later[0], metadata=later[1])
+        with service.registry.engine.connect() as conn:
+            held = conn.execute(text("SELECT count(*) FROM request_nonces")).scalar_one()
+        assert held == 1
 
 
 @pytest.mark.parametrize("state", ["enrolled", "revoked"])

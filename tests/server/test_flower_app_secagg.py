@@ -1,4 +1,4 @@
-"""Secure aggregation, differential privacy and the console's controls, round by round.
+"""Secure aggregation, differential privacy, devices' weights and the console's controls.
 
 These run the coordinator's real rounds and Flower's real SecAgg+ workflow and mod over
 an in-process grid (:class:`lorafleet.sim.runner.LocalGrid`) whose devices send
@@ -7,6 +7,7 @@ synthetic clipped deltas, so every number can be checked exactly and nothing nee
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.common import FitIns, Parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -22,8 +23,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from lorafleet.client import federated
 from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.federation import (
+    MAX_NUM_EXAMPLES,
     RoundInstruction,
     RoundMetrics,
+    clip_by_global_norm,
     flatten,
     layout_from_json,
     layout_to_json,
@@ -180,7 +183,8 @@ def test_too_many_dropouts_fail_the_attempt_cleanly_and_it_is_retried(tmp_path: 
 
 
 def test_a_device_that_does_not_clip_gets_the_secure_round_discarded(tmp_path: Path) -> None:
-    # Prepare: device 0 sends a delta 30x the clip norm (each value still within range)
+    # Prepare: device 0 runs modified code that skips the reply path's clip and sends a
+    # delta 30x the clip norm (each value still within SecAgg+'s range)
     rogue = ClientApp()
 
     @rogue.train(mods=[federated.secure_aggregation_mod])
@@ -190,7 +194,8 @@ def test_a_device_that_does_not_clip_gets_the_secure_round_discarded(tmp_path: P
         norm = 30.0 if pid == 0 else 0.9
         delta = synthetic_delta(SHAPES, norm * instr.clip_norm, (pid, instr.round))
         metrics = RoundMetrics(num_examples=20, base_loss=2.0, prior_loss=1.8, personal_loss=1.5)
-        return federated.update_reply(msg, instr, delta, metrics)
+        unclipped = dataclasses.replace(instr, clip_norm=1000.0) if pid == 0 else instr
+        return federated.update_reply(msg, unclipped, delta, metrics)
 
     cfg = config(tmp_path, 3, secure_aggregation=True, max_round_retries=0)
     # Execute / Assert: the round is refused as a whole; no prior is published
@@ -456,3 +461,146 @@ def test_a_prior_rolled_back_during_a_pause_is_where_the_next_round_starts(
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3] and sorted(priors) == [1, 2, 3]
     step = flatten(priors[3])[0].astype(np.float64) - flatten(priors[1])[0]
     assert np.abs(step - plain_mean(SHAPES, [0, 1, 2], 3, 0.9)).max() < 1e-6
+
+
+# ------------------------------------------------------------------ a device's reported size
+# and its delta's norm, played as an attacker (#14 item 4): device 0 is the rogue.
+def delta_of(pid: int, rnd: int, norm: float = 0.9) -> dict[str, np.ndarray]:
+    return synthetic_delta(SHAPES, norm, (pid, rnd))
+
+
+def metrics(num_examples: int = 20) -> RoundMetrics:
+    return RoundMetrics(num_examples=num_examples, base_loss=2.0, prior_loss=1.8, personal_loss=1.5)
+
+
+def rogue_app(*, reported: float | None = None, norm: float = 0.9) -> ClientApp:
+    """Device 0 reports ``reported`` examples (bypassing RoundMetrics' own checks) and
+    hands the reply path a delta of ``norm`` times the clip norm; the others are honest."""
+    app = ClientApp()
+
+    @app.train(mods=[federated.secure_aggregation_mod])
+    def train(msg: Message, context: Context) -> Message:
+        instr, _ = federated.read_instruction(msg)
+        pid = int(context.node_config["partition-id"])
+        delta = delta_of(pid, instr.round, norm if pid == 0 else 0.9)
+        reply = federated.update_reply(msg, instr, delta, metrics())
+        if pid == 0 and reported is not None:  # the plain metrics and the secure fitres ones
+            for name, record in list(reply.content.metric_records.items()):
+                if "num-examples" in record:
+                    raw = dict(record)
+                    raw["num-examples"] = reported
+                    reply.content[name] = MetricRecord(raw)  # type: ignore[arg-type]
+        return reply
+
+    return app
+
+
+def weighted(weights: dict[int, float], rnd: int = 1) -> np.ndarray:
+    total = sum(weights.values())
+    parts = [w * flatten(delta_of(pid, rnd))[0].astype(np.float64) for pid, w in weights.items()]
+    return np.sum(parts, axis=0) / total
+
+
+# ------------------------------------------------------------------ the protocol boundary
+@pytest.mark.parametrize(
+    "bad", [float("inf"), float("nan"), 1e12, -5, 2.5, True, "20", MAX_NUM_EXAMPLES + 1]
+)
+def test_round_metrics_refuse_a_num_examples_no_device_has(bad: Any) -> None:
+    # Execute / Assert: one SpecError naming the field
+    with pytest.raises(SpecError, match="num-examples"):
+        RoundMetrics.from_metrics(
+            {"num-examples": bad, "base-loss": 2.0, "prior-loss": 1.9, "personal-loss": 1.8}
+        )
+
+
+def test_round_metrics_take_an_integral_float_as_an_int() -> None:
+    # Flower's MetricRecord may carry a count as a float
+    parsed = RoundMetrics.from_metrics(
+        {"num-examples": 12.0, "base-loss": 2.0, "prior-loss": 1.9, "personal-loss": 1.8}
+    )
+    assert parsed.num_examples == 12 and isinstance(parsed.num_examples, int)
+
+
+# ------------------------------------------------------------------ a real plain round
+@pytest.mark.parametrize("reported", [float("inf"), float("nan"), 1e12, -3.0, 2.5])
+def test_a_lying_num_examples_is_refused_and_the_run_goes_on(
+    tmp_path: Path, reported: float
+) -> None:
+    # Prepare: 4 devices over 2 rounds; device 0 reports an impossible example count
+    cfg = config(tmp_path, 4, num_rounds=2)
+    grid = LocalGrid(rogue_app(reported=reported), 4)
+    rogue = min(grid.partition)
+    # Execute
+    results = run_federation(grid, cfg)
+    # Assert: both rounds finished without the rogue, whose reply was refused by name
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    for rnd in results["rounds"]:
+        assert rnd["prior_version"] is not None
+        reason = rnd["refused"].get(str(rogue), rnd["refused"].get(rogue))
+        assert "malformed reply" in reason and "num-examples" in reason
+    # the prior is the others' mean: round 1 and round 2 each moved it by that mean
+    expected = weighted({1: 1, 2: 1, 3: 1}, 1) + weighted({1: 1, 2: 1, 3: 1}, 2)
+    prior = flatten(final_prior(cfg))[0]
+    assert np.abs(prior - expected).max() < 1e-6
+    # and a restart on the same state resumes cleanly (nothing poisoned was stored)
+    again = run_federation(
+        LocalGrid(rogue_app(reported=reported), 4), dataclasses.replace(cfg, num_rounds=3)
+    )
+    assert [r["round"] for r in again["rounds"]] == [3]
+
+
+@pytest.mark.parametrize(("cap", "expected_weight"), [(0, 8 * 4), (20, 20), (5, 5)])
+def test_a_huge_num_examples_weighs_no_more_than_the_cap(
+    tmp_path: Path, cap: int, expected_weight: int
+) -> None:
+    # Prepare: device 0 claims 100 million examples (within range, so it is accepted)
+    cfg = config(tmp_path, 4, max_example_weight=cap)
+    assert cfg.example_weight_cap == expected_weight  # 0: prior-steps x batch-size
+    # Execute
+    results = run_federation(LocalGrid(rogue_app(reported=1e8), 4), cfg)
+    # Assert: accepted, but weighted at the cap, not at 1e8
+    (round1,) = results["rounds"]
+    assert round1["accepted"] == 4
+    honest = min(20, expected_weight)
+    expected = weighted({0: expected_weight, 1: honest, 2: honest, 3: honest})
+    assert np.abs(flatten(final_prior(cfg))[0] - expected).max() < 1e-6
+
+
+def test_the_weight_cap_is_a_checked_run_config_key() -> None:
+    cfg = CoordinatorConfig.from_run_config({"max-example-weight": 64})
+    assert cfg.example_weight_cap == 64
+    with pytest.raises(SpecError, match="max-example-weight must be in"):
+        CoordinatorConfig.from_run_config({"max-example-weight": -1})
+
+
+# ------------------------------------------------------------------ a real SecAgg+ round
+def test_a_delta_beyond_the_clip_norm_never_enters_the_masked_sum(tmp_path: Path) -> None:
+    # Prepare: device 0's trainer hands the reply path a delta at 3x the clip norm
+    n = 10  # enough devices that the unclipped delta would pass the mean's norm check
+    cfg = config(tmp_path, n, secure_aggregation=True)
+    # Execute
+    results = run_federation(LocalGrid(rogue_app(norm=3.0), n), cfg)
+    # Assert: the masked sum held device 0's delta clipped to C, not at 3C
+    (round1,) = results["rounds"]
+    assert round1["accepted"] == n
+    clipped = clip_by_global_norm(delta_of(0, 1, 3.0), 1.0)[0]
+    deltas = [flatten(clipped)[0].astype(np.float64)]
+    deltas += [flatten(delta_of(pid, 1))[0].astype(np.float64) for pid in range(1, n)]
+    expected = np.mean(deltas, axis=0)
+    tolerance = secagg_params(n, clip_norm=1.0, dropout_share=0.2).tolerance
+    assert np.abs(flatten(final_prior(cfg))[0] - expected).max() <= 2 * tolerance + 1e-7
+    unclipped = (flatten(delta_of(0, 1, 3.0))[0] - deltas[0]) / n
+    assert np.abs(unclipped).max() > 100 * tolerance  # the test can tell the two apart
+
+
+def test_under_secagg_a_reported_num_examples_is_never_a_weight(tmp_path: Path) -> None:
+    # Prepare: device 0 reports 1e8 examples in its plaintext metrics under SecAgg+
+    cfg = config(tmp_path, 4, secure_aggregation=True)
+    # Execute
+    results = run_federation(LocalGrid(rogue_app(reported=1e8), 4), cfg)
+    # Assert: the mean is the equal-weight mean (weights are fixed at 1 in the mask)
+    (round1,) = results["rounds"]
+    assert round1["accepted"] == 4
+    expected = weighted({0: 1, 1: 1, 2: 1, 3: 1})
+    tolerance = secagg_params(4, clip_norm=1.0, dropout_share=0.2).tolerance
+    assert np.abs(flatten(final_prior(cfg))[0] - expected).max() <= 2 * tolerance + 1e-7
