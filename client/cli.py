@@ -52,7 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
-        "--heldout", type=float, default=0.2, help="share of notes held out for evaluation"
+        "--heldout",
+        type=float,
+        default=0.2,
+        help="share of notes held out for early stopping (default 0.2)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="share of notes set aside first and only scored: the honest before/after "
+        "(default 0: none)",
     )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (new profiles only)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed of A (new profiles only)")
@@ -144,12 +154,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
         precision=pm.precision,
         device=args.device,
     )
-    report = pm.train(args.data, config, heldout_fraction=args.heldout)
+    report = pm.train(
+        args.data, config, heldout_fraction=args.heldout, test_fraction=args.test_fraction
+    )
     r = report.result
     print(
         f"trained {r.steps} steps on {report.train_examples} notes ({r.tokens_per_second:.0f} tokens/s)"
     )
     print(f"held-out loss: {r.heldout_loss_before:.4f} -> {r.heldout_loss_after:.4f}")
+    if report.test_loss_before is not None and report.test_loss_after is not None:
+        print(
+            f"test loss ({report.test_examples} notes nothing was selected on): "
+            f"{report.test_loss_before:.4f} -> {report.test_loss_after:.4f}"
+        )
     if report.provenance is not None:
         print(f"saved version {report.provenance.version} in {pm.profile}")
 

@@ -121,6 +121,11 @@ class TrainReport:
     provenance: AdapterProvenance | None
     train_examples: int
     heldout_examples: int
+    test_examples: int = 0
+    test_loss_before: float | None = None
+    """Loss on the test notes before training (``test_fraction > 0``); nothing was
+    selected on them, unlike the held-out (validation) loss that early stopping used."""
+    test_loss_after: float | None = None
 
 
 class PersonalModel:
@@ -468,14 +473,18 @@ class PersonalModel:
         config: TrainConfig | None = None,
         *,
         heldout_fraction: float = 0.2,
+        test_fraction: float = 0.0,
         prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
         save: bool = True,
         progress: bool = True,
     ) -> TrainReport:
         """Fine-tune the personal adapter on the user's text and save a new version.
 
-        Part of the data (``heldout_fraction``) is held out to measure the loss before
-        and after and to stop early; the best adapter seen is kept.
+        Part of the data (``heldout_fraction``) is held out to stop early; the best
+        adapter seen on it is kept, so its loss after training is optimistic. With
+        ``test_fraction > 0`` that share of the notes is set aside first, never trained
+        or selected on, and the report's ``test_loss_before/after`` are the honest
+        figures (the split is by a hash of each note, as for the held-out side).
         """
         config = config or TrainConfig()
         # "auto" in a caller's config means: the precision and device this model runs on.
@@ -488,9 +497,18 @@ class PersonalModel:
             raise SpecError(
                 "train: prior_b only acts through prox_mu > 0; to start from a prior, call load_b(prior) first"
             )
+        if not isinstance(test_fraction, int | float) or not 0 <= test_fraction < 0.5:
+            raise SpecError(f"train: test_fraction must be in [0, 0.5), got {test_fraction!r}")
         examples = self._examples(data)
+        test_ex: list[Example] = []
+        if test_fraction:
+            examples, test_ex = split_examples(
+                examples, test_fraction, seed=config.seed + 1, min_train=6, min_heldout=1
+            )
         train_ex, held_ex = split_examples(examples, heldout_fraction, seed=config.seed)
         train_blocks, held_blocks = self._blocks(train_ex), self._blocks(held_ex)
+        test_blocks = self._blocks(test_ex) if test_ex else None
+        test_before = self._loss(test_blocks) if test_blocks is not None else None
         with contextlib.ExitStack() as hold:
             if save:  # a profile that cannot be written (read-only) fails now, not after training
                 hold.enter_context(self._profile.writing())
@@ -517,7 +535,13 @@ class PersonalModel:
                         "train_tokens": float(result.tokens),
                     }
                 )
-        return TrainReport(result, provenance, len(train_ex), len(held_ex))
+        test_after = self._loss(test_blocks) if test_blocks is not None else None
+        return TrainReport(
+            result, provenance, len(train_ex), len(held_ex), len(test_ex), test_before, test_after
+        )
+
+    def _loss(self, blocks: TokenBlocks) -> float:
+        return heldout_loss(self.model, blocks, precision=self.precision, device=self._device)
 
     def evaluate(
         self, data: str | os.PathLike[str] | Sequence[str] | Sequence[Example]

@@ -55,6 +55,23 @@ def test_train_saves_a_version_that_a_reopened_profile_uses(
     )
 
 
+def test_a_test_fraction_is_set_aside_and_scored_never_trained_on(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    pm = open_pm(tmp_path / "p", tiny_model_dir)
+    notes = NOTES + [f"{n} (again, note {i})" for i, n in enumerate(NOTES)]
+    # Execute
+    report = pm.train(notes, FAST, test_fraction=0.25, progress=False)
+    # Assert: three disjoint sides, and the test losses are those of the saved adapter
+    assert report.test_examples == 4
+    assert report.train_examples + report.heldout_examples + report.test_examples == 16
+    assert report.test_loss_before is not None and report.test_loss_after is not None
+    assert report.test_loss_after < report.test_loss_before
+    with pytest.raises(LorafleetError, match="test_fraction"):
+        pm.train(notes, FAST, test_fraction=0.7, progress=False)
+
+
 def test_versions_chain_and_rollback_moves_the_pointer(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
