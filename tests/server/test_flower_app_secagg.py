@@ -57,6 +57,7 @@ def config(tmp: Path, nodes: int, **overrides: Any) -> CoordinatorConfig:
         "base_sha256": "0" * 64,
         "final_evaluation": False,
         "data_dir": str(tmp / "coordinator"),
+        "clip_norm": 1.0,  # the synthetic deltas and tolerances below are for C = 1
     }
     args.update(overrides)
     return CoordinatorConfig(**args)
@@ -110,7 +111,7 @@ def test_a_round_survives_a_dropout_at_any_secagg_stage(stage: str) -> None:
         5,
         dropout=lambda pid, msg: pid == 2 and stage_of(msg) == stage,
     )
-    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero")
+    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero", clip_norm=1.0)
     fitins = {node: FitIns(Parameters([], ""), instr.to_config()) for node in grid.get_node_ids()}
     params = secagg_params(5, clip_norm=1.0, dropout_share=0.3)
     # Execute
