@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("demo", "8 synthetic users, 3 rounds on the default base (about 10 minutes on 2 cores)"),
+        ("demo", "8 synthetic users, 3 rounds on the default base, then the baselines"),
         ("experiment", "a configurable experiment with the cold-start curve"),
     ):
         p = sub.add_parser(name, help=help_text)
