@@ -633,7 +633,11 @@ def _table(result: ExperimentResult, metric: str, title: str) -> list[str]:
         lines.append(
             f"personal <= min(local-only, FedAvg global) on {wins['strict']}/{wins['users']} users "
             f"({wins['within_spread']}/{wins['users']} within the seeds' spread); "
-            f"mean {100 * margin:+.1f}% below the better of the two"
+            + (
+                f"mean {100 * margin:.1f}% below (better than) the better of the two"
+                if margin >= 0
+                else f"mean {-100 * margin:.1f}% above (worse than) the better of the two"
+            )
         )
     return lines
 
