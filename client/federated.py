@@ -214,19 +214,20 @@ def run_round(
         metrics = RoundMetrics(len(data.train), base_loss, prior_loss, loss())
         return None, metrics
 
-    config = TrainConfig(
-        steps=max(instr.prior_steps, 1),
-        lr=instr.lr,
-        batch_size=instr.batch_size,
-        warmup_steps=min(5, instr.prior_steps // 4),
-        precision=w.precision,  # type: ignore[arg-type]
-        device=str(w.device),
-        seed=instr.round,
-    )
     # Prior step: plain local training from the prior, no early stop (selecting on this
-    # user's held-out text would bias the shared prior toward them).
+    # user's held-out text would bias the shared prior toward them). A personalize
+    # round has none: it only fine-tunes the personal adapter from the final prior.
     delta: BTensors | None = None
-    if instr.prior_steps > 0:
+    if instr.mode == "train" and instr.prior_steps > 0:
+        config = TrainConfig(
+            steps=instr.prior_steps,
+            lr=instr.lr,
+            batch_size=instr.batch_size,
+            warmup_steps=min(5, instr.prior_steps // 4),
+            precision=w.precision,  # type: ignore[arg-type]
+            device=str(w.device),
+            seed=instr.round,
+        )
         trainer = LocalTrainer(w.model, config)
         batches = cycle_batches(
             train_blocks, instr.batch_size, torch.Generator().manual_seed(instr.round)
@@ -242,6 +243,9 @@ def run_round(
     # improved past an old personal adapter the user moves on from the prior, and when
     # a user's own text says training hurts (too few notes), the prior is kept.
     # Validation is the device's held-out side; an experiment's test notes never get here.
+    # The personalize round after the last one gets the whole personal budget at once,
+    # from the final prior: the fine-tuned-global recipe, with early stopping and the
+    # choice on top (docs/personalization.md measured why one run beats per-round bits).
     if current is None:
         start_b, start_loss, start_from = prior_b, prior_loss, "prior"
     else:
@@ -255,6 +259,7 @@ def run_round(
     if instr.personal_steps == 0:
         personal_loss = start_loss
     else:
+        final = instr.mode == "personalize"
         personal_cfg = TrainConfig(
             steps=instr.personal_steps,
             lr=instr.lr,
@@ -263,9 +268,9 @@ def run_round(
             prox_mu=instr.prox_mu,
             precision=w.precision,  # type: ignore[arg-type]
             device=str(w.device),
-            eval_every=max(1, instr.personal_steps // 3),
-            patience=0,
-            seed=instr.round,
+            eval_every=max(1, instr.personal_steps // (8 if final else 3)),
+            patience=3 if final else 0,
+            seed=instr.round + (7919 if final else 0),
         )
         result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
         personal_loss = result.heldout_loss_after
@@ -279,7 +284,8 @@ def run_round(
                 "start_loss": start_loss,
                 "started_from_prior": float(start_from == "prior"),
                 "best_step": float(result.best_step),
-                "steps": float(result.steps + (instr.prior_steps if delta is not None else 0)),
+                "steps": float(result.steps),
+                "prior_steps": float(instr.prior_steps if delta is not None else 0),
             },
             prior_version=instr.prior_version,
             round=instr.round,

@@ -57,7 +57,9 @@ ZERO_PRIOR = "zero"
 """The prior before round 1: B = 0. Devices know its shapes from their own base and
 spec, so the coordinator never needs the base's architecture."""
 
-Mode = Literal["train", "evaluate"]
+Mode = Literal["train", "evaluate", "personalize"]
+"""``train``: prior step (delta out) and optional personal steps; ``personalize``: the
+final prior in, personal fine-tuning only, nothing out; ``evaluate``: losses only."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ class RoundInstruction:
             f"round must be >= 0, got {self.round!r}",
         )
         need(bool(self.prior_version), "prior_version is empty")
-        need(self.mode in get_args(Mode), f"mode must be train or evaluate, got {self.mode!r}")
+        need(
+            self.mode in get_args(Mode),
+            f"mode must be train, evaluate or personalize, got {self.mode!r}",
+        )
         need(self.personal_steps >= 0 and self.prior_steps >= 0, "steps must be >= 0")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr!r}")
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")

@@ -54,8 +54,22 @@ class CoordinatorConfig:
         default=1800.0, metadata={"help": "Replies later than this are dropouts."}
     )
     max_round_retries: int = field(default=2, metadata={"help": "Retries of a round that failed."})
-    personal_steps: int = field(default=8, metadata={"help": "Personal training steps per round."})
+    personal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Personal training steps in each training round (0: personalize once, "
+            "after the last round, from the final prior; docs/personalization.md)."
+        },
+    )
     prior_steps: int = field(default=8, metadata={"help": "Prior-step training steps per round."})
+    personalize_steps: int = field(
+        default=32,
+        metadata={
+            "help": "After the last round every device fine-tunes its personal adapter from "
+            "the final prior for at most this many steps, early-stopped on its validation "
+            "notes, and keeps the best of prior, previous personal and fine-tuned; 0: skip."
+        },
+    )
     lr: float = field(default=2e-3, metadata={"help": "Device learning rate (B only)."})
     prox_mu: float = field(
         default=0.0,
@@ -140,6 +154,10 @@ class CoordinatorConfig:
             "min-available-nodes must be >= min-train-nodes",
         )
         need(self.max_round_retries >= 0, "max-round-retries must be >= 0")
+        need(
+            min(self.personal_steps, self.prior_steps, self.personalize_steps) >= 0,
+            "personal-steps, prior-steps and personalize-steps must be >= 0",
+        )
         need(
             self.clip_norm > 0 and math.isfinite(self.clip_norm),
             f"clip-norm must be positive, got {self.clip_norm}",

@@ -251,8 +251,8 @@ class Federation:
             spec=self.coord.spec,
             prior_version=prior_ref,
             mode=mode,  # type: ignore[arg-type]
-            personal_steps=c.personal_steps,
-            prior_steps=c.prior_steps,
+            personal_steps=c.personalize_steps if mode == "personalize" else c.personal_steps,
+            prior_steps=0 if mode == "personalize" else c.prior_steps,
             lr=c.lr,
             prox_mu=c.prox_mu,
             clip_norm=c.clip_norm,
@@ -573,6 +573,50 @@ class Federation:
             dp_delta=outcome.dp_delta if status == "finished" else None,
         )
 
+    def personalize_all(
+        self, prior_ref: str, prior: BTensors | None
+    ) -> dict[int, dict[str, float]]:
+        """Every (unrevoked) node fine-tunes its personal adapter from the final prior.
+
+        Nothing comes back but metrics: the personal adapter stays on the device. Each
+        device early-stops on its validation notes and keeps the best of {prior, its
+        previous personal adapter, the fine-tuned one}, so this never leaves a user
+        worse on validation than the prior (client/federated.py ``run_round``).
+        """
+        instr = self._instruction(self.coord.completed_round(), prior_ref, "personalize")
+        nodes = self.eligible_nodes()
+        log.info(
+            "personalizing on %d devices from prior %s (at most %d steps each)",
+            len(nodes),
+            prior_ref,
+            instr.personal_steps,
+        )
+        replies, _ = self._send(nodes, instr, prior, MessageType.TRAIN)
+        out: dict[int, dict[str, float]] = {}
+        failed = 0
+        for reply in replies:
+            if not reply.has_content():
+                failed += 1
+                self._sent_prior.pop(reply.metadata.src_node_id, None)
+                continue
+            self._sent_prior[reply.metadata.src_node_id] = prior_ref
+            try:
+                m = RoundMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
+            except (KeyError, LorafleetError):
+                failed += 1
+                continue
+            out[reply.metadata.src_node_id] = {k: float(v) for k, v in asdict(m).items()}
+        means = _mean_metrics(out.values())
+        log.info(
+            "personalized %d/%d devices; held-out loss prior %.3f, personal %.3f%s",
+            len(out),
+            len(nodes),
+            means.get("prior_loss", float("nan")),
+            means.get("personal_loss", float("nan")),
+            f"; {failed} failed (they keep their previous adapter)" if failed else "",
+        )
+        return out
+
     def evaluate_all(self, prior_ref: str, prior: BTensors | None) -> dict[int, dict[str, float]]:
         """Held-out losses of base, prior and personal adapter on every (unrevoked) node."""
         instr = self._instruction(self.coord.completed_round(), prior_ref, "evaluate")
@@ -625,10 +669,12 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
                     f"round {number} failed {config.max_round_retries + 1} times (too few accepted "
                     "updates); check the nodes' logs, then run again to resume"
                 )
+        personalized = fed.personalize_all(prior_ref, prior) if config.personalize_steps > 0 else {}
         evaluation = fed.evaluate_all(prior_ref, prior) if config.final_evaluation else {}
         results = {
             "prior_version": prior_ref,
             "rounds": [asdict(o) for o in outcomes],
+            "personalization": {str(k): v for k, v in sorted(personalized.items())},
             "evaluation": {str(k): v for k, v in sorted(evaluation.items())},
             "bytes_up_per_client": _bytes_up_per_client(outcomes),
             "secure_aggregation": config.secure_aggregation,

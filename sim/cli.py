@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -35,7 +36,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--fraction", type=float, default=0.5, help="share of users per round")
         p.add_argument("--notes", type=int, default=60, help="notes per synthetic user")
-        p.add_argument("--steps", type=int, default=6, help="personal and prior steps per round")
+        p.add_argument(
+            "--steps", type=int, default=6, help="prior steps per device and round (FedAvg's too)"
+        )
+        p.add_argument(
+            "--personal-steps",
+            type=int,
+            default=0,
+            help="personal steps inside each round (default 0: personalize once at the end)",
+        )
+        p.add_argument(
+            "--personalize-steps",
+            type=int,
+            default=0,
+            help="at most this many steps of personal fine-tuning from the final prior, "
+            "early-stopped on validation (default: the local-only budget)",
+        )
         p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
         p.add_argument(
             "--clip-norm",
@@ -156,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes_per_user=args.notes,
             num_rounds=args.rounds,
             fraction_train=args.fraction,
-            personal_steps=args.steps,
+            personal_steps=args.personal_steps,
             prior_steps=args.steps,
+            personalize_steps=args.personalize_steps,
             packing=args.packing,
             base=args.base,
             precision=args.precision,
@@ -192,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume the federation", file=sys.stderr)
+        _leave_after_interrupt()
         return 130
     print()
     print(format_table(result), end="")
@@ -206,6 +224,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             console.stop()
     return 0
+
+
+def _leave_after_interrupt(code: int = 130) -> None:
+    """After Ctrl-C, end the process now if anything would keep it alive.
+
+    Flower runs the ServerApp in a non-daemon thread that may sit in ``send_and_receive``
+    for up to the round timeout (30 minutes by default), so a plain return would leave
+    the interpreter waiting on it at exit. Nothing needs that thread: the coordinator
+    commits each round to its registry as it finishes (an unfinished one is marked failed
+    when the run resumes) and devices write their profiles atomically. So Ray is given a
+    few seconds to stop its workers, and the process leaves with ``os._exit``. A second
+    Ctrl-C during those seconds leaves at once. Returns only when no other thread is alive
+    (the in-process engine), so the caller's normal exit path runs.
+    """
+    blocking = [
+        t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+    ]
+    if not blocking:
+        return
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code))
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        stopper = threading.Thread(target=ray.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=5.0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_console(data_dir: Path, port: int) -> ConsoleServer:

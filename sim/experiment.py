@@ -97,8 +97,17 @@ class ExperimentConfig:
     )
     num_rounds: int = 3
     fraction_train: float = 0.5
-    personal_steps: int = 6
+    personal_steps: int = field(
+        default=0, metadata={"help": "Personal steps inside each round (0: only at the end)."}
+    )
     prior_steps: int = 6
+    personalize_steps: int = field(
+        default=0,
+        metadata={
+            "help": "At most this many steps of personal fine-tuning from the final prior, "
+            "early-stopped on validation; 0: the local-only budget."
+        },
+    )
     lr: float = 2e-3
     prox_mu: float = 0.0
     clip_norm: float = 10.0
@@ -149,8 +158,10 @@ class ExperimentConfig:
             raise SpecError(f"experiment: val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.engine not in ("ray", "local"):
             raise SpecError(f"experiment: engine must be ray or local, got {self.engine!r}")
-        if self.local_steps < 0:
-            raise SpecError(f"experiment: local_steps must be >= 0, got {self.local_steps}")
+        if min(self.local_steps, self.personalize_steps, self.personal_steps) < 0:
+            raise SpecError("experiment: local, personal and personalize steps must be >= 0")
+        if self.prior_steps < 1:
+            raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -160,7 +171,12 @@ class ExperimentConfig:
     @property
     def budget_local(self) -> int:
         """Steps of each local-only baseline (and of FedAvg's local fine-tuning)."""
-        return self.local_steps or self.num_rounds * self.personal_steps
+        return self.local_steps or self.num_rounds * self.prior_steps
+
+    @property
+    def budget_personalize(self) -> int:
+        """At most this many steps of the final personalization on each device."""
+        return self.personalize_steps or self.budget_local
 
 
 @dataclass(frozen=True)
@@ -208,7 +224,9 @@ class UserResult:
     val: dict[str, float]
     steps: dict[str, int]
     tokens: dict[str, int]
-    rounds_taken_part: int
+    personal_versions: int
+    """Personal adapter versions the device saved (rounds with personal steps, the final
+    personalization)."""
 
 
 @dataclass
@@ -419,6 +437,7 @@ def _coordinator_config(
         min_available_nodes=num_users,
         personal_steps=cfg.personal_steps,
         prior_steps=cfg.prior_steps,
+        personalize_steps=cfg.budget_personalize,
         lr=cfg.lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
@@ -467,7 +486,9 @@ def _run_seed(
     finally:
         coord.close()
     prior: AdapterState = prior_b or lab.zero_b
-    per_round_steps = cfg.prior_steps + cfg.personal_steps
+    # Prior steps are counted as if every user took part in every round: exact with
+    # fraction 1.0, an upper bound (against lorafleet) otherwise.
+    prior_steps = cfg.num_rounds * cfg.prior_steps
     tokens_per_step = 4 * cfg.seq_len  # batch size 4 of seq_len blocks (an upper bound)
 
     results: dict[str, UserResult] = {}
@@ -478,10 +499,10 @@ def _run_seed(
         )
         personal = Profile.open(profile_dir).read(versions[-1].version)[1] if versions else prior
         res = UserResult(user.user_id, {}, {}, {}, {}, {}, len(versions))
-        taken = sum(int(v.metrics.get("steps", per_round_steps)) for v in versions)
+        taken = prior_steps + sum(int(v.metrics.get("steps", 0)) for v in versions)
         for method, state, steps in (
             ("base", None, 0),
-            ("prior", prior, len(versions) * cfg.prior_steps),
+            ("prior", prior, prior_steps),
             ("personal", personal, taken),
         ):
             _record(res, method, scorer.score(state, user), steps, tokens_per_step)

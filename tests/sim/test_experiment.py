@@ -54,8 +54,11 @@ def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
         for user in run["users"]:
             for metric in ("test", "test_notes", "val"):
                 assert set(user[metric]) == set(METHODS)
-            assert user["rounds_taken_part"] == 2
-            assert user["steps"]["personal"] == 2 * (cfg.personal_steps + cfg.prior_steps)
+            # two rounds with personal steps, then the final personalization
+            assert user["personal_versions"] == 3
+            # prior and in-round personal steps in full, the final one early-stopped
+            fixed = 2 * (cfg.personal_steps + cfg.prior_steps)
+            assert fixed < user["steps"]["personal"] <= fixed + cfg.budget_personalize
             assert user["test"]["personal"] < user["test"]["base"]
         assert len(run["rounds"]) == 2 and run["bytes_up_per_client"] > 0
         assert [row["k"] for row in run["cold_start"]] == [2.0, 8.0]

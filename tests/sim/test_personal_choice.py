@@ -35,7 +35,37 @@ def test_every_saved_personal_version_is_at_least_as_good_as_the_prior_on_valida
         m = v.metrics
         assert m["personal_loss"] <= m["prior_loss"] + 1e-9
         assert m["personal_loss"] <= m["start_loss"] + 1e-9
-        assert m["steps"] == config.personal_steps + config.prior_steps
+        assert m["steps"] == config.personal_steps
+        assert m["prior_steps"] == config.prior_steps
+
+
+def test_after_the_last_round_every_device_personalizes_once_from_the_final_prior(
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
+) -> None:
+    # Prepare: no personal steps inside the rounds, one personalization at the end
+    users, config = setup_run(
+        tmp_path, tiny_model_dir, num_rounds=2, personal_steps=0, personalize_steps=6
+    )
+    # Execute
+    results = simulate(
+        users, tmp_path, config, base=str(tiny_model_dir), precision="fp32", engine="local"
+    )
+    # Assert: one version per device, made from the final prior, early-stopped within the
+    # budget, and no worse on validation than that prior
+    assert len(results["personalization"]) == 3
+    final_prior = results["prior_version"]
+    versions = _versions(tmp_path / "profiles")
+    assert len(versions) == 3
+    for v in versions:
+        m = v.metrics
+        assert v.prior_version == final_prior
+        assert m["prior_steps"] == 0 and 1 <= m["steps"] <= 6
+        assert m["started_from_prior"] == 1.0
+        assert m["personal_loss"] <= m["prior_loss"] + 1e-9
+        assert m["prior_loss"] < m["base_loss"]  # the prior had two rounds to learn
+    # The final evaluation scores the adapter the personalization saved
+    for node_metrics in results["evaluation"].values():
+        assert node_metrics["personal_loss"] <= node_metrics["prior_loss"] + 1e-6
 
 
 def test_a_personal_adapter_worse_than_the_prior_restarts_from_the_prior(
