@@ -20,14 +20,13 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lorafleet.protocols.errors import DataError, LorafleetError, SpecError
 
@@ -35,6 +34,7 @@ __all__ = [
     "ROLES",
     "SPLITS",
     "TRAIN_ON",
+    "DataConfig",
     "Example",
     "Split",
     "TokenBlocks",
@@ -46,7 +46,11 @@ __all__ = [
     "examples_from_records",
     "read_examples",
     "split_examples",
+    "to_examples",
 ]
+
+if TYPE_CHECKING:  # reading data needs no torch: `lorafleet train` checks it before loading
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -617,6 +621,97 @@ def _messages(
     return tuple(turns)
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """How a user's data is read and which tokens train, for the SDK and the CLI.
+
+    Examples
+    --------
+    >>> DataConfig(split="lines", train_on="all").text_field is None
+    True
+    """
+
+    split: Split = field(
+        default="auto",
+        metadata={"help": "How .txt/.md files are cut into notes: auto, paragraphs or lines."},
+    )
+    text_field: str | None = field(
+        default=None,
+        metadata={"help": "Read only this field (a table's text column) of every record."},
+    )
+    train_on: TrainOn = field(
+        default="completion",
+        metadata={"help": "completion: loss on completions and assistant replies; all: on all."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise SpecError(f"data: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.train_on not in TRAIN_ON:
+            raise SpecError(
+                f"data: train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}"
+            )
+        if self.text_field is not None and (
+            not isinstance(self.text_field, str) or not self.text_field
+        ):
+            raise SpecError(f"data: text_field must be a column name, got {self.text_field!r}")
+
+
+def to_examples(data: Any, config: DataConfig | None = None) -> list[Example]:
+    """Examples from whatever an app holds: a path, notes, examples, records or a dataset.
+
+    Parameters
+    ----------
+    data
+        A file or folder path (:func:`read_examples`); or an iterable of ``str`` notes,
+        :class:`Example` values and record dicts (:func:`example_from_record`), such as
+        a list, a Hugging Face ``datasets.Dataset`` (it iterates as dicts) or anything
+        with a ``to_list()`` method; blank notes are skipped.
+    config
+        Reading options; the default reads every shape as documented.
+
+    Raises
+    ------
+    DataError
+        Nothing to train on, or an item of another type (named by its index).
+
+    Examples
+    --------
+    >>> len(to_examples(["Walked Turnip.", {"prompt": "Cat?", "completion": " Pixel."}]))
+    2
+    """
+    config = config or DataConfig()
+    if isinstance(data, str | os.PathLike):
+        return read_examples(Path(data), split=config.split, text_field=config.text_field)
+    if isinstance(data, bytes | Mapping):
+        raise DataError(
+            f"training data must be a path or a list of notes or records, got {type(data).__name__}"
+        )
+    items = data.to_list() if callable(getattr(data, "to_list", None)) else data
+    if not isinstance(items, Iterable):
+        raise DataError(f"training data must be a path or an iterable, got {type(data).__name__}")
+    examples: list[Example] = []
+    dropped = [0]
+    for i, item in enumerate(items, start=1):
+        if isinstance(item, Example):
+            examples.append(item)
+        elif isinstance(item, str):
+            if item.strip():
+                examples.append(Example(text=item, source=f"item {i}"))
+        elif isinstance(item, Mapping):
+            examples.append(_from_record(item, f"item {i}", config.text_field, dropped))
+        else:
+            raise DataError(
+                f"item {i}: training data items must be str, Example or a record dict, "
+                f"got {type(item).__name__}"
+            )
+    if not examples:
+        raise DataError(
+            "no training text given; pass a file, a folder, or a list of non-empty notes"
+        )
+    return examples
+
+
 def demo_notes_path() -> Path:
     """Return the packaged notes of the fictional demo user (``client/demo_data/notes.txt``).
 
@@ -692,8 +787,8 @@ def split_examples(
         distinct = "" if len(groups) == n else f" ({len(groups)} distinct)"
         raise DataError(
             f"got {n} notes{distinct}; need at least {need} distinct ones to train on "
-            f"{min_train} and hold {min_heldout} out for evaluation; add notes or lower "
-            "min_train/min_heldout"
+            f"{min_train} and hold {min_heldout} out for evaluation; add notes"
+            + _one_note_hint(examples)
         )
 
     target = min(max(min_heldout, round(heldout_fraction * n)), n - min_train)
@@ -714,6 +809,17 @@ def split_examples(
     train = [e for i, e in enumerate(examples) if i not in held]
     heldout = [e for i, e in enumerate(examples) if i in held]
     return train, heldout
+
+
+def _one_note_hint(examples: Sequence[Example]) -> str:
+    """Why a file may have read as too few notes, when it looks like a list of lines."""
+    lines = max((e.text.count("\n") + 1 for e in examples if e.text is not None), default=1)
+    if lines < 2:
+        return ""
+    return (
+        f" (a note here has {lines} lines: notes are separated by blank lines; for one "
+        "note per line pass --split lines, split='lines')"
+    )
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -780,6 +886,8 @@ class TokenBlocks:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise SpecError(f"batch_size must be a positive integer, got {batch_size!r}")
+        import torch
+
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
@@ -865,6 +973,8 @@ def encode_blocks(
             stream.append(eos)  # some tokenizers already append EOS
             targets.append(eos)
 
+    import torch
+
     n_blocks = math.ceil(len(stream) / seq_len)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -915,6 +1025,8 @@ def encode_notes(
     real = [r.attention_mask[0].bool() for r in rows]
     ids = [r.input_ids[0][m] for r, m in zip(rows, real, strict=True)]
     targets = [r.labels[0][m] for r, m in zip(rows, real, strict=True)]
+    import torch
+
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(ids), width), int(pad or 0), dtype=torch.long)
