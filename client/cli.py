@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafleet.client.data import SPLITS, TRAIN_ON, DataConfig, Example, to_examples
+from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 
 if TYPE_CHECKING:  # the heavy imports wait until a command needs them: --help stays instant
@@ -22,59 +24,126 @@ if TYPE_CHECKING:  # the heavy imports wait until a command needs them: --help s
 log = logging.getLogger("lorafleet")
 
 
+_PRECISIONS = ["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile", required=True, type=Path, help="profile directory (created on first use)"
     )
     p.add_argument(
-        "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
+        "--base",
+        default=None,
+        help="base model: default, a .gguf file, a folder or a hub id (default: the "
+        "profile's own base; the default base for a new profile)",
     )
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
+        "--precision",
+        default="auto",
+        choices=_PRECISIONS,
+        help="weights and compute precision (auto: bf16 where it pays, else fp32)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where converted bases are cached")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where converted bases are cached (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
+    )
+
+
+def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help=f"{what}: .txt/.md notes, .jsonl, .json, .csv, .tsv or .parquet records, or a "
+        "folder (formats: docs/sdk.md)",
+    )
+    p.add_argument(
+        "--split",
+        default="auto",
+        choices=list(SPLITS),
+        help=".txt/.md notes are separated by blank lines (paragraphs) or one per line "
+        "(lines); auto reads a lone file without blank lines one note per line",
+    )
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help="read only this field of every record (a table's text column) as a note",
+    )
+    p.add_argument(
+        "--train-on",
+        default="completion",
+        choices=list(TRAIN_ON),
+        help="loss on completions and assistant replies only (prompts masked, as in TRL), "
+        "or on all tokens",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
+    fmt = DefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="lorafleet", description="Private on-device personalization of a language model."
+        prog="lorafleet",
+        description="Private on-device personalization of a language model.",
+        formatter_class=fmt,
     )
+    add_version_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "train", help="fine-tune the personal adapter on your text and save a version"
+        "train",
+        help="fine-tune the personal adapter on your text and save a version",
+        formatter_class=fmt,
     )
     _add_profile_args(p)
-    p.add_argument("--data", required=True, type=Path, help=".txt/.md notes, .jsonl, or a folder")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=4)
+    _add_data_args(p, "your text")
     p.add_argument(
-        "--heldout",
-        type=float,
-        default=0.2,
-        help="share of notes held out for early stopping (default 0.2)",
+        "--steps", type=int, default=60, help="optimizer steps (an upper bound: early stop)"
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the adapter's B")
+    p.add_argument("--batch-size", type=int, default=4, help="token blocks per step")
+    p.add_argument(
+        "--heldout", type=float, default=0.2, help="share of notes held out for early stopping"
     )
     p.add_argument(
         "--test-fraction",
         type=float,
         default=0.0,
-        help="share of notes set aside first and only scored: the honest before/after "
-        "(default 0: none)",
+        help="share of notes set aside first and only scored: the honest before/after (0: none)",
     )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (new profiles only)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed of A (new profiles only)")
 
-    p = sub.add_parser("eval", help="held-out loss of the base and of your adapter on a data set")
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss of the base and of your adapter on a data set",
+        formatter_class=fmt,
+    )
     _add_profile_args(p)
-    p.add_argument("--data", required=True, type=Path)
+    _add_data_args(p, "text to score")
 
-    p = sub.add_parser("generate", help="reply to a prompt with your adapter")
+    p = sub.add_parser("generate", help="reply to a prompt with your adapter", formatter_class=fmt)
     _add_profile_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--prompt", required=True, help="your message (or, with --raw, text to continue)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="continue the prompt as plain text instead of replying through the chat template",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling (same seed, same text)"
+    )
     p.add_argument("--no-adapter", action="store_true", help="use the bare base model")
     p.add_argument(
         "--backend",
@@ -91,14 +160,32 @@ def _parser() -> argparse.ArgumentParser:
         "onnxruntime-gpu is installed, else cpu)",
     )
 
-    p = sub.add_parser("info", help="show a profile's spec and versions, or this machine's set-up")
-    p.add_argument("--profile", type=Path, default=None)
+    p = sub.add_parser(
+        "info",
+        help="show a profile's spec and versions, or this machine's set-up",
+        formatter_class=fmt,
+    )
+    p.add_argument("--profile", type=Path, default=None, help="a profile directory")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (never imports torch: fast, scriptable)",
+    )
 
-    p = sub.add_parser("export", help="export the base to ONNX (cached) and print its quality gate")
+    p = sub.add_parser(
+        "export",
+        help="export the base to ONNX (cached) and print its quality gate",
+        formatter_class=fmt,
+    )
     p.add_argument(
         "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
     )
-    p.add_argument("--quantization", default="int8", choices=["none", "int8", "int4"])
+    p.add_argument(
+        "--quantization",
+        default="int8",
+        choices=["none", "int8", "int4"],
+        help="weight quantization of the export",
+    )
     p.add_argument("--target-modules", default="q_proj,v_proj", help="layers that take the adapter")
     p.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
     p.add_argument(
@@ -110,15 +197,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-quality-loss", action="store_true", help="keep an export that fails the gate"
     )
-    p.add_argument("--cache-dir", type=Path, default=None, help="lorafleet's cache root")
-
-    p = sub.add_parser("demo", help="the single-device story on the bundled demo notes")
-    p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
-    p.add_argument("--steps", type=int, default=40)
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="lorafleet's cache root (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
     )
-    p.add_argument("--cache-dir", type=Path, default=None)
+
+    p = sub.add_parser(
+        "demo", help="the single-device story on the bundled demo notes", formatter_class=fmt
+    )
+    p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
+    p.add_argument("--steps", type=int, default=40, help="training steps")
+    p.add_argument(
+        "--precision", default="auto", choices=_PRECISIONS, help="weights and compute precision"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where converted bases are cached (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
+    )
     return parser
 
 
@@ -143,20 +242,46 @@ def _open(
     )
 
 
+def _read_data(args: argparse.Namespace) -> tuple[list[Example], DataConfig]:
+    """The user's data, read and checked before any model is loaded (that takes seconds)."""
+    config = DataConfig(split=args.split, text_field=args.text_column, train_on=args.train_on)
+    return to_examples(args.data, config), config
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    from lorafleet.client.profile import Profile
+    from lorafleet.client.sdk import PersonalModel
     from lorafleet.client.train import TrainConfig
 
-    pm = _open(args, rank=args.rank, cohort_seed=args.seed, create=True)
+    # Everything a user can get wrong fails here, before the base loads and before a
+    # new profile is created.
     config = TrainConfig(
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,
-        precision=pm.precision,
+        precision=args.precision,
         device=args.device,
     )
-    report = pm.train(
-        args.data, config, heldout_fraction=args.heldout, test_fraction=args.test_fraction
+    if args.rank < 1:
+        raise LorafleetError(f"--rank must be >= 1, got {args.rank}")
+    examples, data_config = _read_data(args)
+    PersonalModel.split_data(
+        examples, heldout_fraction=args.heldout, test_fraction=args.test_fraction, seed=config.seed
     )
+    new = Profile.read_spec(args.profile) is None
+    try:
+        pm = _open(args, rank=args.rank, cohort_seed=args.seed, create=True)
+        report = pm.train(
+            examples,
+            config,
+            data_config=data_config,
+            heldout_fraction=args.heldout,
+            test_fraction=args.test_fraction,
+        )
+    except BaseException:
+        if new:  # a failed first run leaves no empty profile to trip over later
+            Profile.remove_unused(args.profile)
+        raise
     r = report.result
     print(
         f"trained {r.steps} steps on {report.train_examples} notes ({r.tokens_per_second:.0f} tokens/s)"
@@ -172,17 +297,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from lorafleet.client.data import read_examples
-
-    examples = read_examples(args.data)
+    examples, data_config = _read_data(args)
     pm = _open(args)
-    rep = pm.evaluate(examples)
+    rep = pm.evaluate(examples, data_config)
     print(f"tokens: {rep.tokens}")
     print(f"base     loss {rep.base_loss:.4f}  perplexity {rep.base_perplexity:.2f}")
     print(f"adapter  loss {rep.adapter_loss:.4f}  perplexity {rep.adapter_perplexity:.2f}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    from lorafleet.client.evaluate import check_sampling
+
+    check_sampling(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
+    )
+    if not args.prompt:
+        raise LorafleetError("--prompt is empty; say something to reply to")
     provider = None if args.provider == "auto" else args.provider
     if args.backend == "torch":
         if provider is not None:
@@ -193,6 +323,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     else:  # a provider that is not there fails now, before the model loads
         from lorafleet.client.onnx_runtime import select_providers
 
+        if args.temperature > 0:
+            raise LorafleetError(
+                f"--temperature {args.temperature} samples on --backend torch only; use "
+                f"--temperature 0 with --backend {args.backend}"
+            )
         select_providers(provider)
         log.info("generating with the %s backend", args.backend)
     pm = _open(args)
@@ -201,6 +336,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             args.prompt,
             max_new_tokens=args.max_new_tokens,
             use_adapter=not args.no_adapter,
+            chat=not args.raw,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
             backend=args.backend,
             provider=provider,
         )
@@ -208,6 +347,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
+    if args.json:
+        from lorafleet.client.info import info_document
+
+        print(json.dumps(info_document(args.profile), indent=2, sort_keys=True))
+        return
     if args.profile is None:
         from lorafleet.client.base import default_gguf_path
         from lorafleet.client.runtime import resolve_device

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
+from tqdm.auto import tqdm
 
 from lorafleet.client.adapter import adapter_disabled
 from lorafleet.client.data import TokenBlocks
@@ -21,11 +23,13 @@ def heldout_loss(
     batch_size: int = 8,
     precision: Precision = "fp32",
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> float:
     """Mean next-token cross-entropy over every labelled token in ``blocks``.
 
     Batches are weighted by their token counts, so the result does not depend on the
-    batch size or on how the last block was padded.
+    batch size or on how the last block was padded. With ``progress`` a bar appears on
+    stderr once the evaluation has taken a second (a short one shows nothing).
     """
     if len(blocks) == 0 or blocks.num_tokens == 0:
         raise DataError("evaluation: no held-out tokens; add more text")
@@ -34,7 +38,11 @@ def heldout_loss(
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in blocks.batches(batch_size, shuffle=False):
+        batches: Iterable[TokenBlocks] = blocks.batches(batch_size, shuffle=False)
+        if progress:
+            total_batches = -(-len(blocks) // batch_size)
+            batches = tqdm(batches, total=total_batches, desc="evaluating", unit="batch", delay=1.0)
+        for batch in batches:
             n = int((batch.labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
@@ -54,6 +62,20 @@ def heldout_loss(
 def perplexity(loss: float) -> float:
     """exp(loss), guarded against overflow for very bad models."""
     return math.exp(min(loss, 80.0))
+
+
+def check_sampling(*, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Refuse sampling settings that no backend can honour, before a model is loaded."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise SpecError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
+        raise SpecError(f"generate: temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise SpecError(f"generate: top_p must be in (0, 1], got {top_p!r}")
 
 
 @torch.no_grad()
@@ -86,13 +108,15 @@ def generate(
     use_adapter: bool = True,
     chat: bool = True,
     temperature: float = 0.0,
+    top_p: float = 0.95,
     seed: int = 0,
 ) -> str:
-    """Reply to ``prompt``; greedy unless ``temperature > 0``.
+    """Reply to ``prompt``; greedy unless ``temperature > 0`` (then nucleus ``top_p``).
 
     With ``chat=True`` the prompt is wrapped in the tokenizer's chat template as a user
     turn, which is how instruction-tuned bases such as SmolLM2-Instruct expect it.
     """
+    check_sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     text = prompt_text(tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
@@ -104,7 +128,7 @@ def generate(
     }
     sampling = temperature > 0
     if sampling:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = model.training

@@ -25,17 +25,20 @@ import re
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-from peft import PeftModel
-
-from lorafleet.client.adapter import BTensors, b_content_hash, read_b, read_provenance, save_adapter
+from lorafleet.client.layout import read_provenance
 from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries, writing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
+
+if TYPE_CHECKING:  # reading a profile needs no torch (lorafleet info --json)
+    import numpy as np
+    import numpy.typing as npt
+    from peft import PeftModel
+
+    from lorafleet.client.adapter import BTensors
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,25 @@ class Profile:
         atomic_write_text(root / PROFILE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return cls(root, spec)
 
+    @staticmethod
+    def remove_unused(root: Path) -> bool:
+        """Remove a profile that never saved a version (a first run that failed).
+
+        Only the files :meth:`create` and :meth:`open` write are removed, then the
+        folder if that leaves it empty, so anything else a user keeps there stays.
+        Returns whether the profile was removed; one with a saved version never is.
+        """
+        root = Path(root)
+        if not (root / PROFILE_FILE).is_file() or (root / ADAPTERS_DIR).exists():
+            return False
+        for name in (PROFILE_FILE, LOCK_FILE, CURRENT_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+        with contextlib.suppress(OSError):  # not empty: the user's own files stay
+            root.rmdir()
+        log.info("removed the unused new profile %s", root)
+        return True
+
     # ---------------------------------------------------------------- versions
     def version_dir(self, version: int) -> Path:
         """Folder of one version (it may not exist)."""
@@ -192,6 +214,8 @@ class Profile:
             raise LorafleetError(
                 f"no adapter version {version} in {self.root}; saved versions: {known}"
             )
+        from lorafleet.client.adapter import read_b
+
         provenance = read_provenance(folder)
         if provenance.spec != self.spec:
             raise IntegrityError(f"adapter {folder} was made with another spec than this profile's")
@@ -207,6 +231,8 @@ class Profile:
         round: int | None = None,
     ) -> AdapterProvenance:
         """Write ``model``'s adapter (whose B is ``b``) as a new version and make it current."""
+        from lorafleet.client.adapter import b_content_hash, save_adapter
+
         with self.writing():
             versions = [p.version for p in self.versions()]
             version = max(versions, default=0) + 1

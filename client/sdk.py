@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -39,8 +39,21 @@ from lorafleet.client.backup import (
     restore_profile,
 )
 from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
-from lorafleet.client.data import Example, TokenBlocks, encode_blocks, read_examples, split_examples
-from lorafleet.client.evaluate import generate, heldout_loss, perplexity, prompt_text
+from lorafleet.client.data import (
+    DataConfig,
+    Example,
+    TokenBlocks,
+    encode_blocks,
+    split_examples,
+    to_examples,
+)
+from lorafleet.client.evaluate import (
+    check_sampling,
+    generate,
+    heldout_loss,
+    perplexity,
+    prompt_text,
+)
 from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import PROFILE_FILE, Profile
 from lorafleet.client.runtime import (
@@ -53,7 +66,7 @@ from lorafleet.client.runtime import (
 )
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
 from lorafleet.protocols.crypto import KdfParams
-from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError, SpecError
+from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
 
@@ -63,11 +76,21 @@ if TYPE_CHECKING:  # ONNX Runtime is only imported when an ONNX backend is first
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "PROFILE_FILE", "Backend", "EvalReport", "PersonalModel", "TrainReport"]
+__all__ = [
+    "BACKENDS",
+    "PROFILE_FILE",
+    "Backend",
+    "EvalReport",
+    "PersonalModel",
+    "TrainReport",
+    "TrainingData",
+]
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 """How :meth:`PersonalModel.generate` runs the model (see ``docs/sdk.md``)."""
 BACKENDS: tuple[str, ...] = get_args(Backend)
+TrainingData = str | os.PathLike[str] | Iterable[Any]
+"""A path, or notes, examples and record dicts, or a ``datasets.Dataset``."""
 # Registry of the ONNX Runtime backends: name -> quantization of the exported base.
 _ONNX_BACKENDS: dict[str, Literal["none", "int8"]] = {"onnx": "none", "onnx-int8": "int8"}
 
@@ -441,37 +464,42 @@ class PersonalModel:
         )
 
     # -------------------------------------------------------------------- data
-    def _examples(
-        self, data: str | os.PathLike[str] | Sequence[str] | Sequence[Example]
-    ) -> list[Example]:
-        if isinstance(data, str | os.PathLike):
-            return read_examples(Path(data))
-        examples: list[Example] = []
-        for item in data:
-            if isinstance(item, Example):
-                examples.append(item)
-            elif isinstance(item, str):
-                if item.strip():
-                    examples.append(Example(text=item))
-            else:
-                raise DataError(
-                    f"training data items must be str or Example, got {type(item).__name__}"
-                )
-        if not examples:
-            raise DataError(
-                "no training text given; pass a file, a folder, or a list of non-empty notes"
-            )
-        return examples
+    @staticmethod
+    def split_data(
+        examples: Sequence[Example],
+        *,
+        heldout_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[list[Example], list[Example], list[Example]]:
+        """The ``(train, held-out, test)`` sides :meth:`train` uses, without a model.
 
-    def _blocks(self, examples: Sequence[Example]) -> TokenBlocks:
-        return encode_blocks(examples, self.base.tokenizer, seq_len=self.seq_len)
+        An app (or the CLI) calls it to refuse too little data before it spends seconds
+        loading the base; :meth:`train` splits the same way.
+        """
+        if not isinstance(test_fraction, int | float) or not 0 <= test_fraction < 0.5:
+            raise SpecError(f"train: test_fraction must be in [0, 0.5), got {test_fraction!r}")
+        test: list[Example] = []
+        rest = list(examples)
+        if test_fraction:
+            rest, test = split_examples(
+                rest, test_fraction, seed=seed + 1, min_train=6, min_heldout=1
+            )
+        train, held = split_examples(rest, heldout_fraction, seed=seed)
+        return train, held, test
+
+    def _blocks(self, examples: Sequence[Example], data: DataConfig) -> TokenBlocks:
+        return encode_blocks(
+            examples, self.base.tokenizer, seq_len=self.seq_len, train_on=data.train_on
+        )
 
     # --------------------------------------------------------------- train/eval
     def train(
         self,
-        data: str | os.PathLike[str] | Sequence[str] | Sequence[Example],
+        data: TrainingData,
         config: TrainConfig | None = None,
         *,
+        data_config: DataConfig | None = None,
         heldout_fraction: float = 0.2,
         test_fraction: float = 0.0,
         prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
@@ -485,6 +513,11 @@ class PersonalModel:
         ``test_fraction > 0`` that share of the notes is set aside first, never trained
         or selected on, and the report's ``test_loss_before/after`` are the honest
         figures (the split is by a hash of each note, as for the held-out side).
+
+        ``data`` is a file or folder path, or notes, examples, record dicts or a
+        Hugging Face ``datasets.Dataset`` (:func:`~lorafleet.client.data.to_examples`);
+        ``data_config`` says how files are split into notes and whether prompts carry
+        loss (by default only completions and assistant replies do, as in TRL).
         """
         config = config or TrainConfig()
         # "auto" in a caller's config means: the precision and device this model runs on.
@@ -497,17 +530,16 @@ class PersonalModel:
             raise SpecError(
                 "train: prior_b only acts through prox_mu > 0; to start from a prior, call load_b(prior) first"
             )
-        if not isinstance(test_fraction, int | float) or not 0 <= test_fraction < 0.5:
-            raise SpecError(f"train: test_fraction must be in [0, 0.5), got {test_fraction!r}")
-        examples = self._examples(data)
-        test_ex: list[Example] = []
-        if test_fraction:
-            examples, test_ex = split_examples(
-                examples, test_fraction, seed=config.seed + 1, min_train=6, min_heldout=1
-            )
-        train_ex, held_ex = split_examples(examples, heldout_fraction, seed=config.seed)
-        train_blocks, held_blocks = self._blocks(train_ex), self._blocks(held_ex)
-        test_blocks = self._blocks(test_ex) if test_ex else None
+        data_config = data_config or DataConfig()
+        train_ex, held_ex, test_ex = self.split_data(
+            to_examples(data, data_config),
+            heldout_fraction=heldout_fraction,
+            test_fraction=test_fraction,
+            seed=config.seed,
+        )
+        train_blocks = self._blocks(train_ex, data_config)
+        held_blocks = self._blocks(held_ex, data_config)
+        test_blocks = self._blocks(test_ex, data_config) if test_ex else None
         test_before = self._loss(test_blocks) if test_blocks is not None else None
         with contextlib.ExitStack() as hold:
             if save:  # a profile that cannot be written (read-only) fails now, not after training
@@ -540,21 +572,21 @@ class PersonalModel:
             result, provenance, len(train_ex), len(held_ex), len(test_ex), test_before, test_after
         )
 
-    def _loss(self, blocks: TokenBlocks) -> float:
-        return heldout_loss(self.model, blocks, precision=self.precision, device=self._device)
-
-    def evaluate(
-        self, data: str | os.PathLike[str] | Sequence[str] | Sequence[Example]
-    ) -> EvalReport:
-        """Loss of the base alone and with the adapter on all of ``data``."""
-        blocks = self._blocks(self._examples(data))
-        adapter_loss = heldout_loss(
-            self.model, blocks, precision=self.precision, device=self._device
+    def _loss(self, blocks: TokenBlocks, *, progress: bool = False) -> float:
+        return heldout_loss(
+            self.model, blocks, precision=self.precision, device=self._device, progress=progress
         )
+
+    def evaluate(self, data: TrainingData, data_config: DataConfig | None = None) -> EvalReport:
+        """Loss of the base alone and with the adapter on all of ``data``.
+
+        The loss is on the tokens training would learn (``data_config.train_on``).
+        """
+        data_config = data_config or DataConfig()
+        blocks = self._blocks(to_examples(data, data_config), data_config)
+        adapter_loss = self._loss(blocks, progress=True)
         with adapter_disabled(self.model):
-            base_loss = heldout_loss(
-                self.model, blocks, precision=self.precision, device=self._device
-            )
+            base_loss = self._loss(blocks, progress=True)
         return EvalReport(base_loss=base_loss, adapter_loss=adapter_loss, tokens=blocks.num_tokens)
 
     def generate(
@@ -565,6 +597,7 @@ class PersonalModel:
         use_adapter: bool = True,
         chat: bool = True,
         temperature: float = 0.0,
+        top_p: float = 0.95,
         seed: int = 0,
         backend: Backend = "torch",
         provider: str | None = None,
@@ -584,8 +617,10 @@ class PersonalModel:
             ``False`` answers with the bare base, for comparison.
         chat
             Use the chat template (instruction-tuned bases expect it).
-        temperature, seed
-            Sampling (top-p 0.95) when ``temperature > 0``; the torch backend only.
+        temperature, top_p, seed
+            Sampling from the smallest set of tokens holding ``top_p`` of the
+            probability, at ``temperature``, when ``temperature > 0`` (reproducible per
+            ``seed``); the torch backend only.
         backend
             ``"torch"`` (PyTorch with the adapter in peft), ``"onnx"`` (the base exported
             to ONNX Runtime, float32: the same tokens as torch) or ``"onnx-int8"`` (int8
@@ -606,7 +641,8 @@ class PersonalModel:
         Raises
         ------
         SpecError
-            An empty prompt, ``max_new_tokens < 1``, an unknown backend, a provider with
+            An empty prompt, ``max_new_tokens < 1``, a negative temperature, ``top_p``
+            outside (0, 1], an unknown backend, a provider with
             the torch backend, or sampling with an ONNX backend.
         LorafleetError
             The provider is not available, or the base cannot be exported (not a
@@ -617,6 +653,7 @@ class PersonalModel:
         >>> pm.generate("Walked Turnip along the", chat=False, backend="onnx-int8")  # doctest: +SKIP
         'beach this morning.'
         """
+        check_sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         quantization = self._check_backend(backend, provider)
         if quantization is None:
             return generate(
@@ -627,6 +664,7 @@ class PersonalModel:
                 use_adapter=use_adapter,
                 chat=chat,
                 temperature=temperature,
+                top_p=top_p,
                 seed=seed,
             )
         if temperature > 0:

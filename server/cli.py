@@ -21,14 +21,21 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.transport import is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorafleet-server", description="Operate a lorafleet coordinator."
+        prog="lorafleet-server",
+        description="Operate a lorafleet coordinator.",
+        formatter_class=DefaultsHelpFormatter,
     )
+    add_version_flag(parser)
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     bases = sub.add_parser("bases", help="publish and serve frozen base models").add_subparsers(
         dest="action", required=True
@@ -249,7 +256,8 @@ def _backup_serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         {
             "publish": _publish,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafleet.protocols.cli import add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafleet-sim", description="Federated personalization on one machine."
     )
+    add_version_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (

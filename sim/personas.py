@@ -1160,7 +1160,9 @@ def load_user_folders(
                     heldout_path.name,
                     ", ".join(others),
                 )
-            train, heldout = read_examples(train_path), read_examples(heldout_path)
+            # Files written in the notes format: one note may span lines (no auto-split).
+            train = read_examples(train_path, split="paragraphs")
+            heldout = read_examples(heldout_path, split="paragraphs")
             _warn_if_leaky(folder, train, heldout)
         else:
             examples = read_examples(folder)

@@ -26,13 +26,6 @@ from lorafleet.client.data import (
 from lorafleet.protocols.errors import DataError, SpecError
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def _notes(n: int, prefix: str = "note") -> list[Example]:
     return [Example(text=f"{prefix} number {i}: the dog walked to the harbour.") for i in range(n)]
 
@@ -162,8 +155,8 @@ def test_any_clean_notes_survive_a_txt_round_trip(tmp_path: Path, notes: list[st
     file = tmp_path / "notes.txt"
     file.write_text("\n\n".join(notes) + "\n", encoding="utf-8")
 
-    # Execute
-    examples = read_examples(file)
+    # Execute: as paragraphs (auto reads a lone multi-line note one line per note)
+    examples = read_examples(file, split="paragraphs")
 
     # Assert
     assert _texts(examples) == notes
@@ -205,8 +198,19 @@ _ERRORS: list[tuple[str, str, bytes | None, str]] = [
     ),
     ("bad json", "n.jsonl", b'{"text": "a"}\n{"text": "b"\n', r"n\.jsonl:2: not valid JSON"),
     ("not object", "n.jsonl", b'["a"]\n', r"n\.jsonl:1: expected a JSON object, got list"),
-    ("neither", "n.jsonl", b'{"body": "a"}\n', r'n\.jsonl:1: .*neither "text" nor "messages"'),
-    ("both", "n.jsonl", b'{"text": "a", "messages": []}\n', r"n\.jsonl:1: .*both"),
+    (
+        "no known shape",
+        "n.jsonl",
+        b'{"body": "a"}\n',
+        r'n\.jsonl:1: .*none of the known fields \(found "body"\)',
+    ),
+    # messages wins over text (Alpaca-style exports carry a rendered "text" beside)
+    (
+        "both",
+        "n.jsonl",
+        b'{"text": "a", "messages": []}\n',
+        r'n\.jsonl:1: "messages" must be a non-empty list',
+    ),
     ("text not str", "n.jsonl", b'{"text": 3}\n', r'n\.jsonl:1: "text" must be a string'),
     ("empty text", "n.jsonl", b'{"text": "  "}\n', r"n\.jsonl:1: the note is empty"),
     ("no messages", "n.jsonl", b'{"messages": []}\n', r"n\.jsonl:1: .*non-empty list"),
@@ -222,7 +226,7 @@ _ERRORS: list[tuple[str, str, bytes | None, str]] = [
         b'{"messages": [{"role": "user"}]}\n',
         r'n\.jsonl:1: message 1 must be an object with "role" and "content"',
     ),
-    ("extension", "notes.csv", b"a,b\n", r"unsupported file type '\.csv'.*\.txt.*\.jsonl"),
+    ("extension", "notes.pdf", b"%PDF\n", r"unsupported file type '\.pdf'.*\.txt.*\.jsonl.*\.csv"),
     ("no extension", "notes", b"a\n", r"unsupported file type '\(no extension\)'"),
 ]
 
@@ -268,7 +272,9 @@ def test_folder_without_notes_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "readme.pdf").write_bytes(b"%PDF")
 
     # Execute / Assert
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: no .txt, .md or .jsonl files")):
+    with pytest.raises(
+        DataError, match=re.escape(f"{tmp_path}: no .txt, .md, .jsonl, .json, .csv")
+    ):
         read_examples(tmp_path)
 
 
@@ -440,8 +446,8 @@ def test_conversations_use_the_chat_template(tiny_tokenizer: Any) -> None:
     # Prepare
     example = Example(messages=(("user", "Where is Pixel?"), ("assistant", "On the radiator.")))
 
-    # Execute
-    blocks = encode_blocks([example], tiny_tokenizer, seq_len=16)
+    # Execute: every token kept (completion-only loss would drop the all-prompt block)
+    blocks = encode_blocks([example], tiny_tokenizer, seq_len=16, train_on="all")
 
     # Assert
     real = blocks.input_ids[blocks.attention_mask.bool()].tolist()

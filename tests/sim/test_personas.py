@@ -346,7 +346,7 @@ def _make(root: Path, files: dict[str, str]) -> Path:
     [
         ({}, "no user folders"),
         ({"README.txt": "loose notes\n"}, "no user folders"),
-        ({"bob/": ""}, r"bob: no \.txt, \.md or \.jsonl files"),
+        ({"bob/": ""}, r"bob: no \.txt, \.md, \.jsonl, \.json, \.csv, \.tsv or \.parquet files"),
         ({"bob/notes.txt": "# only a comment\n"}, "no notes found"),
         ({"bob/notes.txt": "one\n\ntwo\n\nthree\n"}, r"bob: got 3 notes"),
         ({"bob/train.txt": "a\n\nb\n"}, r"bob: has train\.txt but no heldout\.txt"),
