@@ -306,13 +306,15 @@ def unpack_archive(data: bytes) -> AdapterArchive:
         if path in files or (fmt == 2 and path == WEIGHTS_FILE):
             raise IntegrityError(f"the backup archive lists {path} twice")
         files[path] = reader.take(entry.get("size"), entry.get("sha256"), path)
-    packing: Packing = "fp32"
+    payload = None
     if weights is not None:
         payload = reader.take(weights.get("size"), weights.get("sha256"), "the B matrices")
-        packing = packing_of(payload)
-        files.update(_restored_weights(version, profile_json, files, payload, weights))
     if reader.pos != len(data):
         raise IntegrityError("the backup archive's length does not match its header")
+    packing: Packing = "fp32"
+    if payload is not None and weights is not None:  # format 2: rebuild A and the weights
+        packing = packing_of(payload)
+        files.update(_restored_weights(version, profile_json, files, payload, weights))
     return AdapterArchive(version, profile_json, files, format=fmt, packing=packing)
 
 
