@@ -251,12 +251,20 @@ class _Reader:
     def __init__(self, data: bytes, pos: int) -> None:
         self.data, self.pos = data, pos
 
-    def take(self, size: object, sha256: object, what: str) -> bytes:
+    def take(self, size: object, what: str) -> bytes:
+        """The next ``size`` bytes; the header's ``size`` must be a count that fits."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise IntegrityError(f"the backup archive's entry for {what} is damaged")
         blob = self.data[self.pos : self.pos + size]
         self.pos += size
-        if len(blob) != size or (sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256):
+        if len(blob) != size:
+            raise IntegrityError(f"the backup archive is truncated in {what}")
+        return blob
+
+    def take_hashed(self, size: object, sha256: object, what: str) -> bytes:
+        """The next ``size`` bytes, which must hash to ``sha256`` (absent: a mismatch)."""
+        blob = self.take(size, what)
+        if hashlib.sha256(blob).hexdigest() != sha256:
             raise IntegrityError(f"{what} in the backup archive does not match its sha256")
         return blob
 
@@ -297,7 +305,7 @@ def unpack_archive(data: bytes) -> AdapterArchive:
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the backup archive's header is damaged ({exc})") from None
     reader = _Reader(data, _HEAD.size + head_len)
-    profile_json = reader.take(profile_size, None, "profile.json")
+    profile_json = reader.take(profile_size, "profile.json")
     files: dict[str, bytes] = {}
     for entry in listing:
         if not isinstance(entry, dict):
@@ -305,27 +313,26 @@ def unpack_archive(data: bytes) -> AdapterArchive:
         path = _safe_path(entry.get("path"))
         if path in files or (fmt == 2 and path == WEIGHTS_FILE):
             raise IntegrityError(f"the backup archive lists {path} twice")
-        files[path] = reader.take(entry.get("size"), entry.get("sha256"), path)
+        files[path] = reader.take_hashed(entry.get("size"), entry.get("sha256"), path)
     payload = None
     if weights is not None:
-        payload = reader.take(weights.get("size"), weights.get("sha256"), "the B matrices")
+        payload = reader.take_hashed(weights.get("size"), weights.get("sha256"), "the B matrices")
     if reader.pos != len(data):
         raise IntegrityError("the backup archive's length does not match its header")
+    provenance = _checked_provenance(version, profile_json, files)
     packing: Packing = "fp32"
     if payload is not None and weights is not None:  # format 2: rebuild A and the weights
         packing = packing_of(payload)
-        files.update(_restored_weights(version, profile_json, files, payload, weights))
+        files.update(_restored_weights(provenance, payload, weights))
+    elif WEIGHTS_FILE not in files:
+        raise IntegrityError(f"the backup archive has no {WEIGHTS_FILE}")
     return AdapterArchive(version, profile_json, files, format=fmt, packing=packing)
 
 
-def _restored_weights(
-    version: int,
-    profile_json: bytes,
-    files: Mapping[str, bytes],
-    payload: bytes,
-    weights: Mapping[str, Any],
-) -> dict[str, bytes]:
-    """The weights file and provenance of a format-2 archive, checked against its spec."""
+def _checked_provenance(
+    version: int, profile_json: bytes, files: Mapping[str, bytes]
+) -> AdapterProvenance:
+    """The archive's provenance, which must name its version and its profile's spec."""
     spec = _spec_of(profile_json)
     if PROVENANCE_FILE not in files:
         raise IntegrityError(f"the backup archive has no {PROVENANCE_FILE}")
@@ -338,6 +345,14 @@ def _restored_weights(
             f"the backed-up adapter says it is version {provenance.version} of another spec, "
             f"not version {version}: refusing it"
         )
+    return provenance
+
+
+def _restored_weights(
+    provenance: AdapterProvenance, payload: bytes, weights: Mapping[str, Any]
+) -> dict[str, bytes]:
+    """The weights file and provenance of a format-2 archive, checked against its spec."""
+    spec = provenance.spec
     b, _ = decode_tensors(payload)  # IntegrityError on anything malformed or non-finite
     fan_in = _checked_shapes(spec, b, weights.get("fan_in"))
     out = {WEIGHTS_FILE: _rebuild(spec, b, fan_in)}

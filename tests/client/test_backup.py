@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save as safetensors_save
 from sqlalchemy import update
 
 from lorafleet.client.adapter import PROVENANCE_FILE, WEIGHTS_FILE, b_content_hash
@@ -357,6 +360,22 @@ def test_a_hostile_archive_is_refused_in_one_line(profile_v2: Path, case: str) -
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("entry", ["a file", "the B matrices"])
+def test_an_entry_listed_without_its_sha256_is_refused(profile_v2: Path, entry: str) -> None:
+    # Prepare: a header that drops one sha256 (nothing to compare is not a match)
+    head, profile_json, blobs, payload = split_v2(pack_version(profile_v2, 2))
+    data = join_v2(head, profile_json, blobs, payload)
+    (size,) = struct.unpack_from("<I", data, 5)
+    head = json.loads(data[9 : 9 + size])
+    del (head["files"][0] if entry == "a file" else head["weights"])["sha256"]
+    raw = json.dumps(head).encode()
+    data = struct.pack("<4sBI", b"LFBK", 2, len(raw)) + raw + data[9 + size :]
+
+    # Execute / Assert
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        unpack_archive(data)
+
+
 def test_the_crafting_helpers_leave_an_untouched_archive_valid(profile_v2: Path) -> None:
     # Guards the hostile cases above: they fail for their edit, not for the re-packing.
     data = pack_version(profile_v2, 2)
@@ -372,6 +391,49 @@ def test_a_damaged_archive_is_refused(profile_v2: Path, position: int) -> None:
     # Execute / Assert
     with pytest.raises(IntegrityError):
         unpack_archive(bytes(data))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_any_damage_to_an_archive_is_an_integrity_error_never_a_traceback(
+    profile_v2: Path, fmt: int, data: st.DataObject
+) -> None:
+    # Prepare: flipped bytes anywhere (the JSON header included) or a truncation
+    raw = bytearray(pack_version(profile_v2, 1) if fmt == 2 else pack_version_v1(profile_v2, 1))
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    for _ in range(data.draw(st.integers(1, 3), label="flips")):
+        if raw:
+            position = data.draw(st.integers(0, len(raw) - 1), label="position")
+            raw[position] ^= data.draw(st.integers(1, 255), label="xor")
+
+    # Execute / Assert: refused in one line, or (a flip that keeps the header's JSON and
+    # every check intact, e.g. in a key's spelling it ignores) a checked archive
+    try:
+        archive = unpack_archive(bytes(raw))
+    except IntegrityError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert archive.version == 1 and WEIGHTS_FILE in archive.files
+
+
+def test_a_folder_the_seed_cannot_rebuild_byte_for_byte_is_backed_up_whole(
+    profile_v2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a weights file laid out otherwise than peft's (extra metadata)
+    profile = tmp_path / "profile"
+    shutil.copytree(profile_v2, profile)
+    path = profile / "adapters" / "v0002" / WEIGHTS_FILE
+    path.write_bytes(safetensors_save(safetensors_load(path.read_bytes()), metadata={"by": "x"}))
+
+    # Execute
+    data = pack_version(profile, 2)
+
+    # Assert: format 1, restoring the very same files
+    assert data[4] == 1
+    assert dict(unpack_archive(data).files) == snapshot(profile / "adapters" / "v0002")
+    assert "cannot be rebuilt from its seed" in caplog.text
 
 
 def test_an_archive_naming_a_path_outside_its_folder_is_refused() -> None:
