@@ -16,7 +16,8 @@ open and unpack (median of the repeats after a warm-up, interleaved), and the he
 loss of the restored adapter on notes set aside before training (nothing was tuned or
 early-stopped on them) next to the original adapter's and the bare base's. The restored
 folder goes through the same checks a restore makes (provenance, A against the seed, B
-against the content hash) before its B is loaded.
+against the content hash) before its B is loaded; the default path's folder is also
+loaded by stock ``PeftModel.from_pretrained`` on a fresh copy of the base and scored.
 
 Usage (from the repository root, inside .venv)::
 
@@ -42,6 +43,7 @@ import numpy as np
 
 from lorafleet.client.adapter import adapter_disabled, read_b, read_provenance, set_b
 from lorafleet.client.archive import BACKUP_PACKING, pack_version, pack_version_v1, unpack_archive
+from lorafleet.client.base import load_base
 from lorafleet.client.data import demo_notes_path, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.sdk import PersonalModel
@@ -113,8 +115,21 @@ def run(args: argparse.Namespace) -> int:
         folder = pm.profile / "adapters" / "v0001"
         originals = {p.name: p.read_bytes() for p in folder.iterdir()}
         results = measure(root, pm, blocks, original, originals, repeats)
-    report(results, original_loss, base_loss, len(test), steps, repeats, args)
+        stock = stock_peft_loss(args, root / f"restore-format-2-{BACKUP_PACKING}-final", blocks)
+    report(results, original_loss, base_loss, stock, len(test), steps, repeats, args)
     return 0
+
+
+def stock_peft_loss(args: argparse.Namespace, folder: Path, blocks: Any) -> float:
+    """Held-out loss of a restored folder loaded by stock peft on a fresh copy of the base.
+
+    The folder must be a plain PEFT adapter: ``PeftModel.from_pretrained`` reads its A
+    and B from the rebuilt weights file, lorafleet's code plays no part.
+    """
+    from peft import PeftModel
+
+    base = load_base(args.base, cache_dir=args.cache_dir)
+    return heldout_loss(PeftModel.from_pretrained(base.model, str(folder)), blocks, device="cpu")
 
 
 def measure(
@@ -169,6 +184,7 @@ def report(
     results: list[Measured],
     original_loss: float,
     base_loss: float,
+    stock_loss: float,
     test_notes: int,
     steps: int,
     repeats: int,
@@ -236,6 +252,10 @@ def report(
         f"(the adapter's gain: {gain:.4f})"
     )
     chosen = next(r for r in results if r.name == f"format-2-{BACKUP_PACKING}")
+    print(
+        f"{chosen.name} restored folder loaded by stock PeftModel.from_pretrained: loss "
+        f"{stock_loss:.5f} ({stock_loss - chosen.loss:+.1e} from lorafleet's own load)"
+    )
     x = _common.ratio(chosen.sealed_bytes, base.sealed_bytes)
     share = abs(chosen.loss - original_loss) / gain if gain > 0 else float("nan")
     print(
@@ -260,6 +280,7 @@ def report(
             ratios=ratios,
             original_loss=original_loss,
             base_loss=base_loss,
+            stock_peft_loss=stock_loss,
             default_packing=BACKUP_PACKING,
             target={"sealed_x_format_1": TARGET_RATIO, "met": x <= TARGET_RATIO},
         )

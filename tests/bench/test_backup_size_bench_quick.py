@@ -63,4 +63,5 @@ def test_quick_run_reports_bytes_and_loss_of_each_path_against_format_1(
         assert timing["min"] <= timing["median"] <= timing["max"], name
     assert set(doc["ratios"]["sealed_bytes_x_format_1"]) == set(PATHS)
     assert isinstance(doc["target"]["met"], bool)
+    assert math.isfinite(doc["stock_peft_loss"])
     assert "x today" in proc.stdout and "users x 10 versions" in proc.stdout
