@@ -13,6 +13,7 @@ Benchmarks import it as ``_common``: ``python bench/NAME.py`` puts ``bench/`` fi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -20,7 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_class() -> str:
+    """The CPU class a figure holds for (BENCH.md): AVX2 only, AVX-512, AVX-512-BF16/AMX, ARM.
+
+    Read from the kernel's CPU flags (Linux); elsewhere the machine name, or "unknown".
+    """
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64") or machine.startswith("arm"):
+        return "ARM"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        return machine or "unknown"
+    if "amx_tile" in flags or "avx512_bf16" in flags:
+        return "AVX-512-BF16/AMX"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2 only" if "avx2" in flags else (machine or "unknown")
+
+
 def _version(module: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -105,6 +126,7 @@ def machine_info(*, threads: int | None = None, device: str = "cpu") -> dict[str
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_class": cpu_class(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -206,6 +228,23 @@ def write_json(
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, out)
+
+
+def run_main(run: Callable[[Any], int], args: Any, logger: logging.Logger) -> int:
+    """Run a benchmark's ``run(args)`` the way every one should exit.
+
+    Progress goes to stderr through ``logger``; a lorafleet error (a missing base, a bad
+    flag value) is one ``error:`` line and exit status 2, never a traceback.
+    """
+    from lorafleet.protocols.errors import LorafleetError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logger.setLevel(logging.INFO)
+    try:
+        return run(args)
+    except LorafleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

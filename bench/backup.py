@@ -267,14 +267,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
-    try:
-        return run(args)
-    except LorafleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return _common.run_main(run, parse_args(argv), log)
 
 
 if __name__ == "__main__":

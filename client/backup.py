@@ -7,8 +7,9 @@ Three layers, each usable alone:
    0600 file beside the key file), then every call is signed
    (:mod:`lorafleet.protocols.request_auth`). Uploads resume where they stopped;
    downloads resume from an offset and are checked against the blob's sha256.
-2. :func:`pack_version` / :func:`unpack_archive`: one adapter version of a profile
-   (every file of its folder, byte for byte, plus ``profile.json``) as one plaintext.
+2. :func:`pack_version` / :func:`unpack_archive` (:mod:`lorafleet.client.archive`): one
+   adapter version of a profile as one plaintext: its B packed, the folder's other
+   files and ``profile.json``; the PEFT folder is rebuilt from the seed on restore.
 3. :func:`backup_profile` / :func:`restore_profile` / :func:`obtain_keys`: seal a
    version in an LFEN envelope (:mod:`lorafleet.protocols.envelope`) bound to user,
    adapter, version and base, upload it (and the key file, for a passphrase restore);
@@ -32,7 +33,6 @@ import os
 import re
 import secrets
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,10 +44,19 @@ import grpc
 from google.protobuf.message import Message
 
 from lorafleet.client.adapter import read_b, read_provenance
+from lorafleet.client.archive import (
+    ARCHIVE_MAGIC,
+    BACKUP_PACKING,
+    AdapterArchive,
+    pack_version,
+    same_adapter_files,
+    unpack_archive,
+)
 from lorafleet.client.keys import KeyStore, SeenGenerations, UnlockedKeys
 from lorafleet.client.profile import ADAPTERS_DIR, CURRENT_FILE, PROFILE_FILE, Profile
 from lorafleet.protocols import crypto
 from lorafleet.protocols.atomic import atomic_directory, atomic_write_bytes, writing
+from lorafleet.protocols.encoding import Packing
 from lorafleet.protocols.envelope import BlobContext, new_blob_id, open_blob, seal_blob
 from lorafleet.protocols.errors import (
     IntegrityError,
@@ -64,6 +73,7 @@ from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
 
 __all__ = [
     "ARCHIVE_MAGIC",
+    "BACKUP_PACKING",
     "AdapterArchive",
     "BackupAuthError",
     "BackupClient",
@@ -85,9 +95,6 @@ logger = logging.getLogger(__name__)
 
 DEVICE_FORMAT = "lorafleet-device"
 """Value of a device identity file's ``format`` member."""
-ARCHIVE_MAGIC = b"LFBK"
-"""First bytes of an adapter archive (the plaintext inside a backup envelope)."""
-ARCHIVE_VERSION = 1
 CHUNK_BYTES = 1 << 20
 """Bytes per PutBlob message (the server sends GetBlob in pieces of the same size)."""
 _MAX_MESSAGE = 4 * CHUNK_BYTES + (1 << 16)
@@ -102,7 +109,6 @@ _RETRYABLE = {
 }
 _AUTH_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")
-_ARCHIVE_HEAD = struct.Struct("<4sBI")  # magic, archive version, JSON length
 _T = TypeVar("_T")
 
 
@@ -638,120 +644,6 @@ def _default_device_name() -> str:
     return host or "device"
 
 
-# --- the adapter archive --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterArchive:
-    """One adapter version of a profile, as carried inside a backup envelope."""
-
-    version: int
-    profile_json: bytes
-    """The profile's ``profile.json`` (spec and base source), byte for byte."""
-    files: Mapping[str, bytes]
-    """The version folder's files by relative POSIX path, byte for byte."""
-
-    @property
-    def spec(self) -> AdapterSpec:
-        """The adapter spec recorded in ``profile.json``."""
-        try:
-            return AdapterSpec.from_dict(json.loads(self.profile_json)["spec"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"the backup's profile.json is unreadable ({exc})") from None
-
-
-def pack_version(profile_root: Path | str, version: int) -> bytes:
-    """The archive of one saved version of a profile (see ``docs/backup.md``).
-
-    ``LFBK || u8 1 || u32 len(J) || J || file bytes...``, where ``J`` is UTF-8 JSON
-    ``{"version", "profile_json_size", "files": [{"path", "size", "sha256"}...]}`` and the
-    bytes are ``profile.json`` then each file in the listed (sorted) order.
-    """
-    root = Path(profile_root)
-    profile = Profile.open(root)
-    folder = profile.version_dir(version)
-    if not folder.is_dir():
-        known = [p.version for p in profile.versions()]
-        raise LorafleetError(f"no adapter version {version} in {root}; saved versions: {known}")
-    provenance = read_provenance(folder)
-    read_b(folder, provenance)  # never back up a damaged version
-    profile_json = (root / PROFILE_FILE).read_bytes()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    blobs = [p.read_bytes() for p in files]
-    listing = [
-        {
-            "path": p.relative_to(folder).as_posix(),
-            "size": len(b),
-            "sha256": hashlib.sha256(b).hexdigest(),
-        }
-        for p, b in zip(files, blobs, strict=True)
-    ]
-    head = json.dumps(
-        {"version": version, "profile_json_size": len(profile_json), "files": listing},
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode("utf-8")
-    return b"".join(
-        [_ARCHIVE_HEAD.pack(ARCHIVE_MAGIC, ARCHIVE_VERSION, len(head)), head, profile_json, *blobs]
-    )
-
-
-def _safe_path(path: object) -> str:
-    if (
-        not isinstance(path, str)
-        or not path
-        or path.startswith("/")
-        or "\\" in path
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    ):
-        raise IntegrityError(f"the backup names an unsafe file path {path!r:.80}")
-    return path
-
-
-def unpack_archive(data: bytes) -> AdapterArchive:
-    """Parse :func:`pack_version` output, checking every size and sha256."""
-    if len(data) < _ARCHIVE_HEAD.size:
-        raise IntegrityError("the backup archive is truncated")
-    magic, fmt, head_len = _ARCHIVE_HEAD.unpack_from(data)
-    if magic != ARCHIVE_MAGIC:
-        raise IntegrityError("the backup is not a lorafleet adapter archive")
-    if fmt != ARCHIVE_VERSION:
-        raise IntegrityError(
-            f"adapter archive format {fmt} is not supported by this lorafleet; upgrade it"
-        )
-    pos = _ARCHIVE_HEAD.size
-    try:
-        head = json.loads(data[pos : pos + head_len].decode("utf-8"))
-        version = head["version"]
-        profile_size = head["profile_json_size"]
-        listing = head["files"]
-        if not isinstance(version, int) or not isinstance(profile_size, int):
-            raise TypeError("version and profile_json_size must be integers")
-        if not isinstance(listing, list):
-            raise TypeError("files must be a list")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"the backup archive's header is damaged ({exc})") from None
-    pos += head_len
-    profile_json = data[pos : pos + profile_size]
-    pos += profile_size
-    files: dict[str, bytes] = {}
-    for entry in listing:
-        if not isinstance(entry, dict):
-            raise IntegrityError("the backup archive's file list is damaged")
-        path = _safe_path(entry.get("path"))
-        size = entry.get("size")
-        if not isinstance(size, int) or size < 0 or path in files:
-            raise IntegrityError(f"the backup archive's entry for {path} is damaged")
-        blob = data[pos : pos + size]
-        pos += size
-        if len(blob) != size or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
-            raise IntegrityError(f"{path} in the backup archive does not match its sha256")
-        files[path] = blob
-    if pos != len(data) or len(profile_json) != profile_size:
-        raise IntegrityError("the backup archive's length does not match its header")
-    return AdapterArchive(version=version, profile_json=profile_json, files=files)
-
-
 # --- backup and restore ---------------------------------------------------------------
 
 
@@ -784,14 +676,18 @@ def backup_profile(
     adapter: str = "default",
     version: int | None = None,
     key_file: Path | str | None = None,
+    packing: Packing = BACKUP_PACKING,
 ) -> BackupRecord:
     """Seal one version of a profile (the current one by default) and upload it.
 
-    If that version is already backed up, its blob is fetched and compared: the same
-    files mean nothing to do; other files (another device's history under the same
-    adapter name) are refused, since versions are never overwritten. ``key_file``, if
-    given, is uploaded too (once per change) so a new device can restore with the
-    passphrase alone; its keys are wrapped, never in the clear.
+    The archive carries B only, packed as ``packing`` (:func:`pack_version`); A is
+    rebuilt from the seed on restore. If that version is already backed up, its blob is
+    fetched and compared: the same adapter (up to B's packing, so a restored device
+    backing up again finds its own version) means nothing to do; another adapter
+    (another device's history under the same adapter name) is refused, since versions
+    are never overwritten. ``key_file``, if given, is uploaded too (once per change) so
+    a new device can restore with the passphrase alone; its keys are wrapped, never in
+    the clear.
     """
     root = Path(profile_root)
     profile = Profile.open(root)
@@ -801,14 +697,16 @@ def backup_profile(
     if not _NAME.match(adapter):
         raise SpecError(f"adapter name {adapter!r} is not valid: use 1-128 letters and digits")
     key_bytes = _read_key_file(Path(key_file)) if key_file is not None else None
-    plaintext = pack_version(root, wanted)
+    plaintext = pack_version(root, wanted, packing=packing)
     mine = unpack_archive(plaintext)
     listed = client.list_blobs(adapter=adapter)
     same = [b for b in listed if b.kind == "adapter" and b.version == wanted]
     uploaded = False
     if same:
         theirs = _open_archive(client, keys, same[0])
-        if dict(theirs.files) != dict(mine.files):
+        if not same_adapter_files(
+            mine.files, theirs.files, packings=(mine.packing, theirs.packing)
+        ):
             raise LorafleetError(
                 f"version {wanted} of adapter {adapter!r} is already backed up with other "
                 "content (another device's history?); back this profile up under another "
@@ -1030,9 +928,11 @@ def restore_profile(
             )
         folder = profile.version_dir(archive.version)
         if folder.exists():
-            if _folder_files(folder) != dict(archive.files):
+            if not same_adapter_files(
+                _folder_files(folder), archive.files, packings=(archive.packing,) * 2
+            ):
                 raise LorafleetError(
-                    f"{folder} already holds other files than backed-up version "
+                    f"{folder} already holds another adapter than backed-up version "
                     f"{archive.version}; versions are never overwritten"
                 )
         else:

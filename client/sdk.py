@@ -32,6 +32,7 @@ from lorafleet.client.adapter import (
     set_b,
 )
 from lorafleet.client.backup import (
+    BACKUP_PACKING,
     BackupClient,
     BackupRecord,
     backup_profile,
@@ -66,6 +67,7 @@ from lorafleet.client.runtime import (
 )
 from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
 from lorafleet.protocols.crypto import KdfParams
+from lorafleet.protocols.encoding import Packing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
@@ -323,10 +325,12 @@ class PersonalModel:
         adapter: str = "default",
         version: int | None = None,
         upload_key_file: bool = True,
+        packing: Packing = BACKUP_PACKING,
     ) -> BackupRecord:
         """Seal the current (or a given) version and store it on the coordinator.
 
-        The adapter version (every file of its folder, byte for byte) is sealed on this
+        The adapter version (its B packed as ``packing``, plus the folder's small files;
+        A is rebuilt from the seed on restore, see ``docs/backup.md``) is sealed on this
         device under the user's master key (see ``docs/envelope.md``), bound to the
         user, ``adapter`` name, version and base, and uploaded through ``client``;
         the coordinator never sees a key or the plaintext. With ``upload_key_file``
@@ -350,6 +354,10 @@ class PersonalModel:
             Which saved version; default the current one.
         upload_key_file
             Also store the key file (once per change).
+        packing
+            How B is stored: ``int8`` by default (a tenth of a whole-folder backup, no
+            measurable held-out loss change; docs/benchmarks.md); ``fp32`` restores B
+            bit for bit at 0.4 of the bytes.
 
         Returns
         -------
@@ -373,6 +381,7 @@ class PersonalModel:
             adapter=adapter,
             version=version,
             key_file=path if upload_key_file else None,
+            packing=packing,
         )
 
     @classmethod

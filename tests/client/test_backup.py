@@ -8,20 +8,29 @@ they were.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import stat
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save as safetensors_save
 from sqlalchemy import update
 
+from lorafleet.client.adapter import PROVENANCE_FILE, WEIGHTS_FILE, b_content_hash
+from lorafleet.client.archive import pack_version_v1
 from lorafleet.client.backup import (
+    BACKUP_PACKING,
     BackupClient,
     BackupDataLossError,
     DeviceIdentity,
@@ -35,7 +44,13 @@ from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import Profile
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.protocols import crypto
-from lorafleet.protocols.envelope import new_blob_id
+from lorafleet.protocols.encoding import (
+    Packing,
+    decode_tensors,
+    encode_tensors,
+    max_abs_error_bound,
+)
+from lorafleet.protocols.envelope import BlobContext, new_blob_id, seal_blob
 from lorafleet.protocols.errors import (
     DecryptionError,
     IntegrityError,
@@ -46,6 +61,7 @@ from lorafleet.protocols.errors import (
     MissingKeyFileError,
     WrongPassphraseError,
 )
+from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.server.backup_service import BackupServicer, serve_backup
 from lorafleet.server.blob_store import BlobStore
 from lorafleet.server.registry import Registry
@@ -141,16 +157,229 @@ def local_profile_at_v1(source: Path, target: Path) -> Path:
 # --- the archive ----------------------------------------------------------------------------
 
 
-def test_an_archive_holds_the_version_folder_byte_for_byte(profile_v2: Path) -> None:
+def weights(files: Mapping[str, bytes]) -> dict[str, np.ndarray]:
+    return dict(safetensors_load(files[WEIGHTS_FILE]))
+
+
+def assert_same_adapter(
+    restored: Mapping[str, bytes], original: Mapping[str, bytes], packing: Packing
+) -> None:
+    """Same files; all but weights and provenance byte for byte; A exact; B as packed."""
+    assert set(restored) == set(original)
+    for name in set(original) - {WEIGHTS_FILE, PROVENANCE_FILE}:
+        assert restored[name] == original[name], name
+    got, want = weights(restored), weights(original)
+    assert set(got) == set(want)
+    b = {}
+    for key, value in want.items():
+        if ".lora_A." in key:
+            assert got[key].tobytes() == value.tobytes(), key  # rebuilt from the seed
+        else:
+            assert np.abs(got[key].astype(np.float64) - value).max() <= max_abs_error_bound(
+                value, packing
+            )
+            b[key[len("base_model.model.") : -len(".lora_B.weight")]] = got[key]
+    old = AdapterProvenance.from_json(original[PROVENANCE_FILE].decode())
+    new = AdapterProvenance.from_json(restored[PROVENANCE_FILE].decode())
+    assert new.content_hash == b_content_hash(new.spec, b)  # the hash of what it holds
+    assert dataclasses.replace(new, content_hash="") == dataclasses.replace(old, content_hash="")
+
+
+@pytest.mark.parametrize("packing", ["fp32", "fp16", "int8"])
+def test_an_archive_carries_b_only_and_rebuilds_the_version_folder(
+    profile_v2: Path, packing: Packing
+) -> None:
+    # Prepare
+    folder = profile_v2 / "adapters" / "v0002"
+    original = snapshot(folder)
+
     # Execute
-    archive = unpack_archive(pack_version(profile_v2, 2))
+    data = pack_version(profile_v2, 2, packing=packing)
+    archive = unpack_archive(data)
 
     # Assert
-    folder = profile_v2 / "adapters" / "v0002"
-    assert dict(archive.files) == snapshot(folder)
-    assert "adapter_model.safetensors" in archive.files
+    assert data[4] == 2 and archive.format == 2 and archive.packing == packing
+    assert_same_adapter(archive.files, original, packing)
+    if packing == "fp32":  # exact B: the very same folder, byte for byte
+        assert dict(archive.files) == original
+    b_bytes = sum(v.nbytes for k, v in weights(original).items() if ".lora_B." in k)
+    assert len(data) < len(pack_version_v1(profile_v2, 2)) - b_bytes  # A is not carried
     assert archive.profile_json == (profile_v2 / "profile.json").read_bytes()
     assert archive.version == 2 and archive.spec == Profile.open(profile_v2).spec
+
+
+def test_a_format_1_archive_still_unpacks_to_the_folder_byte_for_byte(profile_v2: Path) -> None:
+    # Execute
+    data = pack_version_v1(profile_v2, 2)
+    archive = unpack_archive(data)
+
+    # Assert
+    assert data[4] == 1 and archive.format == 1 and archive.packing == "fp32"
+    assert dict(archive.files) == snapshot(profile_v2 / "adapters" / "v0002")
+
+
+def test_a_rebuilt_folder_loads_with_stock_peft(
+    profile_v2: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    archive = unpack_archive(pack_version(profile_v2, 2))
+    for name, data in archive.files.items():
+        (tmp_path / name).write_bytes(data)
+
+    # Execute
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path
+    )
+
+    # Assert
+    loaded = {k: v.detach().numpy() for k, v in model.state_dict().items() if ".lora_" in k}
+    expected = weights(archive.files)
+    assert len(loaded) == len(expected)
+    for key, value in expected.items():
+        peft_key = key.replace(".weight", ".default.weight")
+        assert np.array_equal(loaded[peft_key], value), key
+
+
+def split_v2(data: bytes) -> tuple[dict[str, Any], bytes, list[bytes], bytes]:
+    """Header, profile.json, files and B payload of a format-2 archive."""
+    (size,) = struct.unpack_from("<I", data, 5)
+    head = json.loads(data[9 : 9 + size])
+    pos = 9 + size
+    profile_json = data[pos : pos + head["profile_json_size"]]
+    pos += len(profile_json)
+    blobs = []
+    for entry in head["files"]:
+        blobs.append(data[pos : pos + entry["size"]])
+        pos += entry["size"]
+    return head, profile_json, blobs, data[pos:]
+
+
+def join_v2(head: dict[str, Any], profile_json: bytes, blobs: list[bytes], payload: bytes) -> bytes:
+    """A format-2 archive whose sizes and sha256s all agree: only its content is wrong."""
+    head = {**head, "profile_json_size": len(profile_json)}
+    head["files"] = [
+        {"path": e["path"], "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+        for e, b in zip(head["files"], blobs, strict=True)
+    ]
+    head["weights"] = {
+        **head["weights"],
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    raw = json.dumps(head).encode()
+    return b"".join(
+        [struct.pack("<4sBI", b"LFBK", 2, len(raw)), raw, profile_json, *blobs, payload]
+    )
+
+
+def _with_b(edit: Callable[[dict[str, np.ndarray], list[int]], None]) -> Callable[..., bytes]:
+    def craft(
+        head: dict[str, Any], profile_json: bytes, blobs: list[bytes], payload: bytes
+    ) -> bytes:
+        b = decode_tensors(payload)[0]
+        fan_in = list(head["weights"]["fan_in"])
+        edit(b, fan_in)
+        head["weights"]["fan_in"] = fan_in
+        return join_v2(head, profile_json, blobs, encode_tensors(b, packing="int8"))
+
+    return craft
+
+
+def _extra_module(b: dict[str, np.ndarray], fan_in: list[int]) -> None:
+    b["model.layers.0.mlp.up_proj"] = np.zeros((64, 4), np.float32)
+    fan_in.append(32)
+
+
+def _other_rank(b: dict[str, np.ndarray], fan_in: list[int]) -> None:
+    name = sorted(b)[0]
+    b[name] = np.zeros((b[name].shape[0], 5), np.float32)
+
+
+def _unsafe_name(b: dict[str, np.ndarray], fan_in: list[int]) -> None:
+    name = sorted(b)[-1]
+    b["model..q_proj"] = b.pop(name)
+
+
+def _short_widths(b: dict[str, np.ndarray], fan_in: list[int]) -> None:
+    fan_in.pop()
+
+
+def _absurd_width(b: dict[str, np.ndarray], fan_in: list[int]) -> None:
+    fan_in[0] = 1 << 40
+
+
+def _weights_listed_as_a_file(
+    head: dict[str, Any], profile_json: bytes, blobs: list[bytes], payload: bytes
+) -> bytes:
+    head["files"].append({"path": WEIGHTS_FILE})
+    return join_v2(head, profile_json, [*blobs, b"x"], payload)
+
+
+def _provenance_of_another_version(
+    head: dict[str, Any], profile_json: bytes, blobs: list[bytes], payload: bytes
+) -> bytes:
+    i = [e["path"] for e in head["files"]].index(PROVENANCE_FILE)
+    record = json.loads(blobs[i])
+    record["version"], record["parent"] = 1, None
+    blobs[i] = json.dumps(record).encode()
+    return join_v2(head, profile_json, blobs, payload)
+
+
+def _spec_of_another_rank(
+    head: dict[str, Any], profile_json: bytes, blobs: list[bytes], payload: bytes
+) -> bytes:
+    record = json.loads(profile_json)
+    record["spec"]["rank"] = 8
+    return join_v2(head, json.dumps(record).encode(), blobs, payload)
+
+
+HOSTILE = {
+    "B for a module the spec does not target": (_with_b(_extra_module), "do not name"),
+    "B of another rank": (_with_b(_other_rank), r"not \(out_features, 4\)"),
+    "an unsafe module path": (_with_b(_unsafe_name), "do not name"),
+    "fewer input widths than B matrices": (_with_b(_short_widths), "widths do not match"),
+    "an absurd input width": (_with_b(_absurd_width), "input width of"),
+    "the weights file among the plain files": (_weights_listed_as_a_file, "twice"),
+    "the provenance of another version": (_provenance_of_another_version, "version 1 of another"),
+    "a spec of another rank": (_spec_of_another_rank, "another spec"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_archive_is_refused_in_one_line(profile_v2: Path, case: str) -> None:
+    # Prepare: well-formed bytes (sizes, sha256s agree) whose content does not fit the spec
+    craft, message = HOSTILE[case]
+    data = craft(*split_v2(pack_version(profile_v2, 2)))
+
+    # Execute / Assert
+    with pytest.raises(IntegrityError, match=message) as info:
+        unpack_archive(data)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("entry", ["a file", "the B matrices"])
+def test_an_entry_listed_without_its_sha256_is_refused(profile_v2: Path, entry: str) -> None:
+    # Prepare: a header that drops one sha256 (nothing to compare is not a match)
+    head, profile_json, blobs, payload = split_v2(pack_version(profile_v2, 2))
+    data = join_v2(head, profile_json, blobs, payload)
+    (size,) = struct.unpack_from("<I", data, 5)
+    head = json.loads(data[9 : 9 + size])
+    del (head["files"][0] if entry == "a file" else head["weights"])["sha256"]
+    raw = json.dumps(head).encode()
+    data = struct.pack("<4sBI", b"LFBK", 2, len(raw)) + raw + data[9 + size :]
+
+    # Execute / Assert
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        unpack_archive(data)
+
+
+def test_the_crafting_helpers_leave_an_untouched_archive_valid(profile_v2: Path) -> None:
+    # Guards the hostile cases above: they fail for their edit, not for the re-packing.
+    data = pack_version(profile_v2, 2)
+    assert unpack_archive(join_v2(*split_v2(data))).files == unpack_archive(data).files
 
 
 @pytest.mark.parametrize("position", [0, 7, 60, -1])
@@ -162,6 +391,49 @@ def test_a_damaged_archive_is_refused(profile_v2: Path, position: int) -> None:
     # Execute / Assert
     with pytest.raises(IntegrityError):
         unpack_archive(bytes(data))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_any_damage_to_an_archive_is_an_integrity_error_never_a_traceback(
+    profile_v2: Path, fmt: int, data: st.DataObject
+) -> None:
+    # Prepare: flipped bytes anywhere (the JSON header included) or a truncation
+    raw = bytearray(pack_version(profile_v2, 1) if fmt == 2 else pack_version_v1(profile_v2, 1))
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    for _ in range(data.draw(st.integers(1, 3), label="flips")):
+        if raw:
+            position = data.draw(st.integers(0, len(raw) - 1), label="position")
+            raw[position] ^= data.draw(st.integers(1, 255), label="xor")
+
+    # Execute / Assert: refused in one line, or (a flip that keeps the header's JSON and
+    # every check intact, e.g. in a key's spelling it ignores) a checked archive
+    try:
+        archive = unpack_archive(bytes(raw))
+    except IntegrityError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert archive.version == 1 and WEIGHTS_FILE in archive.files
+
+
+def test_a_folder_the_seed_cannot_rebuild_byte_for_byte_is_backed_up_whole(
+    profile_v2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a weights file laid out otherwise than peft's (extra metadata)
+    profile = tmp_path / "profile"
+    shutil.copytree(profile_v2, profile)
+    path = profile / "adapters" / "v0002" / WEIGHTS_FILE
+    path.write_bytes(safetensors_save(safetensors_load(path.read_bytes()), metadata={"by": "x"}))
+
+    # Execute
+    data = pack_version(profile, 2)
+
+    # Assert: format 1, restoring the very same files
+    assert data[4] == 1
+    assert dict(unpack_archive(data).files) == snapshot(profile / "adapters" / "v0002")
+    assert "cannot be rebuilt from its seed" in caplog.text
 
 
 def test_an_archive_naming_a_path_outside_its_folder_is_refused() -> None:
@@ -186,7 +458,7 @@ def test_an_archive_naming_a_path_outside_its_folder_is_refused() -> None:
 # --- backup and restore -----------------------------------------------------------------------
 
 
-def test_restore_on_a_new_device_gives_the_same_files(
+def test_restore_on_a_new_device_gives_the_same_adapter(
     env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
 ) -> None:
     # Prepare
@@ -200,18 +472,19 @@ def test_restore_on_a_new_device_gives_the_same_files(
     provenance = restore_profile(phone_b, new_profile, got)
     pending.install()
 
-    # Assert
+    # Assert: the same adapter (A from the seed, B as packed), readable as a version
     assert provenance.version == 2
-    assert snapshot(new_profile / "adapters") == {
-        k: v for k, v in snapshot(profile / "adapters").items() if k.startswith("v0002")
-    }
+    assert [p.name for p in (new_profile / "adapters").iterdir()] == ["v0002"]
+    restored = snapshot(new_profile / "adapters" / "v0002")
+    assert_same_adapter(restored, snapshot(profile / "adapters" / "v0002"), BACKUP_PACKING)
     assert Profile.open(new_profile).current_version() == 2
+    assert Profile.open(new_profile).read(2)[0] == provenance
     assert new_keys.read_bytes() == key_file.read_bytes()
     assert stat.S_IMODE(new_keys.stat().st_mode) == 0o600
     assert sorted(got) == sorted(keys) and got.current_key == keys.current_key
 
 
-def _flip_stored(env: Env, client: BackupClient) -> None:
+def _flip_stored(env: Env, client: BackupClient, keys: UnlockedKeys) -> None:
     info = next(b for b in client.list_blobs() if b.version == 2)
     path = env.store.object_path(info.sha256)
     path.chmod(0o644)
@@ -220,14 +493,14 @@ def _flip_stored(env: Env, client: BackupClient) -> None:
     path.write_bytes(bytes(raw))
 
 
-def _truncate_stored(env: Env, client: BackupClient) -> None:
+def _truncate_stored(env: Env, client: BackupClient, keys: UnlockedKeys) -> None:
     info = next(b for b in client.list_blobs() if b.version == 2)
     path = env.store.object_path(info.sha256)
     path.chmod(0o644)
     path.write_bytes(path.read_bytes()[:-100])
 
 
-def _swap_in_another_users_blob(env: Env, client: BackupClient) -> None:
+def _swap_in_another_users_blob(env: Env, client: BackupClient, keys: UnlockedKeys) -> None:
     # The server hands Maya a blob of Jonas's as her newest version.
     jonas = env.enroll("u-jonas", "jonas-phone")
     jonas_profile = env.tmp / "jonas-profile"
@@ -244,13 +517,25 @@ def _swap_in_another_users_blob(env: Env, client: BackupClient) -> None:
         )
 
 
-def _replay_older_as_newer(env: Env, client: BackupClient) -> None:
+def _replay_older_as_newer(env: Env, client: BackupClient, keys: UnlockedKeys) -> None:
     # The server lists Maya's version-1 blob as version 3, newer than anything she has.
     info = next(b for b in client.list_blobs() if b.version == 1)
     with env.registry.engine.begin() as conn:
         conn.execute(
             update(blobs_table).where(blobs_table.c.blob_id == info.blob_id).values(version=3)
         )
+
+
+def _serve_a_hostile_archive(env: Env, client: BackupClient, keys: UnlockedKeys) -> None:
+    # An archive that opens (sealed with Maya's keys, as version 3) but holds a B for a
+    # module the spec does not target: only the archive's own checks can stop it.
+    profile = env.tmp / "a" / "profile"
+    head, profile_json, blobs, payload = split_v2(pack_version(profile, 2))
+    head["version"] = 3
+    i = [e["path"] for e in head["files"]].index(PROVENANCE_FILE)
+    blobs[i] = json.dumps({**json.loads(blobs[i]), "version": 3, "parent": 2}).encode()
+    craft, _ = HOSTILE["B for a module the spec does not target"]
+    _upload_archive(client, keys, profile, craft(head, profile_json, blobs, payload))
 
 
 TAMPERING = {
@@ -262,6 +547,11 @@ TAMPERING = {
         "does not open as user 'u-maya'",
     ),
     "older version replayed as newer": (_replay_older_as_newer, DecryptionError, "version 3"),
+    "a hostile archive under the user's keys": (
+        _serve_a_hostile_archive,
+        IntegrityError,
+        "do not name",
+    ),
 }
 
 
@@ -278,7 +568,7 @@ def test_tampered_blobs_give_one_clear_error_and_change_nothing(
     client, profile, key_file, keys = device_a
     backup_both(client, profile, keys, key_file)
     tamper, error, message = TAMPERING[case]
-    tamper(env, client)
+    tamper(env, client, keys)
     new_profile = tmp_path / "b" / "profile"
     if target == "existing profile":
         local_profile_at_v1(profile, new_profile)
@@ -514,7 +804,59 @@ def test_restore_upgrades_an_existing_profile(
 
     # Assert
     assert Profile.open(local).current_version() == 2
-    assert snapshot(local / "adapters") == snapshot(profile / "adapters")
+    assert snapshot(local / "adapters" / "v0001") == snapshot(profile / "adapters" / "v0001")
+    assert_same_adapter(
+        snapshot(local / "adapters" / "v0002"),
+        snapshot(profile / "adapters" / "v0002"),
+        BACKUP_PACKING,
+    )
+
+
+def _upload_archive(
+    client: BackupClient, keys: UnlockedKeys, profile: Path, plaintext: bytes
+) -> None:
+    """Seal and upload an archive as backup_profile does, whatever its plaintext."""
+    spec = Profile.open(profile).spec
+    version = json.loads(plaintext[9 : 9 + struct.unpack_from("<I", plaintext, 5)[0]])["version"]
+    blob_id = new_blob_id()
+    context = BlobContext(client.user, "default", version, spec.base_sha256, blob_id)
+    sealed = seal_blob(keys.current_key, context, plaintext, key_id=keys.current_key_id)
+    client.put_blob(blob_id, sealed, kind="adapter", adapter="default", version=version, spec=spec)
+
+
+def test_an_archive_an_old_device_uploaded_still_restores_byte_for_byte(
+    env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
+) -> None:
+    # Prepare: version 2 backed up by the old code path (archive format 1)
+    client, profile, _, keys = device_a
+    _upload_archive(client, keys, profile, pack_version_v1(profile, 2))
+    new_profile = tmp_path / "b" / "profile"
+
+    # Execute
+    provenance = restore_profile(env.enroll("u-maya", "laptop"), new_profile, keys)
+
+    # Assert
+    assert provenance.version == 2
+    assert snapshot(new_profile / "adapters") == {
+        k: v for k, v in snapshot(profile / "adapters").items() if k.startswith("v0002")
+    }
+    assert not backup_profile(client, profile, keys).uploaded  # the new format sees it as the same
+
+
+def test_a_restored_device_backing_up_the_same_version_uploads_nothing(
+    env: Env, device_a: tuple[BackupClient, Path, Path, UnlockedKeys], tmp_path: Path
+) -> None:
+    # Prepare: the laptop restores v2 (B as packed), then backs its profile up
+    client, profile, _, keys = device_a
+    first = backup_profile(client, profile, keys)
+    laptop = env.enroll("u-maya", "laptop")
+    restore_profile(laptop, tmp_path / "b" / "profile", keys)
+
+    # Execute
+    again = backup_profile(laptop, tmp_path / "b" / "profile", keys)
+
+    # Assert
+    assert not again.uploaded and again.adapter.blob_id == first.adapter.blob_id
 
 
 def test_backing_up_a_version_twice_uploads_it_once(
