@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from lorafleet.client.int8mm import EPS as _EPS
+from lorafleet.client.int8mm import int8_linear as int8_linear
+from lorafleet.client.int8mm import quantize_rows as quantize_rows
 from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DEFAULT_INT8_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER_NAME = "default"  # the adapter name lorafleet.client.adapter.materialize uses
-_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -114,41 +116,6 @@ class QuantConfig:
         return torch.float32 if self.weights == "fp32" else torch.bfloat16
 
 
-# --------------------------------------------------------------------------- int8 kernels
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``x ~= q * scale``; q (M, K) int8, scale (M, 1) fp32."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(_EPS).div_(127.0)  # (M, 1)
-    q = (xf / scale).round_().clamp_(-127, 127).to(torch.int8)  # (M, K)
-    return q, scale
-
-
-class _Int8Matmul(torch.autograd.Function):
-    """``x @ W.T`` with W int8 per output channel and x quantized per token; frozen W."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-        # x (M, K) bf16, wq (N, K) int8, w_scale (N,) fp32
-        xq, x_scale = quantize_rows(x)
-        acc = torch._int_mm(xq, wq.t())  # (M, N) int32
-        return (acc.float().mul_(x_scale).mul_(w_scale)).to(x.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, wq, w_scale = inputs
-        ctx.save_for_backward(wq, w_scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        wq, w_scale = ctx.saved_tensors
-        # dL/dx = g @ W = (g * s_w) @ Wq: the per-channel scale moves onto g's columns.
-        gq, g_scale = quantize_rows(grad.float().mul_(w_scale))  # (M, N) int8
-        acc = torch._int_mm(gq, wq)  # (M, K) int32
-        return acc.float().mul_(g_scale).to(grad.dtype), None, None
-
-
 # --------------------------------------------------------------------------- frozen linears
 
 
@@ -183,7 +150,7 @@ class _Linear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         if self.scale is not None:
-            y = cast(torch.Tensor, cast(Any, _Int8Matmul).apply(x2, self.weight, self.scale))
+            y = int8_linear(x2, self.weight, self.scale)
         else:
             y = F.linear(x2, self.weight)
         if self.bias is not None:
