@@ -10,7 +10,8 @@ AVX2-only x86 laptop, Apple M1): there torch emulates bf16 element by element. S
    its physical cores (hyperthreads don't add matmul throughput), and torch's version;
 2. **measures** one frozen-base-sized matmul (512 tokens x 576 -> 1536, SmolLM2-135M's
    MLP at batch 4 x 128) in fp32, bf16 and int8 (the kernel of
-   :mod:`lorafleet.client.qtrain`), a few repetitions within a small time budget;
+   :mod:`lorafleet.client.qtrain`), a few repetitions on one thread within a small time
+   budget;
 3. **chooses**: bf16 when the CPU has native bf16 *and* it measured faster than fp32,
    else fp32 (see :func:`choose_precision` for why int8 is reported but not chosen).
 
@@ -50,6 +51,7 @@ from lorafleet.protocols.errors import StorageError
 
 __all__ = [
     "PROBE_SHAPE",
+    "PROBE_THREADS",
     "CpuInfo",
     "DeviceProfile",
     "choose_precision",
@@ -68,8 +70,13 @@ ChosenPrecision = Literal["fp32", "bf16"]
 
 PROBE_SHAPE = (512, 576, 1536)
 """(tokens, in, out) of the probe matmul: SmolLM2-135M's gate/up projection at 4 x 128."""
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 """Bumped when the probe changes, so cached profiles from an older probe are re-measured."""
+PROBE_THREADS = 1
+"""The probe runs on one thread: the choice needs the ratio between dtypes, which one core
+measures as well as all of them, and a one-thread matmul is not stalled at a barrier by
+another process holding a core. On the shared 2-core development machine two-thread
+probes of the int8 kernel varied 20x from run to run, one-thread probes by a few %."""
 _BUDGET_S = 0.25  # per dtype, after a warm-up call; a slow dtype stops at its warm-up
 _REPS = 5
 _PROFILE_DIR = "device"
@@ -134,7 +141,7 @@ class DeviceProfile:
 
     cpu: CpuInfo
     torch_version: str
-    threads: int
+    threads: int = field(metadata={"help": "torch threads for training (the probe uses one)"})
     shape: tuple[int, int, int]
     matmul_ms: Mapping[str, float]
     choice: ChosenPrecision
@@ -191,7 +198,7 @@ class DeviceProfile:
             f"cores:      {c.physical_cores} physical, {c.logical_cpus} logical usable; "
             f"torch threads {self.threads}",
             f"torch:      {self.torch_version} (kernels: {c.torch_capability})",
-            "matmul:     {}x{}x{}: ".format(*self.shape)
+            "matmul:     {}x{}x{}, one thread: ".format(*self.shape)
             + ", ".join(f"{k} {self.matmul_ms[k]:.2f} ms" for k in self._dtypes())
             + (" (cached)" if self.from_cache else " (measured now)"),
             f"auto:       {self.choice}: {self.reason}",
@@ -402,13 +409,25 @@ def _time_ms(fn: Callable[[], object], budget_s: float = _BUDGET_S, reps: int = 
     return min(times) * 1000.0
 
 
-def measure_matmuls(shape: tuple[int, int, int] = PROBE_SHAPE) -> dict[str, float]:
+def measure_matmuls(
+    shape: tuple[int, int, int] = PROBE_SHAPE, *, threads: int = PROBE_THREADS
+) -> dict[str, float]:
     """Milliseconds of one ``x @ W.T`` of ``shape`` (tokens, in, out) per training dtype.
 
     fp32 and bf16 through ``F.linear`` (what the base's Linear layers run); int8 through
     the int8 training path's own kernel (per-token activation quantization and
-    ``torch._int_mm``, :func:`lorafleet.client.qtrain.int8_linear`).
+    ``torch._int_mm``, :func:`lorafleet.client.int8mm.int8_linear`). Runs on ``threads``
+    torch threads and restores the caller's count.
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _measure(shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(shape: tuple[int, int, int]) -> dict[str, float]:
     tokens, d_in, d_out = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=gen)  # (T, in)
