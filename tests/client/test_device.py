@@ -129,27 +129,36 @@ def test_auto_takes_bf16_only_when_native_and_measured_faster(
 
 
 @pytest.mark.skipif(not X86, reason="the AVX2 restriction is an x86 kernel setting")
-def test_auto_never_resolves_to_bf16_under_the_avx2_restriction(tmp_path: Path) -> None:
+def test_auto_never_resolves_to_bf16_under_the_avx2_restriction(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     # Prepare: a child process, because torch reads the restriction when it starts
     script = (
-        "import logging, torch\n"
+        "import logging, sys, torch\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from lorafleet.client import PersonalModel\n"
         "from lorafleet.client.runtime import base_dtype, resolve_precision\n"
         "cpu = torch.device('cpu')\n"
         "print(resolve_precision('auto', cpu), base_dtype('auto', cpu))\n"
         "print(resolve_precision('bf16', cpu))\n"
-        "print(resolve_precision('auto', cpu))\n"
+        "pm = PersonalModel.open(sys.argv[2], base=sys.argv[1], device='cpu')\n"
+        "print(pm.precision, next(pm.model.parameters()).dtype)\n"
     )
     env = {**os.environ, **AVX2_ONLY, "LORAFLEET_CACHE": str(tmp_path / "cache")}
 
     # Execute
     run = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(tiny_model_dir), str(tmp_path / "p")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
-    # Assert: fp32, an explicit bf16 still wins, and one log line says why
+    # Assert: fp32 (the SDK loads the base in fp32 too), an explicit bf16 still wins, and
+    # one log line says why
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["fp32 torch.float32", "bf16", "fp32"]
+    assert run.stdout.splitlines() == ["fp32 torch.float32", "bf16", "fp32 torch.float32"]
     said = [line for line in run.stderr.splitlines() if line.startswith("precision auto")]
     assert len(said) == 1
     assert said[0].startswith("precision auto -> fp32: AVX2 CPU without native bf16 (bf16 matmul")
