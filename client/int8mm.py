@@ -44,7 +44,9 @@ class _Int8Matmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         wq, w_scale = ctx.saved_tensors
         # dL/dx = g @ W = (g * s_w) @ Wq: the per-channel scale moves onto g's columns.
-        gq, g_scale = quantize_rows(grad.float().mul_(w_scale))  # (M, N) int8
+        # Out of place: for an fp32 grad .float() is the grad itself, which autograd may
+        # still hand to other branches (the LoRA path reads the same output gradient).
+        gq, g_scale = quantize_rows(grad.float() * w_scale)  # (M, N) int8
         acc = torch._int_mm(gq, wq)  # (M, K) int32
         return acc.float().mul_(g_scale).to(grad.dtype), None, None
 

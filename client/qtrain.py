@@ -69,6 +69,8 @@ class QuantConfig:
     'int8'
     >>> QuantConfig(weights="bf16").compute_dtype
     torch.bfloat16
+    >>> QuantConfig(compute="fp32").compute_dtype  # int8 matmuls, everything else fp32
+    torch.float32
     """
 
     weights: FrozenWeights = field(
@@ -82,8 +84,27 @@ class QuantConfig:
     ce_chunk: int = field(
         default=256, metadata={"help": "Labelled positions per lm_head + cross-entropy chunk."}
     )
+    compute: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of everything but the int8 matmuls: auto is fp32 for fp32 weights, "
+            "else bf16; fp32 suits CPUs without native bf16, where bf16 work is emulated."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.compute not in ("auto", "bf16", "fp32"):
+            raise SpecError(
+                f"quantized training: compute must be auto, bf16 or fp32, got {self.compute!r}"
+            )
+        mismatch = {("bf16", "fp32"): "fp32", ("fp32", "bf16"): "bf16"}.get(
+            (self.weights, self.compute)
+        )
+        if mismatch is not None:
+            raise SpecError(
+                f"quantized training: weights {self.weights} with compute {self.compute} "
+                f"mixes two paths; use weights {mismatch} (compute follows it)"
+            )
         if self.weights not in ("int8", "bf16", "fp32"):
             raise SpecError(
                 f"quantized training: weights must be int8, bf16 or fp32, got {self.weights!r}"
@@ -112,7 +133,9 @@ class QuantConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activation dtype: fp32 for the fp32 reference, bf16 otherwise."""
+        """Activation dtype: ``compute`` if set, else fp32 for fp32 weights, bf16 otherwise."""
+        if self.compute != "auto":
+            return torch.float32 if self.compute == "fp32" else torch.bfloat16
         return torch.float32 if self.weights == "fp32" else torch.bfloat16
 
 
