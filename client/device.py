@@ -519,6 +519,19 @@ def _load(path: Path, key: Mapping[str, Any]) -> DeviceProfile | None:
 
 
 _MEMO: dict[str, DeviceProfile] = {}
+_DETECTED: dict[tuple[str, frozenset[int]], CpuInfo] = {}
+
+
+def _this_cpu() -> CpuInfo:
+    """Return :func:`detect_cpu` once per process, per ISA restriction and affinity.
+
+    ``auto`` is resolved on every training step, and /proc/cpuinfo is long on a
+    many-core machine.
+    """
+    key = (_isa_restriction(os.environ), frozenset(_usable_cpus()))
+    if key not in _DETECTED:
+        _DETECTED[key] = detect_cpu()
+    return _DETECTED[key]
 
 
 def forget_profiles() -> None:
@@ -540,7 +553,7 @@ def device_profile(
     ``refresh`` measures again and rewrites the cache. An unwritable cache only costs a
     measurement per process; it is never an error.
     """
-    cpu = detect_cpu()
+    cpu = _this_cpu()
     threads = limit_threads(cpu)
     version = str(torch.__version__)
     key = profile_key(cpu, version, threads, shape)
