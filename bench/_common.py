@@ -86,26 +86,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def cpu_class() -> str:
-    """The CPU class a figure holds for (BENCH.md): AVX2 only, AVX-512, AVX-512-BF16/AMX, ARM.
-
-    Read from the kernel's CPU flags (Linux); elsewhere the machine name, or "unknown".
-    """
-    machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64") or machine.startswith("arm"):
-        return "ARM"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
-    except OSError:
-        return machine or "unknown"
-    if "amx_tile" in flags or "avx512_bf16" in flags:
-        return "AVX-512-BF16/AMX"
-    if "avx512f" in flags:
-        return "AVX-512"
-    return "AVX2 only" if "avx2" in flags else (machine or "unknown")
-
-
 def _version(module: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -119,6 +99,9 @@ def machine_info(*, threads: int | None = None, device: str = "cpu") -> dict[str
     """What the numbers were measured on: CPU, cores, library versions, threads used."""
     import torch
 
+    from lorafleet.client.device import detect_cpu
+
+    cpu = detect_cpu()
     info: dict[str, Any] = {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
@@ -126,7 +109,10 @@ def machine_info(*, threads: int | None = None, device: str = "cpu") -> dict[str
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_class": cpu_class(),
+        # the class a figure holds for (BENCH.md), after the ISA restriction variables:
+        # a child run under ONEDNN_MAX_CPU_ISA=AVX2 reports AVX2, not the chip's class
+        "cpu_class": cpu.isa_class,
+        "isa_restriction": cpu.isa_restriction,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

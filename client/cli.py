@@ -27,6 +27,16 @@ log = logging.getLogger("lorafleet")
 _PRECISIONS = ["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
 
 
+def _add_cache_dir(p: argparse.ArgumentParser, what: str) -> None:
+    lead = "where converted bases are cached" if what == "bases" else "lorafleet's cache root"
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"{lead} (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
+    )
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile", required=True, type=Path, help="profile directory (created on first use)"
@@ -44,12 +54,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
         help="weights and compute precision (auto: bf16 where it pays, else fp32)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="where converted bases are cached (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
-    )
+    _add_cache_dir(p, "bases")
 
 
 def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -173,6 +178,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "device",
+        help="this CPU's profile: ISA class, cores, matmul speed per dtype, what auto picks",
+        formatter_class=fmt,
+    )
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON document")
+    p.add_argument(
+        "--refresh", action="store_true", help="measure again instead of reading the cache"
+    )
+    _add_cache_dir(p, "root")
+
+    p = sub.add_parser(
         "export",
         help="export the base to ONNX (cached) and print its quality gate",
         formatter_class=fmt,
@@ -197,12 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-quality-loss", action="store_true", help="keep an export that fails the gate"
     )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="lorafleet's cache root (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
-    )
+    _add_cache_dir(p, "root")
 
     p = sub.add_parser(
         "demo", help="the single-device story on the bundled demo notes", formatter_class=fmt
@@ -212,12 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", default="auto", choices=_PRECISIONS, help="weights and compute precision"
     )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="where converted bases are cached (default: $LORAFLEET_CACHE or ~/.cache/lorafleet)",
-    )
+    _add_cache_dir(p, "bases")
     return parser
 
 
@@ -379,6 +385,16 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"{mark} v{p.version:04d}  parent={p.parent}  {p.created_at}  {metrics}")
 
 
+def _cmd_device(args: argparse.Namespace) -> None:
+    from lorafleet.client.device import device_profile
+
+    profile = device_profile(cache_dir=args.cache_dir, refresh=args.refresh)
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(profile.summary())
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from lorafleet.client.base import load_base
     from lorafleet.client.onnx_export import OnnxExportConfig, export_base
@@ -414,6 +430,7 @@ _COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "info": _cmd_info,
+    "device": _cmd_device,
     "export": _cmd_export,
     "demo": _cmd_demo,
 }
@@ -426,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose and args.command != "info":
+    if not args.verbose and args.command not in ("info", "device"):
         # transformers and peft are chatty about things users cannot act on; our own
         # progress bars stay.
         import warnings

@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from lorafleet.client.int8mm import EPS as _EPS
+from lorafleet.client.int8mm import int8_linear as int8_linear
+from lorafleet.client.int8mm import quantize_rows as quantize_rows
 from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DEFAULT_INT8_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER_NAME = "default"  # the adapter name lorafleet.client.adapter.materialize uses
-_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class QuantConfig:
     'int8'
     >>> QuantConfig(weights="bf16").compute_dtype
     torch.bfloat16
+    >>> QuantConfig(compute="fp32").compute_dtype  # int8 matmuls, everything else fp32
+    torch.float32
     """
 
     weights: FrozenWeights = field(
@@ -80,8 +84,27 @@ class QuantConfig:
     ce_chunk: int = field(
         default=256, metadata={"help": "Labelled positions per lm_head + cross-entropy chunk."}
     )
+    compute: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of everything but the int8 matmuls: auto is fp32 for fp32 weights, "
+            "else bf16; fp32 suits CPUs without native bf16, where bf16 work is emulated."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.compute not in ("auto", "bf16", "fp32"):
+            raise SpecError(
+                f"quantized training: compute must be auto, bf16 or fp32, got {self.compute!r}"
+            )
+        mismatch = {("bf16", "fp32"): "fp32", ("fp32", "bf16"): "bf16"}.get(
+            (self.weights, self.compute)
+        )
+        if mismatch is not None:
+            raise SpecError(
+                f"quantized training: weights {self.weights} with compute {self.compute} "
+                f"mixes two paths; use weights {mismatch} (compute follows it)"
+            )
         if self.weights not in ("int8", "bf16", "fp32"):
             raise SpecError(
                 f"quantized training: weights must be int8, bf16 or fp32, got {self.weights!r}"
@@ -110,43 +133,10 @@ class QuantConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activation dtype: fp32 for the fp32 reference, bf16 otherwise."""
+        """Activation dtype: ``compute`` if set, else fp32 for fp32 weights, bf16 otherwise."""
+        if self.compute != "auto":
+            return torch.float32 if self.compute == "fp32" else torch.bfloat16
         return torch.float32 if self.weights == "fp32" else torch.bfloat16
-
-
-# --------------------------------------------------------------------------- int8 kernels
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``x ~= q * scale``; q (M, K) int8, scale (M, 1) fp32."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(_EPS).div_(127.0)  # (M, 1)
-    q = (xf / scale).round_().clamp_(-127, 127).to(torch.int8)  # (M, K)
-    return q, scale
-
-
-class _Int8Matmul(torch.autograd.Function):
-    """``x @ W.T`` with W int8 per output channel and x quantized per token; frozen W."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-        # x (M, K) bf16, wq (N, K) int8, w_scale (N,) fp32
-        xq, x_scale = quantize_rows(x)
-        acc = torch._int_mm(xq, wq.t())  # (M, N) int32
-        return (acc.float().mul_(x_scale).mul_(w_scale)).to(x.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, wq, w_scale = inputs
-        ctx.save_for_backward(wq, w_scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        wq, w_scale = ctx.saved_tensors
-        # dL/dx = g @ W = (g * s_w) @ Wq: the per-channel scale moves onto g's columns.
-        gq, g_scale = quantize_rows(grad.float().mul_(w_scale))  # (M, N) int8
-        acc = torch._int_mm(gq, wq)  # (M, K) int32
-        return acc.float().mul_(g_scale).to(grad.dtype), None, None
 
 
 # --------------------------------------------------------------------------- frozen linears
@@ -183,7 +173,7 @@ class _Linear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         if self.scale is not None:
-            y = cast(torch.Tensor, cast(Any, _Int8Matmul).apply(x2, self.weight, self.scale))
+            y = int8_linear(x2, self.weight, self.scale)
         else:
             y = F.linear(x2, self.weight)
         if self.bias is not None:

@@ -1,9 +1,14 @@
 """Where and in what precision the device computes: one place decides, and logs it.
 
-``auto`` picks CUDA when present, else the CPU, and bf16 on both: the frozen base's
-weights are stored in bf16 (half the memory) and computed under bf16 autocast while the
-adapter stays fp32. On the CPUs measured here that trained B about 2.3x faster than fp32
-at the same held-out loss (docs/benchmarks.md). Users override either choice explicitly:
+``auto`` picks CUDA when present, else the CPU. On a CUDA GPU with bf16 it means bf16
+(fp32 without). On a CPU it means what the measured device profile chose
+(:mod:`lorafleet.client.device`): bf16 where the CPU has native bf16 (AVX-512-BF16, AMX,
+ARM bf16) and a bf16 matmul measured faster than fp32, else fp32. bf16 stores the frozen
+base's weights in bf16 (half the memory) and computes under bf16 autocast while the
+adapter stays fp32; on such CPUs that trained B about 2x faster than fp32 at the same
+held-out loss (docs/benchmarks.md), while on an AVX2-only CPU bf16 is emulated and many
+times slower. The choice is logged once per process. Users override either choice
+explicitly, and an explicit precision is never second-guessed:
 ``fp32`` (exact reference), ``bf16-mixed`` (fp32 weights, bf16 autocast), or ``int8``
 (CPU only): the base is loaded in bf16 as for ``bf16``, and training runs its frozen
 matrix multiplies in int8 through :mod:`lorafleet.client.qtrain`; evaluation and
@@ -46,12 +51,31 @@ def resolve_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+_ANNOUNCED: set[str] = set()
+
+
+def _auto_cpu_precision() -> ConcretePrecision:
+    """The device profile's choice (measured once per machine), logged once per process."""
+    from lorafleet.client.device import device_profile
+
+    profile = device_profile()
+    line = f"precision auto -> {profile.choice}: {profile.reason}"
+    if line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        log.info("%s", line)
+    return profile.choice
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> ConcretePrecision:
-    """The concrete precision for ``precision`` on ``device``."""
+    """The concrete precision for ``precision`` on ``device``.
+
+    ``auto`` on a CPU asks the measured device profile (cached per machine, so this is
+    cheap after the first call); any other value is returned as given once checked.
+    """
     if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp32"
-        return "bf16"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return _auto_cpu_precision()
     if precision not in ("fp32", "bf16-mixed", "bf16", "int8", "nf4"):
         raise SpecError(
             f"unknown precision {precision!r}; use auto, fp32, bf16-mixed, bf16, int8 or nf4"

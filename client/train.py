@@ -22,6 +22,7 @@ import torch
 
 from lorafleet.client.adapter import get_b, set_b
 from lorafleet.client.data import TokenBlocks
+from lorafleet.client.device import limit_threads
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.qtrain import QuantConfig, QuantizedCausalLM, prepare_quantized_model
 from lorafleet.client.runtime import (
@@ -79,7 +80,11 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the batch order."})
     threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads; None keeps torch's choice."}
+        default=None,
+        metadata={
+            "help": "torch CPU threads; None keeps torch's choice, lowered to the physical "
+            "cores (or $OMP_NUM_THREADS) if it counts more."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -172,11 +177,13 @@ class LocalTrainer:
         prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
         quant: QuantConfig | None = None,
     ) -> None:
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
         self.model = model
         self.config = config
         self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        elif self.device.type == "cpu":  # hyperthreads add no matmul throughput
+            limit_threads()
         place_on(model, self.device)
         self.params = trainable_parameters(model)
         if not self.params:

@@ -90,18 +90,23 @@ def test_fp32_fast_forward_equals_the_stock_model(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("weights", "loss_rel", "min_cosine"),
-    [("bf16", 0.01, 0.995), ("int8", 0.02, 0.99)],
+    ("weights", "compute", "loss_rel", "min_cosine"),
+    [
+        ("bf16", "auto", 0.01, 0.995),
+        ("int8", "auto", 0.02, 0.99),
+        ("int8", "fp32", 0.02, 0.99),  # int8 matmuls, everything else fp32 (no native bf16)
+    ],
 )
 def test_quantized_loss_and_gradients_stay_close_to_fp32(
-    tiny_model_dir: Path, weights: str, loss_rel: float, min_cosine: float
+    tiny_model_dir: Path, weights: str, compute: str, loss_rel: float, min_cosine: float
 ) -> None:
     # Prepare
     model, blocks = setup(tiny_model_dir, random_b=True)
     ref_loss, ref_grads = reference_loss_and_grads(model, blocks)
+    config = QuantConfig(weights=weights, compute=compute)  # type: ignore[arg-type]
 
     # Execute
-    loss, grads = fast_loss_and_grads(model, blocks, QuantConfig(weights=weights))  # type: ignore[arg-type]
+    loss, grads = fast_loss_and_grads(model, blocks, config)
 
     # Assert
     assert loss == pytest.approx(ref_loss, rel=loss_rel)
@@ -179,6 +184,8 @@ def test_row_quantization_round_trips_within_half_a_step() -> None:
         ({"int8_modules": ("lm_head",)}, "are not Linear names"),
         ({"int8_modules": ("q_proj",)}, "share one matmul"),
         ({"ce_chunk": 0}, "ce_chunk must be an integer >= 1"),
+        ({"compute": "fp16"}, "compute must be auto, bf16 or fp32"),
+        ({"weights": "bf16", "compute": "fp32"}, "mixes two paths; use weights fp32"),
     ],
 )
 def test_bad_quant_config_names_the_fix(kwargs: dict[str, Any], message: str) -> None:

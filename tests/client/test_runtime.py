@@ -19,7 +19,6 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize(
     ("precision", "concrete", "dtype", "quantization"),
     [
-        ("auto", "bf16", torch.bfloat16, None),
         ("fp32", "fp32", torch.float32, None),
         ("bf16-mixed", "bf16-mixed", torch.float32, None),
         ("bf16", "bf16", torch.bfloat16, None),
