@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lorafleet.client import onnx_export
-from lorafleet.client.data import encode_blocks
+from lorafleet.client.data import encode_blocks, to_examples
 from lorafleet.client.onnx_export import ExportedBase
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import TrainConfig
@@ -90,7 +90,7 @@ def test_int8_replies_start_like_float32_and_its_loss_is_close(pm: PersonalModel
     exported = pm.prepare_backend("onnx-int8", progress=False)
     assert exported is not None
     lm = exported.load(provider="cpu")
-    blocks = encode_blocks(pm._examples(NOTES), pm.base.tokenizer, seq_len=32)
+    blocks = encode_blocks(to_examples(NOTES), pm.base.tokenizer, seq_len=32)
     ce, _ = lm.cross_entropy(
         blocks.input_ids.numpy(),
         blocks.labels.numpy(),

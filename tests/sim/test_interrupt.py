@@ -8,6 +8,7 @@ signals the group, in the middle of a round.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -127,5 +128,7 @@ def test_ctrl_c_ends_a_simulation_within_seconds_and_the_run_resumes(
         check=False,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming after round 1" in again.stderr
+    # round 1 was committed before the signal; round 2 may have finished in the seconds
+    # the process took to leave (Ray's shutdown), and is then not run again
+    assert re.search(r"resuming after round [12] ", again.stderr), again.stderr[-3000:]
     assert "results:" in again.stdout
