@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafleet.protocols.cli import add_version_flag
+from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 
 if TYPE_CHECKING:
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorafleet-sim", description="Federated personalization on one machine."
+        prog="lorafleet-sim",
+        description="Federated personalization on one machine.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add_version_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -31,11 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         ("demo", "8 synthetic users, 3 rounds on the default base, then the baselines"),
         ("experiment", "a configurable experiment with the cold-start curve"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter)
         p.add_argument("--output", type=Path, default=Path("runs") / name, help="run folder")
         p.add_argument("--users", type=int, default=8, help="synthetic users")
         p.add_argument("--users-dir", type=Path, default=None, help="real per-user folders instead")
-        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--rounds", type=int, default=3, help="federated rounds")
         p.add_argument("--fraction", type=float, default=0.5, help="share of users per round")
         p.add_argument("--notes", type=int, default=60, help="notes per synthetic user")
         p.add_argument(
@@ -45,14 +47,14 @@ def _parser() -> argparse.ArgumentParser:
             "--personal-steps",
             type=int,
             default=0,
-            help="personal steps inside each round (default 0: personalize once at the end)",
+            help="personal steps inside each round (0: personalize once, after the last round)",
         )
         p.add_argument(
             "--personalize-steps",
             type=int,
             default=0,
             help="at most this many steps of personal fine-tuning from the final prior, "
-            "early-stopped on validation (default: the local-only budget)",
+            "early-stopped on validation (0: the local-only budget)",
         )
         p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
         p.add_argument(
@@ -68,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
             "--local-steps",
             type=int,
             default=0,
-            help="steps of the local-only baselines (default: rounds x steps, the personal budget)",
+            help="steps of the local-only baselines (0: rounds x steps)",
         )
         p.add_argument(
             "--seeds", default="", help="comma-separated seeds to repeat the run with (the spread)"
@@ -85,20 +87,26 @@ def _parser() -> argparse.ArgumentParser:
             choices=["ray", "local"],
             help="Flower's Ray simulation, or the same apps in this process (no Ray)",
         )
-        p.add_argument("--packing", default="fp16", choices=["fp32", "fp16", "int8"])
-        p.add_argument("--base", default="default")
+        p.add_argument(
+            "--packing",
+            default="fp16",
+            choices=["fp32", "fp16", "int8"],
+            help="delta upload packing",
+        )
+        p.add_argument("--base", default="default", help="base model: default or a folder")
         p.add_argument(
             "--precision",
             default="auto",
             choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"],
+            help="devices' training precision (auto: by the device profile)",
         )
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of sampling and training")
         p.add_argument(
             "--secure-aggregation",
             action=argparse.BooleanOptionalAction,
             default=True,
             help="sum the prior deltas with SecAgg+ so the coordinator sees only the sum "
-            "(default: on; --no-secure-aggregation sends clipped deltas in the clear)",
+            "(--no-secure-aggregation sends clipped deltas in the clear)",
         )
         p.add_argument(
             "--dp",

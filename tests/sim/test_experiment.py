@@ -98,3 +98,18 @@ def test_the_simulator_sums_prior_deltas_with_secagg_unless_told_not_to(command:
     plain = _parser().parse_args([command, "--no-secure-aggregation"])
     # Assert
     assert default.secure_aggregation is True and plain.secure_aggregation is False
+
+
+def test_every_sim_flag_with_a_default_shows_it_in_help() -> None:
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("demo", "experiment"):
+        command = sub.choices[name]  # type: ignore[attr-defined]
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.default in (None, False, "==SUPPRESS==") or not action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+        for shown in ("(default: 6)", "(default: 0.002)", "(default: ray)", "(default: auto)"):
+            assert shown in text, (name, shown)
+        assert "(default: None)" not in text
