@@ -133,11 +133,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set by the SIGINT handler main() installs, before KeyboardInterrupt is raised.
+_INTERRUPTED = threading.Event()
+
+
 class _OnlyWarnings(logging.Filter):
-    """Flower re-levels its logger at DEBUG inside run_simulation; keep its chatter out."""
+    """Flower re-levels its logger at DEBUG inside run_simulation; keep its chatter out.
+
+    After Ctrl-C, Ray stops the ClientApp actors (they share the terminal's process
+    group) and Flower's backend threads log each dead actor as an ERROR with a traceback.
+    That is the interruption the user asked for, not a fault, so it is dropped too: the
+    one line saying how to resume is all the user should see.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and "DEPRECATED" not in record.getMessage()
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        if "DEPRECATED" in message:
+            return False
+        return not (_INTERRUPTED.is_set() or "INTENDED_USER_EXIT" in message)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Mark the run interrupted first (so the log filter knows), then interrupt as usual."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 def _quiet() -> None:
@@ -168,6 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         _quiet()
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command itself, once logging and Ctrl-C handling are set up."""
     try:
         from lorafleet.sim.experiment import ExperimentConfig, format_table, run_experiment
 

@@ -132,3 +132,32 @@ def test_ctrl_c_ends_a_simulation_within_seconds_and_the_run_resumes(
     # the process took to leave (Ray's shutdown), and is then not run again
     assert re.search(r"resuming after round [12] ", again.stderr), again.stderr[-3000:]
     assert "results:" in again.stdout
+
+
+def test_after_ctrl_c_the_log_drops_flowers_dead_actor_errors() -> None:
+    """Ray stops the actors on Ctrl-C and Flower logs each as an ERROR with a traceback;
+    the quiet filter keeps real errors before the interrupt and drops those after it."""
+    # Prepare: the filter the CLI puts on Flower's logger, and two ERROR records
+    import logging
+
+    from lorafleet.sim import cli
+
+    keep = cli._OnlyWarnings()
+    real = logging.LogRecord("flwr", logging.ERROR, __file__, 1, "ClientApp raised", None, None)
+    dead = logging.LogRecord(
+        "flwr",
+        logging.ERROR,
+        __file__,
+        1,
+        "Traceback ... ActorDiedError ... Worker exit type: INTENDED_USER_EXIT",
+        None,
+        None,
+    )
+    try:
+        # Execute / Assert: before the interrupt real errors pass, dead-actor ones never do
+        assert keep.filter(real)
+        assert not keep.filter(dead)
+        cli._INTERRUPTED.set()
+        assert not keep.filter(real)
+    finally:
+        cli._INTERRUPTED.clear()
