@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,7 +273,11 @@ def run_round(
             seed=instr.round + (7919 if final else 0),
         )
         result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
-        personal_loss = result.heldout_loss_after
+        personal_loss, mix = result.heldout_loss_after, 1.0
+        if final:
+            personal_loss, mix = _blend_with_prior(
+                w.model, prior_b, prior_loss, personal_loss, loss
+            )
         profile.save(
             w.model,
             get_b(w.model),
@@ -284,6 +288,7 @@ def run_round(
                 "start_loss": start_loss,
                 "started_from_prior": float(start_from == "prior"),
                 "best_step": float(result.best_step),
+                "mix": mix,
                 "steps": float(result.steps),
                 "prior_steps": float(instr.prior_steps if delta is not None else 0),
             },
@@ -304,6 +309,46 @@ def run_round(
         train_seconds=time.perf_counter() - started,
     )
     return clipped, metrics
+
+
+BLEND_WEIGHTS: tuple[float, ...] = (0.75, 0.5, 0.25)
+"""Weights of the trained B, against the prior's, that the personalize step also tries."""
+
+
+def _blend_with_prior(
+    model: torch.nn.Module,
+    prior_b: BTensors,
+    prior_loss: float,
+    trained_loss: float,
+    loss: Callable[[], float],
+) -> tuple[float, float]:
+    """Keep the point on the line from the prior to the trained B that validates best.
+
+    A and the base are shared, so a weighted mean of two B matrices is the same weighted
+    mean of the two adapters' weight deltas: the interpolation of weight-space ensembles
+    (WiSE-FT, Wortsman et al. 2022), applied per user. Fine-tuning a few notes pulls B
+    toward them and away from what the cohort knows; a point in between often holds more
+    of both. The candidates are the trained B (weight 1), the prior (weight 0, whose loss
+    is known) and :data:`BLEND_WEIGHTS`, each scored once on the user's validation notes:
+    forward passes only, no training step. Leaves the model holding the winner and
+    returns its validation loss and weight; ties keep the larger weight.
+    """
+    trained = get_b(model)
+    best_loss, best_weight = trained_loss, 1.0
+    if prior_loss < best_loss:
+        best_loss, best_weight = prior_loss, 0.0
+    for weight in BLEND_WEIGHTS:
+        set_b(model, {k: prior_b[k] + weight * (trained[k] - prior_b[k]) for k in trained})
+        candidate = loss()
+        if candidate < best_loss:
+            best_loss, best_weight = candidate, weight
+    if best_weight == 1.0:
+        set_b(model, trained)  # exactly, not prior + (trained - prior) in float32
+    elif best_weight == 0.0:
+        set_b(model, prior_b)
+    else:
+        set_b(model, {k: prior_b[k] + best_weight * (trained[k] - prior_b[k]) for k in trained})
+    return best_loss, best_weight
 
 
 def _open_profile(root: Path, instr: RoundInstruction, base_source: str) -> Profile:

@@ -208,13 +208,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Fetch the fortune files and write one user folder per topic.",
     )
     parser.add_argument("out", type=Path, help="folder to write the user folders into")
-    parser.add_argument("--users", type=int, default=8, help="users (topics), 1..14")
+    parser.add_argument(
+        "--topics",
+        default=",".join(DEFAULT_TOPICS),
+        help="comma-separated topics, taken in order: users first, then newcomers (e.g. "
+        "the held-out set: science,politics,literature,drugs,computers,work)",
+    )
+    parser.add_argument("--users", type=int, default=8, help="users (topics) to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the note sampling")
     parser.add_argument("--newcomers", type=int, default=2, help="users who never take part")
     args = parser.parse_args(argv)
+    topics = tuple(t.strip() for t in args.topics.split(",") if t.strip())
+    unknown = [t for t in topics if t not in DEFAULT_TOPICS]
+    if unknown:
+        print(
+            f"error: unknown topic {unknown[0]!r}; choose from {', '.join(DEFAULT_TOPICS)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         out = build_benchmark(
-            args.out, num_users=args.users, seed=args.seed, num_newcomers=args.newcomers
+            args.out,
+            num_users=args.users,
+            topics=topics,
+            seed=args.seed,
+            num_newcomers=args.newcomers,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

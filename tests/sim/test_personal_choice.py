@@ -61,6 +61,7 @@ def test_after_the_last_round_every_device_personalizes_once_from_the_final_prio
         assert v.prior_version == final_prior
         assert m["prior_steps"] == 0 and 1 <= m["steps"] <= 6
         assert m["started_from_prior"] == 1.0
+        assert m["mix"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # the blend with the prior it kept
         assert m["personal_loss"] <= m["prior_loss"] + 1e-9
         assert m["prior_loss"] < m["base_loss"]  # the prior had two rounds to learn
     # The final evaluation scores the adapter the personalization saved
