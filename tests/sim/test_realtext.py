@@ -1,0 +1,127 @@
+"""The real-text benchmark's builder: fortune files in, one user folder per topic out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorafleet.sim.realtext import (
+    DEFAULT_TOPICS,
+    INSTALLED_DIR,
+    build_benchmark,
+    main,
+    read_fortune_file,
+)
+
+
+def _fortunes(folder: Path, topics: list[str], entries: int = 50) -> Path:
+    """Fortune files in the package's format: entries separated by '%' lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for topic in topics:
+        body = "\n%\n".join(
+            f"On {topic}, thought number {i}:\n\tsomething worth saying.\n    -- Someone"
+            for i in range(entries)
+        )
+        (folder / topic).write_text(body + "\n%\n" + "too short\n%\n" + "x" * 500 + "\n")
+    return folder
+
+
+def test_a_fortune_file_splits_on_percent_lines_and_drops_short_long_and_repeated(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    path = tmp_path / "food"
+    path.write_text("First quip about food.\n%\nFirst quip about food.\n%\nok\n%\n" + "y" * 401)
+    # Execute
+    entries = read_fortune_file(path)
+    # Assert
+    assert entries == ["First quip about food."]
+
+
+def test_the_benchmark_gives_each_topic_a_user_with_its_size_and_is_seeded(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    topics = ["science", "politics", "work"]
+    source = _fortunes(tmp_path / "src", topics)
+    # Execute: two users and one newcomer, twice with one seed and once with another
+    users = build_benchmark(
+        tmp_path / "a",
+        topics=topics,
+        num_users=2,
+        num_newcomers=1,
+        sizes=(20, 45),
+        source=source,
+        newcomer_size=30,
+    )
+    again = build_benchmark(
+        tmp_path / "b",
+        topics=topics,
+        num_users=2,
+        num_newcomers=1,
+        sizes=(20, 45),
+        source=source,
+        newcomer_size=30,
+    )
+    other = build_benchmark(
+        tmp_path / "c",
+        topics=topics,
+        num_users=2,
+        num_newcomers=1,
+        sizes=(20, 45),
+        source=source,
+        newcomer_size=30,
+        seed=1,
+    )
+    # Assert
+    notes = {p.name: (p / "notes.jsonl").read_text() for p in sorted(users.iterdir())}
+    assert sorted(notes) == ["politics", "science"]
+    assert len(notes["science"].splitlines()) == 20
+    assert len(notes["politics"].splitlines()) == 45  # all 50 fit; 45 asked
+    assert all("On science" in json.loads(line)["text"] for line in notes["science"].splitlines())
+    newcomer = tmp_path / "a" / "newcomers" / "work" / "notes.jsonl"
+    assert len(newcomer.read_text().splitlines()) == 30
+    assert (again / "science" / "notes.jsonl").read_text() == notes["science"]
+    assert (other / "science" / "notes.jsonl").read_text() != notes["science"]
+
+
+def test_the_cli_names_an_unknown_topic_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    code = main([str(tmp_path / "out"), "--topics", "science,cooking"])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: unknown topic 'cooking'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_users_for_the_topics_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: two topics cannot make three users
+    code = main(
+        [str(tmp_path / "out"), "--topics", "science,work", "--users", "3", "--newcomers", "0"]
+    )
+    # Assert
+    assert code == 2
+    assert "num_users must be in 1..2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (INSTALLED_DIR / "food").is_file(),
+    reason="Debian's 'fortunes' package is not installed (apt-get install fortunes)",
+)
+def test_the_installed_fortune_files_hold_every_default_topic(tmp_path: Path) -> None:
+    # Execute: the default benchmark and the held-out set from the real files
+    users = build_benchmark(tmp_path / "main", num_newcomers=2)
+    held = build_benchmark(
+        tmp_path / "held", topics=DEFAULT_TOPICS[10:], num_users=6, num_newcomers=0
+    )
+    # Assert: every user has real notes, 20 or more
+    for folder in [*users.iterdir(), *held.iterdir()]:
+        assert len((folder / "notes.jsonl").read_text().splitlines()) >= 20
