@@ -329,7 +329,7 @@ def _load_users(cfg: ExperimentConfig, out: Path) -> tuple[list[UserData], list[
         users = load_user_folders(Path(cfg.users_dir))
         if cfg.newcomers_dir is not None:
             return users, load_user_folders(Path(cfg.newcomers_dir))
-        if len(users) < 3:
+        if not cfg.cold_start_ks or len(users) < 3:  # no curve asked for: nobody sits out
             return users, []
         # No newcomer given: the user with the most notes sits the federation out.
         newcomer = max(users, key=lambda u: (len(u.train), u.user_id))

@@ -113,3 +113,26 @@ def test_every_sim_flag_with_a_default_shows_it_in_help() -> None:
         for shown in ("(default: 6)", "(default: 0.002)", "(default: ray)", "(default: auto)"):
             assert shown in text, (name, shown)
         assert "(default: None)" not in text
+
+
+@pytest.mark.parametrize(("cold", "expect_out"), [((), 0), ((4,), 1)])
+def test_a_user_sits_the_federation_out_only_when_a_cold_start_curve_is_asked_for(
+    tmp_path: Path, cold: tuple[int, ...], expect_out: int
+) -> None:
+    # Prepare: three real-text users of different sizes, no newcomers folder
+    from lorafleet.sim.experiment import _load_users
+
+    for name, n in (("a", 20), ("b", 30), ("c", 40)):
+        folder = tmp_path / "users" / name
+        folder.mkdir(parents=True)
+        lines = [json.dumps({"text": f"note {i} of {name}, with a few words."}) for i in range(n)]
+        (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = ExperimentConfig(
+        output=tmp_path / "out", users_dir=tmp_path / "users", cold_start_ks=cold
+    )
+    # Execute
+    users, newcomers = _load_users(cfg, tmp_path / "out")
+    # Assert: the largest user is the newcomer only when the curve needs one
+    assert len(newcomers) == expect_out and len(users) == 3 - expect_out
+    if expect_out:
+        assert newcomers[0].user_id == "c"
