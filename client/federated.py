@@ -14,6 +14,11 @@ train handler runs behind Flower's ``secaggplus_mod`` (:func:`secure_aggregation
 which quantizes and masks the flat delta this module returns, so the coordinator only
 ever learns the sum over the round's devices. A device can insist on it: with the node
 setting ``require-secure-aggregation = true`` it refuses to send a delta in the clear.
+
+Each reply also carries an :class:`~lorafleet.protocols.reports.AdapterReport`: the
+personal version in use and, when the round saved one, that version's metadata (never
+its weights), which the coordinator files in its registry. The node setting
+``report-versions = false`` opts out (docs/privacy.md says what is learnt either way).
 """
 
 from __future__ import annotations
