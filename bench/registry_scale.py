@@ -16,7 +16,10 @@ warm-up, so machine drift hits both sides alike:
 
 The table gives the insert rate (versions/s, median over the batches) and p50/p95/p99
 latency per lookup, with the ratio scaled/baseline: near 1 means the lookup does not
-grow with the registry. Peak memory is this process's max RSS.
+grow with the registry. Then the coordinator's write path for devices' round reports
+(``Registry.record_reports``, one transaction per round: a new version, its evaluation
+and the pointer of each of up to 1,000 devices) is timed over a few rounds on both
+registries, interleaved. Peak memory is this process's max RSS.
 
 Usage (from the repository root)::
 
@@ -53,7 +56,14 @@ from tqdm import tqdm
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
-from lorafleet.server.registry import NewVersion, Registry, RegistryError, VersionId, parse_url
+from lorafleet.server.registry import (
+    DeviceReport,
+    NewVersion,
+    Registry,
+    RegistryError,
+    VersionId,
+    parse_url,
+)
 
 log = logging.getLogger("bench.registry_scale")
 
@@ -62,6 +72,8 @@ VERSIONS_PER_USER = 10
 FULL_VERSIONS, FULL_BASELINE, FULL_LOOKUPS, FULL_WARMUP = 1_000_000, 10_000, 1000, 100
 QUICK_VERSIONS, QUICK_BASELINE, QUICK_LOOKUPS, QUICK_WARMUP = 20_000, 2_000, 200, 20
 BATCH_USERS = 1000  # users (and adapters) per batch: 10,000 versions per add_versions call
+REPORTS_PER_ROUND = 1000  # devices reporting a new version in one timed round
+REPORT_ROUNDS, QUICK_REPORT_ROUNDS = 5, 3
 PAGE = 50
 TARGET_USERS_PAGE_P95_MS = 300.0
 QUERIES = ("latest_user_version", "get_version", "user_history", "users_page")
@@ -189,6 +201,50 @@ def measure(
     return samples
 
 
+def report_rounds(sides: Sequence[Loaded], rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per ``record_reports`` round, ``[side] -> samples``, sides interleaved.
+
+    Each round, the same number (up to ``REPORTS_PER_ROUND``) of random users of each
+    registry report the
+    next version of their adapter (parent: their newest), with its evaluation and
+    pointer: what a federated round's replies become on the coordinator.
+    """
+    rng = random.Random(seed)
+    n = min(REPORTS_PER_ROUND, *(len(s.pseudonyms) for s in sides))  # equal work per side
+    out: dict[str, list[float]] = {s.name: [] for s in sides}
+    for r in range(1, rounds + 1):
+        for side in sides if r % 2 else list(reversed(sides)):
+            users = rng.sample(side.pseudonyms, n)
+            version = VERSIONS_PER_USER + r
+            batch = [
+                DeviceReport(
+                    pseudonym=p,
+                    adapter="default",
+                    spec=SPEC,
+                    current=version,
+                    provenance=AdapterProvenance(
+                        spec=SPEC,
+                        version=version,
+                        content_hash=hashlib.sha256(f"{p}-{version}".encode()).hexdigest(),
+                        parent=version - 1,
+                        prior_version=f"bench/v{r}",
+                        round=100 + r,
+                        created_at="2026-05-20T00:00:00+00:00",
+                        metrics={"val_loss": 2.5, "num_examples": 24.0},
+                    ),
+                    size_bytes=55_000,
+                    evaluation={"val_loss": 2.5, "num_examples": 24.0},
+                    evaluated=version,
+                    round=100 + r,
+                )
+                for p in users
+            ]
+            t0 = time.perf_counter()
+            side.registry.record_reports(batch)
+            out[side.name].append(time.perf_counter() - t0)
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty sample."""
     ordered = sorted(values)
@@ -294,6 +350,9 @@ def bench_main(args: argparse.Namespace) -> int:
                 "timing %d lookups of each kind per registry (after %d warm-up)", n_lookups, warmup
             )
             samples = measure([loaded["baseline"], loaded["scaled"]], n_lookups, warmup)
+            n_rounds = QUICK_REPORT_ROUNDS if args.quick else REPORT_ROUNDS
+            log.info("timing %d report rounds per registry", n_rounds)
+            reports = report_rounds([loaded["baseline"], loaded["scaled"]], n_rounds)
             server_version = _server_version(registries[0])
         finally:
             for reg in registries:
@@ -344,6 +403,22 @@ def bench_main(args: argparse.Namespace) -> int:
         ratios["p50_vs_baseline"][query] = _common.ratio(row["p50_ms"], row["p50_ms_baseline"])
         ratios["p99_vs_baseline"][query] = _common.ratio(row["p99_ms"], row["p99_ms_baseline"])
 
+    per_round = {side: _common.Stats.of([t * 1e3 for t in v]) for side, v in reports.items()}
+    rows.append(
+        {
+            "name": "report_round",
+            "backend": backend,
+            "reports": min(REPORTS_PER_ROUND, len(big.pseudonyms), len(base.pseudonyms)),
+            "round_ms": per_round["scaled"].median,
+            "round_ms_min": per_round["scaled"].min,
+            "round_ms_max": per_round["scaled"].max,
+            "round_ms_baseline": per_round["baseline"].median,
+            "rounds": per_round["scaled"].n,
+        }
+    )
+    ratios["report_round_ms_vs_baseline"] = _common.ratio(
+        per_round["scaled"].median, per_round["baseline"].median
+    )
     users_p95 = next(r["p95_ms"] for r in rows if r["name"] == "users_page")
     target = {
         "users_page_p95_ms": users_p95,
@@ -424,6 +499,8 @@ def print_table(
     table_rows = []
     for row in rows[1:]:
         q = row["name"]
+        if q not in QUERIES:
+            continue
         table_rows.append(
             [
                 q,
@@ -450,6 +527,13 @@ def print_table(
             ],
             table_rows,
         )
+    )
+    rep = next(r for r in rows if r["name"] == "report_round")
+    print(
+        f"\nrecord_reports, one round of {rep['reports']:,} device reports (version + "
+        f"evaluation + pointer, one transaction): median {rep['round_ms_baseline']:.0f} ms "
+        f"baseline, {rep['round_ms']:.0f} ms scaled (min {rep['round_ms_min']:.0f}, max "
+        f"{rep['round_ms_max']:.0f}; ratio {ratios['report_round_ms_vs_baseline']:.2f})"
     )
     verdict = "met" if target["met"] else "NOT met"
     print(

@@ -14,6 +14,11 @@ train handler runs behind Flower's ``secaggplus_mod`` (:func:`secure_aggregation
 which quantizes and masks the flat delta this module returns, so the coordinator only
 ever learns the sum over the round's devices. A device can insist on it: with the node
 setting ``require-secure-aggregation = true`` it refuses to send a delta in the clear.
+
+Each reply also carries an :class:`~lorafleet.protocols.reports.AdapterReport`: the
+personal version in use and, when the round saved one, that version's metadata (never
+its weights), which the coordinator files in its registry. The node setting
+``report-versions = false`` opts out (docs/privacy.md says what is learnt either way).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.layout import read_provenance
 from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import (
     Precision,
@@ -68,6 +74,7 @@ from lorafleet.protocols.federation import (
     flatten,
     layout_to_json,
 )
+from lorafleet.protocols.reports import REPORT_KEY, AdapterReport, VersionReport
 
 log = logging.getLogger(__name__)
 
@@ -461,8 +468,9 @@ def update_reply(
     metrics: RoundMetrics,
     *,
     rng: np.random.Generator | None = None,
+    report: AdapterReport | None = None,
 ) -> Message:
-    """The reply to a round's request: the clipped delta (if any) and the metrics.
+    """The reply to a round's request: the clipped delta (if any), metrics and report.
 
     A plain request gets the delta encoded in the round's packing. A SecAgg+ request gets
     it as one flat vector (float64) in Flower's ``fitres`` layout with weight 1 (the
@@ -474,6 +482,9 @@ def update_reply(
     The delta is clipped to ``instr.clip_norm`` here, on the reply path itself, whoever
     computed it: under SecAgg+ the coordinator cannot check one device's delta, so a
     delta beyond the clip norm must never reach the masked sum (docs/privacy.md).
+
+    ``report`` (:func:`adapter_report`) travels in plaintext in both layouts: it is
+    metadata the coordinator records in its registry, never part of the masked sum.
     """
     if delta is not None:
         delta = clip_by_global_norm(delta, instr.clip_norm)[0]
@@ -493,6 +504,7 @@ def update_reply(
         fields = {
             **metrics.to_metrics(),
             SECURE_LAYOUT_FIELD: layout_to_json(layout),
+            **(report.to_secure_fields() if report is not None else {}),
         }
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
@@ -511,7 +523,61 @@ def update_reply(
         metrics = RoundMetrics(**{**metrics.__dict__, "bytes_up": len(payload)})
         content[UPDATE_KEY] = ConfigRecord({"delta": payload})
     content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
+    if report is not None:
+        content[REPORT_KEY] = ConfigRecord(report.to_config())  # type: ignore[arg-type]
     return Message(content=content, reply_to=msg)
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def adapter_report(
+    profile_root: Path,
+    instr: RoundInstruction,
+    metrics: RoundMetrics,
+    *,
+    versions_before: Sequence[int],
+    adapter: str = "default",
+    user: str = "",
+) -> AdapterReport | None:
+    """What this device tells the coordinator about its personal adapter after a round.
+
+    The version in use, and the version this round saved if it saved one (any version
+    number not in ``versions_before`` whose provenance names this round and prior): its
+    lineage, the round's example count and validation loss (``personal_loss``, the
+    held-out score the device selected it on), a test loss if the device recorded one,
+    and the folder's size. Read from the profile after the round, so the training code
+    needs no part in it. None before the device has any version.
+    """
+    spec = Profile.read_spec(profile_root)
+    if spec is None:
+        return None
+    profile = Profile(profile_root, spec)
+    current = profile.current_version()
+    if current is None:
+        return None
+    saved: VersionReport | None = None
+    new = sorted(set(Profile.version_numbers(profile_root)) - set(versions_before))
+    if new:
+        folder = profile.version_dir(new[-1])
+        prov = read_provenance(folder)
+        if prov.round == instr.round and prov.prior_version == instr.prior_version:
+            saved = VersionReport(
+                version=prov.version,
+                parent=prov.parent,
+                spec_fingerprint=spec.fingerprint(),
+                base_sha256=spec.base_sha256,
+                content_hash=prov.content_hash,
+                prior_version=instr.prior_version,
+                round=instr.round,
+                num_examples=metrics.num_examples,
+                val_loss=metrics.personal_loss,
+                test_loss=prov.metrics.get("test_loss"),
+                size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+                created_at=prov.created_at,
+            )
+    return AdapterReport(adapter=adapter, current=current, saved=saved, user=user)
 
 
 def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
@@ -527,6 +593,7 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
         )
     data, profile_root = _locate(context, extra, instr)
     prior = _prior(payload, instr, profile_root)
+    versions_before = Profile.version_numbers(profile_root)
     cache_dir = _setting(context, extra, "cache-dir")
     delta, metrics = run_round(
         instr,
@@ -540,7 +607,19 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
         base_service=_setting(context, extra, "base-service"),
         base_service_ca=_setting(context, extra, "base-service-ca"),
     )
-    return update_reply(msg, instr, delta, metrics)
+    report: AdapterReport | None = None
+    if _truthy(_setting(context, extra, "report-versions", "true")):
+        # A simulated device is known by its user folder; a real one only by a label its
+        # owner set (node setting "user"), never by its paths.
+        simulated = "data" not in context.node_config
+        user = str(context.node_config.get("user", "")) or (data.user_id if simulated else "")
+        try:
+            report = adapter_report(
+                profile_root, instr, metrics, versions_before=versions_before, user=user
+            )
+        except LorafleetError as exc:  # never lose the round's delta over its report
+            log.warning("round %d: no adapter report sent (%s)", instr.round, exc)
+    return update_reply(msg, instr, delta, metrics, report=report)
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

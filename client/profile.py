@@ -189,6 +189,20 @@ class Profile:
         """Folder of one version (it may not exist)."""
         return self.root / ADAPTERS_DIR / _version_name(version)
 
+    @staticmethod
+    def version_numbers(root: Path) -> list[int]:
+        """Saved version numbers in ``root``, ascending, from folder names alone.
+
+        Nothing is read or verified, so a caller that only needs to know whether a
+        version appeared (the federated client, around a round) pays one directory listing.
+        """
+        folder = Path(root) / ADAPTERS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(m.group(1)) for c in folder.iterdir() if (m := _VERSION_DIR.match(c.name))
+        )
+
     def current_version(self) -> int | None:
         """The version ``current`` points at, or None before the first save."""
         path = self.root / CURRENT_FILE

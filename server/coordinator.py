@@ -9,8 +9,11 @@ from a killed run is simply overwritten by the retried round.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +35,10 @@ from lorafleet.server.registry import PriorRecord, Registry, RoundId, RoundRecor
 log = logging.getLogger(__name__)
 
 BTensors = dict[str, npt.NDArray[np.float32]]
+USER_PSEUDONYMS = ("node", "device")
+PSEUDONYM_KEY_FILE = "pseudonym.key"
+"""Secret (32 random bytes) in the data dir that keys node pseudonyms; keep it with the
+registry: a new key makes every node a new user."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,14 @@ class CoordinatorConfig:
         default=1.0, metadata={"help": "DP noise std divided by the clip norm."}
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "Delta the spent epsilon is at."})
+    user_pseudonym: str = field(
+        default="node",
+        metadata={
+            "help": "Who a device's adapter versions are recorded under: node (a keyed hash "
+            "of its Flower node id) or device (the label it reports: its user folder in a "
+            "simulation; trust your devices before choosing it)."
+        },
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -202,6 +217,10 @@ class CoordinatorConfig:
             f"batch-size), got {self.max_example_weight}",
         )
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        need(
+            self.user_pseudonym in USER_PSEUDONYMS,
+            f"user-pseudonym must be node or device, got {self.user_pseudonym!r}",
+        )
         self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
 
     @property
@@ -274,6 +293,7 @@ class Coordinator:
         self.priors_dir = self.root / "priors" / self.spec.fingerprint()[:16]
         self.ledger_path = self.root / "privacy" / f"{self.spec.fingerprint()[:16]}.json"
         self.aggregator: Aggregator = make_aggregator(config.aggregator, config.server_lr)
+        self._pseudonym_key: bytes | None = None
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> Coordinator:
@@ -337,6 +357,26 @@ class Coordinator:
         """1 + the highest prior version of the cohort."""
         page = self.registry.list_prior_versions(self.spec, limit=1)
         return page.items[0].version + 1 if page.items else 1
+
+    # ---------------------------------------------------------------- users
+    def pseudonym(self, node_id: int, label: str = "") -> str:
+        """The registry user a node's adapter versions belong to.
+
+        With ``user-pseudonym = device`` that is the label the device reported (if it
+        reported one); otherwise ``node-`` and a keyed hash (HMAC-SHA256 under the data
+        dir's :data:`PSEUDONYM_KEY_FILE`) of the Flower node id: stable for as long as the
+        node keeps its id, unguessable from the id without the key, and chosen by the
+        coordinator, so no device can write into another user's history.
+        """
+        if self.config.user_pseudonym == "device" and label:
+            return label
+        if self._pseudonym_key is None:
+            path = self.root / PSEUDONYM_KEY_FILE
+            if not path.is_file():
+                atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+            self._pseudonym_key = path.read_bytes()
+        digest = hmac.new(self._pseudonym_key, str(node_id).encode(), hashlib.sha256)
+        return f"node-{digest.hexdigest()[:24]}"
 
     # ---------------------------------------------------------------- rounds
     def completed_round(self) -> int:

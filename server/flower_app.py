@@ -62,6 +62,7 @@ from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
 from lorafleet.server.dp import gaussian_noise_like
 from lorafleet.server.registry import RoundId
 from lorafleet.server.registry.records import RoundStatus
+from lorafleet.server.reports import RoundReports
 from lorafleet.server.secagg import SecAggParams, secagg_params, secure_mean
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class RoundOutcome:
     failure: str | None = None
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    versions_recorded: int = 0
+    """Personal adapter versions the devices reported and the registry recorded."""
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -308,10 +311,13 @@ class Federation:
             len(nodes),
             " with SecAgg+" if self.cfg.secure_aggregation else "",
         )
+        reports = RoundReports(self.coord, number, prior_ref)
         if self.cfg.secure_aggregation:
-            result = self._secure_round(number, sampled, prior_ref, prior, outcome)
+            result = self._secure_round(number, sampled, prior_ref, prior, outcome, reports)
         else:
-            result = self._plain_round(number, sampled, prior_ref, prior, outcome)
+            result = self._plain_round(number, sampled, prior_ref, prior, outcome, reports)
+        # Versions the devices saved exist whether or not the prior's update succeeds.
+        outcome.versions_recorded = reports.record().versions
         for node, why in outcome.refused.items():
             log.warning("round %d: update from node %d refused: %s", number, node, why)
         if result is None:
@@ -354,6 +360,7 @@ class Federation:
         prior_ref: str,
         prior: BTensors | None,
         outcome: RoundOutcome,
+        reports: RoundReports,
     ) -> tuple[BTensors, BTensors] | None:
         """Deltas in the clear: each is validated, then averaged (weighted by examples)."""
         instr = self._instruction(number, prior_ref, "train")
@@ -383,6 +390,7 @@ class Federation:
                 outcome.refused[node] = f"malformed reply ({exc})"
                 continue
             decoded[node] = (delta, metrics, len(delta_bytes))
+            reports.add_reply(node, reply.content, metrics)
         if prior is None:  # round 1: the zero prior in the shapes most devices agree on
             prior = _consensus_zero_prior([d for d, _, _ in decoded.values()])
         shapes = {k: tuple(v.shape) for k, v in prior.items()}
@@ -417,6 +425,7 @@ class Federation:
         prior_ref: str,
         prior: BTensors | None,
         outcome: RoundOutcome,
+        reports: RoundReports,
     ) -> tuple[BTensors, BTensors] | None:
         """Deltas through SecAgg+: only their mean is revealed, then checked as a whole."""
         c = self.cfg
@@ -474,6 +483,7 @@ class Federation:
         layouts: set[str] = set()
         for node, fields in result.replies.items():
             layouts.add(str(fields.get(SECURE_LAYOUT_FIELD, "")))
+            metrics: RoundMetrics | None = None
             try:
                 metrics = RoundMetrics.from_metrics(
                     {k: v for k, v in fields.items() if k != SECURE_LAYOUT_FIELD}
@@ -481,6 +491,7 @@ class Federation:
                 outcome.metrics[node] = {k: float(v) for k, v in asdict(metrics).items()}
             except LorafleetError as exc:
                 log.warning("round %d: node %d sent unreadable metrics (%s)", number, node, exc)
+            reports.add_fields(node, fields, metrics)
         outcome.accepted = len(contributors)
         checked = self._check_secure_mean(
             result.mean, layouts, prior, params, noise_std, contributors
@@ -592,6 +603,7 @@ class Federation:
             instr.personal_steps,
         )
         replies, _ = self._send(nodes, instr, prior, MessageType.TRAIN)
+        reports = RoundReports(self.coord, instr.round, prior_ref)
         out: dict[int, dict[str, float]] = {}
         failed = 0
         for reply in replies:
@@ -606,11 +618,14 @@ class Federation:
                 failed += 1
                 continue
             out[reply.metadata.src_node_id] = {k: float(v) for k, v in asdict(m).items()}
+            reports.add_reply(reply.metadata.src_node_id, reply.content, m)
+        recorded = reports.record()
         means = _mean_metrics(out.values())
         log.info(
-            "personalized %d/%d devices; held-out loss prior %.3f, personal %.3f%s",
+            "personalized %d/%d devices (%d new versions recorded); held-out loss prior %.3f, personal %.3f%s",
             len(out),
             len(nodes),
+            recorded.versions,
             means.get("prior_loss", float("nan")),
             means.get("personal_loss", float("nan")),
             f"; {failed} failed (they keep their previous adapter)" if failed else "",
@@ -621,11 +636,14 @@ class Federation:
         """Held-out losses of base, prior and personal adapter on every (unrevoked) node."""
         instr = self._instruction(self.coord.completed_round(), prior_ref, "evaluate")
         replies, _ = self._send(self.eligible_nodes(), instr, prior, MessageType.EVALUATE)
+        reports = RoundReports(self.coord, instr.round, prior_ref, evaluate=True)
         out: dict[int, dict[str, float]] = {}
         for reply in replies:
             if reply.has_content():
                 m = RoundMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
                 out[reply.metadata.src_node_id] = {k: float(v) for k, v in asdict(m).items()}
+                reports.add_reply(reply.metadata.src_node_id, reply.content, m)
+        reports.record()
         return out
 
 

@@ -9,6 +9,7 @@ coordinator's state, Ray's temp files) stays inside its output folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -61,8 +62,14 @@ def simulate(
     ServerApp and ClientApp code in this process through :class:`LocalGrid`, one device
     after another (no Ray start-up, one base in memory: what experiments on a small
     machine want).
+
+    Users are recorded in the registry under their folder names (``user-pseudonym =
+    device``): every simulated device is this process's own code, and the folder name
+    is what the person running the simulation knows each user by.
     """
     from flwr.simulation import run_simulation
+
+    config = dataclasses.replace(config, user_pseudonym="device")
 
     if engine not in ("ray", "local"):
         raise LorafleetError(f"unknown simulation engine {engine!r}; use ray or local")

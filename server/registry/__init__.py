@@ -15,6 +15,7 @@ from lorafleet.server.registry.records import Counts as Counts
 from lorafleet.server.registry.records import DeviceId as DeviceId
 from lorafleet.server.registry.records import DeviceKind as DeviceKind
 from lorafleet.server.registry.records import DeviceRecord as DeviceRecord
+from lorafleet.server.registry.records import DeviceReport as DeviceReport
 from lorafleet.server.registry.records import ErasureCounts as ErasureCounts
 from lorafleet.server.registry.records import EvaluationId as EvaluationId
 from lorafleet.server.registry.records import EvaluationRecord as EvaluationRecord
@@ -22,6 +23,7 @@ from lorafleet.server.registry.records import NewVersion as NewVersion
 from lorafleet.server.registry.records import Page as Page
 from lorafleet.server.registry.records import PriorId as PriorId
 from lorafleet.server.registry.records import PriorRecord as PriorRecord
+from lorafleet.server.registry.records import ReportCounts as ReportCounts
 from lorafleet.server.registry.records import RoundId as RoundId
 from lorafleet.server.registry.records import RoundRecord as RoundRecord
 from lorafleet.server.registry.records import UserId as UserId
@@ -42,6 +44,7 @@ __all__ = [
     "DeviceId",
     "DeviceKind",
     "DeviceRecord",
+    "DeviceReport",
     "ErasureCounts",
     "EvaluationId",
     "EvaluationRecord",
@@ -53,6 +56,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryValueError",
+    "ReportCounts",
     "RoundId",
     "RoundRecord",
     "UnavailableError",

@@ -118,6 +118,51 @@ class NewVersion:
 
 
 @dataclass(frozen=True)
+class DeviceReport:
+    """One device's adapter report, checked by the coordinator, for the registry to record.
+
+    Built by the coordinator from a device's round reply (metadata only). ``provenance``
+    is a new version to store (with ``size_bytes``), ``evaluation`` the metrics the
+    device measured on version ``evaluated`` in round ``round``, ``current`` the version
+    the device uses (an older one is a rollback: the adapter's pointer moves). A report
+    without a new version never creates a user or an adapter.
+    """
+
+    pseudonym: str
+    adapter: str
+    spec: AdapterSpec
+    current: int | None = None
+    provenance: AdapterProvenance | None = None
+    size_bytes: int = 0
+    evaluation: Mapping[str, float] | None = None
+    evaluated: int | None = None
+    round: int | None = None
+
+    def __post_init__(self) -> None:
+        check_pseudonym(self.pseudonym)
+        check_label("adapter name", self.adapter)
+        check_size("size_bytes", self.size_bytes)
+        if not isinstance(self.spec, AdapterSpec):
+            raise RegistryValueError(f"spec must be an AdapterSpec, got {type(self.spec).__name__}")
+        if self.provenance is not None and self.provenance.spec != self.spec:
+            raise RegistryValueError("a reported version must have the report's spec")
+        if self.evaluation is not None:
+            metrics_to_json(self.evaluation)  # finite numbers with names, or refused here
+
+
+@dataclass(frozen=True)
+class ReportCounts:
+    """What :meth:`Registry.record_reports` wrote, and how many reports it skipped."""
+
+    users: int = 0
+    adapters: int = 0
+    versions: int = 0
+    evaluations: int = 0
+    pointers: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
 class EvaluationRecord:
     """Metrics measured on a version after it was stored (by the server or a client)."""
 

@@ -97,6 +97,7 @@ from lorafleet.server.registry.records import (
     DeviceId,
     DeviceKind,
     DeviceRecord,
+    DeviceReport,
     ErasureCounts,
     EvaluationId,
     EvaluationRecord,
@@ -104,6 +105,7 @@ from lorafleet.server.registry.records import (
     Page,
     PriorId,
     PriorRecord,
+    ReportCounts,
     RoundId,
     RoundRecord,
     RoundStatus,
@@ -1044,6 +1046,247 @@ class Registry:
             )
             for r in rows
         ]
+
+    # ------------------------------------------------------------------ device reports
+
+    def record_reports(self, reports: Iterable[DeviceReport]) -> ReportCounts:
+        """Record one round's device reports in one transaction: versions, evaluations, pointers.
+
+        The coordinator's write path for what devices say about their personal adapters
+        (``protocols.reports``). Users and adapters appear on a device's first new
+        version; a version the adapter already holds is skipped (a retried round or a
+        repeated reply), and one whose parent the registry never heard of is stored
+        with ``parent=None`` and the parent's number kept as the metric
+        ``unrecorded_parent`` (the registry's parent link must name a stored version).
+        An adapter created with another spec, a duplicate within the batch, or a
+        pointer or evaluation naming an unknown version is skipped with one log line.
+        Every query covers the whole batch (500 ids per ``IN``), so a round of
+        thousands of devices costs a handful of statements.
+        """
+        todo = list(reports)
+        for r in todo:
+            if not isinstance(r, DeviceReport):
+                raise RegistryValueError(f"expected DeviceReport items, got {type(r).__name__}")
+        if not todo:
+            return ReportCounts()
+        skipped = 0
+        now = _now()
+        with self._write() as conn:
+            self._ensure_specs(conn, (r.spec for r in todo))
+            user_ids, new_users = self._report_users(conn, todo)
+            adapters_of, new_adapters = self._report_adapters(conn, todo, user_ids)
+            placed: list[tuple[DeviceReport, AdapterId]] = []
+            for r in todo:
+                aid = adapters_of.get((r.pseudonym, r.adapter))
+                if aid is None:
+                    skipped += 1  # a pointer or evaluation of an adapter never recorded
+                    continue
+                placed.append((r, aid))
+            stored = self._report_versions(conn, [aid for _, aid in placed])
+            rows, batch = [], set()
+            for r, aid in placed:
+                prov = r.provenance
+                if prov is None:
+                    continue
+                key = (aid, prov.version)
+                if key in batch:
+                    log.warning("adapter %d: version %d reported twice; kept the first", *key)
+                    skipped += 1
+                    continue
+                batch.add(key)
+                known = stored.get(key)
+                if known is not None:
+                    if known[1] != prov.content_hash:
+                        log.warning(
+                            "adapter %d: reported version %d differs from the stored one; "
+                            "versions are immutable, the report is skipped",
+                            *key,
+                        )
+                        skipped += 1
+                    continue
+                metrics = dict(prov.metrics)
+                parent = prov.parent
+                if parent is not None and (aid, parent) not in stored:
+                    metrics["unrecorded_parent"] = float(parent)
+                    parent = None
+                rows.append(
+                    {
+                        "adapter_id": aid,
+                        "user_id": user_ids[r.pseudonym],
+                        "version": prov.version,
+                        "parent": parent,
+                        "prior_version": prov.prior_version,
+                        "round": prov.round,
+                        "content_hash": prov.content_hash,
+                        "size_bytes": r.size_bytes,
+                        "num_params": None,
+                        "metrics_json": metrics_to_json(metrics),
+                        "created_at": prov.created_at,
+                    }
+                )
+            max_before = _max_id(conn, _v)
+            _bulk_insert(conn, _v, rows, registered_at=now)
+            keys = [(row["adapter_id"], row["version"]) for row in rows]
+            for key, vid in _ids_since(
+                conn, _v, max_before, ("adapter_id", "version"), keys
+            ).items():
+                stored[key] = (vid, "")
+            evaluations_rows = []
+            for r, aid in placed:
+                if r.evaluation is None or r.evaluated is None:
+                    continue
+                found = stored.get((aid, r.evaluated))
+                if found is None:
+                    skipped += 1
+                    continue
+                evaluations_rows.append(
+                    {
+                        "version_id": found[0],
+                        "source": "device",
+                        "round": r.round,
+                        "metrics_json": metrics_to_json(r.evaluation),
+                    }
+                )
+            _bulk_insert(conn, evaluations, evaluations_rows, created_at=now)
+            pointers = self._report_pointers(conn, placed, stored)
+        counts = ReportCounts(
+            users=new_users,
+            adapters=new_adapters,
+            versions=len(rows),
+            evaluations=len(evaluations_rows),
+            pointers=pointers,
+            skipped=skipped,
+        )
+        log.debug("recorded device reports: %s", counts)
+        return counts
+
+    def _report_users(
+        self, conn: Connection, todo: Sequence[DeviceReport]
+    ) -> tuple[dict[str, UserId], int]:
+        """Ids of the reports' users; those with a new version are registered if new."""
+        wanted = sorted({r.pseudonym for r in todo})
+        found: dict[str, UserId] = {}
+
+        def scan(names: Sequence[str]) -> None:
+            for chunk in _chunks(names):
+                for uid, p in conn.execute(
+                    select(users.c.id, users.c.pseudonym).where(users.c.pseudonym.in_(chunk))
+                ):
+                    found[p] = UserId(int(uid))
+
+        scan(wanted)
+        missing = sorted({r.pseudonym for r in todo if r.provenance is not None} - set(found))
+        if missing:
+            conn.execute(
+                self._insert(users).on_conflict_do_nothing(index_elements=["pseudonym"]),
+                [{"pseudonym": p, "created_at": _now()} for p in missing],
+            )
+            scan(missing)
+        return found, len(missing)
+
+    def _report_adapters(
+        self, conn: Connection, todo: Sequence[DeviceReport], user_ids: Mapping[str, UserId]
+    ) -> tuple[dict[tuple[str, str], AdapterId], int]:
+        """(pseudonym, adapter name) -> id; created on a first new version, spec checked."""
+        pseudonym_of = {uid: p for p, uid in user_ids.items()}
+        found: dict[tuple[str, str], tuple[AdapterId, str]] = {}
+
+        def scan() -> None:
+            for chunk in _chunks(sorted(pseudonym_of)):
+                for aid, uid, name, fp in conn.execute(
+                    select(_a.c.id, _a.c.user_id, _a.c.name, _a.c.spec_fingerprint).where(
+                        _a.c.user_id.in_(chunk)
+                    )
+                ):
+                    found[(pseudonym_of[uid], name)] = (AdapterId(int(aid)), fp)
+
+        scan()
+        missing = {
+            (r.pseudonym, r.adapter): r.spec
+            for r in todo
+            if r.provenance is not None
+            and r.pseudonym in user_ids
+            and (r.pseudonym, r.adapter) not in found
+        }
+        if missing:
+            conn.execute(
+                self._insert(_a).on_conflict_do_nothing(index_elements=["user_id", "name"]),
+                [
+                    {
+                        "user_id": user_ids[p],
+                        "name": name,
+                        "spec_fingerprint": self._fingerprint(spec),
+                        "pinned_version": None,
+                        "created_at": _now(),
+                    }
+                    for (p, name), spec in sorted(missing.items(), key=lambda kv: kv[0])
+                ],
+            )
+            scan()
+        out: dict[tuple[str, str], AdapterId] = {}
+        for r in todo:
+            entry = found.get((r.pseudonym, r.adapter))
+            if entry is None:
+                continue
+            if entry[1] != self._fingerprint(r.spec):
+                log.warning(
+                    "user %s: adapter %r has another spec than the reported version's; skipped",
+                    r.pseudonym,
+                    r.adapter,
+                )
+                continue
+            out[(r.pseudonym, r.adapter)] = entry[0]
+        return out, len(missing)
+
+    def _report_versions(
+        self, conn: Connection, adapter_ids: Sequence[AdapterId]
+    ) -> dict[tuple[AdapterId, int], tuple[int, str]]:
+        """(adapter, version) -> (version id, content hash) for every version of them."""
+        stored: dict[tuple[AdapterId, int], tuple[int, str]] = {}
+        for chunk in _chunks(sorted(set(adapter_ids))):
+            for vid, aid, ver, digest in conn.execute(
+                select(_v.c.id, _v.c.adapter_id, _v.c.version, _v.c.content_hash).where(
+                    _v.c.adapter_id.in_(chunk)
+                )
+            ):
+                stored[(AdapterId(int(aid)), int(ver))] = (int(vid), digest)
+        return stored
+
+    def _report_pointers(
+        self,
+        conn: Connection,
+        placed: Sequence[tuple[DeviceReport, AdapterId]],
+        stored: Mapping[tuple[AdapterId, int], tuple[int, str]],
+    ) -> int:
+        """Move each adapter's pointer to the version its device uses; returns how many moved."""
+        newest: dict[AdapterId, int] = {}
+        for aid, ver in stored:
+            newest[aid] = max(ver, newest.get(aid, 0))
+        wanted: dict[AdapterId, int | None] = {}
+        for r, aid in placed:
+            if r.current is None:
+                continue
+            if (aid, r.current) not in stored:
+                log.warning(
+                    "user %s: adapter %r is at version %d, which the registry never recorded",
+                    r.pseudonym,
+                    r.adapter,
+                    r.current,
+                )
+                continue
+            wanted[aid] = None if r.current == newest[aid] else r.current
+        pinned: dict[AdapterId, int | None] = {}
+        for chunk in _chunks(sorted(wanted)):
+            for aid, pin in conn.execute(
+                select(_a.c.id, _a.c.pinned_version).where(_a.c.id.in_(chunk))
+            ):
+                pinned[AdapterId(int(aid))] = pin
+        moved = 0
+        for aid, pin in wanted.items():
+            if pinned.get(aid) != pin:
+                conn.execute(update(_a).where(_a.c.id == aid).values(pinned_version=pin))
+                moved += 1
+        return moved
 
     # ------------------------------------------------------------------ priors
 

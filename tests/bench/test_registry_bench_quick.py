@@ -45,7 +45,13 @@ def test_quick_run_reports_insert_rate_and_every_lookup(tmp_path: Path) -> None:
     assert doc["bench"] == "registry_scale"
     assert doc["machine"]["backend"] == "sqlite"
     assert doc["machine"]["server_version"].startswith("sqlite ")
-    assert [row["name"] for row in doc["rows"]] == ["insert", *QUERIES]
+    assert [row["name"] for row in doc["rows"]] == ["insert", *QUERIES, "report_round"]
+    reports = doc["rows"].pop()
+    assert reports["reports"] == 200 and reports["rounds"] == 3
+    assert reports["round_ms_min"] <= reports["round_ms"] <= reports["round_ms_max"]
+    assert positive(reports["round_ms_baseline"])
+    assert positive(doc["ratios"]["report_round_ms_vs_baseline"])
+    assert "record_reports" in proc.stdout
     insert = doc["rows"][0]
     assert insert["versions"] == 20_000 and insert["versions_baseline"] == 2_000
     assert insert["rows_per_s_min"] <= insert["rows_per_s"] <= insert["rows_per_s_max"]

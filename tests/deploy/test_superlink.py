@@ -33,6 +33,7 @@ import pytest
 from lorafleet.client.base import load_base
 from lorafleet.client.profile import Profile
 from lorafleet.server.coordinator import CoordinatorConfig
+from lorafleet.server.registry import Registry
 from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -41,7 +42,15 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
 CREDENTIALS = REPO / "deploy" / "credentials.py"
 CONNECTION = "lorafleet-test"
-DEVICE_KEYS = ("sim-users-dir", "sim-profiles-dir", "base", "precision", "device", "cache-dir")
+DEVICE_KEYS = (
+    "sim-users-dir",
+    "sim-profiles-dir",
+    "base",
+    "precision",
+    "device",
+    "cache-dir",
+    "report-versions",
+)
 
 
 # ------------------------------------------------------------------ helpers
@@ -215,6 +224,27 @@ def tiny_run_config(tiny: Path, data_dir: Path, extra: dict[str, Any] | None = N
         **(extra or {}),
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def profile_histories(profiles: Path) -> list[list[tuple[int, int | None, str]]]:
+    """Each device's versions as (version, round, content hash), devices in sorted order."""
+    return sorted(
+        [(v.version, v.round, v.content_hash) for v in Profile.open(p).versions()]
+        for p in profiles.iterdir()
+    )
+
+
+def registry_histories(data_dir: Path) -> list[list[tuple[int, int | None, str]]]:
+    """The same, as the devices reported them to the coordinator's registry."""
+    with Registry.open(f"sqlite:///{data_dir / 'registry.db'}") as reg:
+        found = []
+        for user in reg.search_users().items:
+            assert user.pseudonym.startswith("node-")
+            history = reg.user_history(user.pseudonym).items
+            found.append(
+                sorted((v.version, v.provenance.round, v.provenance.content_hash) for v in history)
+            )
+    return sorted(found)
 
 
 def wait_for_run(
@@ -470,6 +500,8 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
     for user in users.iterdir():
         versions = Profile.open(tmp_path / "profiles" / user.name).versions()
         assert [v.round for v in versions] == [1, 2]
+    # and the registry knows every node's versions, under keyed node pseudonyms
+    assert registry_histories(data_dir) == profile_histories(tmp_path / "profiles")
 
 
 # ------------------------------------------------------------------ slow: local simulation
@@ -522,6 +554,7 @@ def test_flwr_run_on_the_local_simulation_federation_trains_every_user(
     assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == sorted(
         u.name for u in users.iterdir()
     )
+    assert registry_histories(data_dir) == profile_histories(tmp_path / "profiles")
 
 
 def _local_superlinks(home: Path) -> list[psutil.Process]:

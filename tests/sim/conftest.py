@@ -11,6 +11,7 @@ import pytest
 from lorafleet.client.base import load_base
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+from lorafleet.sim.runner import SimResources, simulate
 
 
 def _setup_run(tmp: Path, tiny: Path, **overrides: Any) -> tuple[Path, CoordinatorConfig]:
@@ -41,3 +42,37 @@ def _setup_run(tmp: Path, tiny: Path, **overrides: Any) -> tuple[Path, Coordinat
 def setup_run() -> Callable[..., tuple[Path, CoordinatorConfig]]:
     """Three synthetic users on disk and a small, fast coordinator config for them."""
     return _setup_run
+
+
+def simulate_tiny(
+    tmp: Path,
+    tiny: Path,
+    users: Path,
+    config: CoordinatorConfig,
+    *,
+    engine: str = "ray",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``simulate`` on the tiny model in fp32 on the CPU (two Ray CPUs with the Ray engine)."""
+    return simulate(
+        users,
+        tmp,
+        config,
+        base=str(tiny),
+        precision="fp32",
+        device="cpu",
+        resources=SimResources(cpus_per_client=1, total_cpus=2),
+        engine=engine,
+        **kwargs,
+    )
+
+
+def tiny_settings(users: Path, profiles: Path, tiny: Path) -> dict[str, str]:
+    """ClientApp settings for simulated devices on the tiny model (fp32 on the CPU)."""
+    return {
+        "sim-users-dir": str(users),
+        "sim-profiles-dir": str(profiles),
+        "base": str(tiny),
+        "precision": "fp32",
+        "device": "cpu",
+    }

@@ -19,7 +19,8 @@ from lorafleet.protocols.encoding import decode_tensors, encode_tensors
 from lorafleet.protocols.federation import UPDATE_KEY
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.server.registry import Registry
-from lorafleet.sim.runner import SimResources, simulate
+
+from .conftest import simulate_tiny, tiny_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -27,16 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def run(
     tmp: Path, tiny: Path, users: Path, config: CoordinatorConfig, app: ClientApp | None = None
 ) -> dict[str, Any]:
-    return simulate(
-        users,
-        tmp,
-        config,
-        base=str(tiny),
-        precision="fp32",
-        device="cpu",
-        resources=SimResources(cpus_per_client=1, total_cpus=2),
-        client_app=app,
-    )
+    return simulate_tiny(tmp, tiny, users, config, client_app=app)
 
 
 def test_a_federation_learns_a_prior_and_keeps_personal_adapters_on_devices(
@@ -60,6 +52,10 @@ def test_a_federation_learns_a_prior_and_keeps_personal_adapters_on_devices(
         rounds = registry.list_rounds(config.spec).items
         assert sorted(r.number for r in rounds if r.status == "finished") == [1, 2]
         assert [p.version for p in registry.list_prior_versions(config.spec).items] == [2, 1]
+        # Through Ray too, each user folder is a registry user with its reported versions
+        for profile_dir in (tmp_path / "profiles").iterdir():
+            history = registry.user_history(profile_dir.name).items
+            assert sorted(v.provenance.round for v in history) == [1, 2]
     finally:
         registry.close()
     for profile_dir in (tmp_path / "profiles").iterdir():
@@ -119,13 +115,7 @@ def test_nothing_of_a_users_text_adapter_or_delta_is_stored_by_the_coordinator(
             np.save(deltas / f"{name}.npy", np.concatenate([v.ravel() for v in delta.values()]))
         return reply
 
-    settings = {
-        "sim-users-dir": str(users),
-        "sim-profiles-dir": str(tmp_path / "profiles"),
-        "base": str(tiny_model_dir),
-        "precision": "fp32",
-        "device": "cpu",
-    }
+    settings = tiny_settings(users, tmp_path / "profiles", tiny_model_dir)
     app = federated.make_client_app(settings, mods=[record])
     # Execute
     results = run(tmp_path, tiny_model_dir, users, config, app=app)
@@ -172,13 +162,7 @@ def test_a_bad_update_is_refused_by_node_and_the_round_goes_on(
 ) -> None:
     # Prepare: a ClientApp that behaves, except device 0 sends a delta full of NaN
     users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1)
-    settings = {
-        "sim-users-dir": str(users),
-        "sim-profiles-dir": str(tmp_path / "profiles"),
-        "base": str(tiny_model_dir),
-        "precision": "fp32",
-        "device": "cpu",
-    }
+    settings = tiny_settings(users, tmp_path / "profiles", tiny_model_dir)
     honest = federated.make_client_app(settings)
     rogue = ClientApp()
 
@@ -216,13 +200,7 @@ def test_a_round_with_too_many_dropouts_fails_cleanly_and_is_retried(
 ) -> None:
     # Prepare: every device fails its first message (a dropout), then behaves
     users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1, final_evaluation=False)
-    settings = {
-        "sim-users-dir": str(users),
-        "sim-profiles-dir": str(tmp_path / "profiles"),
-        "base": str(tiny_model_dir),
-        "precision": "fp32",
-        "device": "cpu",
-    }
+    settings = tiny_settings(users, tmp_path / "profiles", tiny_model_dir)
     honest = federated.make_client_app(settings)
     flaky = ClientApp()
     marks = tmp_path / "dropped"

@@ -15,13 +15,59 @@ from .conftest import csrf_of, login
 REPO = Path(__file__).resolve().parents[3]
 
 
-def sim_setup_run() -> Any:
-    """``tests/sim/conftest.py``'s run set-up (a fixture there, a function here)."""
+def sim_conftest() -> Any:
+    """``tests/sim/conftest.py``: its run set-up (a fixture there) and run helpers."""
     spec = importlib.util.spec_from_file_location("_sim_conftest", REPO / "tests/sim/conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module._setup_run
+    return module
+
+
+def sim_setup_run() -> Any:
+    """``tests/sim/conftest.py``'s run set-up (a fixture there, a function here)."""
+    return sim_conftest()._setup_run
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_user_pages_list_each_simulated_users_reported_versions_and_evaluations(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: one round of three simulated devices, each saving a personal version
+    from fastapi.testclient import TestClient
+
+    from lorafleet.server.console import AdminStore, ConsoleConfig, create_app
+
+    from .conftest import ADMIN, CHEAP_KDF, PASSWORD
+
+    sim = sim_conftest()
+    users, config = sim._setup_run(tmp_path, tiny_model_dir, num_rounds=1, final_evaluation=False)
+    sim.simulate_tiny(tmp_path, tiny_model_dir, users, config, engine="local")
+    names = sorted(p.name for p in users.iterdir())
+    AdminStore(config.data_dir).set_password(ADMIN, PASSWORD, params=CHEAP_KDF)
+    app = create_app(ConsoleConfig(data_dir=config.data_dir))
+    with TestClient(app, follow_redirects=False) as client:
+        login(client)
+        # Execute
+        overview = client.get("/").text
+        listing = client.get("/users").text
+        pages = {name: client.get(f"/users/{name}") for name in names}
+
+    # Assert: three users, each with its adapter, its v1 from round 1 and its evaluation
+    assert '<span class="label">Users</span><span class="value">3</span>' in overview
+    with Registry.open(config.registry) as reg:
+        for name in names:
+            assert f'<a href="/users/{name}">{name}</a>' in listing
+            (version,) = reg.user_history(name).items
+            (evaluation,) = reg.list_evaluations(version.id)
+            page = pages[name]
+            assert page.status_code == 200
+            history = page.text.split('<table id="history">')[1].split("</table>")[0]
+            assert "<td>default</td><td>v1</td>" in history
+            assert "<td>zero</td>" in history and "<td>1</td>" in history
+            assert version.provenance.content_hash[:12] in history
+            shown = " ".join(f"{k} {v:.4g}" for k, v in evaluation.metrics.items())
+            assert f"device r1: {shown}" in history and "val_loss" in shown
 
 
 @pytest.mark.slow
@@ -33,20 +79,11 @@ def test_the_console_shows_a_finished_simulations_rounds_charts_and_priors(
     from fastapi.testclient import TestClient
 
     from lorafleet.server.console import AdminStore, ConsoleConfig, create_app
-    from lorafleet.sim.runner import SimResources, simulate
 
     from .conftest import ADMIN, CHEAP_KDF, PASSWORD
 
     users, config = sim_setup_run()(tmp_path, tiny_model_dir)
-    results = simulate(
-        users,
-        tmp_path,
-        config,
-        base=str(tiny_model_dir),
-        precision="fp32",
-        device="cpu",
-        resources=SimResources(cpus_per_client=1, total_cpus=2),
-    )
+    results = sim_conftest().simulate_tiny(tmp_path, tiny_model_dir, users, config)
     AdminStore(config.data_dir).set_password(ADMIN, PASSWORD, params=CHEAP_KDF)
     app = create_app(ConsoleConfig(data_dir=config.data_dir))
 
