@@ -241,3 +241,131 @@ def test_merged_export_gives_the_adapters_logits_in_plain_transformers(
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert (got - bare).abs().max() > 1e-3
     assert "base_model_relation: merge" in (out / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_export_formats_match_the_sdks() -> None:
+    from lorafleet.client.cli import _EXPORT_FORMATS
+    from lorafleet.client.export import EXPORT_FORMATS
+
+    assert tuple(_EXPORT_FORMATS) == EXPORT_FORMATS
+
+
+def test_lorafleet_export_writes_peft_and_merged_folders(
+    trained: PersonalModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafleet.client.cli import main
+
+    profile = ["--profile", str(trained.profile)]
+    # Execute
+    rc_peft = main(["export", "--format", "peft", *profile, "--out", str(tmp_path / "a")])
+    rc_merged = main(["export", "--format", "merged", *profile, "--out", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    # Assert: the same folders the SDK writes
+    assert (rc_peft, rc_merged) == (0, 0)
+    assert "exported adapter version 1 as peft" in out and "as merged" in out
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (
+        "lorafleet-test/tiny",
+        COMMIT,
+    )
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--format", "peft", "--out", "{tmp}/x"], "needs --profile"),
+        (["--format", "peft", "--profile", "{profile}"], "needs --profile"),
+        (["--format", "merged", "--profile", "{profile}", "--out", "{tmp}"], "already exists"),
+        (["--format", "peft", "--profile", "{tmp}/none", "--out", "{tmp}/x"], "not a lorafleet"),
+        (
+            [
+                "--format",
+                "peft",
+                "--profile",
+                "{profile}",
+                "--out",
+                "{tmp}/x",
+                "--adapter-version",
+                "7",
+            ],
+            "has versions [1]",
+        ),
+        (
+            ["--format", "peft", "--profile", "{profile}", "--out", "{tmp}/x", "--base-id", "x"],
+            "not a hub id",
+        ),
+        (["--profile", "{profile}"], "--profile applies to --format peft or merged"),
+    ],
+)
+def test_lorafleet_export_mistakes_are_one_error_line(
+    trained: PersonalModel,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    fragment: str,
+) -> None:
+    from lorafleet.client.cli import main
+
+    argv = [a.format(tmp=tmp_path, profile=trained.profile) for a in extra]
+    assert main(["export", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_base_writes_a_folder_transformers_loads(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.client.cli import main
+
+    # Execute
+    assert main(["export-base", str(tmp_path / "base"), "--base", str(tiny_model_dir)]) == 0
+    again = main(["export-base", str(tmp_path / "base"), "--base", str(tiny_model_dir)])
+    # Assert: the same weights, no lorafleet-internal files, a card; never overwritten
+    names = {p.name for p in (tmp_path / "base").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert not any(n.startswith("lorafleet-") for n in names)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    mine = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(torch.equal(theirs[k], mine[k]) for k in mine)
+    assert again == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_bases_export_and_exported_base_reproduce_lorafleets_loss(
+    notes: list[Example], tmp_path: Path
+) -> None:
+    from lorafleet.client.cli import main
+
+    # Prepare: a short training run on the real default base (SmolLM2-135M, Q4_1 GGUF)
+    pm = PersonalModel.open(tmp_path / "p", precision="fp32", device="cpu", seq_len=64)
+    pm.train(notes, TrainConfig(steps=2, eval_every=2, precision="fp32"), progress=False)
+    # Execute
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "peft",
+                "--profile",
+                str(pm.profile),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert main(["export-base", str(tmp_path / "base")]) == 0
+    stock = _stock_peft(tmp_path / "base", tmp_path / "a")
+    # Assert: named by the hub model it was quantized from; the card says what differs;
+    # stock peft on the exported base gives lorafleet's own loss.
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "de-quantized Q4_1" in (tmp_path / "a" / "README.md").read_text()
+    assert "Q4_1" in (tmp_path / "base" / "README.md").read_text()
+    blocks = encode_blocks(notes, pm.base.tokenizer, seq_len=64)
+    assert heldout_loss(stock, blocks) == pytest.approx(pm.evaluate(notes).adapter_loss, abs=1e-5)
