@@ -24,7 +24,11 @@ if TYPE_CHECKING:  # the heavy imports wait until a command needs them: --help s
 log = logging.getLogger("lorafleet")
 
 
-_EXPORT_FORMATS = ["peft", "merged"]  # lorafleet.client.export.EXPORT_FORMATS, without torch
+_EXPORT_FORMATS = [
+    "peft",
+    "merged",
+    "onnx-genai",
+]  # lorafleet.client.export.EXPORT_FORMATS, without torch
 _PRECISIONS = ["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
 
 
@@ -191,8 +195,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a personal adapter version (peft, merged) or the base to ONNX (onnx)",
-        description="--format peft|merged writes a profile's adapter version to --out for "
+        help="export a personal adapter version (peft, merged, onnx-genai) or the base to ONNX (onnx)",
+        description="--format peft|merged|onnx-genai writes a profile's adapter version to --out for "
         "other tools (docs/sdk.md#exports); --format onnx exports the base to lorafleet's "
         "ONNX cache and prints its quality gate.",
         formatter_class=fmt,
@@ -202,13 +206,20 @@ def _parser() -> argparse.ArgumentParser:
         default="onnx",
         choices=["onnx", *_EXPORT_FORMATS],
         help="peft: a portable PEFT adapter folder; merged: the base with the adapter "
-        "folded in (transformers safetensors); onnx: the base for lorafleet's ONNX backends",
+        "folded in (transformers safetensors); onnx-genai: an ONNX Runtime GenAI folder with "
+        "the adapter as .onnx_adapter; onnx: the base for lorafleet's ONNX backends",
     )
     p.add_argument(
-        "--profile", type=Path, default=None, help="the profile to export (peft, merged)"
+        "--profile",
+        type=Path,
+        default=None,
+        help="the profile to export (peft, merged, onnx-genai)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="folder to write; must not exist (peft, merged)"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to write; must not exist (peft, merged, onnx-genai)",
     )
     p.add_argument(
         "--adapter-version",
@@ -454,7 +465,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     for flag in ("profile", "out", "adapter_version", "base_id"):
         if getattr(args, flag) is not None:
             raise LorafleetError(
-                f"--{flag.replace('_', '-')} applies to --format peft or merged; --format onnx "
+                f"--{flag.replace('_', '-')} applies to --format peft, merged or onnx-genai; --format onnx "
                 "exports the base into lorafleet's cache"
             )
     config = OnnxExportConfig(
@@ -475,7 +486,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _export_adapter(args: argparse.Namespace) -> None:
-    """``export --format peft|merged``: every argument is checked before the base loads."""
+    """``export --format peft|merged|onnx-genai``: every argument is checked before the base loads."""
     from lorafleet.client.export import BaseRef, check_new_folder
     from lorafleet.client.profile import Profile
 

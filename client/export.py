@@ -10,8 +10,8 @@ anywhere else. The writers here hand a version out in a form the ecosystem reads
   ``AutoPeftModelForCausalLM`` load it;
 * ``merged``: the base with the adapter folded into its weights, a transformers folder
   (safetensors, config, tokenizer) that ``AutoModelForCausalLM`` loads;
-
-
+* ``onnx-genai``: an ONNX Runtime GenAI model folder with the adapter as an
+  ``.onnx_adapter`` file (:mod:`lorafleet.client.genai_export`).
 
 An exported adapter is the user's plaintext adapter: it leaves lorafleet's encrypted
 backups behind, by the user's choice. Nothing here runs on the user's behalf.
@@ -58,7 +58,7 @@ __all__ = [
     "write_peft",
 ]
 
-ExportFormat = Literal["peft", "merged"]
+ExportFormat = Literal["peft", "merged", "onnx-genai"]
 """What :meth:`PersonalModel.export` writes (see the module docstring)."""
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -178,12 +178,38 @@ def check_new_folder(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- the card
+_CARD_TITLES = {
+    "peft": "LoRA adapter",
+    "merged": "merged model (base with the adapter folded in)",
+    "onnx-genai": "ONNX Runtime GenAI model with its LoRA adapter",
+}
+_CARD_LOADERS = {
+    "peft": (
+        "from peft import AutoPeftModelForCausalLM\n\n"
+        'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")  # fetches the base'
+    ),
+    "merged": (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("{folder}")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{folder}")'
+    ),
+    "onnx-genai": (
+        "import onnxruntime_genai as og\n\n"
+        'model = og.Model("{folder}")\n'
+        "adapters = og.Adapters(model)\n"
+        'adapters.load("{folder}/adapter.onnx_adapter", "personal")\n'
+        "generator = og.Generator(model, og.GeneratorParams(model))\n"
+        'generator.set_active_adapter(adapters, "personal")  # without it: the bare base'
+    ),
+}
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
 def model_card(
-    provenance: AdapterProvenance, ref: BaseRef, *, merged: bool = False, folder_name: str = "."
+    provenance: AdapterProvenance, ref: BaseRef, *, kind: str = "peft", folder_name: str = "."
 ) -> str:
     """A filled-in README.md: base, spec, seed, data size, held-out loss, lorafleet version.
 
@@ -207,20 +233,12 @@ def model_card(
         if ref.dequantized_from
         else "the base's own weights, as lorafleet loaded them (sha256 below)"
     )
-    kind = "merged model (base with the adapter folded in)" if merged else "LoRA adapter"
-    library = "transformers" if merged else "peft"
-    relation = "\nbase_model_relation: merge" if merged else ""
-    if merged:
-        load = (
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{folder_name}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")'
-        )
-    else:
-        load = (
-            "from peft import AutoPeftModelForCausalLM\n\n"
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{folder_name}")  # fetches the base'
-        )
+    title = _CARD_TITLES[kind]
+    library = (
+        "peft" if kind == "peft" else "transformers" if kind == "merged" else "onnxruntime-genai"
+    )
+    relation = "\nbase_model_relation: merge" if kind == "merged" else ""
+    load = _CARD_LOADERS[kind].format(folder=folder_name)
     portability = (
         ""
         if ref.portable
@@ -239,7 +257,7 @@ tags:
 - personal
 ---
 
-# Personal {kind} made with lorafleet
+# Personal {title} made with lorafleet
 
 A personal adapter, trained on one person's own notes on their device. It was exported
 from lorafleet by its owner; it is not encrypted, so keep it as private as the notes.
@@ -333,16 +351,23 @@ def write_merged(job: ExportJob) -> Path:
         fresh.tokenizer.save_pretrained(str(tmp))
         (tmp / PROVENANCE_FILE).write_text(job.provenance.to_json(), encoding="utf-8")
         (tmp / CARD_FILE).write_text(
-            model_card(job.provenance, job.ref, merged=True, folder_name=out.name),
+            model_card(job.provenance, job.ref, kind="merged", folder_name=out.name),
             encoding="utf-8",
         )
     log.info("exported adapter version %d merged into its base to %s", job.provenance.version, out)
     return out
 
 
+def _write_onnx_genai(job: ExportJob) -> Path:
+    from lorafleet.client.genai_export import write_onnx_genai  # onnx and ORT: on first use
+
+    return write_onnx_genai(job)
+
+
 EXPORTERS: dict[str, Callable[[ExportJob], Path]] = {
     "peft": write_peft,
     "merged": write_merged,
+    "onnx-genai": _write_onnx_genai,
 }
 """Registry of export formats: name -> writer of one :class:`ExportJob`."""
 

@@ -388,8 +388,10 @@ class PersonalModel:
         out
             A folder that does not exist yet.
         format
-            ``"peft"`` (see :meth:`save_pretrained`) or ``"merged"`` (the base with the
-            adapter folded in: safetensors that ``AutoModelForCausalLM`` loads).
+            ``"peft"`` (see :meth:`save_pretrained`), ``"merged"`` (the base with the
+            adapter folded in: safetensors that ``AutoModelForCausalLM`` loads) or
+            ``"onnx-genai"`` (an ONNX Runtime GenAI model folder with the adapter as an
+            ``.onnx_adapter``; needs ``pip install 'lorafleet[genai]'``).
         version, base_id
             As for :meth:`save_pretrained`.
         progress

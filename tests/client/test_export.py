@@ -296,7 +296,7 @@ def test_lorafleet_export_writes_peft_and_merged_folders(
             ["--format", "peft", "--profile", "{profile}", "--out", "{tmp}/x", "--base-id", "x"],
             "not a hub id",
         ),
-        (["--profile", "{profile}"], "--profile applies to --format peft or merged"),
+        (["--profile", "{profile}"], "--profile applies to --format peft, merged or onnx-genai"),
     ],
 )
 def test_lorafleet_export_mistakes_are_one_error_line(
@@ -369,3 +369,56 @@ def test_the_default_bases_export_and_exported_base_reproduce_lorafleets_loss(
     assert "Q4_1" in (tmp_path / "base" / "README.md").read_text()
     blocks = encode_blocks(notes, pm.base.tokenizer, seq_len=64)
     assert heldout_loss(stock, blocks) == pytest.approx(pm.evaluate(notes).adapter_loss, abs=1e-5)
+
+
+# ------------------------------------------------------------------- ONNX Runtime GenAI
+@pytest.fixture(scope="module")
+def genai_trained(
+    tiny_model_dir: Path, notes: list[Example], tmp_path_factory: pytest.TempPathFactory
+) -> PersonalModel:
+    """A profile on a tiny Llama whose head size (16) ORT GenAI's CPU attention accepts."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("genai-base") / "model"
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    pm = open_pm(tmp_path_factory.mktemp("genai-profile") / "p", folder)
+    pm.train(notes, FAST, progress=False)
+    return pm
+
+
+def test_onnx_genai_export_generates_lorafleets_tokens_with_og_adapters(
+    genai_trained: PersonalModel, tmp_path: Path
+) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    pm = genai_trained
+    prompt = "Crux Yard tonight with"
+    ids = pm.base.tokenizer(prompt)["input_ids"]
+    # Execute
+    out = pm.export(tmp_path / "genai", "onnx-genai", progress=False)
+    model = og.Model(str(out))
+    adapters = og.Adapters(model)
+    adapters.load(str(out / "adapter.onnx_adapter"), "personal")
+
+    def greedy(adapter: str | None) -> str:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+        generator = og.Generator(model, params)
+        if adapter is not None:
+            generator.set_active_adapter(adapters, adapter)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        new = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+        return str(pm.base.tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+    # Assert: the adapter's text with the adapter, the bare base's without it
+    assert (out / "genai_config.json").is_file()
+    mine = pm.generate(prompt, chat=False, max_new_tokens=8)
+    assert greedy("personal") == mine
+    assert greedy(None) == pm.generate(prompt, chat=False, max_new_tokens=8, use_adapter=False)
+    assert greedy(None) != mine
+    assert "onnxruntime-genai" in (out / "README.md").read_text()
