@@ -273,7 +273,7 @@ from lorafleet by its owner; it is not encrypted, so keep it as private as the n
 | data | {data} |
 | held-out loss | {_fmt(m.get("heldout_loss_before"))} (base) -> {_fmt(m.get("heldout_loss_after"))} (with the adapter) |
 | content hash | `{provenance.content_hash}` |
-| lorafleet version | {package_version()} |
+| lorafleet version | {package_version()} (the one that exported it) |
 
 ## Load it
 

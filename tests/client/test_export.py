@@ -369,6 +369,13 @@ def test_the_default_bases_export_and_exported_base_reproduce_lorafleets_loss(
     assert "Q4_1" in (tmp_path / "base" / "README.md").read_text()
     blocks = encode_blocks(notes, pm.base.tokenizer, seq_len=64)
     assert heldout_loss(stock, blocks) == pytest.approx(pm.evaluate(notes).adapter_loss, abs=1e-5)
+    # ONNX Runtime GenAI with the exported adapter: lorafleet's greedy text, 32 tokens.
+    pytest.importorskip("onnxruntime_genai")
+    out = pm.export(tmp_path / "genai", "onnx-genai", progress=False)
+    prompt = "Crux Yard tonight with"
+    new = _og_greedy(out, pm.base.tokenizer(prompt)["input_ids"], 32, adapter=True)
+    text = str(pm.base.tokenizer.decode(new, skip_special_tokens=True)).strip()
+    assert text == pm.generate(prompt, chat=False, max_new_tokens=32)
 
 
 # ------------------------------------------------------------------- ONNX Runtime GenAI
@@ -390,35 +397,41 @@ def genai_trained(
     return pm
 
 
+def _og_greedy(folder: Path, ids: list[int], new_tokens: int, adapter: bool) -> list[int]:
+    """Greedy tokens from ONNX Runtime GenAI on an exported folder, with or without its adapter."""
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    adapters = og.Adapters(model)
+    adapters.load(str(folder / "adapter.onnx_adapter"), "personal")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapter:
+        generator.set_active_adapter(adapters, "personal")
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+
+
 def test_onnx_genai_export_generates_lorafleets_tokens_with_og_adapters(
     genai_trained: PersonalModel, tmp_path: Path
 ) -> None:
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     pm = genai_trained
     prompt = "Crux Yard tonight with"
     ids = pm.base.tokenizer(prompt)["input_ids"]
     # Execute
     out = pm.export(tmp_path / "genai", "onnx-genai", progress=False)
-    model = og.Model(str(out))
-    adapters = og.Adapters(model)
-    adapters.load(str(out / "adapter.onnx_adapter"), "personal")
 
-    def greedy(adapter: str | None) -> str:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 8, do_sample=False)
-        generator = og.Generator(model, params)
-        if adapter is not None:
-            generator.set_active_adapter(adapters, adapter)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        new = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+    def greedy(adapter: bool) -> str:
+        new = _og_greedy(out, ids, 8, adapter)
         return str(pm.base.tokenizer.decode(new, skip_special_tokens=True)).strip()
 
     # Assert: the adapter's text with the adapter, the bare base's without it
     assert (out / "genai_config.json").is_file()
     mine = pm.generate(prompt, chat=False, max_new_tokens=8)
-    assert greedy("personal") == mine
-    assert greedy(None) == pm.generate(prompt, chat=False, max_new_tokens=8, use_adapter=False)
-    assert greedy(None) != mine
+    assert greedy(True) == mine
+    assert greedy(False) == pm.generate(prompt, chat=False, max_new_tokens=8, use_adapter=False)
+    assert greedy(False) != mine
     assert "onnxruntime-genai" in (out / "README.md").read_text()
