@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.protocols.cli import package_version as _package_version
+
 if TYPE_CHECKING:  # type checkers see plain re-exports; runtime imports on first use
     from lorafleet.client.base import LoadedBase as LoadedBase
     from lorafleet.client.base import load_base as load_base
@@ -33,6 +35,8 @@ _LAZY = {
     "TrainResult": "lorafleet.client.train",
 }
 
+__version__ = _package_version()
+"""The installed lorafleet distribution's version (the same in every subpackage)."""
 __all__ = sorted(_LAZY)
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "LoadedBase",
     "cache_root",
     "default_gguf_path",
+    "hf_folder",
     "load_base",
     "resolve_source",
 ]
@@ -263,6 +264,30 @@ def load_base(
     return LoadedBase(
         model=model, tokenizer=tokenizer, manifest=manifest, model_id=src.model_id, source=display
     )
+
+
+def hf_folder(
+    source: str | os.PathLike[str] = DEFAULT_BASE, *, cache_dir: Path | None = None
+) -> tuple[Path, str]:
+    """The Hugging Face model folder a base loads from, and the base's sha256.
+
+    For a GGUF source the folder is its conversion cache (built once if missing), for a
+    folder the folder, for a hub id the hub cache's snapshot; the sha256 is the same
+    manifest digest :func:`load_base` gives (``AdapterSpec.base_sha256``). Exports read
+    the folder to hand out a base that ``AutoModelForCausalLM.from_pretrained`` loads
+    with the exact weights an adapter was trained on, without loading it here.
+
+    Raises
+    ------
+    LorafleetError
+        As for :func:`load_base`: the source cannot be found, fetched or converted.
+    """
+    src = resolve_source(source)
+    if src.kind == "gguf":
+        manifest = _gguf_manifest(src)
+        return _converted_folder(src, manifest, cache_root(cache_dir)), manifest.digest()
+    folder = _fetch_from_hub(src) if src.path is None else src.path
+    return folder, build_manifest(folder, src.model_id).digest()
 
 
 # --- sources ---------------------------------------------------------------------------

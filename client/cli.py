@@ -24,6 +24,11 @@ if TYPE_CHECKING:  # the heavy imports wait until a command needs them: --help s
 log = logging.getLogger("lorafleet")
 
 
+_EXPORT_FORMATS = [
+    "peft",
+    "merged",
+    "onnx-genai",
+]  # lorafleet.client.export.EXPORT_FORMATS, without torch
 _PRECISIONS = ["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
 
 
@@ -190,17 +195,55 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export the base to ONNX (cached) and print its quality gate",
+        help="export a personal adapter version (peft, merged, onnx-genai) or the base to ONNX (onnx)",
+        description="--format peft|merged|onnx-genai writes a profile's adapter version to --out for "
+        "other tools (docs/sdk.md#exports); --format onnx exports the base to lorafleet's "
+        "ONNX cache and prints its quality gate.",
         formatter_class=fmt,
     )
     p.add_argument(
-        "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
+        "--format",
+        default="onnx",
+        choices=["onnx", *_EXPORT_FORMATS],
+        help="peft: a portable PEFT adapter folder; merged: the base with the adapter "
+        "folded in (transformers safetensors); onnx-genai: an ONNX Runtime GenAI folder with "
+        "the adapter as .onnx_adapter; onnx: the base for lorafleet's ONNX backends",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="the profile to export (peft, merged, onnx-genai)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to write; must not exist (peft, merged, onnx-genai)",
+    )
+    p.add_argument(
+        "--adapter-version",
+        type=int,
+        default=None,
+        help="which saved version (default: the current one)",
+    )
+    p.add_argument(
+        "--base-id",
+        default=None,
+        help="name the base ORG/NAME[@REVISION] in the export (for a base loaded from a "
+        "local file or folder; the default base is HuggingFaceTB/SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model: default, a .gguf file, a folder or a hub id (default: the "
+        "profile's base; the default base for --format onnx)",
     )
     p.add_argument(
         "--quantization",
         default="int8",
         choices=["none", "int8", "int4"],
-        help="weight quantization of the export",
+        help="weight quantization of the ONNX export (--format onnx)",
     )
     p.add_argument("--target-modules", default="q_proj,v_proj", help="layers that take the adapter")
     p.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
@@ -212,6 +255,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allow-quality-loss", action="store_true", help="keep an export that fails the gate"
+    )
+    _add_cache_dir(p, "root")
+
+    p = sub.add_parser(
+        "export-base",
+        help="write a base as a plain transformers folder (config, tokenizer, safetensors)",
+        description="For the default base these are the de-quantized Q4_1 weights of "
+        "HuggingFaceTB/SmolLM2-135M-Instruct that lorafleet trains on: exported adapters "
+        "load onto them with lorafleet's exact results.",
+        formatter_class=fmt,
+    )
+    p.add_argument("out", type=Path, help="folder to write; must not exist")
+    p.add_argument(
+        "--base", default="default", help="base model: default, a .gguf file, a folder or a hub id"
     )
     _add_cache_dir(p, "root")
 
@@ -396,12 +453,21 @@ def _cmd_device(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    if args.format != "onnx":
+        _export_adapter(args)
+        return
     from lorafleet.client.base import load_base
     from lorafleet.client.onnx_export import OnnxExportConfig, export_base
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in text.split(",") if n.strip())
 
+    for flag in ("profile", "out", "adapter_version", "base_id"):
+        if getattr(args, flag) is not None:
+            raise LorafleetError(
+                f"--{flag.replace('_', '-')} applies to --format peft, merged or onnx-genai; --format onnx "
+                "exports the base into lorafleet's cache"
+            )
     config = OnnxExportConfig(
         quantization=args.quantization,
         target_modules=names(args.target_modules),
@@ -411,10 +477,47 @@ def _cmd_export(args: argparse.Namespace) -> None:
         allow_quality_loss=args.allow_quality_loss,
     )
     exported = export_base(
-        load_base(args.base, cache_dir=args.cache_dir), config, cache_dir=args.cache_dir
+        load_base(args.base or "default", cache_dir=args.cache_dir),
+        config,
+        cache_dir=args.cache_dir,
     )
     print(exported.quality.summary())
     print(f"exported to {exported.folder}")
+
+
+def _export_adapter(args: argparse.Namespace) -> None:
+    """``export --format peft|merged|onnx-genai``: every argument is checked before the base loads."""
+    from lorafleet.client.export import BaseRef, check_new_folder
+    from lorafleet.client.profile import Profile
+
+    if args.profile is None or args.out is None:
+        raise LorafleetError(
+            f"--format {args.format} needs --profile (the adapter to export) and --out (a new folder)"
+        )
+    check_new_folder(args.out)
+    if args.base_id is not None:
+        BaseRef.parse(args.base_id, sha256="0" * 64)  # only checks the spelling
+    profile = Profile.open(args.profile)
+    known = [p.version for p in profile.versions()]
+    if not known:
+        raise LorafleetError(f"{args.profile} has no saved adapter version yet; train first")
+    if args.adapter_version is not None and args.adapter_version not in known:
+        raise LorafleetError(
+            f"--adapter-version {args.adapter_version}: {args.profile} has versions {known}"
+        )
+    args.precision, args.device = "fp32", "cpu"  # exports are float32 on any machine
+    pm = _open(args)
+    out = pm.export(args.out, args.format, version=args.adapter_version, base_id=args.base_id)
+    print(
+        f"exported adapter version {args.adapter_version or pm.version} as {args.format} to {out}"
+    )
+
+
+def _cmd_export_base(args: argparse.Namespace) -> None:
+    from lorafleet.client.export import export_base_folder
+
+    out, ref = export_base_folder(args.base, args.out, cache_dir=args.cache_dir)
+    print(f"wrote base {ref.name_or_path} (lorafleet sha256 {ref.sha256[:12]}…) to {out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -432,6 +535,7 @@ _COMMANDS = {
     "info": _cmd_info,
     "device": _cmd_device,
     "export": _cmd_export,
+    "export-base": _cmd_export_base,
     "demo": _cmd_demo,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ from lorafleet.client.backup import (
     obtain_keys,
     restore_profile,
 )
-from lorafleet.client.base import DEFAULT_BASE, LoadedBase, load_base
+from lorafleet.client.base import DEFAULT_BASE, DEFAULT_BASE_SHA256, LoadedBase, load_base
 from lorafleet.client.data import (
     DataConfig,
     Example,
@@ -54,6 +55,14 @@ from lorafleet.client.evaluate import (
     heldout_loss,
     perplexity,
     prompt_text,
+)
+from lorafleet.client.export import (
+    EXPORT_FORMATS,
+    EXPORTERS,
+    ExportFormat,
+    ExportJob,
+    base_ref,
+    check_new_folder,
 )
 from lorafleet.client.keys import KeyStore, UnlockedKeys
 from lorafleet.client.profile import PROFILE_FILE, Profile
@@ -80,9 +89,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "EXPORT_FORMATS",
     "PROFILE_FILE",
     "Backend",
     "EvalReport",
+    "ExportFormat",
     "PersonalModel",
     "TrainReport",
     "TrainingData",
@@ -313,6 +324,232 @@ class PersonalModel:
         """Make an earlier saved version current again (versions are never deleted)."""
         self._load_version(version)
         self._profile.set_current(version)
+
+    # ------------------------------------------------------------------ exports
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        version: int | None = None,
+        base_id: str | None = None,
+    ) -> Path:
+        """Write the current (or a given) version as a portable PEFT folder.
+
+        The names follow transformers and peft: the folder is what
+        ``peft.PeftModel.from_pretrained(base, folder)`` and
+        ``AutoPeftModelForCausalLM.from_pretrained(folder)`` load, and what
+        :meth:`from_pretrained` imports into a profile again. ``adapter_config.json``
+        names the base by its hub id (and revision when known), never a cache path;
+        lorafleet's base sha256, spec and provenance sit beside it in
+        ``lorafleet_adapter.json``, and ``README.md`` is a filled-in model card. The
+        adapter is written unencrypted: it is the user's to take elsewhere.
+
+        Parameters
+        ----------
+        save_directory
+            A folder that does not exist yet (exports never overwrite).
+        version
+            Which saved version; default the current one.
+        base_id
+            ``ORG/NAME`` or ``ORG/NAME@REVISION`` to name the base by, for a base that
+            lorafleet loaded from a local file or folder.
+
+        Returns
+        -------
+        Path
+            The folder written.
+
+        Raises
+        ------
+        LorafleetError
+            The folder exists, or the profile has no saved version yet.
+
+        Examples
+        --------
+        >>> folder = pm.save_pretrained("exports/nadia-adapter")  # doctest: +SKIP
+        >>> from peft import AutoPeftModelForCausalLM  # doctest: +SKIP
+        >>> model = AutoPeftModelForCausalLM.from_pretrained(folder)  # doctest: +SKIP
+        """
+        return self.export(save_directory, "peft", version=version, base_id=base_id)
+
+    def export(
+        self,
+        out: str | os.PathLike[str],
+        format: ExportFormat = "peft",
+        *,
+        version: int | None = None,
+        base_id: str | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Write a saved version in a format other tools load (``docs/sdk.md#exports``).
+
+        Parameters
+        ----------
+        out
+            A folder that does not exist yet.
+        format
+            ``"peft"`` (see :meth:`save_pretrained`), ``"merged"`` (the base with the
+            adapter folded in: safetensors that ``AutoModelForCausalLM`` loads) or
+            ``"onnx-genai"`` (an ONNX Runtime GenAI model folder with the adapter as an
+            ``.onnx_adapter``; needs ``pip install 'lorafleet[genai]'``).
+        version, base_id
+            As for :meth:`save_pretrained`.
+        progress
+            Show progress of the slower formats on stderr.
+
+        Returns
+        -------
+        Path
+            The folder written.
+
+        Examples
+        --------
+        >>> pm.export("exports/nadia-merged", "merged")  # doctest: +SKIP
+        PosixPath('exports/nadia-merged')
+        """
+        if format not in EXPORT_FORMATS:
+            raise SpecError(
+                f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}"
+            )
+        target = check_new_folder(Path(out))
+        if version is None:
+            version = self._profile.current_version()
+            if version is None:
+                raise LorafleetError(
+                    f"profile {self.profile} has no saved adapter version yet; train first"
+                )
+        provenance, b = self._profile.read(version)
+        job = ExportJob(
+            version_dir=self._profile.version_dir(version),
+            provenance=provenance,
+            b=b,
+            ref=base_ref(
+                self.spec.base_sha256,
+                self.spec.base_model_id,
+                self.base.source,
+                base_id=base_id,
+                cache_dir=self._cache_dir,
+            ),
+            source=self.base.source,
+            out=target,
+            cache_dir=self._cache_dir,
+            progress=progress,
+        )
+        if not job.ref.portable:
+            log.warning(
+                "base %s has no hub id; the export names it by that local name (pass "
+                "base_id='ORG/NAME' to name it portably)",
+                job.ref.name_or_path,
+            )
+        return EXPORTERS[format](job)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *,
+        profile: str | os.PathLike[str],
+        base: str | os.PathLike[str] | None = None,
+        precision: Precision = "auto",
+        device: str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        seq_len: int = 128,
+    ) -> PersonalModel:
+        """Import a folder written by :meth:`save_pretrained` into ``profile`` and open it.
+
+        The folder's A must be the one its spec's seed gives and its B must hash to its
+        recorded content hash, or nothing is written. A new profile takes the folder's
+        spec; an existing one must have the same spec, and gets the adapter as a new
+        version (none when its current version already is that adapter).
+
+        Parameters
+        ----------
+        pretrained_model_name_or_path
+            A local folder from :meth:`save_pretrained` (lorafleet works offline: no
+            hub download).
+        profile
+            The profile to import into (created if new).
+        base
+            The base source on this device; default the profile's own, else the default
+            base when the adapter was made on it, else the folder's hub id.
+        precision, device, cache_dir, seq_len
+            As for :meth:`open`.
+
+        Raises
+        ------
+        LorafleetError
+            The folder is not a lorafleet export (a PEFT adapter trained elsewhere has
+            a trained A that no seed rebuilds), or the profile holds another spec.
+        IntegrityError
+            The folder's tensors do not match its spec and content hash, or the base
+            found is not the one the adapter was trained on.
+
+        Examples
+        --------
+        >>> pm = PersonalModel.from_pretrained("nadia-adapter", profile="~/.app/profile")  # doctest: +SKIP
+        """
+        from lorafleet.client.adapter import read_b
+        from lorafleet.client.layout import read_provenance
+
+        folder = Path(pretrained_model_name_or_path).expanduser()
+        if not folder.is_dir():
+            raise LorafleetError(
+                f"{folder} is not a folder; pass a folder written by save_pretrained"
+            )
+        provenance = read_provenance(folder)  # a folder without one is refused clearly
+        b = read_b(folder, provenance)
+        spec = provenance.spec
+        root = Path(profile).expanduser()
+        stored = Profile.read_spec(root)
+        if stored is not None and stored != spec:
+            raise LorafleetError(
+                f"profile {root} holds another adapter spec than {folder}; import it into a "
+                "new profile"
+            )
+        if base is None:
+            base = Profile.read_base_source(root) or cls._base_for(folder, spec)
+        new = stored is None
+        try:
+            if new:  # the base is checked against the spec's sha256 when open loads it
+                Profile.create(root, spec, base_source=str(base))
+            pm = cls.open(
+                root,
+                base=base,
+                precision=precision,
+                device=device,
+                cache_dir=cache_dir,
+                seq_len=seq_len,
+            )
+            current = pm.provenance
+            if current is None or current.content_hash != provenance.content_hash:
+                pm.load_b(b)
+                pm.save(
+                    metrics=provenance.metrics,
+                    prior_version=provenance.prior_version,
+                    round=provenance.round,
+                )
+        except BaseException:
+            if new:
+                Profile.remove_unused(root)
+            raise
+        return pm
+
+    @staticmethod
+    def _base_for(folder: Path, spec: AdapterSpec) -> str:
+        """The base source an imported folder implies: the default base, or its hub id."""
+        if spec.base_sha256 == DEFAULT_BASE_SHA256:
+            return DEFAULT_BASE
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            name = str(config.get("base_model_name_or_path") or "")
+        except (OSError, ValueError):
+            name = ""
+        if not name:
+            raise LorafleetError(
+                f"{folder} does not say which base it belongs to; pass base=... (a .gguf "
+                "file, a model folder or a hub id)"
+            )
+        return name
 
     # ---------------------------------------------------------- backup/restore
     def backup(
@@ -574,6 +811,8 @@ class PersonalModel:
                         "heldout_loss_before": result.heldout_loss_before,
                         "heldout_loss_after": result.heldout_loss_after,
                         "train_tokens": float(result.tokens),
+                        "train_examples": float(len(train_ex)),
+                        "heldout_examples": float(len(held_ex)),
                     }
                 )
         test_after = self._loss(test_blocks) if test_blocks is not None else None

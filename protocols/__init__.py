@@ -1,5 +1,6 @@
 """The contract client and server share: adapter specs, seeds, encodings, manifests."""
 
+from lorafleet.protocols.cli import package_version as _package_version
 from lorafleet.protocols.encoding import Packing as Packing
 from lorafleet.protocols.encoding import content_hash as content_hash
 from lorafleet.protocols.encoding import decode_tensors as decode_tensors
@@ -25,6 +26,14 @@ from lorafleet.protocols.manifest import ManifestFile as ManifestFile
 from lorafleet.protocols.provenance import AdapterProvenance as AdapterProvenance
 from lorafleet.protocols.seeds import derive_a as derive_a
 from lorafleet.protocols.spec import AdapterSpec as AdapterSpec
+
+__version__ = _package_version()
+"""The installed lorafleet distribution's version, from its metadata (no heavy imports).
+
+``lorafleet`` itself is an implicit namespace over protocols/, client/, server/ and sim/
+(see pyproject), and a namespace package cannot carry attributes; each subpackage
+carries this same ``__version__`` instead.
+"""
 
 __all__ = [
     "AdapterProvenance",
