@@ -97,10 +97,11 @@ def default_b_shapes(
     from flwr.app import ArrayRecord
     from peft import get_peft_model_state_dict
 
-    from lorafleet.client.adapter import get_b, materialize
+    from lorafleet.client.adapter import get_b, materialize, set_b
     from lorafleet.client.base import load_base
     from lorafleet.protocols.spec import AdapterSpec
     from lorafleet.server.coordinator import CoordinatorConfig
+    from lorafleet.sim.runner import synthetic_delta
 
     defaults = CoordinatorConfig()
     loaded = load_base(base, cache_dir=cache_dir)
@@ -112,8 +113,11 @@ def default_b_shapes(
         target_modules=defaults.spec.target_modules,
     )
     model = materialize(loaded.model, spec, base_sha256=loaded.sha256)
+    shapes = {k: tuple(v.shape) for k, v in get_b(model).items()}
+    # A trained B is non-zero; a zero B would let Flower deduplicate identical chunks.
+    set_b(model, synthetic_delta(shapes, 1.0, (0, 0)))
     flowertune = _common.flower_wire_bytes(ArrayRecord(get_peft_model_state_dict(model)))
-    return {k: tuple(v.shape) for k, v in get_b(model).items()}, loaded.model_id, flowertune
+    return shapes, loaded.model_id, flowertune
 
 
 def exact_mean(shapes: Mapping[str, tuple[int, ...]], n: int, round_number: int) -> np.ndarray:
