@@ -233,6 +233,13 @@ def run_main(run: Callable[[Any], int], args: Any, logger: logging.Logger) -> in
         return 2
 
 
+def flower_wire_bytes(record: Any) -> int:
+    """Bytes Flower's transport pushes for ``record``: every nested object, deflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

@@ -192,13 +192,6 @@ def load_base_info(source: str, *, cache_dir: Path | None, seed: int = 0) -> Bas
 
 
 # ----------------------------------------------------------------------------- 1. bytes
-def flower_wire_bytes(record: Any) -> int:
-    """Bytes Flower's transport pushes for ``record``: every nested object, deflated."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
-
-
 def measure_bytes(base: Base) -> list[dict[str, Any]]:
     """The FlowerTune-style upload against lorafleet's payload in each packing."""
     from flwr.app import ArrayRecord, ConfigRecord
@@ -208,7 +201,7 @@ def measure_bytes(base: Base) -> list[dict[str, Any]]:
     record = ArrayRecord(base.flowertune_state)  # as the FlowerTune template replies
     raw = sum(int(t.numel()) * t.element_size() for t in base.flowertune_state.values())
     params = sum(int(t.numel()) for t in base.flowertune_state.values())
-    baseline_bytes = flower_wire_bytes(record)
+    baseline_bytes = _common.flower_wire_bytes(record)
     rows: list[dict[str, Any]] = [
         {
             "name": "bytes/flowertune-AB-fp32",
@@ -227,7 +220,7 @@ def measure_bytes(base: Base) -> list[dict[str, Any]]:
     b_params = sum(math.prod(s) for s in base.b_shapes.values())
     for packing in PACKINGS:
         payload = encode_tensors(base.b_values, packing=packing, metadata=metadata)
-        wrapped = flower_wire_bytes(ConfigRecord({"delta": payload}))  # the reply's record
+        wrapped = _common.flower_wire_bytes(ConfigRecord({"delta": payload}))  # the reply's record
         rows.append(
             {
                 "name": f"bytes/lorafleet-B-{packing}",

@@ -1,7 +1,8 @@
 """Round time with SecAgg+ against plain aggregation, at the real B size.
 
 The coordinator's real rounds (:class:`lorafleet.server.flower_app.Federation`) run on
-Flower's simulation engine (Ray) with ``n`` simulated devices, 10 and 50 by default.
+Flower's simulation engine (Ray) with ``n`` simulated devices, 10 to 200 by default
+(``--sizes``), to show how a round's cost grows with the cohort.
 Two federations share the same devices and alternate round by round, in rotating order
 after one warm-up round each:
 
@@ -9,7 +10,8 @@ after one warm-up round each:
   default), validated one by one and averaged;
 - ``secagg+``: the same deltas through Flower's ``SecAggPlusWorkflow`` and
   ``secaggplus_mod`` with the parameters :func:`lorafleet.server.secagg.secagg_params`
-  derives from the clip norm (all sampled devices as neighbours, dropout share 0.2).
+  derives from the clip norm and ``n`` (the default ``3 log2 n`` neighbours, dropout share
+  0.2; ``--num-shares -1`` makes every sampled device a neighbour, the former default).
 
 The devices do not train: each sends a synthetic delta of the real B size (the default
 spec on the default base, SmolLM2-135M: rank 8 on ``q_proj``/``v_proj``), norm 0.9 x
@@ -18,16 +20,23 @@ the clip norm, reproducible per device and round
 key agreement run in the Ray workers and count in the round time, as they would
 delay a real round. Each row reports the round's wall time on the coordinator
 (median, min, max over the timed rounds), the payload bytes each device uploaded per
-round (under SecAgg+: keys, shares and the masked int64 vector), and the largest
+round (under SecAgg+: keys, shares and the masked vector, uint32 on the wire) and its
+ratio to the FlowerTune-style record (A and B in fp32, ``ArrayRecord`` of the peft state,
+deflated as Flower pushes it; real base only), and the largest
 difference between the mean the coordinator applied (read back from the float32 prior
 it saved, so the prior's float32 rounding is included: ``prior_float32_ulp``) and the
 exact float64 mean of the deltas, with SecAgg+'s stated tolerance beside it.
 
 Usage (from the repository root)::
 
-    python bench/secagg.py                  # real B size, 10 and 50 devices
-    python bench/secagg.py --quick          # tiny B, 3 devices, 2 timed rounds
-    python bench/secagg.py --json out.json  # also write the result file
+    python bench/secagg.py                        # real B size, 10 to 200 devices
+    python bench/secagg.py --sizes 10,50 --repeats 3
+    python bench/secagg.py --quick                # tiny B, 3 devices, 2 timed rounds
+    python bench/secagg.py --json out.json --plot docs/img/secagg_scaling.png
+
+The round time's growth is compared with ``n log n``: the ``vs n log n`` column is
+``(t(n) / t(n0)) / (n log n / (n0 log n0))`` for the smallest size ``n0``, at most 1
+when time grows no faster than ``n log n``.
 
 Peak memory is this process's max RSS (the coordinator); Ray worker processes are not
 counted.
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -59,6 +69,7 @@ BENCH = "secagg"
 PATHS = ("plain", "secagg+")
 CLIP = 1.0
 NORM_FRACTION = 0.9
+DROPOUT_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -70,17 +81,27 @@ class Size:
     repeats: int
 
 
-FULL = Size(clients=(10, 50), warmup=1, repeats=5)
+FULL = Size(clients=(10, 20, 50, 100, 200), warmup=1, repeats=5)
 QUICK = Size(clients=(3,), warmup=1, repeats=2)
 QUICK_SHAPES = {"l0.q_proj.lora_B": (48, 4), "l0.v_proj.lora_B": (16, 4)}
 
 
-def default_b_shapes(base: str, cache_dir: Path | None) -> tuple[dict[str, tuple[int, ...]], str]:
-    """B's shapes for the default spec (rank, targets) on ``base``, and the base's id."""
-    from lorafleet.client.adapter import get_b, materialize
+def default_b_shapes(
+    base: str, cache_dir: Path | None
+) -> tuple[dict[str, tuple[int, ...]], str, int]:
+    """B's shapes for the default spec on ``base``, the base's id, the FlowerTune record bytes.
+
+    The last is what a FlowerTune app's train reply pushes for the same adapter:
+    ``ArrayRecord(get_peft_model_state_dict(model))`` (A and B, fp32), deflated.
+    """
+    from flwr.app import ArrayRecord
+    from peft import get_peft_model_state_dict
+
+    from lorafleet.client.adapter import get_b, materialize, set_b
     from lorafleet.client.base import load_base
     from lorafleet.protocols.spec import AdapterSpec
     from lorafleet.server.coordinator import CoordinatorConfig
+    from lorafleet.sim.runner import synthetic_delta
 
     defaults = CoordinatorConfig()
     loaded = load_base(base, cache_dir=cache_dir)
@@ -92,7 +113,11 @@ def default_b_shapes(base: str, cache_dir: Path | None) -> tuple[dict[str, tuple
         target_modules=defaults.spec.target_modules,
     )
     model = materialize(loaded.model, spec, base_sha256=loaded.sha256)
-    return {k: tuple(v.shape) for k, v in get_b(model).items()}, loaded.model_id
+    shapes = {k: tuple(v.shape) for k, v in get_b(model).items()}
+    # A trained B is non-zero; a zero B would let Flower deduplicate identical chunks.
+    set_b(model, synthetic_delta(shapes, 1.0, (0, 0)))
+    flowertune = _common.flower_wire_bytes(ArrayRecord(get_peft_model_state_dict(model)))
+    return shapes, loaded.model_id, flowertune
 
 
 def exact_mean(shapes: Mapping[str, tuple[int, ...]], n: int, round_number: int) -> np.ndarray:
@@ -107,7 +132,12 @@ def exact_mean(shapes: Mapping[str, tuple[int, ...]], n: int, round_number: int)
 
 
 def run_pair(
-    shapes: Mapping[str, tuple[int, ...]], n: int, size: Size, work: Path, packing: str
+    shapes: Mapping[str, tuple[int, ...]],
+    n: int,
+    size: Size,
+    work: Path,
+    packing: str,
+    num_shares: int,
 ) -> list[dict[str, Any]]:
     """One Ray simulation with ``n`` devices; plain and SecAgg+ rounds interleaved."""
     from flwr.app import Context
@@ -133,6 +163,8 @@ def run_pair(
             data_dir=str(work / f"{path}-{n}"),
             final_evaluation=False,
             secure_aggregation=path == "secagg+",
+            secagg_dropout_share=DROPOUT_SHARE,
+            secagg_num_shares=num_shares,
         )
 
     timings: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
@@ -190,7 +222,7 @@ def run_pair(
     if any(len(t) != size.repeats for t in timings.values()):
         raise LorafleetError(f"the {n}-device simulation did not finish; see the log above")
     values = sum(int(np.prod(s)) for s in shapes.values())
-    tolerance = secagg_params(n, clip_norm=CLIP, dropout_share=0.2).tolerance
+    params = secagg_params(n, clip_norm=CLIP, dropout_share=DROPOUT_SHARE, num_shares=num_shares)
     rows: list[dict[str, Any]] = []
     base_stats = _common.Stats.of([t["seconds"] for t in timings["plain"]])
     for path in PATHS:
@@ -212,23 +244,59 @@ def run_pair(
                 ),
                 "max_abs_err_vs_exact_mean": max(t["max_abs_err"] for t in timings[path]),
                 "prior_float32_ulp": max(t["ulp"] for t in timings[path]),
-                **({"tolerance": tolerance} if path == "secagg+" else {}),
+                **(
+                    {
+                        "tolerance": params.tolerance,
+                        "num_shares": params.num_shares,
+                        "threshold": params.threshold,
+                    }
+                    if path == "secagg+"
+                    else {}
+                ),
             }
         )
     return rows
 
 
+def add_growth(rows: Sequence[dict[str, Any]], flowertune_bytes: int | None) -> None:
+    """Each row's growth against ``n log n`` from the smallest size, and its FlowerTune ratio."""
+    for path in {r["path"] for r in rows}:
+        mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["clients"])
+        n0, t0 = mine[0]["clients"], mine[0]["seconds"]
+        for r in mine:
+            n = r["clients"]
+            r["time_growth"] = r["seconds"] / t0
+            r["nlogn_growth"] = (n * math.log(n)) / (n0 * math.log(n0))
+            r["growth_vs_nlogn"] = r["time_growth"] / r["nlogn_growth"]
+    for r in rows:
+        if flowertune_bytes:
+            r["bytes_up_vs_flowertune"] = r["bytes_up_per_client"] / flowertune_bytes
+
+
 def print_report(rows: Sequence[Mapping[str, Any]], shapes_note: str) -> None:
     """The table."""
     print(f"\nround time, SecAgg+ vs plain aggregation ({shapes_note})")
-    headers = ["path", "devices", "round s (min-max)", "vs plain", "up/device", "max |err|"]
+    headers = [
+        "path",
+        "devices",
+        "k/t",
+        "round s (min-max)",
+        "vs plain",
+        "vs n log n",
+        "up/device",
+        "vs FlowerTune",
+        "max |err|",
+    ]
     table = [
         [
             str(r["path"]),
             str(r["clients"]),
+            f"{r['num_shares']}/{r['threshold']}" if "num_shares" in r else "-",
             f"{r['seconds']:.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f})",
             f"{r['ratio_vs_baseline']:.2f}x",
-            f"{r['bytes_up_per_client'] / 1e6:.2f} MB",
+            f"{r['growth_vs_nlogn']:.2f}",
+            f"{r['bytes_up_per_client'] / 1e6:.3f} MB",
+            f"{r['bytes_up_vs_flowertune']:.3f}x" if "bytes_up_vs_flowertune" in r else "n/a",
             f"{r['max_abs_err_vs_exact_mean']:.1e}",
         ]
         for r in rows
@@ -241,17 +309,61 @@ def print_report(rows: Sequence[Mapping[str, Any]], shapes_note: str) -> None:
             f"SecAgg+ stated tolerance per value: < {max(tol):.1e} (one quantization step); "
             f"errors include the float32 prior's rounding (ulp {ulp:.1e})"
         )
+    print(
+        "k/t: SecAgg+ neighbours per device (itself included) and threshold; vs n log n: "
+        "(t(n)/t(n0)) / (n log n / n0 log n0), <= 1 when time grows no faster than n log n"
+    )
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Round time against devices, per path, with ``n log n`` through the first point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["path"] for r in rows):
+        mine = sorted((r for r in rows if r["path"] == name), key=lambda r: r["clients"])
+        ns = [r["clients"] for r in mine]
+        ax.errorbar(
+            ns,
+            [r["seconds"] for r in mine],
+            yerr=[
+                [r["seconds"] - r["seconds_min"] for r in mine],
+                [r["seconds_max"] - r["seconds"] for r in mine],
+            ],
+            marker="o",
+            capsize=3,
+            label=f"{name} (median, min-max)",
+        )
+        if name == "secagg+":
+            grid = np.linspace(ns[0], ns[-1], 100)
+            ref = mine[0]["seconds"] * grid * np.log(grid) / (ns[0] * math.log(ns[0]))
+            ax.plot(grid, ref, "k:", label="n log n through the first point")
+    ax.set_xlabel("devices in the round (n)")
+    ax.set_ylabel("coordinator seconds per round")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def bench_main(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else FULL
-    if args.clients:
-        size = Size(tuple(args.clients), size.warmup, size.repeats)
+    if args.sizes:
+        size = Size(tuple(args.sizes), size.warmup, size.repeats)
+    if args.repeats:
+        size = Size(size.clients, size.warmup, args.repeats)
+    flowertune: int | None = None
     if args.quick:
         shapes, model = dict(QUICK_SHAPES), "synthetic (quick)"
     else:
         log.info("loading %s to size B for the default spec", args.base)
-        shapes, model = default_b_shapes(args.base, args.cache_dir)
+        shapes, model, flowertune = default_b_shapes(args.base, args.cache_dir)
     values = sum(int(np.prod(s)) for s in shapes.values())
     note = f"{values:,} B values ({len(shapes)} tensors) of {model}; deltas of norm {NORM_FRACTION} x clip {CLIP}"
     log.info(note)
@@ -261,9 +373,13 @@ def bench_main(args: argparse.Namespace) -> int:
             log.info(
                 "%d devices: %d warm-up + %d timed rounds per path", n, size.warmup, size.repeats
             )
-            rows += run_pair(shapes, n, size, Path(tmp), args.packing)
+            rows += run_pair(shapes, n, size, Path(tmp), args.packing, args.num_shares)
+    add_growth(rows, flowertune)
     print_report(rows, note)
-    ratios = {
+    if args.plot:
+        plot(rows, Path(args.plot), note)
+        log.info("wrote %s", args.plot)
+    ratios: dict[str, Any] = {
         "secagg_round_time_vs_plain": {
             str(r["clients"]): r["ratio_vs_baseline"]
             for r in rows
@@ -273,7 +389,14 @@ def bench_main(args: argparse.Namespace) -> int:
             str(s["clients"]): _common.ratio(s["bytes_up_per_client"], p["bytes_up_per_client"])
             for s, p in zip(rows[1::2], rows[0::2], strict=True)
         },
+        "secagg_time_growth_vs_nlogn": {
+            str(r["clients"]): r["growth_vs_nlogn"] for r in rows if r["path"] == "secagg+"
+        },
     }
+    if flowertune:
+        ratios["secagg_bytes_up_vs_flowertune"] = {
+            str(r["clients"]): r["bytes_up_vs_flowertune"] for r in rows if r["path"] == "secagg+"
+        }
     if args.json:
         import flwr
 
@@ -297,15 +420,29 @@ def bench_main(args: argparse.Namespace) -> int:
             size={
                 "quick": bool(args.quick),
                 "clients": list(size.clients),
+                "num_shares": args.num_shares,
                 "warmup": size.warmup,
                 "repeats": size.repeats,
                 "values": values,
                 "shapes": {k: list(v) for k, v in shapes.items()},
                 "packing": args.packing,
+                "flowertune_record_bytes": flowertune,
             },
         )
         log.info("wrote %s", args.json)
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sizes takes counts like 10,50,200, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"--sizes needs counts of at least 2, got {text!r}")
+    return sizes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -313,7 +450,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny B, 3 devices, 2 timed rounds")
     parser.add_argument("--base", default="default", help="base model whose B size to use")
     parser.add_argument("--cache-dir", type=Path, help="lorafleet cache root (base conversions)")
-    parser.add_argument("--clients", type=int, nargs="+", help="device counts (default 10 50)")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        help="device counts, comma-separated (default 10,20,50,100,200; --quick: 3)",
+    )
+    parser.add_argument("--repeats", type=int, help="timed rounds per path and size (default 5)")
+    parser.add_argument(
+        "--num-shares",
+        type=int,
+        default=0,
+        help="secagg-num-shares: 0 auto (3 log2 n), -1 every device, or a count >= 3",
+    )
+    parser.add_argument("--plot", help="also write the round-time curve (PNG) here")
     parser.add_argument("--packing", default="fp16", choices=["fp32", "fp16", "int8"])
     parser.add_argument("--json", help="also write the result file here")
     return parser.parse_args(argv)

@@ -46,6 +46,7 @@ from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.layout import read_provenance
+from lorafleet.client.masked_upload import narrow_masked_reply
 from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import (
     Precision,
@@ -626,11 +627,13 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     """Flower's ``secaggplus_mod`` for SecAgg+ stages; every other message passes through.
 
     The coordinator chooses per run whether rounds are secure, so the same ClientApp
-    serves both: only messages carrying SecAgg+'s stage record enter the protocol.
+    serves both: only messages carrying SecAgg+'s stage record enter the protocol. The
+    masked vector leaves in the smallest integer type its modulus needs
+    (:func:`~lorafleet.client.masked_upload.narrow_masked_reply`), not Flower's int64.
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, call_next)
+    return narrow_masked_reply(secaggplus_mod(msg, context, call_next), context)
 
 
 def make_client_app(

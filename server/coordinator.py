@@ -128,7 +128,11 @@ class CoordinatorConfig:
         metadata={"help": "Share of a round's devices that may drop out under SecAgg+ (< 0.5)."},
     )
     secagg_num_shares: int = field(
-        default=0, metadata={"help": "SecAgg+ neighbours per device (0: every sampled device)."}
+        default=0,
+        metadata={
+            "help": "SecAgg+ neighbours per device: 0 (auto, about 3 log2 n), -1 (every "
+            "sampled device) or a count >= 3."
+        },
     )
     max_example_weight: int = field(
         default=0,
@@ -190,8 +194,9 @@ class CoordinatorConfig:
             f"secagg-dropout-share must be in [0, 0.5), got {self.secagg_dropout_share}",
         )
         need(
-            self.secagg_num_shares == 0 or self.secagg_num_shares >= 3,
-            f"secagg-num-shares must be 0 (all devices) or >= 3, got {self.secagg_num_shares}",
+            self.secagg_num_shares in (0, -1) or self.secagg_num_shares >= 3,
+            "secagg-num-shares must be 0 (auto), -1 (every sampled device) or >= 3, "
+            f"got {self.secagg_num_shares}",
         )
         need(
             not self.secure_aggregation or self.min_train_nodes >= 2,

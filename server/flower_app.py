@@ -31,7 +31,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import FitIns, Parameters
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
@@ -60,6 +59,7 @@ from lorafleet.server.aggregation import (
 )
 from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
 from lorafleet.server.dp import gaussian_noise_like
+from lorafleet.server.grid_proxy import GridProxy
 from lorafleet.server.registry import RoundId
 from lorafleet.server.registry.records import RoundStatus
 from lorafleet.server.reports import RoundReports
@@ -121,41 +121,15 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-class _Tally(Grid):
+class _Tally(GridProxy):
     """The coordinator's Grid, counting payload bytes and noting who failed to answer."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.bytes_up = 0
         self.bytes_down = 0
         self.errors: dict[int, str] = {}
         self.missing: set[int] = set()
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

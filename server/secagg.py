@@ -21,12 +21,26 @@ Parameters, and why:
   ``[0, q]`` then never wraps. Flower rounds stochastically, so each device's value moves
   by less than one step ``2C / q`` and so does the mean: :attr:`SecAggParams.tolerance`,
   about ``1e-7 * C`` for 10 devices, far below fp16 packing's rounding.
-- **Dropouts.** Every device shares its secrets with ``k`` neighbours (all sampled
-  devices unless ``secagg-num-shares`` is set) and ``t = k - floor(d * k)`` of them
-  must answer (``d`` = ``secagg-dropout-share``, below 1/2 so that ``t > k/2``: a
-  coordinator can never collect both secrets of one device). A round survives any
-  ``floor(d * k)`` dropouts per neighbourhood; with more, the attempt fails cleanly and
-  is retried.
+- **Neighbours** ``k`` (``secagg-num-shares``). By default (0) every device shares its
+  secrets with ``k = min(n, odd(ceil(3 * log2 n)))`` devices (itself included) of the
+  ``n`` sampled, SecAgg+'s logarithmic graph (Bell et al., 2020): Flower places the
+  devices on a ring in a fresh random order each round and links each to its ``k - 1``
+  nearest, so each device's key agreement and masking cost ``O(log n)`` and the round
+  ``O(n log n)``, not ``O(n^2)``. ``-1`` makes every sampled device a neighbour (the
+  default before, when 0 meant that); a count ``>= 3`` sets ``k`` (rounded up to odd).
+- **Threshold** ``t``: how many of a device's ``k`` neighbours must answer for its
+  secrets to be rebuilt. On the default bounded graph ``t = floor(k/2) + 1``, the lowest
+  that keeps a device's two secrets apart (a coordinator collecting ``t`` shares of one
+  never gets ``t`` of the other from honest devices), which makes dropout tolerance
+  per neighbourhood as large as it can be: ``k - t``. When every device is a neighbour,
+  or ``k`` is set by hand, ``t = k - floor(d * k)`` (``d`` = ``secagg-dropout-share``,
+  below 1/2 so that ``t > k/2``) as before: the round survives any ``floor(d * k)``
+  dropouts per neighbourhood. With more, the attempt fails cleanly and is retried.
+  :func:`secagg_risks` bounds what the bounded graph risks when a random share of the
+  round drops out or is corrupted; docs/privacy.md tabulates it.
+- **Wire type.** Devices send the masked vector in the smallest unsigned type the modulus
+  needs (uint32 for ``2**32``), not Flower's int64 (:mod:`lorafleet.protocols.masked`);
+  :class:`_Workflow` widens it back, range-checked, before Flower sums.
 
 What secure aggregation gives up: the coordinator cannot check a single delta. Devices
 clip their own; the coordinator checks the finite mean's norm is at most ``C`` (plus
@@ -40,13 +54,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -54,8 +68,12 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -71,6 +89,8 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
 from flwr.serverapp import Grid
 
 from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.masked import widen_masked
+from lorafleet.server.grid_proxy import GridProxy
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +99,15 @@ MODULUS_RANGE = 2**32
 
 MAX_QUANTIZATION_RANGE = 2**30
 """Flower quantizes into int32 before masking."""
+
+ALL_NEIGHBOURS = -1
+"""``secagg-num-shares`` value: every sampled device is every other's neighbour."""
+
+AUTO_NEIGHBOURS = 0
+"""``secagg-num-shares`` value (the default): :func:`auto_num_shares` neighbours."""
+
+NEIGHBOUR_FACTOR = 3.0
+"""``c`` in ``k = c * log2 n``; docs/privacy.md states what 3 buys (secagg_risks)."""
 
 NOISE_SIGMAS = 8.0
 """Client-side DP noise beyond this many standard deviations is clipped (p < 1e-15)."""
@@ -111,21 +140,42 @@ class SecAggParams:
         return self.num_shares - self.threshold
 
 
+def auto_num_shares(sampled: int) -> int:
+    """The default neighbour count: ``min(n, odd(ceil(3 * log2 n)))``, itself included.
+
+    Examples
+    --------
+    >>> [auto_num_shares(n) for n in (2, 10, 14, 50, 200, 10_000)]
+    [2, 10, 13, 17, 23, 41]
+    """
+    if sampled < 2:
+        return sampled
+    k = math.ceil(NEIGHBOUR_FACTOR * math.log2(sampled))
+    k += 1 - k % 2  # SecAgg+ neighbourhoods are symmetric: an odd size
+    return min(sampled, max(3, k))
+
+
 def secagg_params(
     sampled: int,
     *,
     clip_norm: float,
     dropout_share: float,
     noise_std: float = 0.0,
-    num_shares: int = 0,
+    num_shares: int = AUTO_NEIGHBOURS,
 ) -> SecAggParams:
     """SecAgg+ parameters for ``sampled`` devices with deltas clipped to ``clip_norm``.
+
+    ``num_shares``: :data:`AUTO_NEIGHBOURS` (0, :func:`auto_num_shares`),
+    :data:`ALL_NEIGHBOURS` (-1) or a neighbour count ``>= 3``.
 
     Examples
     --------
     >>> p = secagg_params(10, clip_norm=1.0, dropout_share=0.3)
     >>> (p.num_shares, p.threshold, p.clipping_range, p.quantization_range == 2**28)
     (10, 7, 1.0, True)
+    >>> p = secagg_params(200, clip_norm=1.0, dropout_share=0.2)
+    >>> (p.num_shares, p.threshold, p.dropouts_survived)
+    (23, 12, 11)
     """
     if sampled < 2:
         raise SpecError(f"secure aggregation needs at least 2 devices in a round, got {sampled}")
@@ -133,12 +183,22 @@ def secagg_params(
         raise SpecError(f"secagg-dropout-share must be in [0, 0.5), got {dropout_share!r}")
     if not clip_norm > 0 or not math.isfinite(clip_norm):
         raise SpecError(f"clip norm must be positive, got {clip_norm!r}")
-    k = sampled if num_shares <= 0 or num_shares >= sampled else num_shares
-    if k < sampled and k % 2 == 0:
-        k = min(k + 1, sampled)  # SecAgg+ neighbourhoods are symmetric: an odd size
-    t = max(k - math.floor(dropout_share * k), k // 2 + 1, 2)
-    if k < sampled:
-        t = min(t, k - 1)  # Flower requires threshold < num_shares when given as counts
+    if num_shares not in (AUTO_NEIGHBOURS, ALL_NEIGHBOURS) and num_shares < 3:
+        raise SpecError(
+            f"secagg-num-shares must be 0 (auto), -1 (all devices) or >= 3, got {num_shares}"
+        )
+    if num_shares == AUTO_NEIGHBOURS:
+        k = auto_num_shares(sampled)
+    elif num_shares == ALL_NEIGHBOURS:
+        k = sampled
+    else:
+        k = min(num_shares + 1 - num_shares % 2, sampled)
+    if k < sampled and num_shares == AUTO_NEIGHBOURS:
+        t = k // 2 + 1  # the most dropouts per neighbourhood that keeps secrets apart
+    else:
+        t = max(k - math.floor(dropout_share * k), k // 2 + 1, 2)
+        if k < sampled:
+            t = min(t, k - 1)  # Flower requires threshold < num_shares when given as counts
     q = min(MAX_QUANTIZATION_RANGE, 2 ** math.floor(math.log2((MODULUS_RANGE - 1) / sampled)))
     return SecAggParams(
         sampled=sampled,
@@ -149,14 +209,105 @@ def secagg_params(
     )
 
 
+@dataclass(frozen=True)
+class SecAggRisks:
+    """Union bounds on one round's failures, for a random share of devices (see secagg_risks)."""
+
+    fails: float  # some neighbourhood loses more than k - t: the attempt fails, is retried
+    exposed: float  # some honest device has >= t corrupted neighbours: its vector can leak
+    split: float  # k // 2 ring neighbours in a row gone: partial sums may be revealed
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _hypergeom_tail(population: int, marked: int, draws: int, at_least: int) -> float:
+    """P(X >= at_least) for X the marked items among ``draws`` without replacement."""
+    total = 0.0
+    for i in range(max(at_least, 0), min(marked, draws) + 1):
+        if draws - i <= population - marked:
+            total += math.exp(
+                _log_comb(marked, i)
+                + _log_comb(population - marked, draws - i)
+                - _log_comb(population, draws)
+            )
+    return min(total, 1.0)
+
+
+def secagg_risks(params: SecAggParams, *, dropped: float, corrupted: float) -> SecAggRisks:
+    """What one round risks when a random share of its devices drops or is corrupted.
+
+    ``dropped`` and ``corrupted`` are shares of the ``n`` sampled devices (any devices,
+    chosen before Flower's secret random ring order is drawn, so each neighbourhood
+    holds a hypergeometric count of them); corrupted devices pool their secrets with an
+    honest-but-curious coordinator. Each figure is a union bound over the ``n``
+    neighbourhoods (or ring positions), so an upper bound on the probability:
+
+    - ``fails``: some neighbourhood keeps fewer than ``t`` members. The attempt fails
+      cleanly and the round is retried: a cost, not a leak.
+    - ``exposed``: some device has ``t`` or more corrupted neighbours, who could rebuild
+      the secret the coordinator does not ask for and unmask that device's vector.
+    - ``split``: ``floor(k/2)`` consecutive ring positions are all dropped or corrupted;
+      only then can the honest survivors' mask graph fall apart, and the coordinator
+      learn sums over parts of the round rather than only the whole.
+
+    With every device a neighbour ``split`` is 0 and ``fails`` is 0 or 1 (the round
+    survives exactly ``n - t`` dropouts).
+    """
+    n, k, t = params.sampled, params.num_shares, params.threshold
+    gone, bad = math.floor(dropped * n), math.floor(corrupted * n)
+    fails = min(1.0, n * _hypergeom_tail(n, gone, k, k - t + 1)) if k < n else float(gone > n - t)
+    exposed = min(1.0, n * _hypergeom_tail(n - 1, bad, k - 1, t))
+    run, removed = k // 2, min(n, gone + bad)
+    split = 0.0
+    if k < n and removed >= run:
+        split = min(1.0, n * math.exp(_log_comb(removed, run) - _log_comb(n, run)))
+    return SecAggRisks(fails=fails, exposed=exposed, split=split)
+
+
+class _Widening(GridProxy):
+    """Widens the masked vectors in SecAgg+ replies to int64 before Flower sums them."""
+
+    def __init__(self, inner: Grid, modulus: int) -> None:
+        super().__init__(inner)
+        self.modulus = modulus
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if not reply.has_content():
+                continue
+            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is None or SecAggKey.MASKED_PARAMETERS not in configs:
+                continue
+            arrays = cast(list[bytes], configs[SecAggKey.MASKED_PARAMETERS])
+            configs[SecAggKey.MASKED_PARAMETERS] = [
+                ndarray_to_bytes(widen_masked(bytes_to_ndarray(b), self.modulus)) for b in arrays
+            ]
+        return replies
+
+
 class _Workflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, also surviving devices lost before they shared keys.
+    """Flower's SecAgg+ workflow, taking narrow masked vectors and surviving early losses.
+
+    Devices upload the masked vector in the smallest type its modulus needs; the
+    masked-vector stage widens each reply to int64 (range-checked) before Flower sums.
 
     Flower 1.41 keeps a device that never answered the setup or key-sharing stage among
     the round's devices, then fails the unmasking because nobody holds shares of its
     secrets. Such a device never masked anything, so it is dropped from the round (and
     from every neighbourhood) once the key-sharing stage is over.
     """
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        return super().collect_masked_vectors_stage(
+            _Widening(grid, state.mod_range), context, state
+        )
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         super().share_keys_stage(grid, context, state)

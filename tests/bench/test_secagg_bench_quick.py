@@ -55,7 +55,11 @@ def test_quick_run_times_plain_and_secure_rounds(tmp_path: Path) -> None:
     # SecAgg+ is exact to its tolerance (plus the float32 prior's rounding, per round)
     bound = secure["tolerance"] + 4 * secure["prior_float32_ulp"]
     assert secure["max_abs_err_vs_exact_mean"] <= bound
-    assert secure["bytes_up_per_client"] > plain["bytes_up_per_client"]  # int64 masked values
+    # uint32 masked values (4 bytes) plus keys and shares, against 2 bytes per fp16 value
+    assert secure["bytes_up_per_client"] > plain["bytes_up_per_client"]
+    assert (secure["num_shares"], secure["threshold"]) == (3, 3)  # 3 devices: all neighbours
+    assert secure["growth_vs_nlogn"] == 1.0  # one size: its own reference
     assert set(doc["ratios"]["secagg_round_time_vs_plain"]) == {"3"}
+    assert set(doc["ratios"]["secagg_time_growth_vs_nlogn"]) == {"3"}
     assert positive(doc["ratios"]["secagg_round_time_vs_plain"]["3"])
     assert "SecAgg+ vs plain" in proc.stdout

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
-from flwr.common import FitIns, Parameters
+from flwr.common import FitIns, Parameters, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from lorafleet.client import federated
@@ -36,8 +36,15 @@ from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
 from lorafleet.server.dp import PrivacyLedger
 from lorafleet.server.flower_app import PAUSE_CONTROL, Federation, run_federation
+from lorafleet.server.grid_proxy import GridProxy
 from lorafleet.server.registry import Registry
-from lorafleet.server.secagg import secagg_params, secure_mean
+from lorafleet.server.secagg import (
+    SecAggRisks,
+    auto_num_shares,
+    secagg_params,
+    secagg_risks,
+    secure_mean,
+)
 from lorafleet.sim.runner import LocalGrid, make_synthetic_client_app, synthetic_delta
 
 SHAPES = {"layer0.q.lora_B": (96, 8), "layer0.v.lora_B": (32, 8)}
@@ -132,6 +139,10 @@ def test_a_round_survives_a_dropout_at_any_secagg_stage(stage: str) -> None:
         (10, 0.3, 0, (10, 7)),
         (10, 0.0, 0, (10, 10)),
         (50, 0.2, 8, (9, 8)),
+        (50, 0.2, -1, (50, 40)),  # -1: every sampled device, d per neighbourhood as before
+        (50, 0.2, 0, (17, 9)),  # 0 (default): 3 log2 n neighbours, t = floor(k/2) + 1
+        (200, 0.2, 0, (23, 12)),
+        (10_000, 0.2, 0, (41, 21)),
     ],
 )
 def test_dropout_share_maps_to_shares_and_threshold(
@@ -141,6 +152,118 @@ def test_dropout_share_maps_to_shares_and_threshold(
     assert (params.num_shares, params.threshold) == expected
     assert params.threshold > params.num_shares / 2  # no one can collect both secrets
     assert n * params.quantization_range < params.modulus_range  # the sum never wraps
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 2), (13, 13), (14, 13), (100, 21), (1000, 31)])
+def test_the_default_neighbour_count_is_3_log2_n_and_odd(n: int, k: int) -> None:
+    params = secagg_params(n, clip_norm=1.0, dropout_share=0.2)
+    assert params.num_shares == k == min(n, auto_num_shares(n))
+    assert k == n or (k % 2 == 1 and k >= 3 * np.log2(n))
+
+
+@pytest.mark.parametrize("num_shares", [-2, 1, 2])
+def test_a_neighbour_count_that_is_not_auto_all_or_at_least_3_is_refused(num_shares: int) -> None:
+    with pytest.raises(SpecError, match=r"secagg-num-shares must be 0 \(auto\), -1"):
+        secagg_params(20, clip_norm=1.0, dropout_share=0.2, num_shares=num_shares)
+
+
+@pytest.mark.parametrize("n", [50, 200, 1000, 10_000])
+def test_the_default_graph_keeps_the_stated_guarantees(n: int) -> None:
+    # The figures docs/privacy.md states: 10% random dropouts or corrupted devices
+    # fail or expose a round with probability < 1e-5; 20% removed rarely splits the ring.
+    params = secagg_params(n, clip_norm=1.0, dropout_share=0.2)
+    assert secagg_risks(params, dropped=0.10, corrupted=0.0).fails < 1e-5
+    assert secagg_risks(params, dropped=0.0, corrupted=0.10).exposed < 1e-5
+    assert secagg_risks(params, dropped=0.1, corrupted=0.1).split < 1e-5
+    assert secagg_risks(params, dropped=0.2, corrupted=0.0).fails < 0.1
+
+
+def test_with_every_device_a_neighbour_only_the_dropout_count_matters() -> None:
+    params = secagg_params(20, clip_norm=1.0, dropout_share=0.2, num_shares=-1)
+    assert (params.num_shares, params.threshold) == (20, 16)
+    assert secagg_risks(params, dropped=0.2, corrupted=0.0) == SecAggRisks(0.0, 0.0, 0.0)
+    assert secagg_risks(params, dropped=0.25, corrupted=0.0).fails == 1.0
+
+
+class _Recorder(GridProxy):
+    """Records what SecAgg+'s masked-vector stage sends and receives."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.ciphertexts: dict[int, int] = {}  # node -> key shares forwarded to it
+        self.wire_types: set[str] = set()
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        for msg in messages:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            if Key.CIPHERTEXT_LIST in configs:
+                self.ciphertexts[msg.metadata.dst_node_id] = len(configs[Key.CIPHERTEXT_LIST])
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in (r for r in replies if r.has_content()):
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            for b in configs.get(Key.MASKED_PARAMETERS, []):
+                self.wire_types.add(str(bytes_to_ndarray(b).dtype))
+        return replies
+
+
+@pytest.mark.parametrize("lost", [None, 7])
+def test_bounded_neighbours_still_give_the_exact_mean_in_uint32(lost: int | None) -> None:
+    # Prepare: 20 devices, so the default graph is bounded (13 neighbours, threshold 7);
+    # optionally device 7 is lost after uploading nothing (at the masked-vector stage)
+    n = 20
+    grid = _Recorder(
+        LocalGrid(
+            make_synthetic_client_app(SHAPES),
+            n,
+            dropout=lambda pid, msg: pid == lost and stage_of(msg) == "collect_masked_vectors",
+        )
+    )
+    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero", clip_norm=1.0)
+    fitins = {node: FitIns(Parameters([], ""), instr.to_config()) for node in grid.get_node_ids()}
+    params = secagg_params(n, clip_norm=1.0, dropout_share=0.2)
+    assert (params.num_shares, params.threshold) == (13, 7)
+    # Execute
+    result = secure_mean(grid, fitins, params, round_number=1)
+    # Assert: each device got the shares of its 12 neighbours only, uploaded uint32, and
+    # the mean over those who finished is within one quantization step
+    assert result is not None
+    assert set(grid.ciphertexts.values()) == {params.num_shares - 1}
+    assert grid.wire_types == {"uint32"}
+    finished = [i for i in range(n) if i != lost]
+    assert sorted(grid.inner.partition[node] for node in result.replies) == finished
+    expected = plain_mean(SHAPES, finished, 1, 0.9)
+    assert np.abs(result.mean - expected).max() <= params.tolerance
+
+
+def test_a_masked_value_beyond_the_modulus_is_refused_before_the_sum() -> None:
+    # Prepare: device 0 runs a modified mod that uploads one value past 2**32
+    def tampering(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = federated.secure_aggregation_mod(msg, context, call_next)
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in configs and context.node_config["partition-id"] == 0:
+            arrays = [bytes_to_ndarray(b).astype(np.int64) for b in configs[Key.MASKED_PARAMETERS]]
+            arrays[1][0] = 2**32 + 5
+            configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        return reply
+
+    app = ClientApp()
+
+    @app.train(mods=[tampering])
+    def train(msg: Message, context: Context) -> Message:
+        instr, _ = federated.read_instruction(msg)
+        pid = int(context.node_config["partition-id"])
+        delta = synthetic_delta(SHAPES, 0.9, (pid, instr.round))
+        m = RoundMetrics(num_examples=20, base_loss=2.0, prior_loss=1.8, personal_loss=1.5)
+        return federated.update_reply(msg, instr, delta, m)
+
+    grid = LocalGrid(app, 4)
+    instr = RoundInstruction(round=1, spec=SPEC, prior_version="zero", clip_norm=1.0)
+    fitins = {node: FitIns(Parameters([], ""), instr.to_config()) for node in grid.get_node_ids()}
+    params = secagg_params(4, clip_norm=1.0, dropout_share=0.2)
+    # Execute / Assert: one clear error, not a silently wrapped sum
+    with pytest.raises(IntegrityError, match=r"widening: masked value outside \[0, 4294967296\)"):
+        secure_mean(grid, fitins, params, round_number=1)
 
 
 # ------------------------------------------------------------------ whole rounds
@@ -281,6 +404,7 @@ def test_a_lost_privacy_ledger_stops_the_coordinator(tmp_path: Path) -> None:
         ({"secagg_dropout_share": 0.5}, "secagg-dropout-share"),
         ({"secure_aggregation": True, "min_train_nodes": 1}, "min-train-nodes >= 2"),
         ({"secagg_num_shares": 2}, "secagg-num-shares"),
+        ({"secagg_num_shares": -2}, "secagg-num-shares"),
     ],
 )
 def test_privacy_settings_are_checked(
