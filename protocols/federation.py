@@ -81,6 +81,8 @@ class RoundInstruction:
     packing: Packing = "fp16"
     noise_std: float = 0.0
     """Std of the Gaussian noise the device adds to its clipped delta (client-side DP)."""
+    blend: bool = True
+    """In a personalize round, also try points between the prior and the fine-tuned B."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -118,10 +120,11 @@ class RoundInstruction:
             and self.noise_std >= 0,
             f"noise_std must be a finite number >= 0, got {self.noise_std!r}",
         )
+        need(isinstance(self.blend, bool), f"blend must be true or false, got {self.blend!r}")
 
-    def to_config(self) -> dict[str, int | float | str]:
+    def to_config(self) -> dict[str, int | float | str | bool]:
         """Flat scalars for a Flower ConfigRecord (the spec as its canonical JSON)."""
-        out: dict[str, int | float | str] = {}
+        out: dict[str, int | float | str | bool] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name.replace("_", "-")] = value.to_json() if f.name == "spec" else value

@@ -77,6 +77,13 @@ class CoordinatorConfig:
             "notes, and keeps the best of prior, previous personal and fine-tuned; 0: skip."
         },
     )
+    personalize_blend: bool = field(
+        default=True,
+        metadata={
+            "help": "In the personalize round, also score blends of the prior and the "
+            "fine-tuned B (weights .25, .5, .75) on validation and keep the best."
+        },
+    )
     lr: float = field(default=2e-3, metadata={"help": "Device learning rate (B only)."})
     prox_mu: float = field(
         default=0.0,

@@ -238,6 +238,7 @@ class Federation:
             heldout_fraction=c.heldout_fraction,
             packing=c.packing,  # type: ignore[arg-type]
             noise_std=noise_std,
+            blend=c.personalize_blend,
         )
 
     def _send(

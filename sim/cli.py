@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
             help="at most this many steps of personal fine-tuning from the final prior, "
             "early-stopped on validation (0: the local-only budget)",
         )
+        p.add_argument(
+            "--blend",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="after personal fine-tuning, also keep a blend with the prior (weights "
+            ".25/.5/.75) if it validates best",
+        )
         p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
         p.add_argument(
             "--clip-norm",
@@ -217,6 +224,7 @@ def _run(args: argparse.Namespace) -> int:
             personal_steps=args.personal_steps,
             prior_steps=args.steps,
             personalize_steps=args.personalize_steps,
+            personalize_blend=args.blend,
             packing=args.packing,
             base=args.base,
             precision=args.precision,

@@ -108,6 +108,12 @@ class ExperimentConfig:
             "early-stopped on validation; 0: the local-only budget."
         },
     )
+    personalize_blend: bool = field(
+        default=True,
+        metadata={
+            "help": "Also keep blends of the prior and the fine-tuned B if they validate best."
+        },
+    )
     lr: float = 2e-3
     prox_mu: float = 0.0
     clip_norm: float = 10.0
@@ -438,6 +444,7 @@ def _coordinator_config(
         personal_steps=cfg.personal_steps,
         prior_steps=cfg.prior_steps,
         personalize_steps=cfg.budget_personalize,
+        personalize_blend=cfg.personalize_blend,
         lr=cfg.lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,

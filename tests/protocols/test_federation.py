@@ -16,7 +16,9 @@ SPEC = AdapterSpec(base_model_id="m", base_sha256="ab" * 32, cohort_seed=3)
 
 
 def test_instruction_round_trips_through_flat_config() -> None:
-    instr = RoundInstruction(round=4, spec=SPEC, prior_version="abc/v3", packing="int8", lr=1e-3)
+    instr = RoundInstruction(
+        round=4, spec=SPEC, prior_version="abc/v3", packing="int8", lr=1e-3, blend=False
+    )
     config = instr.to_config()
     assert all(isinstance(v, int | float | str) for v in config.values())
     assert RoundInstruction.from_config(config) == instr
@@ -24,7 +26,12 @@ def test_instruction_round_trips_through_flat_config() -> None:
 
 @pytest.mark.parametrize(
     ("change", "fragment"),
-    [({"round": -1}, "round"), ({"clip-norm": 0.0}, "clip_norm"), ({"packing": "fp8"}, "packing")],
+    [
+        ({"round": -1}, "round"),
+        ({"clip-norm": 0.0}, "clip_norm"),
+        ({"packing": "fp8"}, "packing"),
+        ({"blend": "yes"}, "blend"),
+    ],
 )
 def test_bad_instructions_name_the_field(change: dict[str, object], fragment: str) -> None:
     config = {**RoundInstruction(round=1, spec=SPEC, prior_version="p").to_config(), **change}
