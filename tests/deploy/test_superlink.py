@@ -580,11 +580,13 @@ def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_the
         {"base": str(tiny_model_dir), "precision": "fp32", "device": "cpu"},
     )
     federation = "num-supernodes=3 init-args-num-cpus=2 client-resources-num-cpus=1"
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="lfray-") as ray_tmp:
-        env = flower_env(
-            home, RAY_TMPDIR=ray_tmp, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port())
-        )
+        env = flower_env(home, RAY_TMPDIR=ray_tmp, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port))
         try:
+            # The local SuperLink runs in the project folder, as when the user's first
+            # `flwr` command there starts it (relative paths are read from there).
+            start_local_superlink(processes, env, project, port, tmp_path / "state.db")
             # Execute 1: `flwr run .` before `lorafleet-sim prepare`
             failed = flwr_json(
                 env,
@@ -593,12 +595,10 @@ def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_the
                 "--federation-config",
                 federation,
                 "-c",
-                overrides + " max-round-retries=0",
+                overrides,  # with max-round-retries=0: one failed round fails the run
                 cwd=project,
             )
-            failure = run_outcome(
-                env, [], failed["run-id"], 300, lambda: _local_superlink_log(home), project
-            )
+            failure = run_outcome(env, [], failed["run-id"], 600, processes.tail, project)
             # Execute 2: the two documented commands
             prepared = subprocess.run(
                 [str(BIN / "lorafleet-sim"), "prepare", "--users", "3", "--notes", "30"],
@@ -611,16 +611,14 @@ def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_the
             started = flwr_json(
                 env, "run", ".", "--federation-config", federation, "-c", overrides, cwd=project
             )
-            success = run_outcome(
-                env, [], started["run-id"], 300, lambda: _local_superlink_log(home), project
-            )
+            success = run_outcome(env, [], started["run-id"], 600, processes.tail, project)
         finally:
             for proc in _local_superlinks(home):
                 processes.adopt(proc)
             processes.stop()
     # Assert: the first run failed as Flower reports failures, naming the cause and fix
     status, details = failure
-    assert status == "finished:failed", _local_superlink_log(home)
+    assert status == "finished:failed", processes.tail()
     assert "sim-users-dir 'runs/sim/users' does not exist" in details, details
     assert "lorafleet-sim prepare" in details, details
     # prepare wrote the users where the default run config looks, and said what to run
@@ -629,10 +627,45 @@ def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_the
     users = sorted(p.name for p in (project / "runs" / "sim" / "users").iterdir())
     assert len(users) == 3
     # and the second run trained every user with the relative defaults
-    assert success[0] == "finished:completed", _local_superlink_log(home)
+    assert success[0] == "finished:completed", processes.tail()
     results = json.loads((project / "runs" / "coordinator" / "results.json").read_text())
     assert [r["accepted"] for r in results["rounds"]] == [3, 3]
     assert sorted(p.name for p in (project / "runs" / "sim" / "profiles").iterdir()) == users
+
+
+def start_local_superlink(
+    processes: Processes, env: dict[str, str], cwd: Path, port: int, database: Path
+) -> None:
+    """Start what `flwr` starts as its managed local SuperLink, from ``cwd``, and wait.
+
+    The same command line as ``flwr.cli.local_superlink`` (simulation mode, subprocess
+    isolation) on the port the ``local`` connection probes, so `flwr run .` finds it and
+    uses it. flwr itself allows the SuperLink 15 s to come up, which a loaded 2-core
+    machine misses; here it gets minutes.
+    """
+    processes.start(
+        "local-superlink",
+        command(
+            "flower-superlink",
+            "insecure",
+            "simulation",
+            isolation="subprocess",
+            control_api_address=f"127.0.0.1:{free_port()}",
+            host="127.0.0.1",
+            port=port,
+            database=database,
+        ),
+        env,
+        cwd,
+    )
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 240, "the local SuperLink", processes.tail)
 
 
 def _local_superlinks(home: Path) -> list[psutil.Process]:
