@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat
 from peft import PeftModel
@@ -64,6 +65,7 @@ from lorafleet.protocols.federation import (
     INSTRUCTION_KEY,
     METRICS_KEY,
     PRIOR_KEY,
+    REFUSAL_PREFIX,
     SECURE_INSTRUCTION_KEY,
     SECURE_LAYOUT_FIELD,
     SECURE_PRIOR_FIELD,
@@ -398,13 +400,21 @@ def _locate(
             )
         )
         return data, profile
-    users_dir = Path(_setting(context, extra, "sim-users-dir"))
-    if not users_dir.is_dir():
+    setting = _setting(context, extra, "sim-users-dir")
+    if not setting:
         raise LorafleetError(
-            "this node has no data: start the SuperNode with --node-config \"data='PATH'\" "
-            "or set sim-users-dir in the run config"
+            "this node has no data: start the SuperNode with --node-config \"data='PATH'\", "
+            "or (simulation) set sim-users-dir in the run config to a folder of user folders"
         )
+    users_dir = Path(setting).expanduser()
+    if not users_dir.is_dir():
+        raise LorafleetError(_missing_users_dir(setting, users_dir))
     users = sorted(p for p in users_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not users:
+        raise LorafleetError(
+            f"sim-users-dir {str(users_dir.resolve())!r} holds no user folders; "
+            f"`lorafleet-sim prepare --users N --out {setting}` writes synthetic ones"
+        )
     index = int(context.node_config.get("partition-id", 0))
     if index >= len(users):
         raise LorafleetError(
@@ -417,6 +427,29 @@ def _locate(
     return DeviceData.from_path(
         folder, heldout_fraction=instr.heldout_fraction
     ), profiles / folder.name
+
+
+def _missing_users_dir(setting: str, users_dir: Path) -> str:
+    """Why a simulated device finds no users: the path as given, as resolved, and the fix.
+
+    A relative ``sim-users-dir`` is read from the working folder of the process that runs
+    the ClientApp; on Flower's local simulation that is the folder in which the managed
+    local SuperLink was started (where the first ``flwr`` command ran), which is not
+    always where the user now is. Naming both makes that visible.
+    """
+    where = str(users_dir.resolve())
+    if users_dir.is_absolute():
+        found = f"sim-users-dir {where!r} does not exist"
+    else:
+        found = (
+            f"sim-users-dir {setting!r} does not exist in {str(Path.cwd())!r} "
+            f"(relative paths are read from the folder the SuperLink started in, so {where!r})"
+        )
+    return (
+        f"{found}; write user folders there with `lorafleet-sim prepare --users N` "
+        f"(run in that folder), or give an absolute path: "
+        f"flwr run . -c \"sim-users-dir='/path/to/users'\""
+    )
 
 
 def read_instruction(msg: Message) -> tuple[RoundInstruction, bytes | None]:
@@ -623,6 +656,28 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
     return update_reply(msg, instr, delta, metrics, report=report)
 
 
+def _handle_or_refuse(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
+    """:func:`_handle`, with a device-side mistake answered as one line, not a traceback.
+
+    A :class:`LorafleetError` (no data, a missing prior, a refused setting) becomes a
+    Flower error reply whose reason is the error's message, so the coordinator can name
+    the cause in the run's failure (``flwr list`` shows it) instead of Flower's repr of a
+    wrapped exception. Anything else still raises: that is a bug, and its traceback is
+    what the node's log should show. In a SecAgg+ round ``secaggplus_mod`` cannot pass an
+    error reply on, so there the exception is raised as before.
+    """
+    try:
+        return _handle(msg, context, extra)
+    except LorafleetError as exc:
+        if is_secure(msg):
+            raise
+        log.error("%s", exc)
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{REFUSAL_PREFIX}{exc}"),
+            reply_to=msg,
+        )
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``secaggplus_mod`` for SecAgg+ stages; every other message passes through.
 
@@ -651,12 +706,12 @@ def make_client_app(
     @client_app.train(mods=[secure_aggregation_mod, *mods])
     def train(msg: Message, context: Context) -> Message:
         """A training round: prior delta out, personal adapter kept."""
-        return _handle(msg, context, extra)
+        return _handle_or_refuse(msg, context, extra)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """An evaluation round: held-out losses of base, prior and personal adapter."""
-        return _handle(msg, context, extra)
+        return _handle_or_refuse(msg, context, extra)
 
     return client_app
 

@@ -53,6 +53,11 @@ MAX_NUM_EXAMPLES = 10**9
 """The most training examples a device may report: a phone's notes are far fewer, and
 anything larger (``1e12``, ``inf``) is a lie or a bug, refused at the protocol boundary."""
 
+REFUSAL_PREFIX = "lorafleet: "
+"""Starts the reason of a device's error reply when the device names its own mistake
+(no data, a missing prior): the rest is one line for a person, which the coordinator
+quotes when a round fails, instead of Flower's repr of a wrapped exception."""
+
 ZERO_PRIOR = "zero"
 """The prior before round 1: B = 0. Devices know its shapes from their own base and
 spec, so the coordinator never needs the base's architecture."""

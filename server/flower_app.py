@@ -39,6 +39,7 @@ from lorafleet.protocols.federation import (
     INSTRUCTION_KEY,
     METRICS_KEY,
     PRIOR_KEY,
+    REFUSAL_PREFIX,
     SECURE_LAYOUT_FIELD,
     SECURE_PRIOR_FIELD,
     UPDATE_KEY,
@@ -100,6 +101,12 @@ class RoundOutcome:
     """Personal adapter versions the devices reported and the registry recorded."""
 
 
+def _reason_text(reason: object) -> str:
+    """An error reply's reason, kept whole (to 1,000 characters) when a device wrote it."""
+    text = str(reason)
+    return text[:1000] if text.startswith(REFUSAL_PREFIX) else text[:200]
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes a message's records carry (bytes and strings by length, numbers as 8)."""
 
@@ -145,7 +152,7 @@ class _Tally(GridProxy):
                 self.bytes_up += payload_bytes(reply.content)
             else:
                 reason = reply.error.reason if reply.has_error() else "no content"
-                self.errors.setdefault(node, f"error: {str(reason)[:200]}")
+                self.errors.setdefault(node, f"error: {_reason_text(reason)}")
         self.missing |= {m.metadata.dst_node_id for m in messages} - answered
         return replies
 
@@ -352,7 +359,7 @@ class Federation:
             if not reply.has_content():
                 self._sent_prior.pop(node, None)  # it may have lost its copy
                 reason = reply.error.reason if reply.has_error() else "no content"
-                outcome.refused[node] = f"error: {str(reason)[:200]}"
+                outcome.refused[node] = f"error: {_reason_text(reason)}"
                 continue
             self._sent_prior[node] = prior_ref
             try:
@@ -659,8 +666,9 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
                     break
             else:
                 raise LorafleetError(
-                    f"round {number} failed {config.max_round_retries + 1} times (too few accepted "
-                    "updates); check the nodes' logs, then run again to resume"
+                    f"round {number} failed {config.max_round_retries + 1} times "
+                    f"({outcomes[-1].failure}){failure_causes(outcomes[-1])}; "
+                    "fix that (the nodes' logs have more), then run again to resume"
                 )
         personalized = fed.personalize_all(prior_ref, prior) if config.personalize_steps > 0 else {}
         evaluation = fed.evaluate_all(prior_ref, prior) if config.final_evaluation else {}
@@ -679,6 +687,27 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         return results
     finally:
         coord.close()
+
+
+def failure_causes(outcome: RoundOutcome) -> str:
+    """What the devices said when a round failed, for the run's one-line failure.
+
+    A device that names its own mistake (an error reply starting with
+    :data:`REFUSAL_PREFIX`) is quoted as it wrote it; other refusals (a malformed delta,
+    a crash's repr) are cut short. The commonest cause comes first with its count, so a
+    misconfigured fleet reads as one sentence rather than one line per device.
+    """
+    if not outcome.refused:
+        return f"; {outcome.dropouts} device(s) did not answer" if outcome.dropouts else ""
+    counts: dict[str, int] = {}
+    for reason in outcome.refused.values():
+        text = reason.removeprefix("error: ")
+        text = text.removeprefix(REFUSAL_PREFIX) if text.startswith(REFUSAL_PREFIX) else text[:160]
+        counts[text] = counts.get(text, 0) + 1
+    (first, n), *rest = sorted(counts.items(), key=lambda kv: -kv[1])
+    others = sum(k for _, k in rest)
+    more = f" (and {others} other refusal(s))" if others else ""
+    return f"; {n} of {outcome.sampled} device(s) refused: {first}{more}"
 
 
 def _privacy_summary(fed: Federation, config: CoordinatorConfig) -> dict[str, Any]:

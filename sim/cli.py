@@ -137,7 +137,53 @@ def _parser() -> argparse.ArgumentParser:
                 default=None,
                 help="real users who never take part, for the cold-start curve",
             )
+    prep = sub.add_parser(
+        "prepare",
+        help="write synthetic user folders for `flwr run .` on the local simulation",
+        formatter_class=DefaultsHelpFormatter,
+        description="Write one folder per synthetic user where the run config's "
+        "sim-users-dir looks (runs/sim/users, read from the folder where the local "
+        "SuperLink started), then run `flwr run .` from this folder.",
+    )
+    prep.add_argument("--users", type=int, default=8, help="synthetic users (one per SuperNode)")
+    prep.add_argument("--notes", type=int, default=60, help="notes per synthetic user")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the synthetic personas")
+    prep.add_argument(
+        "--out",
+        type=Path,
+        default=Path(SIM_USERS_DIR),
+        help="where to write the user folders (the run config's sim-users-dir)",
+    )
     return parser
+
+
+SIM_USERS_DIR = "runs/sim/users"
+"""The default ``sim-users-dir`` of ``[tool.flwr.app.config]``, relative on purpose."""
+
+
+def prepare(out: Path, *, users: int, notes: int, seed: int) -> str:
+    """Write the user folders and return what to run next, for people to read.
+
+    The folders are the ones :func:`~lorafleet.sim.personas.write_user_folders` writes
+    (a regenerated seed overwrites its own users and refuses to mix with others). The
+    text names the exact ``flwr run`` command: the local simulation federation must have
+    one virtual SuperNode per user folder, and a path other than the default must be
+    passed as an override, absolute, since relative ones are read from the folder the
+    local SuperLink started in.
+    """
+    from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+
+    config = PersonaConfig(num_users=users, notes_per_user=notes, seed=seed)
+    root = write_user_folders(generate_personas(config), out)
+    overrides = "" if str(out) == SIM_USERS_DIR else f" -c \"sim-users-dir='{root.resolve()}'\""
+    return (
+        f"wrote {users} synthetic users to {root} ({root.resolve()})\n"
+        "next, from this folder (the managed local SuperLink reads relative paths from the "
+        "folder where it started):\n"
+        f'  flwr run . --federation-config "num-supernodes={users}"{overrides} --stream\n'
+        "then `flwr list` shows the run's status (finished:completed, or finished:failed "
+        "with the reason)"
+    )
 
 
 # Set by the SIGINT handler main() installs, before KeyboardInterrupt is raised.
@@ -207,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command itself, once logging and Ctrl-C handling are set up."""
+    if args.command == "prepare":
+        try:
+            print(prepare(args.out, users=args.users, notes=args.notes, seed=args.seed))
+        except LorafleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         from lorafleet.sim.experiment import ExperimentConfig, format_table, run_experiment
 

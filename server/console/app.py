@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from fastapi import Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
@@ -39,6 +40,14 @@ from starlette.responses import Response
 from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.server.blob_store import BlobStore
 from lorafleet.server.console import charts
+from lorafleet.server.console.api import (
+    API_PREFIX,
+    BadQuery,
+    int_cursors,
+    page_links,
+    text_cursors,
+    to_json,
+)
 from lorafleet.server.console.auth import (
     AdminStore,
     ConsoleAuthError,
@@ -437,7 +446,43 @@ async def _action_user(request: Request) -> Session:
     return await _post_session(request)
 
 
-PageSession = Annotated[Session, Depends(_page_user)]
+def _view_user(request: Request) -> Session:
+    """Dependency of every page and its JSON twin: a logged-in session.
+
+    Without one, a page redirects to ``/login`` and the API answers 401 (a script has
+    no use for a login form).
+    """
+    if not request.url.path.startswith(API_PREFIX + "/"):
+        return _page_user(request)
+    session = _session_of(request)
+    if session is None or session.user is None:
+        raise _Refused(
+            401, f"log in first: POST /login with the CSRF token from GET {API_PREFIX}/session"
+        )
+    return session
+
+
+def _twin(request: Request, path: str) -> str:
+    """``path`` as a page, or as its JSON twin when ``request`` came to the API."""
+    return API_PREFIX + path if request.url.path.startswith(API_PREFIX + "/") else path
+
+
+def _paging(
+    request: Request, next_after: int | str | None, prev_before: int | str | None
+) -> dict[str, Any]:
+    """A listing's cursors and the links to its neighbouring pages."""
+    return {
+        "next_after": next_after,
+        "prev_before": prev_before,
+        "links": page_links(request.url, next_after, prev_before),
+    }
+
+
+def _round_id(value: int | None) -> RoundId | None:
+    return None if value is None else RoundId(value)
+
+
+ViewSession = Annotated[Session, Depends(_view_user)]
 PostSession = Annotated[Session, Depends(_post_session)]
 ActionSession = Annotated[Session, Depends(_action_user)]
 
@@ -520,11 +565,38 @@ def create_app(
     async def not_logged_in(request: Request, exc: _NotLoggedIn) -> Response:
         return RedirectResponse(f"/login?next={quote(exc.path, safe='/')}", status_code=303)
 
+    def refuse(request: Request, status: int, message: str) -> Response:
+        """One message: JSON for the API and scripts, a page for a browser's GET."""
+        if request.url.path.startswith(API_PREFIX + "/") or _wants_json(request):
+            return JSONResponse({"error": message}, status_code=status)
+        session = session_of(request)
+        if request.method == "GET" and session is not None and session.user is not None:
+            return render(
+                request,
+                "error.html",
+                session,
+                status_code=status,
+                heading="Not found" if status == 404 else "Bad request",
+                message=message,
+            )
+        return PlainTextResponse(message, status_code=status)
+
     @app.exception_handler(_Refused)
     async def refused(request: Request, exc: _Refused) -> Response:
-        if _wants_json(request):
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        return PlainTextResponse(exc.message, status_code=exc.status)
+        return refuse(request, exc.status, exc.message)
+
+    @app.exception_handler(BadQuery)
+    async def bad_query(request: Request, exc: BadQuery) -> Response:
+        return refuse(request, 400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's default is a 422 with a list of pydantic errors; one line says more.
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return refuse(request, 400, "bad request: " + "; ".join(problems))
 
     session_of = _session_of
 
@@ -671,180 +743,307 @@ def create_app(
         return response
 
     # ------------------------------------------------------------ pages
+    # Each page is a view (the data, from the registry) rendered two ways: as HTML at its
+    # path and as JSON under /api/v1 at the same path, so the two never show different
+    # things. Views read only; the API has no write methods, so CSRF is not involved.
 
-    @app.get("/", response_class=HTMLResponse)
-    def overview(
-        request: Request,
-        session: PageSession,
-        spec: str | None = None,
-        after: int | None = None,
-    ) -> Response:
-        cohorts = console.cached("cohorts", 10.0, console.cohorts)
-        current = spec if spec in cohorts else (cohorts[0] if cohorts else None)
-        rounds_page = console.registry.list_rounds(
-            current, after=None if after is None else RoundId(after), limit=config.page_size
-        )
+    def cohort_of(spec: str | None) -> tuple[list[str], str | None]:
+        cohorts: list[str] = console.cached("cohorts", 10.0, console.cohorts)
+        return cohorts, spec if spec in cohorts else (cohorts[0] if cohorts else None)
+
+    def overview_view(request: Request, spec: str | None) -> dict[str, Any]:
+        cohorts, current = cohort_of(spec)
+        rounds_page = console.registry.list_rounds(current, limit=config.page_size)
         results = console.results()
-        loss_chart = bytes_chart = None
         active: PriorRecord | None = None
         priors: list[PriorRecord] = []
+        loss: dict[str, list[tuple[float, float]]] = {}
+        moved: list[tuple[float, dict[str, float]]] = []
         if current is not None:
             priors = console.all_priors(current)
             active = console.registry.active_prior(current)
-            rounds_all = console.all_rounds(current)
-            loss_chart = charts.line_chart(
-                _loss_series(priors, results),
-                title="Held-out loss per round",
-                x_label="round",
-                y_label="loss",
-            )
-            bytes_chart = charts.bar_chart(
-                _bytes_groups(rounds_all),
-                title="Bytes moved per round",
-                x_label="round",
-                y_label="bytes",
-            )
-        counts = console.cached("counts", 30.0, console.registry.counts)
+            loss = _loss_series(priors, results)
+            moved = _bytes_groups(console.all_rounds(current))
+        rounds_url = request.url.replace(path=_twin(request, "/rounds"), query="")
         running = [r for r in rounds_page.items if r.status == "running"]
-        return render(
-            request,
-            "overview.html",
-            session,
-            cohorts=cohorts,
-            current=current,
-            rounds=rounds_page.items,
-            next_after=rounds_page.next_after,
-            active=active,
-            priors=list(reversed(priors))[:5],
-            counts=counts,
-            running=running,
-            loss_chart=loss_chart,
-            bytes_chart=bytes_chart,
-            final=_final_evaluation(results),
-        )
+        return {
+            "cohorts": cohorts,
+            "current": current,
+            "paused": console.paused(),
+            "running": running,
+            "active": active,
+            "counts": console.cached("counts", 30.0, console.registry.counts),
+            "rounds": rounds_page.items,
+            "older_rounds": page_links(
+                rounds_url.include_query_params(**({"spec": current} if current else {})),
+                rounds_page.next_after,
+                None,
+            )["next"],
+            "priors": list(reversed(priors))[:5],
+            "loss_per_round": {
+                name: [{"round": x, "loss": y} for x, y in points] for name, points in loss.items()
+            },
+            "bytes_per_round": [{"round": x, **values} for x, values in moved],
+            "final": _final_evaluation(results),
+        }
 
-    @app.get("/users", response_class=HTMLResponse)
-    def users_page(
-        request: Request,
-        session: PageSession,
-        q: str = "",
-        after: str | None = None,
-    ) -> Response:
+    def rounds_view(
+        request: Request, spec: str | None, after: str | None, before: str | None
+    ) -> dict[str, Any]:
+        cohorts, current = cohort_of(spec)
+        cursors = int_cursors(after, before)
+        page = console.registry.list_rounds(
+            current,
+            after=_round_id(cursors[0]),
+            before=_round_id(cursors[1]),
+            limit=config.page_size,
+        )
+        return {
+            "cohorts": cohorts,
+            "current": current,
+            "rounds": page.items,
+            **_paging(request, page.next_after, page.prev_before),
+        }
+
+    def users_view(
+        request: Request, q: str, after: str | None, before: str | None
+    ) -> dict[str, Any]:
         q = q.strip()
+        cursors = text_cursors(after, before)
         try:
-            page = console.registry.search_users(q, after=after or None, limit=config.page_size)
-        except RegistryError as exc:
-            session.flash("error", str(exc))
-            return render(
-                request,
-                "users.html",
-                session,
-                status_code=400,
-                q=q,
-                users=[],
-                next_after=None,
-                latest={},
+            page = console.registry.search_users(
+                q, after=cursors[0], before=cursors[1], limit=config.page_size
             )
+        except RegistryError as exc:
+            raise BadQuery(str(exc)) from None
         latest = {u.pseudonym: console.registry.latest_user_version(u.id) for u in page.items}
-        return render(
-            request,
-            "users.html",
-            session,
-            q=q,
-            users=page.items,
-            next_after=page.next_after,
-            latest=latest,
-        )
+        return {
+            "q": q,
+            "users": page.items,
+            "latest": latest,
+            **_paging(request, page.next_after, page.prev_before),
+        }
 
-    @app.get("/users/{pseudonym}", response_class=HTMLResponse)
-    def user_page(
+    def user_view(
         request: Request,
         pseudonym: str,
-        session: PageSession,
-        after: int | None = None,
-        blobs_after: int | None = None,
-    ) -> Response:
+        after: str | None,
+        before: str | None,
+        blobs_after: str | None,
+        blobs_before: str | None,
+    ) -> dict[str, Any]:
         reg = console.registry
+        cursors = (
+            *int_cursors(after, before),
+            *int_cursors(blobs_after, blobs_before, prefix="blobs_"),
+        )
         try:
             user = reg.get_user(pseudonym)
         except (NotFoundError, RegistryError) as exc:
-            return render(request, "error.html", session, status_code=404, message=str(exc))
+            raise _Refused(404, str(exc)) from None
         history = reg.user_history(
-            user.id, after=None if after is None else VersionId(after), limit=config.page_size
+            user.id,
+            after=None if cursors[0] is None else VersionId(cursors[0]),
+            before=None if cursors[1] is None else VersionId(cursors[1]),
+            limit=config.page_size,
         )
-        evaluations = {v.id: reg.list_evaluations(v.id) for v in history.items}
-        blobs = reg.list_blobs(user.id, after=blobs_after, limit=config.page_size)
-        devices = reg.list_devices(kind="device", user=user.id, limit=100)
-        return render(
-            request,
-            "user.html",
-            session,
-            u=user,
-            adapters=reg.list_adapters(user.id),
-            history=history.items,
-            next_after=history.next_after,
-            evaluations=evaluations,
-            blobs=blobs.items,
-            blobs_next=blobs.next_after,
-            devices=devices.items,
+        blobs = reg.list_blobs(user.id, after=cursors[2], before=cursors[3], limit=config.page_size)
+        blob_links = page_links(
+            request.url,
+            blobs.next_after,
+            blobs.prev_before,
+            after="blobs_after",
+            before="blobs_before",
         )
+        return {
+            "u": user,
+            "adapters": reg.list_adapters(user.id),
+            "history": history.items,
+            "evaluations": {v.id: reg.list_evaluations(v.id) for v in history.items},
+            **_paging(request, history.next_after, history.prev_before),
+            "blobs": blobs.items,
+            "blobs_next_after": blobs.next_after,
+            "blobs_prev_before": blobs.prev_before,
+            "blobs_links": blob_links,
+            "devices": reg.list_devices(kind="device", user=user.id, limit=100).items,
+        }
 
-    @app.get("/priors", response_class=HTMLResponse)
-    def priors_page(
-        request: Request,
-        session: PageSession,
-        spec: str | None = None,
-        after: int | None = None,
-    ) -> Response:
-        cohorts = console.cached("cohorts", 10.0, console.cohorts)
-        current = spec if spec in cohorts else (cohorts[0] if cohorts else None)
+    def priors_view(
+        request: Request, spec: str | None, after: str | None, before: str | None
+    ) -> dict[str, Any]:
+        cohorts, current = cohort_of(spec)
+        cursors = int_cursors(after, before)
         items: Sequence[PriorRecord] = ()
-        next_after = None
+        next_after = prev_before = None
         if current is not None:
             page = console.registry.list_prior_versions(
-                current, after=after, limit=config.page_size
+                current, after=cursors[0], before=cursors[1], limit=config.page_size
             )
-            items, next_after = page.items, page.next_after
-        return render(
-            request,
-            "priors.html",
-            session,
-            cohorts=cohorts,
-            current=current,
-            priors=items,
-            next_after=next_after,
-        )
+            items, next_after, prev_before = page.items, page.next_after, page.prev_before
+        return {
+            "cohorts": cohorts,
+            "current": current,
+            "priors": items,
+            **_paging(request, next_after, prev_before),
+        }
 
-    @app.get("/nodes", response_class=HTMLResponse)
-    def nodes_page(
-        request: Request,
-        session: PageSession,
-        kind: str = "",
-        after: int | None = None,
-    ) -> Response:
+    def nodes_view(
+        request: Request, kind: str, after: str | None, before: str | None
+    ) -> dict[str, Any]:
         chosen: DeviceKind | None = (
             "device" if kind == "device" else "supernode" if kind == "supernode" else None
         )
+        cursors = int_cursors(after, before)
         page = console.registry.list_devices(
-            kind=chosen, after=None if after is None else DeviceId(after), limit=config.page_size
+            kind=chosen,
+            after=None if cursors[0] is None else DeviceId(cursors[0]),
+            before=None if cursors[1] is None else DeviceId(cursors[1]),
+            limit=config.page_size,
         )
-        pseudonyms = {d.user_id: d.pseudonym for d in page.items}
-        return render(
-            request,
-            "nodes.html",
-            session,
-            kind=chosen or "",
-            nodes=page.items,
-            next_after=page.next_after,
-            pseudonyms=pseudonyms,
+        return {
+            "kind": chosen or "",
+            "nodes": page.items,
+            "pseudonyms": {d.user_id: d.pseudonym for d in page.items},
+            **_paging(request, page.next_after, page.prev_before),
+        }
+
+    def audit_view(request: Request, after: str | None, before: str | None) -> dict[str, Any]:
+        cursors = int_cursors(after, before)
+        page = console.registry.list_audit(
+            after=cursors[0], before=cursors[1], limit=config.page_size
+        )
+        return {"entries": page.items, **_paging(request, page.next_after, page.prev_before)}
+
+    def show(
+        request: Request, session: Session, page: str, data: dict[str, Any], **extra: Any
+    ) -> Response:
+        """The view's data as JSON on the API path, else as the page's HTML."""
+        if request.url.path.startswith(API_PREFIX + "/"):
+            return JSONResponse({"page": page, **to_json(data)})
+        data = {k: v for k, v in data.items() if k != "paused"}  # render() reads it itself
+        return render(request, f"{page}.html", session, **data, **extra)
+
+    # Each handler serves the page and its JSON twin; ViewSession redirects a browser to
+    # /login and answers 401 on the API.
+
+    @app.get("/", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/overview")
+    def overview(request: Request, session: ViewSession, spec: str | None = None) -> Response:
+        data = overview_view(request, spec)
+        if request.url.path.startswith(API_PREFIX + "/") or data["current"] is None:
+            return show(request, session, "overview", data, loss_chart=None, bytes_chart=None)
+        loss_chart = charts.line_chart(
+            {
+                name: [(p["round"], p["loss"]) for p in points]
+                for name, points in data["loss_per_round"].items()
+            },
+            title="Held-out loss per round",
+            x_label="round",
+            y_label="loss",
+        )
+        bytes_chart = charts.bar_chart(
+            [(p["round"], {"up": p["up"], "down": p["down"]}) for p in data["bytes_per_round"]],
+            title="Bytes moved per round",
+            x_label="round",
+            y_label="bytes",
+        )
+        return show(
+            request, session, "overview", data, loss_chart=loss_chart, bytes_chart=bytes_chart
         )
 
+    @app.get("/rounds", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/rounds")
+    def rounds_page(
+        request: Request,
+        session: ViewSession,
+        spec: str | None = None,
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Response:
+        return show(request, session, "rounds", rounds_view(request, spec, after, before))
+
+    @app.get("/users", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/users")
+    def users_page(
+        request: Request,
+        session: ViewSession,
+        q: str = "",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Response:
+        try:
+            data = users_view(request, q, after, before)
+        except BadQuery as exc:
+            if request.url.path.startswith(API_PREFIX + "/"):
+                raise
+            # The search form stays on screen, with the message above it.
+            session.flash("error", str(exc))
+            empty = {"q": q.strip(), "users": [], "latest": {}, **_paging(request, None, None)}
+            return render(request, "users.html", session, status_code=400, **empty)
+        return show(request, session, "users", data)
+
+    @app.get("/users/{pseudonym}", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/users/{{pseudonym}}")
+    def user_page(
+        request: Request,
+        pseudonym: str,
+        session: ViewSession,
+        after: str | None = None,
+        before: str | None = None,
+        blobs_after: str | None = None,
+        blobs_before: str | None = None,
+    ) -> Response:
+        data = user_view(request, pseudonym, after, before, blobs_after, blobs_before)
+        return show(request, session, "user", data)
+
+    @app.get("/priors", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/priors")
+    def priors_page(
+        request: Request,
+        session: ViewSession,
+        spec: str | None = None,
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Response:
+        return show(request, session, "priors", priors_view(request, spec, after, before))
+
+    @app.get("/nodes", response_class=HTMLResponse)
+    @app.get(f"{API_PREFIX}/nodes")
+    def nodes_page(
+        request: Request,
+        session: ViewSession,
+        kind: str = "",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Response:
+        return show(request, session, "nodes", nodes_view(request, kind, after, before))
+
     @app.get("/audit", response_class=HTMLResponse)
-    def audit_page(request: Request, session: PageSession, after: int | None = None) -> Response:
-        page = console.registry.list_audit(after=after, limit=config.page_size)
-        return render(
-            request, "audit.html", session, entries=page.items, next_after=page.next_after
+    @app.get(f"{API_PREFIX}/audit")
+    def audit_page(
+        request: Request,
+        session: ViewSession,
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Response:
+        return show(request, session, "audit", audit_view(request, after, before))
+
+    @app.get(f"{API_PREFIX}/session")
+    def session_api(request: Request) -> Response:
+        """Who is logged in, and the CSRF token a script sends with ``POST /login``.
+
+        Like ``GET /login``, it starts a (not yet logged-in) session when the caller has
+        none, so a script can log in without reading the login form's HTML.
+        """
+        session = session_of(request)
+        fresh = session is None
+        session = session or console.sessions.new()
+        response = JSONResponse(
+            {"page": "session", "user": session.user, "csrf_token": session.csrf}
         )
+        if fresh:
+            set_cookie(response, request, session)
+        return response
 
     # ------------------------------------------------------------ actions
 

@@ -49,12 +49,14 @@ class Page(Generic[T, C]):
     """One page of a keyset-paginated listing.
 
     Pass ``next_after`` back as ``after`` for the next page; it is None on the last page.
-    Keyset (not offset) paging costs the same at page 1 and page 20,000, and rows added
-    while someone pages never shift or repeat what they already saw.
+    Pass ``prev_before`` back as ``before`` for the page before this one; it is None on
+    the first. Keyset (not offset) paging costs the same at page 1 and page 20,000, and
+    rows added while someone pages never shift or repeat what they already saw.
     """
 
     items: tuple[T, ...]
     next_after: C | None
+    prev_before: C | None = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -261,6 +261,64 @@ def _prefix_upper(prefix: str) -> str:
     # Pseudonyms sort bytewise and are ASCII, so every string starting with `prefix` lies
     # in [prefix, prefix with its last character incremented).
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+_K = TypeVar("_K", int, str)
+
+
+def _keyset_page(
+    conn: Connection,
+    query: Select[Any],
+    key: Any,
+    *,
+    after: _K | None,
+    before: _K | None,
+    limit: int,
+    ascending: bool,
+    record: Callable[[Row[Any]], _T],
+    key_of: Callable[[_T], _K],
+) -> Page[_T, _K]:
+    """One page of ``query`` in ``key`` order: the rows after ``after`` or before ``before``.
+
+    A page reached backwards (``before``) is read in reverse key order and turned round,
+    so it costs one index range scan like a forward page. Whether a neighbouring page
+    exists is known from the extra row of that scan in its own direction, and from one
+    ``LIMIT 1`` probe in the other (only when a cursor was given: the first page has no
+    page before it), so "previous" and "next" links never lead to an empty page.
+    """
+    check_limit(limit)
+    if after is not None and before is not None:
+        raise RegistryValueError("page with after= or before=, not both")
+
+    def later(cursor: _K) -> Any:
+        return key > cursor if ascending else key < cursor
+
+    def earlier(cursor: _K) -> Any:
+        return key < cursor if ascending else key > cursor
+
+    def exists(condition: Any) -> bool:
+        return conn.execute(query.where(condition).limit(1)).first() is not None
+
+    def fetch(ordered: Select[Any]) -> list[_T]:
+        return [record(row) for row in conn.execute(ordered)]
+
+    forward, backward = (key.asc(), key.desc()) if ascending else (key.desc(), key.asc())
+    if before is None:
+        narrowed = query if after is None else query.where(later(after))
+        found = fetch(narrowed.order_by(forward).limit(limit + 1))
+        items = found[:limit]
+        has_next = len(found) > limit
+        has_prev = after is not None and bool(items) and exists(earlier(key_of(items[0])))
+    else:
+        found = fetch(query.where(earlier(before)).order_by(backward).limit(limit + 1))
+        items = found[:limit][::-1]
+        has_prev = len(found) > limit
+        has_next = bool(items) and exists(later(key_of(items[-1])))
+    return Page(
+        tuple(items),
+        key_of(items[-1]) if has_next else None,
+        key_of(items[0]) if has_prev else None,
+    )
 
 
 class Registry:
@@ -495,7 +553,12 @@ class Registry:
         return UserRecord(UserId(int(row.id)), row.pseudonym, row.created_at)
 
     def search_users(
-        self, prefix: str = "", *, after: str | None = None, limit: int = 50
+        self,
+        prefix: str = "",
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        limit: int = 50,
     ) -> Page[UserRecord, str]:
         """Users whose pseudonym starts with ``prefix``, in pseudonym order, by keyset.
 
@@ -503,21 +566,23 @@ class Registry:
         thousandth page of all users cost the same at a million users.
         """
         check_prefix(prefix)
-        check_limit(limit)
         query = select(users.c.id, users.c.pseudonym, users.c.created_at)
         if prefix:
             query = query.where(
                 users.c.pseudonym >= prefix, users.c.pseudonym < _prefix_upper(prefix)
             )
-        if after is not None:
-            query = query.where(users.c.pseudonym > after)
-        query = query.order_by(users.c.pseudonym).limit(limit + 1)
         with self._read() as conn:
-            rows = conn.execute(query).all()
-        items = tuple(
-            UserRecord(UserId(int(r.id)), r.pseudonym, r.created_at) for r in rows[:limit]
-        )
-        return Page(items, items[-1].pseudonym if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                query,
+                users.c.pseudonym,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=True,
+                record=lambda r: UserRecord(UserId(int(r.id)), r.pseudonym, r.created_at),
+                key_of=lambda u: u.pseudonym,
+            )
 
     def erase_user(self, user: UserRef) -> ErasureCounts:
         """Delete the user and everything of theirs from the registry.
@@ -967,19 +1032,30 @@ class Registry:
         return Page(items, items[-1].version if len(found) > limit else None)
 
     def user_history(
-        self, user: UserRef, *, after: VersionId | None = None, limit: int = 50
+        self,
+        user: UserRef,
+        *,
+        after: VersionId | None = None,
+        before: VersionId | None = None,
+        limit: int = 50,
     ) -> Page[VersionRecord, int]:
         """A user's versions across adapters, newest stored first, by keyset on the id."""
-        check_limit(limit)
         query = self._version_query().where(self._owned_by(user))
-        if after is not None:
-            query = query.where(_v.c.id < after)
         with self._read() as conn:
-            found = self._versions(conn, query.order_by(_v.c.id.desc()).limit(limit + 1))
-            if not found:
+            page: Page[VersionRecord, int] = _keyset_page(
+                conn,
+                query,
+                _v.c.id,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=lambda r: self._version_record(conn, r),
+                key_of=lambda v: int(v.id),
+            )
+            if not page.items:
                 self._user_id(conn, user)
-        items = tuple(found[:limit])
-        return Page(items, int(items[-1].id) if len(found) > limit else None)
+        return page
 
     def find_versions_by_content(
         self, content_hash: str, *, limit: int = 50
@@ -1388,20 +1464,28 @@ class Registry:
         return self._prior_record(row)
 
     def list_prior_versions(
-        self, spec: SpecRef, *, after: int | None = None, limit: int = 50
+        self,
+        spec: SpecRef,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        limit: int = 50,
     ) -> Page[PriorRecord, int]:
         """A cohort's prior versions, newest first, each marked whether it is active."""
         fp = self._spec_fp(spec)
-        check_limit(limit)
         query = self._prior_query().where(prior_versions.c.spec_fingerprint == fp)
-        if after is not None:
-            query = query.where(prior_versions.c.version < after)
         with self._read() as conn:
-            rows = conn.execute(
-                query.order_by(prior_versions.c.version.desc()).limit(limit + 1)
-            ).all()
-        items = tuple(self._prior_record(r) for r in rows[:limit])
-        return Page(items, items[-1].version if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                query,
+                prior_versions.c.version,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=self._prior_record,
+                key_of=lambda p: p.version,
+            )
 
     def set_active_prior(self, spec: SpecRef, version: int) -> PriorRecord:
         """Point the cohort at one of its prior versions (rollback of the prior)."""
@@ -1628,19 +1712,29 @@ class Registry:
         return self._round_record(row)
 
     def list_rounds(
-        self, spec: SpecRef | None = None, *, after: RoundId | None = None, limit: int = 50
+        self,
+        spec: SpecRef | None = None,
+        *,
+        after: RoundId | None = None,
+        before: RoundId | None = None,
+        limit: int = 50,
     ) -> Page[RoundRecord, int]:
         """Rounds, newest first (of one cohort when ``spec`` is given), by keyset on the id."""
-        check_limit(limit)
         query = select(rounds)
         if spec is not None:
             query = query.where(rounds.c.spec_fingerprint == self._spec_fp(spec))
-        if after is not None:
-            query = query.where(rounds.c.id < after)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(rounds.c.id.desc()).limit(limit + 1)).all()
-        items = tuple(self._round_record(r) for r in rows[:limit])
-        return Page(items, int(items[-1].id) if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                query,
+                rounds.c.id,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=self._round_record,
+                key_of=lambda r: int(r.id),
+            )
 
     # ------------------------------------------------------------------ blobs
 
@@ -1745,6 +1839,7 @@ class Registry:
         *,
         adapter_id: AdapterId | None = None,
         after: int | None = None,
+        before: int | None = None,
         limit: int = 100,
     ) -> Page[BlobRecord, int]:
         """A user's blobs (optionally of one adapter), newest first, by keyset on the id."""
@@ -1754,11 +1849,17 @@ class Registry:
             query = select(blobs).where(blobs.c.user_id == uid)
             if adapter_id is not None:
                 query = query.where(blobs.c.adapter_id == adapter_id)
-            if after is not None:
-                query = query.where(blobs.c.id < after)
-            rows = conn.execute(query.order_by(blobs.c.id.desc()).limit(limit + 1)).all()
-        items = tuple(self._blob_record(r) for r in rows[:limit])
-        return Page(items, items[-1].id if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                query,
+                blobs.c.id,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=self._blob_record,
+                key_of=lambda b: b.id,
+            )
 
     def blob_shared_with_others(self, sha256: str, user: UserRef) -> bool:
         """Whether a blob of another user names the same ciphertext (the store dedups by hash).
@@ -2011,6 +2112,7 @@ class Registry:
         kind: DeviceKind | None = None,
         user: UserRef | None = None,
         after: DeviceId | None = None,
+        before: DeviceId | None = None,
         limit: int = 50,
     ) -> Page[DeviceRecord, int]:
         """Devices and SuperNodes, newest first, by keyset on the id."""
@@ -2023,11 +2125,17 @@ class Registry:
                 query = query.where(devices.c.user_id == self._user_id(conn, user))
             if kind is not None:
                 query = query.where(devices.c.kind == kind)
-            if after is not None:
-                query = query.where(devices.c.id < after)
-            rows = conn.execute(query.order_by(devices.c.id.desc()).limit(limit + 1)).all()
-        items = tuple(self._device_record(r) for r in rows[:limit])
-        return Page(items, int(items[-1].id) if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                query,
+                devices.c.id,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=self._device_record,
+                key_of=lambda d: int(d.id),
+            )
 
     # ------------------------------------------------------------------ audit and controls
 
@@ -2068,16 +2176,22 @@ class Registry:
             detail=json.loads(row.detail_json),
         )
 
-    def list_audit(self, *, after: int | None = None, limit: int = 50) -> Page[AuditRecord, int]:
+    def list_audit(
+        self, *, after: int | None = None, before: int | None = None, limit: int = 50
+    ) -> Page[AuditRecord, int]:
         """Audit entries, newest first, by keyset on the id."""
-        check_limit(limit)
-        query = select(audit_log)
-        if after is not None:
-            query = query.where(audit_log.c.id < after)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(audit_log.c.id.desc()).limit(limit + 1)).all()
-        items = tuple(self._audit_record(r) for r in rows[:limit])
-        return Page(items, items[-1].id if len(rows) > limit else None)
+            return _keyset_page(
+                conn,
+                select(audit_log),
+                audit_log.c.id,
+                after=after,
+                before=before,
+                limit=limit,
+                ascending=False,
+                record=self._audit_record,
+                key_of=lambda e: e.id,
+            )
 
     def set_control(self, key: str, value: Any) -> None:
         """Set an operator switch (JSON value) that the coordinator reads each round."""

@@ -89,11 +89,11 @@ def credentials(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def flwr(env: dict[str, str], *args: str, timeout: float = 120) -> str:
-    """Run the `flwr` CLI from the repository root; its stdout, or a failed test."""
+def flwr(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> str:
+    """Run the `flwr` CLI (from the repository root by default); its stdout, or a failed test."""
     proc = subprocess.run(
         [str(BIN / "flwr"), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -104,8 +104,8 @@ def flwr(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def flwr_json(env: dict[str, str], *args: str, timeout: float = 120) -> Any:
-    out = flwr(env, *args, "--format", "json", timeout=timeout)
+def flwr_json(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> Any:
+    out = flwr(env, *args, "--format", "json", timeout=timeout, cwd=cwd)
     reply = json.loads(out[out.index("{") :])
     assert reply.get("success"), f"flwr {' '.join(args)}: {reply}"
     return reply
@@ -203,8 +203,11 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop()
 
 
-def tiny_run_config(tiny: Path, data_dir: Path, extra: dict[str, Any] | None = None) -> str:
-    """`flwr run -c` overrides: two quick rounds on the tiny model, all three nodes."""
+def tiny_run_config(tiny: Path, data_dir: Path | None, extra: dict[str, Any] | None = None) -> str:
+    """`flwr run -c` overrides: two quick rounds on the tiny model, all three nodes.
+
+    With ``data_dir`` None the run config's own (relative) ``data-dir`` stays.
+    """
     values: dict[str, Any] = {
         "num-rounds": 2,
         "fraction-train": 1.0,
@@ -220,7 +223,7 @@ def tiny_run_config(tiny: Path, data_dir: Path, extra: dict[str, Any] | None = N
         "rank": 4,
         "base-model-id": "tiny",
         "base-sha256": load_base(tiny).sha256,
-        "data-dir": str(data_dir),
+        **({} if data_dir is None else {"data-dir": str(data_dir)}),
         **(extra or {}),
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
@@ -247,24 +250,25 @@ def registry_histories(data_dir: Path) -> list[list[tuple[int, int | None, str]]
     return sorted(found)
 
 
-def wait_for_run(
+def run_outcome(
     env: dict[str, str],
     connection: Sequence[str],
     run_id: str,
     timeout: float,
     logs: Callable[[], str],
-) -> str:
-    """Poll `flwr list` until the run has finished; its final status."""
-    status = ""
+    cwd: Path = REPO,
+) -> tuple[str, str]:
+    """Poll `flwr list` until the run has finished; its status and status details."""
+    found = ("", "")
 
     def finished() -> bool:
-        nonlocal status
-        runs = flwr_json(env, "list", *connection, "--run-id", run_id)["runs"]
-        status = str(runs[0]["status"])
-        return status.startswith("finished")
+        nonlocal found
+        run = flwr_json(env, "list", *connection, "--run-id", run_id, cwd=cwd)["runs"][0]
+        found = (str(run["status"]), str(run.get("status-details", "")))
+        return found[0].startswith("finished")
 
     wait_until(finished, timeout, f"run {run_id} to finish", logs)
-    return status
+    return found
 
 
 # ------------------------------------------------------------------ fast: the config
@@ -481,7 +485,7 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
     started = flwr_json(
         cli, "run", ".", CONNECTION, "-c", tiny_run_config(tiny_model_dir, data_dir)
     )
-    status = wait_for_run(cli, [CONNECTION], started["run-id"], 420, processes.tail)
+    status, _ = run_outcome(cli, [CONNECTION], started["run-id"], 420, processes.tail)
 
     # Assert: the intruder was refused and never joined
     assert intruder_status != 0
@@ -538,7 +542,7 @@ def test_flwr_run_on_the_local_simulation_federation_trains_every_user(
             )
             # Execute
             started = flwr_json(env, "run", ".", "-c", overrides)
-            status = wait_for_run(
+            status, _ = run_outcome(
                 env, [], started["run-id"], 300, lambda: _local_superlink_log(home)
             )
         finally:
@@ -555,6 +559,113 @@ def test_flwr_run_on_the_local_simulation_federation_trains_every_user(
         u.name for u in users.iterdir()
     )
     assert registry_histories(data_dir) == profile_histories(tmp_path / "profiles")
+
+
+@pytest.mark.slow
+def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_them(
+    tiny_model_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    # Prepare: a user's own project folder holding what the FAB carries (the apps come
+    # from the installed package), and nothing else: no users yet.
+    project = tmp_path / "project"
+    (project / "docs").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", "docs/deployment.md"):
+        (project / name).write_bytes((REPO / name).read_bytes())
+    home = tmp_path / "home"
+    # Only the tiny model and short rounds are overridden; sim-users-dir, sim-profiles-dir
+    # and data-dir stay the run config's relative defaults.
+    overrides = tiny_run_config(
+        tiny_model_dir,
+        None,
+        {"base": str(tiny_model_dir), "precision": "fp32", "device": "cpu"},
+    )
+    federation = "num-supernodes=3 init-args-num-cpus=2 client-resources-num-cpus=1"
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="lfray-") as ray_tmp:
+        env = flower_env(home, RAY_TMPDIR=ray_tmp, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port))
+        try:
+            # The local SuperLink runs in the project folder, as when the user's first
+            # `flwr` command there starts it (relative paths are read from there).
+            start_local_superlink(processes, env, project, port, tmp_path / "state.db")
+            # Execute 1: `flwr run .` before `lorafleet-sim prepare`
+            failed = flwr_json(
+                env,
+                "run",
+                ".",
+                "--federation-config",
+                federation,
+                "-c",
+                overrides,  # with max-round-retries=0: one failed round fails the run
+                cwd=project,
+            )
+            failure = run_outcome(env, [], failed["run-id"], 600, processes.tail, project)
+            # Execute 2: the two documented commands
+            prepared = subprocess.run(
+                [str(BIN / "lorafleet-sim"), "prepare", "--users", "3", "--notes", "30"],
+                cwd=project,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            started = flwr_json(
+                env, "run", ".", "--federation-config", federation, "-c", overrides, cwd=project
+            )
+            success = run_outcome(env, [], started["run-id"], 600, processes.tail, project)
+        finally:
+            for proc in _local_superlinks(home):
+                processes.adopt(proc)
+            processes.stop()
+    # Assert: the first run failed as Flower reports failures, naming the cause and fix
+    status, details = failure
+    assert status == "finished:failed", processes.tail()
+    assert "sim-users-dir 'runs/sim/users' does not exist" in details, details
+    assert "lorafleet-sim prepare" in details, details
+    # prepare wrote the users where the default run config looks, and said what to run
+    assert prepared.returncode == 0, prepared.stderr
+    assert 'flwr run . --federation-config "num-supernodes=3"' in prepared.stdout
+    users = sorted(p.name for p in (project / "runs" / "sim" / "users").iterdir())
+    assert len(users) == 3
+    # and the second run trained every user with the relative defaults
+    assert success[0] == "finished:completed", processes.tail()
+    results = json.loads((project / "runs" / "coordinator" / "results.json").read_text())
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    assert sorted(p.name for p in (project / "runs" / "sim" / "profiles").iterdir()) == users
+
+
+def start_local_superlink(
+    processes: Processes, env: dict[str, str], cwd: Path, port: int, database: Path
+) -> None:
+    """Start what `flwr` starts as its managed local SuperLink, from ``cwd``, and wait.
+
+    The same command line as ``flwr.cli.local_superlink`` (simulation mode, subprocess
+    isolation) on the port the ``local`` connection probes, so `flwr run .` finds it and
+    uses it. flwr itself allows the SuperLink 15 s to come up, which a loaded 2-core
+    machine misses; here it gets minutes.
+    """
+    processes.start(
+        "local-superlink",
+        command(
+            "flower-superlink",
+            "insecure",
+            "simulation",
+            isolation="subprocess",
+            control_api_address=f"127.0.0.1:{free_port()}",
+            host="127.0.0.1",
+            port=port,
+            database=database,
+        ),
+        env,
+        cwd,
+    )
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 240, "the local SuperLink", processes.tail)
 
 
 def _local_superlinks(home: Path) -> list[psutil.Process]:
