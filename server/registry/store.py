@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -43,6 +43,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -71,6 +72,7 @@ from lorafleet.server.registry.errors import (
     RegistryValueError,
     UnavailableError,
 )
+from lorafleet.server.registry.lookups import Prepared, fetch, prepare
 from lorafleet.server.registry.models import (
     active_priors,
     adapter_versions,
@@ -155,6 +157,34 @@ _VERSION_COLUMNS = (
     _v.c.registered_at,
 )
 _VERSIONS_JOINED = _v.join(_a, _a.c.id == _v.c.adapter_id).join(_u, _u.c.id == _v.c.user_id)
+
+
+def _versions_select() -> Select[Any]:
+    return select(*_VERSION_COLUMNS).select_from(_VERSIONS_JOINED)
+
+
+_HOT_LOOKUPS: dict[str, Callable[[], Select[Any]]] = {
+    "by_id": lambda: _versions_select().where(_v.c.id == bindparam("id")),
+    "latest_of_adapter": lambda: (
+        _versions_select()
+        .where(_v.c.adapter_id == bindparam("adapter_id"))
+        .order_by(_v.c.version.desc())
+        .limit(1)
+    ),
+    "latest_of_pseudonym": lambda: (
+        _versions_select()
+        .where(_u.c.pseudonym == bindparam("pseudonym"))
+        .order_by(_v.c.id.desc())
+        .limit(1)
+    ),
+    "latest_of_user": lambda: (
+        _versions_select()
+        .where(_v.c.user_id == bindparam("user_id"))
+        .order_by(_v.c.id.desc())
+        .limit(1)
+    ),
+}
+"""The version lookups the console and backup service make most, compiled once each."""
 
 
 def prior_ref(spec_fingerprint: str, version: int) -> str:
@@ -289,6 +319,7 @@ class Registry:
         self._url = url
         self._specs_by_fp: dict[str, AdapterSpec] = {}
         self._fp_by_spec: dict[AdapterSpec, str] = {}
+        self._prepared: dict[str, Prepared] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -836,9 +867,16 @@ class Registry:
                     "parent first, or record parent=None"
                 )
 
-    def _version_record(self, conn: Connection, row: Row[Any]) -> VersionRecord:
+    def _version_record(self, conn: Connection | None, row: Any) -> VersionRecord:
+        spec = self._specs_by_fp.get(row.spec_fingerprint)
+        if spec is None:
+            if conn is None:
+                with self._read() as own:
+                    spec = self._spec(own, row.spec_fingerprint)
+            else:
+                spec = self._spec(conn, row.spec_fingerprint)
         provenance = AdapterProvenance(
-            spec=self._spec(conn, row.spec_fingerprint),
+            spec=spec,
             version=int(row.version),
             content_hash=row.content_hash,
             parent=row.parent,
@@ -864,12 +902,22 @@ class Registry:
 
     @staticmethod
     def _version_query() -> Select[Any]:
-        return select(*_VERSION_COLUMNS).select_from(_VERSIONS_JOINED)
+        return _versions_select()
+
+    def _lookup(self, name: str, **params: Any) -> list[VersionRecord]:
+        """Run one of the hot version lookups (:mod:`.lookups`): compiled once, one execute."""
+        prepared = self._prepared.get(name)
+        if prepared is None:
+            prepared = self._prepared[name] = prepare(_HOT_LOOKUPS[name](), self._engine.dialect)
+        try:
+            rows = fetch(self._engine, prepared, params)
+        except self._engine.dialect.loaded_dbapi.OperationalError as exc:
+            raise UnavailableError(describe_connect_failure(self._url, exc)) from None
+        return [self._version_record(None, row) for row in rows]
 
     def get_version(self, version_id: VersionId) -> VersionRecord:
         """A version by its registry id; :class:`NotFoundError` if there is none."""
-        with self._read() as conn:
-            found = self._versions(conn, self._version_query().where(_v.c.id == version_id))
+        found = self._lookup("by_id", id=version_id)
         if not found:
             raise NotFoundError(f"no adapter version with id {version_id}")
         return found[0]
@@ -888,25 +936,28 @@ class Registry:
 
     def latest_version(self, adapter_id: AdapterId) -> VersionRecord | None:
         """The adapter's highest version number, or None before its first version."""
-        with self._read() as conn:
-            found = self._versions(
-                conn,
-                self._version_query()
-                .where(_v.c.adapter_id == adapter_id)
-                .order_by(_v.c.version.desc())
-                .limit(1),
-            )
-            if not found:
+        found = self._lookup("latest_of_adapter", adapter_id=adapter_id)
+        if not found:
+            with self._read() as conn:
                 self._require_adapter(conn, adapter_id)
-                return None
+            return None
         return found[0]
 
     def latest_user_version(self, user: UserRef) -> VersionRecord | None:
-        """The user's most recently stored version across all their adapters, or None."""
-        query = self._version_query().where(self._owned_by(user))
-        with self._read() as conn:
-            found = self._versions(conn, query.order_by(_v.c.id.desc()).limit(1))
-            if not found:
+        """The user's most recently stored version across all their adapters, or None.
+
+        One index search per table (users by pseudonym, versions by ``(user_id, id)``
+        backwards, the adapter by id), compiled once: the console's and the backup
+        service's most frequent lookup.
+        """
+        if isinstance(user, str):
+            found = self._lookup("latest_of_pseudonym", pseudonym=check_pseudonym(user))
+        elif isinstance(user, bool) or not isinstance(user, int):
+            raise RegistryValueError(f"user must be a UserId or a pseudonym, got {user!r}")
+        else:
+            found = self._lookup("latest_of_user", user_id=user)
+        if not found:
+            with self._read() as conn:
                 self._user_id(conn, user)  # an unknown user raises; a new one has no versions
         return found[0] if found else None
 
