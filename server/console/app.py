@@ -55,6 +55,7 @@ from lorafleet.server.registry import (
     DeviceId,
     DeviceKind,
     NotFoundError,
+    PriorDecisionRecord,
     PriorRecord,
     Registry,
     RegistryError,
@@ -318,6 +319,25 @@ def _loss_series(
             if value is not None:
                 series[name].append((number, float(value)))
     return series
+
+
+def _promotion_context(registry: Registry, priors: Sequence[PriorRecord]) -> dict[str, Any]:
+    """Each shown prior's latest devices' score and promotion decision, and decisions by round.
+
+    Two batched queries, so the tables say why a version is (not) active without a
+    query per row.
+    """
+    refs = [p.ref for p in priors]
+    decisions = registry.prior_decisions_for(refs)
+    decided_in: dict[int, list[PriorDecisionRecord]] = {}
+    for d in sorted(decisions.values(), key=lambda d: d.id):
+        if d.round is not None:  # the last round's number also names the run's final scoring
+            decided_in.setdefault(d.round, []).append(d)
+    return {
+        "scores": registry.latest_prior_evaluations(refs),
+        "decisions": decisions,
+        "decided_in": decided_in,
+    }
 
 
 def _bytes_groups(rounds: Sequence[RoundRecord]) -> list[tuple[float, dict[str, float]]]:
@@ -721,6 +741,7 @@ def create_app(
             loss_chart=loss_chart,
             bytes_chart=bytes_chart,
             final=_final_evaluation(results),
+            **_promotion_context(console.registry, priors),
         )
 
     @app.get("/users", response_class=HTMLResponse)
@@ -813,6 +834,7 @@ def create_app(
             current=current,
             priors=items,
             next_after=next_after,
+            **_promotion_context(console.registry, items),
         )
 
     @app.get("/nodes", response_class=HTMLResponse)
