@@ -1,11 +1,14 @@
 """Registry scale: a million adapter versions, against the same lookups on a small registry.
 
 Two registries on the same backend are loaded with the same shape of data (users with
-one adapter each and a chain of ten versions per adapter, written with the batched
-``add_versions``): the **baseline** with 10,000 versions, the **scaled** one with
-1,000,000. Then the lookups the console and the backup service make are timed,
-interleaved (one call on each registry in turn, every query kind in turn) after a
-warm-up, so machine drift hits both sides alike:
+one adapter each and a chain of ten versions per adapter) through the coordinator's
+real reporting path: round after round, every user's device reports its next version
+(with its evaluation and pointer) and the reports go in with ``Registry.record_reports``,
+one transaction per 1,000 devices, as ``server.reports.RoundReports`` writes a round.
+The **baseline** holds 10,000 versions, the **scaled** one 1,000,000. Then the lookups
+the console and the backup service make are timed, interleaved (one call on each
+registry in turn, every query kind in turn) after a warm-up, so machine drift hits both
+sides alike:
 
 - ``latest_user_version``: the newest version of a random user;
 - ``get_version``: a version by a random id;
@@ -14,9 +17,15 @@ warm-up, so machine drift hits both sides alike:
   pseudonym prefix (``after=<random 4 hex chars>``; the console's user list, target
   p95 < 300 ms). Both registries return full pages, so the two sides do equal work.
 
-The table gives the insert rate (versions/s, median over the batches) and p50/p95/p99
-latency per lookup, with the ratio scaled/baseline: near 1 means the lookup does not
-grow with the registry. Then the coordinator's write path for devices' round reports
+On SQLite the newest-version lookup is also run with the very SQL the registry sends,
+on a plain ``sqlite3`` connection to the same file, interleaved with the others: the
+floor the database itself sets on this machine in this run, so a tail the registry adds
+shows against it and one the machine adds (a busy shared host preempting the process)
+shows in both.
+
+The table gives the insert rate (versions/s, median over the report batches) and
+p50/p95/p99 latency per lookup, with the ratio scaled/baseline: near 1 means the lookup
+does not grow with the registry. Then the coordinator's write path for devices' round reports
 (``Registry.record_reports``, one transaction per round: a new version, its evaluation
 and the pointer of each of up to 1,000 devices) is timed over a few rounds on both
 registries, interleaved. Peak memory is this process's max RSS.
@@ -39,6 +48,7 @@ import argparse
 import hashlib
 import logging
 import random
+import sqlite3
 import sys
 import tempfile
 import time
@@ -58,7 +68,6 @@ from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.registry import (
     DeviceReport,
-    NewVersion,
     Registry,
     RegistryError,
     VersionId,
@@ -71,12 +80,13 @@ BENCH = "registry_scale"
 VERSIONS_PER_USER = 10
 FULL_VERSIONS, FULL_BASELINE, FULL_LOOKUPS, FULL_WARMUP = 1_000_000, 10_000, 1000, 100
 QUICK_VERSIONS, QUICK_BASELINE, QUICK_LOOKUPS, QUICK_WARMUP = 20_000, 2_000, 200, 20
-BATCH_USERS = 1000  # users (and adapters) per batch: 10,000 versions per add_versions call
-REPORTS_PER_ROUND = 1000  # devices reporting a new version in one timed round
+REPORTS_PER_ROUND = 1000  # devices reporting a new version per record_reports call
 REPORT_ROUNDS, QUICK_REPORT_ROUNDS = 5, 3
 PAGE = 50
 TARGET_USERS_PAGE_P95_MS = 300.0
 QUERIES = ("latest_user_version", "get_version", "user_history", "users_page")
+RAW_QUERY = "latest_user_version_raw_sqlite3"
+"""The baseline beside the registry's lookup: the same SQL on a plain sqlite3 connection."""
 SPEC = AdapterSpec(
     base_model_id="smollm2-135m-instruct", base_sha256=hashlib.sha256(b"bench-base").hexdigest()
 )
@@ -101,14 +111,44 @@ class Loaded:
     load_s: float
     batch_rates: list[float] = field(default_factory=list)
     size_mb: float = float("nan")
+    sqlite_path: Path | None = None
+
+
+def device_report(user: str, version: int, round: int) -> DeviceReport:
+    """What a device's round reply becomes on the coordinator: version, evaluation, pointer."""
+    return DeviceReport(
+        pseudonym=user,
+        adapter="default",
+        spec=SPEC,
+        current=version,
+        provenance=AdapterProvenance(
+            spec=SPEC,
+            version=version,
+            content_hash=hashlib.sha256(f"{user}-{version}".encode()).hexdigest(),
+            parent=version - 1 if version > 1 else None,
+            prior_version=f"bench/v{round}",
+            round=round,
+            created_at="2026-05-20T00:00:00+00:00",
+            metrics={"val_loss": 2.5, "num_examples": 24.0},
+        ),
+        size_bytes=55_000,
+        evaluation={"val_loss": 2.5, "num_examples": 24.0},
+        evaluated=version,
+        round=round,
+    )
 
 
 def load(name: str, registry: Registry, n_versions: int, *, progress: bool) -> Loaded:
-    """Users, one adapter each, and a 10-version chain per adapter, in batches."""
+    """Users, one adapter each, and a 10-version chain per adapter, as devices report them.
+
+    Round ``v`` (1..10): every user's device reports version ``v`` (parent ``v - 1``);
+    the reports go to ``record_reports`` :data:`REPORTS_PER_ROUND` at a time. The first
+    round's reports also register the users and their adapters, as on a real coordinator.
+    """
     n_users = n_versions // VERSIONS_PER_USER
     names = [pseudonym(i) for i in range(n_users)]
     rates: list[float] = []
-    ids: list[int] = []
+    stored = 0
     start = time.perf_counter()
     with tqdm(
         total=n_users * VERSIONS_PER_USER,
@@ -117,40 +157,29 @@ def load(name: str, registry: Registry, n_versions: int, *, progress: bool) -> L
         disable=not progress,
         file=sys.stderr,
     ) as bar:
-        for lo in range(0, n_users, BATCH_USERS):
-            chunk = names[lo : lo + BATCH_USERS]
-            user_ids = registry.ensure_users(chunk)
-            adapter_ids = registry.create_adapters([(user_ids[p], "default", SPEC) for p in chunk])
-            items = [
-                NewVersion(
-                    adapter,
-                    AdapterProvenance(
-                        spec=SPEC,
-                        version=v,
-                        content_hash=hashlib.sha256(f"{adapter}-{v}".encode()).hexdigest(),
-                        parent=v - 1 if v > 1 else None,
-                        prior_version="bench/v1",
-                        round=v,
-                        created_at="2026-05-20T00:00:00Z",
-                        metrics={"heldout_loss_before": 3.0, "heldout_loss_after": 2.5},
-                    ),
-                    size_bytes=55_000,
-                    num_params=442_368,
-                )
-                for adapter in adapter_ids
-                for v in range(1, VERSIONS_PER_USER + 1)
-            ]
-            t0 = time.perf_counter()
-            ids += registry.add_versions(items)
-            rates.append(len(items) / (time.perf_counter() - t0))
-            bar.update(len(items))
+        for version in range(1, VERSIONS_PER_USER + 1):
+            for lo in range(0, n_users, REPORTS_PER_ROUND):
+                batch = [
+                    device_report(p, version, version) for p in names[lo : lo + REPORTS_PER_ROUND]
+                ]
+                t0 = time.perf_counter()
+                counts = registry.record_reports(batch)
+                rates.append(counts.versions / (time.perf_counter() - t0))
+                stored += counts.versions
+                bar.update(counts.versions)
+    if stored != n_users * VERSIONS_PER_USER:
+        raise LorafleetError(
+            f"{name}: {stored} versions recorded, {n_users * VERSIONS_PER_USER} reported"
+        )
+    with registry.engine.connect() as conn:
+        low, high = conn.execute(text("SELECT min(id), max(id) FROM adapter_versions")).one()
     return Loaded(
         name=name,
         registry=registry,
-        versions=len(ids),
+        versions=stored,
         pseudonyms=names,
-        min_version_id=min(ids),
-        max_version_id=max(ids),
+        min_version_id=int(low),
+        max_version_id=int(high),
         load_s=time.perf_counter() - start,
         batch_rates=rates,
     )
@@ -182,14 +211,35 @@ def lookups(loaded: Loaded, rng: random.Random) -> dict[str, Callable[[], object
     }
 
 
+def raw_latest(loaded: Loaded, rng: random.Random) -> Callable[[], object] | None:
+    """The registry's own newest-version SQL on a plain sqlite3 connection (None off SQLite)."""
+    if loaded.sqlite_path is None:
+        return None
+    loaded.registry.latest_user_version(loaded.pseudonyms[0])  # compiles the statement
+    prepared = loaded.registry._prepared["latest_of_pseudonym"]
+    assert prepared.positions is not None  # sqlite3 binds by position
+    conn = sqlite3.connect(str(loaded.sqlite_path), isolation_level=None, check_same_thread=False)
+
+    def call() -> object:
+        values = {**prepared.defaults, "pseudonym": rng.choice(loaded.pseudonyms)}
+        return conn.execute(prepared.sql, tuple(values[k] for k in prepared.positions)).fetchall()
+
+    return call
+
+
 def measure(
     sides: Sequence[Loaded], n: int, warmup: int, seed: int = 0
 ) -> dict[str, dict[str, list[float]]]:
     """Latencies in ms: ``[query][side] -> samples``, every call interleaved across sides."""
     calls = {s.name: lookups(s, random.Random(seed)) for s in sides}
-    samples: dict[str, dict[str, list[float]]] = {q: {s.name: [] for s in sides} for q in QUERIES}
+    for s in sides:
+        raw = raw_latest(s, random.Random(seed))
+        if raw is not None:
+            calls[s.name][RAW_QUERY] = raw
+    queries = [q for q in (*QUERIES, RAW_QUERY) if all(q in calls[s.name] for s in sides)]
+    samples: dict[str, dict[str, list[float]]] = {q: {s.name: [] for s in sides} for q in queries}
     for i in range(warmup + n):
-        for query in QUERIES:
+        for query in queries:
             order = sides if i % 2 == 0 else list(reversed(sides))
             for side in order:
                 call = calls[side.name][query]
@@ -215,30 +265,7 @@ def report_rounds(sides: Sequence[Loaded], rounds: int, seed: int = 0) -> dict[s
     for r in range(1, rounds + 1):
         for side in sides if r % 2 else list(reversed(sides)):
             users = rng.sample(side.pseudonyms, n)
-            version = VERSIONS_PER_USER + r
-            batch = [
-                DeviceReport(
-                    pseudonym=p,
-                    adapter="default",
-                    spec=SPEC,
-                    current=version,
-                    provenance=AdapterProvenance(
-                        spec=SPEC,
-                        version=version,
-                        content_hash=hashlib.sha256(f"{p}-{version}".encode()).hexdigest(),
-                        parent=version - 1,
-                        prior_version=f"bench/v{r}",
-                        round=100 + r,
-                        created_at="2026-05-20T00:00:00+00:00",
-                        metrics={"val_loss": 2.5, "num_examples": 24.0},
-                    ),
-                    size_bytes=55_000,
-                    evaluation={"val_loss": 2.5, "num_examples": 24.0},
-                    evaluated=version,
-                    round=100 + r,
-                )
-                for p in users
-            ]
+            batch = [device_report(p, VERSIONS_PER_USER + r, 100 + r) for p in users]
             t0 = time.perf_counter()
             side.registry.record_reports(batch)
             out[side.name].append(time.perf_counter() - t0)
@@ -345,6 +372,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 log.info("loading %s: %d versions into %s", side, n, reg.url)
                 loaded[side] = load(side, reg, n, progress=progress)
                 loaded[side].size_mb = database_size_mb(reg, path)
+                loaded[side].sqlite_path = path
             backend = registries[0].dialect
             log.info(
                 "timing %d lookups of each kind per registry (after %d warm-up)", n_lookups, warmup
@@ -384,7 +412,7 @@ def bench_main(args: argparse.Namespace) -> int:
         "p50_vs_baseline": {},
         "p99_vs_baseline": {},
     }
-    for query in QUERIES:
+    for query in samples:
         s_base, s_big = samples[query]["baseline"], samples[query]["scaled"]
         row: dict[str, Any] = {
             "name": query,
@@ -403,6 +431,12 @@ def bench_main(args: argparse.Namespace) -> int:
         ratios["p50_vs_baseline"][query] = _common.ratio(row["p50_ms"], row["p50_ms_baseline"])
         ratios["p99_vs_baseline"][query] = _common.ratio(row["p99_ms"], row["p99_ms_baseline"])
 
+    if RAW_QUERY in samples:
+        for q in ("p50", "p99"):
+            ratios[f"latest_user_version_{q}_vs_raw_sqlite3"] = _common.ratio(
+                percentile(samples["latest_user_version"]["scaled"], int(q[1:])),
+                percentile(samples[RAW_QUERY]["scaled"], int(q[1:])),
+            )
     per_round = {side: _common.Stats.of([t * 1e3 for t in v]) for side, v in reports.items()}
     rows.append(
         {
@@ -472,7 +506,7 @@ def print_table(
     )
     print(
         _common.format_table(
-            ["insert (add_versions, 10k/batch)", "baseline", "scaled", "scaled/baseline"],
+            ["insert (record_reports, 1k reports/batch)", "baseline", "scaled", "scaled/baseline"],
             [
                 [
                     "versions/s (median over batches)",
@@ -499,7 +533,7 @@ def print_table(
     table_rows = []
     for row in rows[1:]:
         q = row["name"]
-        if q not in QUERIES:
+        if q not in (*QUERIES, RAW_QUERY):
             continue
         table_rows.append(
             [
@@ -528,6 +562,12 @@ def print_table(
             table_rows,
         )
     )
+    if "latest_user_version_p99_vs_raw_sqlite3" in ratios:
+        print(
+            "\nlatest_user_version against the same SQL on a plain sqlite3 connection (scaled): "
+            f"p50 x{ratios['latest_user_version_p50_vs_raw_sqlite3']:.2f}, "
+            f"p99 x{ratios['latest_user_version_p99_vs_raw_sqlite3']:.2f}"
+        )
     rep = next(r for r in rows if r["name"] == "report_round")
     print(
         f"\nrecord_reports, one round of {rep['reports']:,} device reports (version + "

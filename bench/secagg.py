@@ -186,8 +186,10 @@ def run_pair(
                     outcome = feds[path].run_round(number, 0, ref, prior)
                     if outcome.prior_version is None:
                         raise LorafleetError(f"{path} round {number} failed: {outcome.failure}")
-                    _, new_prior = coords[path].active_prior()
-                    assert new_prior is not None
+                    # The round's aggregate (a candidate until the next round scores it)
+                    new_prior = coords[path].load_prior(
+                        coords[path].registry.get_prior(outcome.prior_version)
+                    )
                     before = flatten(prior)[0] if prior is not None else 0.0
                     applied = flatten(new_prior)[0].astype(np.float64) - before
                     state[path] = (outcome.prior_version, new_prior)

@@ -14,7 +14,7 @@ import hmac
 import logging
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
@@ -30,6 +30,7 @@ from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
 from lorafleet.server.dp import DP_MODES, PrivacyLedger
+from lorafleet.server.promotion import DEFAULT_TOLERANCE, PriorScore, PromotionPolicy, Verdict
 from lorafleet.server.registry import PriorRecord, Registry, RoundId, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,14 @@ class CoordinatorConfig:
         default=1.0, metadata={"help": "DP noise std divided by the clip norm."}
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "Delta the spent epsilon is at."})
+    promotion_tolerance: float = field(
+        default=DEFAULT_TOLERANCE,
+        metadata={
+            "help": "A new prior version becomes active only if its devices' validation loss "
+            "(relative to the base) is at most this much worse than the active one's "
+            "(0.01: 1%); otherwise the active one stays and the reason is recorded."
+        },
+    )
     user_pseudonym: str = field(
         default="node",
         metadata={
@@ -232,6 +241,10 @@ class CoordinatorConfig:
         need(
             self.user_pseudonym in USER_PSEUDONYMS,
             f"user-pseudonym must be node or device, got {self.user_pseudonym!r}",
+        )
+        need(
+            0 <= self.promotion_tolerance < 1,
+            f"promotion-tolerance must be in [0, 1) (0.01 = 1%), got {self.promotion_tolerance}",
         )
         self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
 
@@ -324,9 +337,19 @@ class Coordinator:
         return self.priors_dir / f"v{version:04d}.safetensors"
 
     def save_prior(
-        self, version: int, b: BTensors, *, round: int, metrics: Mapping[str, float]
+        self,
+        version: int,
+        b: BTensors,
+        *,
+        round: int,
+        metrics: Mapping[str, float],
+        activate: bool = False,
     ) -> PriorRecord:
-        """Write a prior version (file first, registry second) and make it active."""
+        """Write a prior version (file first, registry second), as a candidate by default.
+
+        A candidate becomes active when the promotion rule has scored it
+        (:meth:`judge`); ``activate`` skips the rule (imports, tools).
+        """
         state = self.aggregator.state()
         payload = encode_tensors(
             {**b, **{f"__state__/{k}": v for k, v in state.items()}}, packing="fp32"
@@ -339,7 +362,7 @@ class Coordinator:
             size_bytes=len(payload),
             round=round,
             metrics=metrics,
-            activate=True,
+            activate=activate,
         )
 
     def load_prior(self, record: PriorRecord) -> BTensors:
@@ -364,6 +387,80 @@ class Coordinator:
         if record is None:
             return None, None
         return record, self.load_prior(record)
+
+    def training_prior(self) -> tuple[PriorRecord | None, BTensors | None]:
+        """The prior the next round trains from: the candidate awaiting its score, else the active.
+
+        Training from the candidate is what scores it (each device measures the prior
+        it receives); after a held candidate it is the active version again.
+        """
+        pending = self.registry.pending_prior(self.spec)
+        if pending is None:
+            return self.active_prior()
+        return pending, self.load_prior(pending)
+
+    def training_prior_ref(self) -> str | None:
+        """The ref of :meth:`training_prior` without reading its file (None: the zero prior)."""
+        pending = self.registry.pending_prior(self.spec)
+        if pending is not None:
+            return pending.ref
+        active = self.registry.active_prior(self.spec)
+        return None if active is None else active.ref
+
+    @property
+    def promotion(self) -> PromotionPolicy:
+        """The promotion rule: the run's tolerance; as many scores as a round needs updates."""
+        return PromotionPolicy(
+            tolerance=self.config.promotion_tolerance, min_devices=self.config.min_train_nodes
+        )
+
+    def score_prior(
+        self,
+        ref: str,
+        rows: Iterable[Mapping[str, float]],
+        *,
+        round: int,
+        source: str = "devices",
+    ) -> PriorScore | None:
+        """Record devices' validation losses of prior ``ref`` (mean and spread) as its evaluation."""
+        score = PriorScore.from_metrics(rows)
+        if score is None:
+            return None
+        self.registry.add_prior_evaluation(
+            ref, score.to_metrics(), devices=score.devices, round=round, source=source
+        )
+        return score
+
+    def judge(self, candidate: PriorRecord, score: PriorScore, *, round: int) -> Verdict | None:
+        """Apply the promotion rule to a scored candidate and record the decision.
+
+        The active version's score pools every evaluation it has had; the zero prior's
+        is 1.0 by definition (it is the base). An active version never scored (set by an
+        operator, or from before promotion existed) is held to the base's 1.0 as well.
+        Returns None, deciding nothing, while fewer than ``min_devices`` scored it.
+        """
+        policy = self.promotion
+        if score.devices < policy.min_devices:
+            return None
+        active = self.registry.active_prior(self.spec)
+        active_score, name = 1.0, "the zero prior"
+        if active is not None:
+            evaluations = self.registry.list_prior_evaluations(active.ref)
+            pooled = PriorScore.pooled_rel_mean((e.devices, e.metrics) for e in evaluations)
+            if pooled is None:
+                name = f"{active.ref} (never scored; held to the base)"
+            else:
+                active_score, name = pooled, active.ref
+        verdict = policy.decide(score, active_score, name)
+        self.registry.decide_prior(
+            candidate.ref,
+            "promoted" if verdict.promote else "held",
+            reason=verdict.reason,
+            against=None if active is None else active.ref,
+            round=round,
+            scores=(verdict.candidate_score, verdict.active_score, verdict.tolerance),
+        )
+        return verdict
 
     def next_prior_version(self) -> int:
         """1 + the highest prior version of the cohort."""

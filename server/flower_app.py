@@ -99,6 +99,9 @@ class RoundOutcome:
     dp_delta: float | None = None
     versions_recorded: int = 0
     """Personal adapter versions the devices reported and the registry recorded."""
+    decision: str | None = None
+    """The promotion rule's verdict on the candidate this round trained from (and scored)."""
+    decision_reason: str | None = None
 
 
 def _reason_text(reason: object) -> str:
@@ -302,6 +305,24 @@ class Federation:
         outcome.versions_recorded = reports.record().versions
         for node, why in outcome.refused.items():
             log.warning("round %d: update from node %d refused: %s", number, node, why)
+        undecided = self._score(number, prior_ref, outcome)
+        if result is not None and undecided:
+            outcome.failure = (
+                f"too few devices scored candidate {prior_ref} ({len(outcome.metrics)}, "
+                f"{self.cfg.min_train_nodes} needed)"
+            )
+            result = None
+        if result is not None and outcome.decision == "held":
+            # The update was built on the held candidate: it goes with it.
+            outcome.seconds = time.perf_counter() - started
+            self._close(record.id, outcome, status="finished")
+            log.warning(
+                "round %d: prior %s %s; this round's update is discarded",
+                number,
+                prior_ref,
+                outcome.decision_reason,
+            )
+            return outcome
         if result is None:
             outcome.seconds = time.perf_counter() - started
             self._close(record.id, outcome, status="failed")
@@ -333,6 +354,67 @@ class Federation:
             if outcome.dp_epsilon is None
             else f"; privacy spent so far: epsilon {outcome.dp_epsilon:.3g} at delta {outcome.dp_delta:g}",
         )
+        return outcome
+
+    def _score(self, number: int, prior_ref: str, outcome: RoundOutcome) -> bool:
+        """Record how this round's devices scored the prior they trained from; judge a candidate.
+
+        Costs the devices nothing: each measured that prior on its validation split before
+        training (``prior_loss``, next to ``base_loss``). Returns True when the prior is a
+        candidate that too few devices scored to decide on.
+        """
+        if prior_ref == ZERO_PRIOR:
+            return False
+        score = self.coord.score_prior(prior_ref, outcome.metrics.values(), round=number)
+        pending = self.coord.registry.pending_prior(self.coord.spec)
+        if pending is None or pending.ref != prior_ref:
+            return False
+        verdict = None if score is None else self.coord.judge(pending, score, round=number)
+        if verdict is None:
+            return True
+        outcome.decision = "promoted" if verdict.promote else "held"
+        outcome.decision_reason = verdict.reason
+        return False
+
+    def score_candidate(self) -> RoundOutcome | None:
+        """Score the candidate that no round will train from (a run's last) and judge it.
+
+        The one extra message of the promotion rule: sampled like a training round, in
+        ``evaluate`` mode (losses only, nothing trained or sent back but metrics).
+        """
+        pending = self.coord.registry.pending_prior(self.coord.spec)
+        if pending is None:
+            return None
+        prior = self.coord.load_prior(pending)
+        nodes = self.eligible_nodes()
+        rng = random.Random(f"{self.cfg.seed}/score/{pending.ref}")
+        k = max(self.cfg.min_train_nodes, round(self.cfg.fraction_train * len(nodes)))
+        sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
+        instr = self._instruction(self.coord.completed_round(), pending.ref, "evaluate")
+        log.info("scoring candidate prior %s on %d devices", pending.ref, len(sampled))
+        replies, bytes_down = self._send(sampled, instr, prior, MessageType.EVALUATE)
+        outcome = RoundOutcome(round=instr.round, attempt=0, sampled=len(sampled))
+        outcome.bytes_down = bytes_down
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if not reply.has_content():
+                self._sent_prior.pop(node, None)
+                continue
+            self._sent_prior[node] = pending.ref
+            try:
+                m = RoundMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
+            except (KeyError, LorafleetError):
+                continue
+            outcome.metrics[node] = {k: float(v) for k, v in asdict(m).items()}
+        if self._score(instr.round, pending.ref, outcome):
+            log.warning(
+                "candidate prior %s: %d of %d devices scored it, %d needed; it stays undecided "
+                "(the next run scores it again)",
+                pending.ref,
+                len(outcome.metrics),
+                len(sampled),
+                self.cfg.min_train_nodes,
+            )
         return outcome
 
     def _plain_round(
@@ -626,6 +708,10 @@ class Federation:
                 out[reply.metadata.src_node_id] = {k: float(v) for k, v in asdict(m).items()}
                 reports.add_reply(reply.metadata.src_node_id, reply.content, m)
         reports.record()
+        if prior_ref != ZERO_PRIOR and out:  # every device's score of the final prior
+            self.coord.score_prior(
+                prior_ref, out.values(), round=instr.round, source="final-evaluation"
+            )
         return out
 
 
@@ -642,7 +728,7 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         fed = Federation(grid, coord)
         log.info("waiting for %d devices", config.min_available_nodes)
         fed.wait_for_nodes()
-        record, prior = coord.active_prior()
+        record, prior = coord.training_prior()
         prior_ref = record.ref if record is not None else ZERO_PRIOR
         done = coord.completed_round()
         if done:
@@ -650,19 +736,17 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         outcomes: list[RoundOutcome] = []
         for number in range(done + 1, config.num_rounds + 1):
             for attempt in range(config.max_round_retries + 1):
-                # The operator may have paused the run and rolled the prior back in the
-                # console: wait out the pause, then start from whatever prior is active
-                # (one registry query; the prior's file is read only if it changed).
+                # Train from the candidate awaiting its score, else the active prior:
+                # after a held candidate, or an operator's rollback in the console
+                # (waited out while paused), that is the active one again (a few registry
+                # queries; the prior's file is read only if it changed).
                 fed.wait_while_paused()
-                active = coord.registry.active_prior(coord.spec)
-                if (active.ref if active is not None else ZERO_PRIOR) != prior_ref:
-                    record, prior = coord.active_prior()
+                if (coord.training_prior_ref() or ZERO_PRIOR) != prior_ref:
+                    record, prior = coord.training_prior()
                     prior_ref = record.ref if record is not None else ZERO_PRIOR
                 outcome = fed.run_round(number, attempt, prior_ref, prior)
                 outcomes.append(outcome)
-                if outcome.prior_version is not None:
-                    record, prior = coord.active_prior()
-                    prior_ref = outcome.prior_version
+                if outcome.failure is None:
                     break
             else:
                 raise LorafleetError(
@@ -670,11 +754,16 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
                     f"({outcomes[-1].failure}){failure_causes(outcomes[-1])}; "
                     "fix that (the nodes' logs have more), then run again to resume"
                 )
+        scored = fed.score_candidate()
+        # Devices personalize from, and are evaluated on, the prior that is active now.
+        record, prior = coord.active_prior()
+        prior_ref = record.ref if record is not None else ZERO_PRIOR
         personalized = fed.personalize_all(prior_ref, prior) if config.personalize_steps > 0 else {}
         evaluation = fed.evaluate_all(prior_ref, prior) if config.final_evaluation else {}
         results = {
             "prior_version": prior_ref,
             "rounds": [asdict(o) for o in outcomes],
+            "final_candidate": asdict(scored) if scored is not None else None,
             "personalization": {str(k): v for k, v in sorted(personalized.items())},
             "evaluation": {str(k): v for k, v in sorted(evaluation.items())},
             "bytes_up_per_client": _bytes_up_per_client(outcomes),

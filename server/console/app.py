@@ -64,6 +64,7 @@ from lorafleet.server.registry import (
     DeviceId,
     DeviceKind,
     NotFoundError,
+    PriorDecisionRecord,
     PriorRecord,
     Registry,
     RegistryError,
@@ -327,6 +328,25 @@ def _loss_series(
             if value is not None:
                 series[name].append((number, float(value)))
     return series
+
+
+def _promotion_context(registry: Registry, priors: Sequence[PriorRecord]) -> dict[str, Any]:
+    """Each shown prior's latest devices' score and promotion decision, and decisions by round.
+
+    Two batched queries, so the tables say why a version is (not) active without a
+    query per row.
+    """
+    refs = [p.ref for p in priors]
+    decisions = registry.prior_decisions_for(refs)
+    decided_in: dict[int, list[PriorDecisionRecord]] = {}
+    for d in sorted(decisions.values(), key=lambda d: d.id):
+        if d.round is not None:  # the last round's number also names the run's final scoring
+            decided_in.setdefault(d.round, []).append(d)
+    return {
+        "scores": registry.latest_prior_evaluations(refs),
+        "decisions": decisions,
+        "decided_in": decided_in,
+    }
 
 
 def _bytes_groups(rounds: Sequence[RoundRecord]) -> list[tuple[float, dict[str, float]]]:
@@ -785,6 +805,7 @@ def create_app(
             },
             "bytes_per_round": [{"round": x, **values} for x, values in moved],
             "final": _final_evaluation(results),
+            **_promotion_context(console.registry, priors),
         }
 
     def rounds_view(
@@ -798,11 +819,14 @@ def create_app(
             before=_round_id(cursors[1]),
             limit=config.page_size,
         )
+        shown = {r.prior_ref for r in page.items if r.prior_ref}
+        priors = [p for p in console.all_priors(current) if p.ref in shown] if current else []
         return {
             "cohorts": cohorts,
             "current": current,
             "rounds": page.items,
             **_paging(request, page.next_after, page.prev_before),
+            **_promotion_context(console.registry, priors),
         }
 
     def users_view(
@@ -885,6 +909,7 @@ def create_app(
             "current": current,
             "priors": items,
             **_paging(request, next_after, prev_before),
+            **_promotion_context(console.registry, items),
         }
 
     def nodes_view(

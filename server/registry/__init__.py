@@ -21,6 +21,10 @@ from lorafleet.server.registry.records import EvaluationId as EvaluationId
 from lorafleet.server.registry.records import EvaluationRecord as EvaluationRecord
 from lorafleet.server.registry.records import NewVersion as NewVersion
 from lorafleet.server.registry.records import Page as Page
+from lorafleet.server.registry.records import PriorDecision as PriorDecision
+from lorafleet.server.registry.records import PriorDecisionRecord as PriorDecisionRecord
+from lorafleet.server.registry.records import PriorEvaluationId as PriorEvaluationId
+from lorafleet.server.registry.records import PriorEvaluationRecord as PriorEvaluationRecord
 from lorafleet.server.registry.records import PriorId as PriorId
 from lorafleet.server.registry.records import PriorRecord as PriorRecord
 from lorafleet.server.registry.records import ReportCounts as ReportCounts
@@ -51,6 +55,10 @@ __all__ = [
     "NewVersion",
     "NotFoundError",
     "Page",
+    "PriorDecision",
+    "PriorDecisionRecord",
+    "PriorEvaluationId",
+    "PriorEvaluationRecord",
     "PriorId",
     "PriorRecord",
     "Registry",

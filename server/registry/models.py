@@ -15,8 +15,11 @@ a million adapters:
   The parent key has no ``ON DELETE`` action: a version with children cannot be deleted
   alone, only together with its whole lineage (erasing the user or the adapter).
 - ``adapters.pinned_version`` is the rollback pointer: NULL follows the newest version.
-- ``prior_versions``/``active_priors`` are the shared prior's versions and its pointer,
-  ``rounds`` the federated rounds, ``evaluations`` metrics reported after a version was
+- ``prior_versions``/``active_priors`` are the shared prior's versions and its pointer;
+  ``prior_evaluations`` the devices' scores of a prior version (mean and spread of one
+  round's validation losses) and ``prior_decisions`` the promotion rule's verdicts
+  (promoted or held, by the policy or an operator, with the reason and the scores
+  compared), appended and never rewritten; ``rounds`` the federated rounds, ``evaluations`` metrics reported after a version was
   stored, ``blobs`` the backup service's metadata of opaque encrypted blobs.
 - ``devices`` are a user's enrolled devices (an Ed25519 public key each, for the backup
   service's signed requests) and the Flower SuperNodes the coordinator has seen; a
@@ -184,6 +187,17 @@ adapter_versions = Table(
     sqlite_autoincrement=True,
 )
 
+
+def _evaluation_columns() -> list[Column[Any]]:
+    """Who measured, in which round, what (a JSON object of metrics), when."""
+    return [
+        Column("source", String(32), nullable=False),
+        Column("round", Integer, nullable=True),
+        Column("metrics_json", Text, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+    ]
+
+
 evaluations = Table(
     "evaluations",
     metadata,
@@ -194,10 +208,7 @@ evaluations = Table(
         ForeignKey("adapter_versions.id", ondelete="CASCADE"),
         nullable=False,
     ),
-    Column("source", String(32), nullable=False),
-    Column("round", Integer, nullable=True),
-    Column("metrics_json", Text, nullable=False),
-    Column("created_at", UtcDateTime, nullable=False),
+    *_evaluation_columns(),
     Index("ix_evaluations_version_id_id", "version_id", "id"),
     sqlite_autoincrement=True,
 )
@@ -224,6 +235,41 @@ active_priors = Table(
     Column("spec_fingerprint", String(HASH_LEN), ForeignKey("specs.fingerprint"), primary_key=True),
     Column("prior_id", id_type(), ForeignKey("prior_versions.id"), nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+)
+
+prior_evaluations = Table(
+    "prior_evaluations",
+    metadata,
+    _autoincrement_pk(),
+    Column("prior_id", id_type(), ForeignKey("prior_versions.id"), nullable=False),
+    Column("devices", Integer, nullable=False),
+    *_evaluation_columns(),
+    Index("ix_prior_evaluations_prior_id_id", "prior_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+prior_decisions = Table(
+    "prior_decisions",
+    metadata,
+    _autoincrement_pk(),
+    # The candidate, and the active version it was compared with (NULL: the zero prior).
+    Column("prior_id", id_type(), ForeignKey("prior_versions.id"), nullable=False),
+    Column("against_id", id_type(), ForeignKey("prior_versions.id"), nullable=True),
+    Column("spec_fingerprint", String(HASH_LEN), ForeignKey("specs.fingerprint"), nullable=False),
+    Column("round", Integer, nullable=True),
+    Column("decision", String(16), nullable=False),
+    Column("decided_by", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    # The promotion rule's numbers (NULL when an operator decided).
+    *(
+        Column(name, Float, nullable=True)
+        for name in ("candidate_score", "active_score", "tolerance")
+    ),
+    Column("created_at", UtcDateTime, nullable=False),
+    # A cohort's decisions in order; a version's decisions.
+    Index("ix_prior_decisions_spec_fingerprint_id", "spec_fingerprint", "id"),
+    Index("ix_prior_decisions_prior_id_id", "prior_id", "id"),
+    sqlite_autoincrement=True,
 )
 
 rounds = Table(

@@ -27,8 +27,11 @@ EvaluationId = NewType("EvaluationId", int)
 PriorId = NewType("PriorId", int)
 RoundId = NewType("RoundId", int)
 DeviceId = NewType("DeviceId", int)
+PriorEvaluationId = NewType("PriorEvaluationId", int)
 
 RoundStatus = Literal["running", "finished", "failed"]
+PriorDecision = Literal["promoted", "held"]
+DecidedBy = Literal["policy", "operator"]
 DeviceKind = Literal["device", "supernode"]
 DEVICE_KINDS: tuple[DeviceKind, ...] = ("device", "supernode")
 
@@ -190,6 +193,44 @@ class PriorRecord:
     metrics: dict[str, float]
     created_at: datetime
     active: bool
+
+
+@dataclass(frozen=True)
+class PriorEvaluationRecord:
+    """Devices' scores of one prior version in one round: mean and spread, never a device's."""
+
+    id: PriorEvaluationId
+    prior_id: PriorId
+    ref: str
+    round: int | None
+    source: str
+    devices: int
+    metrics: dict[str, float]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PriorDecisionRecord:
+    """One verdict on a prior version: promoted (made active) or held, and why.
+
+    ``against`` is the active version it was compared with (None: the zero prior, or an
+    operator's decision); the scores are the promotion rule's numbers (None when an
+    operator decided).
+    """
+
+    id: int
+    spec_fingerprint: str
+    prior_id: PriorId
+    ref: str
+    against: str | None
+    round: int | None
+    decision: PriorDecision
+    decided_by: DecidedBy
+    reason: str
+    candidate_score: float | None
+    active_score: float | None
+    tolerance: float | None
+    created_at: datetime
 
 
 @dataclass(frozen=True)

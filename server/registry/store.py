@@ -32,6 +32,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +44,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -71,6 +73,7 @@ from lorafleet.server.registry.errors import (
     RegistryValueError,
     UnavailableError,
 )
+from lorafleet.server.registry.lookups import Prepared, fetch, prepare
 from lorafleet.server.registry.models import (
     active_priors,
     adapter_versions,
@@ -81,6 +84,8 @@ from lorafleet.server.registry.models import (
     devices,
     enrolment_tokens,
     evaluations,
+    prior_decisions,
+    prior_evaluations,
     prior_versions,
     request_nonces,
     rounds,
@@ -94,6 +99,7 @@ from lorafleet.server.registry.records import (
     AuditRecord,
     BlobRecord,
     Counts,
+    DecidedBy,
     DeviceId,
     DeviceKind,
     DeviceRecord,
@@ -103,6 +109,10 @@ from lorafleet.server.registry.records import (
     EvaluationRecord,
     NewVersion,
     Page,
+    PriorDecision,
+    PriorDecisionRecord,
+    PriorEvaluationId,
+    PriorEvaluationRecord,
     PriorId,
     PriorRecord,
     ReportCounts,
@@ -155,6 +165,34 @@ _VERSION_COLUMNS = (
     _v.c.registered_at,
 )
 _VERSIONS_JOINED = _v.join(_a, _a.c.id == _v.c.adapter_id).join(_u, _u.c.id == _v.c.user_id)
+
+
+def _versions_select() -> Select[Any]:
+    return select(*_VERSION_COLUMNS).select_from(_VERSIONS_JOINED)
+
+
+_HOT_LOOKUPS: dict[str, Callable[[], Select[Any]]] = {
+    "by_id": lambda: _versions_select().where(_v.c.id == bindparam("id")),
+    "latest_of_adapter": lambda: (
+        _versions_select()
+        .where(_v.c.adapter_id == bindparam("adapter_id"))
+        .order_by(_v.c.version.desc())
+        .limit(1)
+    ),
+    "latest_of_pseudonym": lambda: (
+        _versions_select()
+        .where(_u.c.pseudonym == bindparam("pseudonym"))
+        .order_by(_v.c.id.desc())
+        .limit(1)
+    ),
+    "latest_of_user": lambda: (
+        _versions_select()
+        .where(_v.c.user_id == bindparam("user_id"))
+        .order_by(_v.c.id.desc())
+        .limit(1)
+    ),
+}
+"""The version lookups the console and backup service make most, compiled once each."""
 
 
 def prior_ref(spec_fingerprint: str, version: int) -> str:
@@ -347,6 +385,7 @@ class Registry:
         self._url = url
         self._specs_by_fp: dict[str, AdapterSpec] = {}
         self._fp_by_spec: dict[AdapterSpec, str] = {}
+        self._prepared: dict[str, Prepared] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -901,9 +940,16 @@ class Registry:
                     "parent first, or record parent=None"
                 )
 
-    def _version_record(self, conn: Connection, row: Row[Any]) -> VersionRecord:
+    def _version_record(self, conn: Connection | None, row: Any) -> VersionRecord:
+        spec = self._specs_by_fp.get(row.spec_fingerprint)
+        if spec is None:
+            if conn is None:
+                with self._read() as own:
+                    spec = self._spec(own, row.spec_fingerprint)
+            else:
+                spec = self._spec(conn, row.spec_fingerprint)
         provenance = AdapterProvenance(
-            spec=self._spec(conn, row.spec_fingerprint),
+            spec=spec,
             version=int(row.version),
             content_hash=row.content_hash,
             parent=row.parent,
@@ -929,12 +975,22 @@ class Registry:
 
     @staticmethod
     def _version_query() -> Select[Any]:
-        return select(*_VERSION_COLUMNS).select_from(_VERSIONS_JOINED)
+        return _versions_select()
+
+    def _lookup(self, name: str, **params: Any) -> list[VersionRecord]:
+        """Run one of the hot version lookups (:mod:`.lookups`): compiled once, one execute."""
+        prepared = self._prepared.get(name)
+        if prepared is None:
+            prepared = self._prepared[name] = prepare(_HOT_LOOKUPS[name](), self._engine.dialect)
+        try:
+            rows = fetch(self._engine, prepared, params)
+        except self._engine.dialect.loaded_dbapi.OperationalError as exc:
+            raise UnavailableError(describe_connect_failure(self._url, exc)) from None
+        return [self._version_record(None, row) for row in rows]
 
     def get_version(self, version_id: VersionId) -> VersionRecord:
         """A version by its registry id; :class:`NotFoundError` if there is none."""
-        with self._read() as conn:
-            found = self._versions(conn, self._version_query().where(_v.c.id == version_id))
+        found = self._lookup("by_id", id=version_id)
         if not found:
             raise NotFoundError(f"no adapter version with id {version_id}")
         return found[0]
@@ -953,25 +1009,28 @@ class Registry:
 
     def latest_version(self, adapter_id: AdapterId) -> VersionRecord | None:
         """The adapter's highest version number, or None before its first version."""
-        with self._read() as conn:
-            found = self._versions(
-                conn,
-                self._version_query()
-                .where(_v.c.adapter_id == adapter_id)
-                .order_by(_v.c.version.desc())
-                .limit(1),
-            )
-            if not found:
+        found = self._lookup("latest_of_adapter", adapter_id=adapter_id)
+        if not found:
+            with self._read() as conn:
                 self._require_adapter(conn, adapter_id)
-                return None
+            return None
         return found[0]
 
     def latest_user_version(self, user: UserRef) -> VersionRecord | None:
-        """The user's most recently stored version across all their adapters, or None."""
-        query = self._version_query().where(self._owned_by(user))
-        with self._read() as conn:
-            found = self._versions(conn, query.order_by(_v.c.id.desc()).limit(1))
-            if not found:
+        """The user's most recently stored version across all their adapters, or None.
+
+        One index search per table (users by pseudonym, versions by ``(user_id, id)``
+        backwards, the adapter by id), compiled once: the console's and the backup
+        service's most frequent lookup.
+        """
+        if isinstance(user, str):
+            found = self._lookup("latest_of_pseudonym", pseudonym=check_pseudonym(user))
+        elif isinstance(user, bool) or not isinstance(user, int):
+            raise RegistryValueError(f"user must be a UserId or a pseudonym, got {user!r}")
+        else:
+            found = self._lookup("latest_of_user", user_id=user)
+        if not found:
+            with self._read() as conn:
                 self._user_id(conn, user)  # an unknown user raises; a new one has no versions
         return found[0] if found else None
 
@@ -1488,18 +1547,273 @@ class Registry:
             )
 
     def set_active_prior(self, spec: SpecRef, version: int) -> PriorRecord:
-        """Point the cohort at one of its prior versions (rollback of the prior)."""
+        """Point the cohort at one of its prior versions (an operator's rollback or pick).
+
+        The operator overrides the promotion rule, and the decision trail says so: a
+        version still awaiting its evaluation is recorded as promoted by the operator if
+        it is the one picked, and as held by the operator otherwise (the coordinator
+        then trains on from the picked version, not from the abandoned candidate).
+        """
         fp = self._spec_fp(spec)
+        pv = prior_versions
         with self._write() as conn:
             prior_id = conn.execute(
-                select(prior_versions.c.id).where(
-                    prior_versions.c.spec_fingerprint == fp, prior_versions.c.version == version
-                )
+                select(pv.c.id).where(pv.c.spec_fingerprint == fp, pv.c.version == version)
             ).scalar()
             if prior_id is None:
                 raise NotFoundError(f"cohort {fp[:12]}… has no prior version {version}")
-            self._point_prior(conn, fp, int(prior_id))
-        return self.get_prior(prior_ref(fp, version))
+            target = int(prior_id)
+            pending = self._pending_prior_id(conn, fp)
+            ref = prior_ref(fp, version)
+            if pending is not None:
+                picked = pending == target
+                self._append_decision(
+                    conn,
+                    fp,
+                    pending,
+                    "promoted" if picked else "held",
+                    decided_by="operator",
+                    reason="made active by an operator before its evaluation"
+                    if picked
+                    else f"an operator made {ref} active while it awaited its evaluation",
+                )
+            self._point_prior(conn, fp, target)
+        return self.get_prior(ref)
+
+    # ------------------------------------------------------------------ prior promotion
+
+    def _prior_id_of(self, conn: Connection, ref: str) -> tuple[int, str]:
+        row = conn.execute(
+            select(prior_versions.c.id, prior_versions.c.spec_fingerprint).where(
+                prior_versions.c.ref == ref
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no prior version {ref!r}")
+        return int(row.id), row.spec_fingerprint
+
+    def _pending_prior_id(self, conn: Connection, fp: str) -> int | None:
+        """The cohort's newest version if it is neither active nor decided, else None."""
+        pv, ap, pd = prior_versions, active_priors, prior_decisions
+        newest = conn.execute(
+            select(pv.c.id)
+            .where(pv.c.spec_fingerprint == fp)
+            .order_by(pv.c.version.desc())
+            .limit(1)
+        ).scalar()
+        if newest is None:
+            return None
+        active = conn.execute(select(ap.c.prior_id).where(ap.c.spec_fingerprint == fp)).scalar()
+        decided = conn.execute(select(pd.c.id).where(pd.c.prior_id == newest).limit(1)).first()
+        return None if newest == active or decided is not None else int(newest)
+
+    def pending_prior(self, spec: SpecRef) -> PriorRecord | None:
+        """The candidate awaiting its evaluation: the newest version, not active, undecided.
+
+        The coordinator trains the next round from it (its devices' validation losses
+        score it on the way) and then promotes or holds it; None when there is none.
+        """
+        fp = self._spec_fp(spec)
+        with self._read() as conn:
+            pending = self._pending_prior_id(conn, fp)
+            if pending is None:
+                return None
+            row = conn.execute(self._prior_query().where(prior_versions.c.id == pending)).one()
+        return self._prior_record(row)
+
+    def add_prior_evaluation(
+        self,
+        ref: str,
+        metrics: Mapping[str, float],
+        *,
+        devices: int,
+        round: int | None = None,
+        source: str = "devices",
+    ) -> PriorEvaluationRecord:
+        """Record how ``devices`` devices scored a prior version (aggregates only).
+
+        ``metrics`` are the aggregates the coordinator computed from the round's
+        replies (mean, spread); no device's own number is stored.
+        """
+        check_label("evaluation source", source)
+        check_size("devices", devices)
+        if not metrics:
+            raise RegistryValueError("a prior evaluation needs at least one metric")
+        row = {"round": round, "source": source, "devices": devices}
+        row["metrics_json"] = metrics_to_json(metrics)
+        with self._write() as conn:
+            row["prior_id"] = self._prior_id_of(conn, ref)[0]
+            _bulk_insert(conn, prior_evaluations, [row], created_at=_now())
+        return self.list_prior_evaluations(ref)[-1]
+
+    @staticmethod
+    def _prior_evaluation_record(row: Row[Any], ref: str) -> PriorEvaluationRecord:
+        return PriorEvaluationRecord(
+            id=PriorEvaluationId(int(row.id)),
+            prior_id=PriorId(int(row.prior_id)),
+            ref=ref,
+            round=row.round,
+            source=row.source,
+            devices=int(row.devices),
+            metrics=metrics_from_json(row.metrics_json),
+            created_at=row.created_at,
+        )
+
+    def list_prior_evaluations(self, ref: str) -> list[PriorEvaluationRecord]:
+        """Every evaluation of a prior version, oldest first (a few per version)."""
+        pe = prior_evaluations
+        with self._read() as conn:
+            prior_id, _ = self._prior_id_of(conn, ref)
+            rows = conn.execute(select(pe).where(pe.c.prior_id == prior_id).order_by(pe.c.id)).all()
+        return [self._prior_evaluation_record(r, ref) for r in rows]
+
+    def latest_prior_evaluations(self, refs: Iterable[str]) -> dict[str, PriorEvaluationRecord]:
+        """The newest evaluation of each of these prior versions (unscored ones are absent)."""
+        pv, pe = prior_versions, prior_evaluations
+        out: dict[str, PriorEvaluationRecord] = {}
+        with self._read() as conn:
+            for chunk in _chunks(sorted(set(refs))):
+                rows = conn.execute(
+                    select(pe, pv.c.ref)
+                    .join_from(pe, pv, pv.c.id == pe.c.prior_id)
+                    .where(pv.c.ref.in_(chunk))
+                    .order_by(pe.c.id)
+                )
+                for r in rows:  # later rows win
+                    out[r.ref] = self._prior_evaluation_record(r, r.ref)
+        return out
+
+    def _append_decision(
+        self,
+        conn: Connection,
+        fp: str,
+        prior_id: int,
+        decision: PriorDecision,
+        *,
+        decided_by: DecidedBy,
+        reason: str,
+        against_id: int | None = None,
+        round: int | None = None,
+        scores: tuple[float | None, float | None, float | None] = (None, None, None),
+    ) -> int:
+        candidate_score, active_score, tolerance = scores
+        for name, value in zip(("candidate", "active", "tolerance"), scores, strict=True):
+            if value is not None and not math.isfinite(value):
+                raise RegistryValueError(f"{name} score must be finite, got {value!r}")
+        return int(
+            conn.execute(
+                insert(prior_decisions).returning(prior_decisions.c.id),
+                {
+                    "spec_fingerprint": fp,
+                    "prior_id": prior_id,
+                    "against_id": against_id,
+                    "round": round,
+                    "decision": decision,
+                    "decided_by": decided_by,
+                    "reason": reason,
+                    "candidate_score": candidate_score,
+                    "active_score": active_score,
+                    "tolerance": tolerance,
+                    "created_at": _now(),
+                },
+            ).scalar_one()
+        )
+
+    def decide_prior(
+        self, ref: str, decision: PriorDecision, *, reason: str, **context: Any
+    ) -> PriorDecisionRecord:
+        """Record the promotion rule's verdict on a prior version, and act on it.
+
+        ``promoted`` makes the version active in the same transaction, so the pointer
+        never moves without its recorded reason; ``held`` leaves the active one where it
+        is. ``context`` may give ``against`` (the ref of the active version it was
+        compared with), ``round``, and ``scores`` (candidate score, active score,
+        tolerance).
+
+        Raises
+        ------
+        ConflictError
+            The version was already decided (verdicts are appended once per candidate;
+            an operator overrides through :meth:`set_active_prior`).
+        """
+        if decision not in ("promoted", "held"):
+            raise RegistryValueError(f"decision must be promoted or held, got {decision!r}")
+        if not isinstance(reason, str) or not reason.strip():
+            raise RegistryValueError("a decision needs a reason")
+        unknown = set(context) - {"against", "round", "scores"}
+        if unknown:
+            raise RegistryValueError(f"decide_prior got unknown arguments {sorted(unknown)}")
+        against = context.get("against")
+        with self._write() as conn:
+            prior_id, fp = self._prior_id_of(conn, ref)
+            if conn.execute(
+                select(prior_decisions.c.id).where(prior_decisions.c.prior_id == prior_id)
+            ).first():
+                raise ConflictError(f"prior {ref} was already decided; see its decision history")
+            new_id = self._append_decision(
+                conn,
+                fp,
+                prior_id,
+                decision,
+                decided_by="policy",
+                reason=reason,
+                against_id=None if against is None else self._prior_id_of(conn, against)[0],
+                round=context.get("round"),
+                scores=context.get("scores", (None, None, None)),
+            )
+            if decision == "promoted":
+                self._point_prior(conn, fp, prior_id)
+            row = conn.execute(self._decision_query().where(prior_decisions.c.id == new_id)).one()
+        log.info("prior %s %s: %s", ref, decision, reason)
+        return self._decision_record(row)
+
+    @staticmethod
+    def _decision_query() -> Select[Any]:
+        pd = prior_decisions
+        candidate, against = prior_versions.alias("candidate"), prior_versions.alias("against")
+        return (
+            select(pd, candidate.c.ref.label("ref"), against.c.ref.label("against_ref"))
+            .join_from(pd, candidate, candidate.c.id == pd.c.prior_id)
+            .outerjoin(against, against.c.id == pd.c.against_id)
+        )
+
+    @staticmethod
+    def _decision_record(row: Row[Any]) -> PriorDecisionRecord:
+        # Every field is the column of the same name, but ``against`` (the joined ref).
+        values = dict(row._mapping)
+        values["against"] = values.pop("against_ref")
+        names = {f.name for f in dataclass_fields(PriorDecisionRecord)}
+        return PriorDecisionRecord(**{k: v for k, v in values.items() if k in names})
+
+    def list_prior_decisions(
+        self, spec: SpecRef, *, limit: int = 1000
+    ) -> list[PriorDecisionRecord]:
+        """A cohort's last ``limit`` promotion decisions (one per round at most), oldest first."""
+        fp = self._spec_fp(spec)
+        check_limit(limit)
+        newest = (
+            self._decision_query()
+            .where(prior_decisions.c.spec_fingerprint == fp)
+            .order_by(prior_decisions.c.id.desc())
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [self._decision_record(r) for r in reversed(conn.execute(newest).all())]
+
+    def prior_decisions_for(self, refs: Iterable[str]) -> dict[str, PriorDecisionRecord]:
+        """The latest decision of each of these prior versions (undecided ones are absent)."""
+        wanted = sorted(set(refs))
+        out: dict[str, PriorDecisionRecord] = {}
+        with self._read() as conn:
+            for chunk in _chunks(wanted):
+                query = self._decision_query().where(
+                    prior_decisions.c.prior_id.in_(
+                        select(prior_versions.c.id).where(prior_versions.c.ref.in_(chunk))
+                    )
+                )
+                for row in conn.execute(query.order_by(prior_decisions.c.id)):
+                    out[row.ref] = self._decision_record(row)  # later rows win
+        return out
 
     def list_cohorts(self) -> list[str]:
         """Spec fingerprints of the cohorts that ran a round or hold a prior, latest first.

@@ -15,6 +15,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "registry_scale.py"
 QUERIES = ["latest_user_version", "get_version", "user_history", "users_page"]
+RAW = "latest_user_version_raw_sqlite3"
 
 
 def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -45,7 +46,7 @@ def test_quick_run_reports_insert_rate_and_every_lookup(tmp_path: Path) -> None:
     assert doc["bench"] == "registry_scale"
     assert doc["machine"]["backend"] == "sqlite"
     assert doc["machine"]["server_version"].startswith("sqlite ")
-    assert [row["name"] for row in doc["rows"]] == ["insert", *QUERIES, "report_round"]
+    assert [row["name"] for row in doc["rows"]] == ["insert", *QUERIES, RAW, "report_round"]
     reports = doc["rows"].pop()
     assert reports["reports"] == 200 and reports["rounds"] == 3
     assert reports["round_ms_min"] <= reports["round_ms"] <= reports["round_ms_max"]
@@ -62,11 +63,12 @@ def test_quick_run_reports_insert_rate_and_every_lookup(tmp_path: Path) -> None:
         assert all(positive(row[k]) for k in ("p50_ms", "p99_ms", "p50_ms_baseline")), row
     assert positive(doc["ratios"]["insert_rows_per_s_vs_baseline"])
     for key in ("p50_vs_baseline", "p99_vs_baseline"):
-        assert set(doc["ratios"][key]) == set(QUERIES)
+        assert set(doc["ratios"][key]) == {*QUERIES, RAW}
         assert all(positive(v) for v in doc["ratios"][key].values())
     assert set(doc["target"]) == {"users_page_p95_ms", "target_ms", "met"}
-    for name in QUERIES:
+    for name in [*QUERIES, RAW]:
         assert name in proc.stdout
+    assert positive(doc["ratios"]["latest_user_version_p99_vs_raw_sqlite3"])
     assert "target < 300 ms" in proc.stdout
 
 

@@ -51,6 +51,8 @@ TABLES = {
     "active_priors",
     "rounds",
     "blobs",
+    "prior_evaluations",
+    "prior_decisions",
 }
 
 
@@ -585,6 +587,50 @@ def test_prior_versions_with_an_active_pointer(reg: Registry) -> None:
         reg.add_prior_version(SPEC, 2, content_hash=chash(9), size_bytes=1)
     with pytest.raises(NotFoundError):
         reg.set_active_prior(SPEC, 5)
+
+
+def test_a_candidate_prior_waits_for_its_verdict_and_an_operator_pick_is_recorded(
+    reg: Registry,
+) -> None:
+    # Prepare: v1 active, v2 a candidate the devices scored
+    v1 = reg.add_prior_version(SPEC, 1, content_hash=chash(1), size_bytes=10, round=1)
+    v2 = reg.add_prior_version(SPEC, 2, content_hash=chash(2), size_bytes=10, activate=False)
+    assert reg.pending_prior(SPEC) == v2 and reg.active_prior(SPEC) == v1
+    score = {"rel_loss_mean": 0.97, "val_loss_mean": 2.9, "val_loss_std": 0.2}
+    evaluation = reg.add_prior_evaluation(v2.ref, score, devices=3, round=3)
+
+    # Execute: the rule holds v2, promotes v3; an operator rolls back while v4 waits
+    held = reg.decide_prior(
+        v2.ref, "held", reason="held: worse", against=v1.ref, round=3, scores=(0.97, 0.95, 0.01)
+    )
+    v3 = reg.add_prior_version(SPEC, 3, content_hash=chash(3), size_bytes=10, activate=False)
+    reg.decide_prior(v3.ref, "promoted", reason="promoted: better", against=v1.ref, round=4)
+    active_after_v3 = reg.active_prior(SPEC)
+    v4 = reg.add_prior_version(SPEC, 4, content_hash=chash(4), size_bytes=10, activate=False)
+    reg.set_active_prior(SPEC, 1)
+
+    # Assert: every verdict appended with who decided and why; pointers moved only so
+    assert reg.list_prior_evaluations(v2.ref) == [evaluation]
+    assert (held.against, held.decided_by, held.round) == (v1.ref, "policy", 3)
+    assert (held.candidate_score, held.active_score, held.tolerance) == (0.97, 0.95, 0.01)
+    assert active_after_v3 is not None and active_after_v3.version == 3
+    decisions = reg.list_prior_decisions(SPEC)
+    assert [(d.ref, d.decision, d.decided_by) for d in decisions] == [
+        (v2.ref, "held", "policy"),
+        (v3.ref, "promoted", "policy"),
+        (v4.ref, "held", "operator"),
+    ]
+    assert v1.ref in decisions[-1].reason and decisions[-1].against is None
+    assert reg.active_prior(SPEC) == reg.get_prior(v1.ref)
+    assert reg.pending_prior(SPEC) is None
+    assert reg.prior_decisions_for([v2.ref, v4.ref]) == {v2.ref: held, v4.ref: decisions[-1]}
+    assert reg.latest_prior_evaluations([v2.ref, v3.ref]) == {v2.ref: evaluation}
+    with pytest.raises(ConflictError, match="already decided"):
+        reg.decide_prior(v2.ref, "promoted", reason="again")
+    with pytest.raises(RegistryValueError, match="promoted or held"):
+        reg.decide_prior(v4.ref, "maybe", reason="x")  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):
+        reg.add_prior_evaluation("nope/v1", score, devices=1)
 
 
 def test_versions_record_the_prior_they_started_from(reg: Registry) -> None:
