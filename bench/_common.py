@@ -252,3 +252,54 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+# --------------------------------------------------------------------------- CPU classes
+
+ISAS = ("native", "avx2")
+"""What ``--isa`` accepts: this CPU as it is, or restricted to AVX2 kernels."""
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+"""The restriction that makes any x86 CPU compute as an AVX2-only one (no AVX-512, no
+native bf16) in torch's ATen kernels and oneDNN. torch reads it when it starts, so it
+only holds for a process started with it: hence a child process."""
+
+
+def add_isa_argument(parser: Any) -> None:
+    """``--isa {native,avx2}`` on a benchmark's argument parser."""
+    parser.add_argument(
+        "--isa",
+        choices=ISAS,
+        default="native",
+        help="CPU class to measure: this CPU as it is, or AVX2 kernels only (a child "
+        "process under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2)",
+    )
+
+
+def rerun_under_isa(isa: str, script: str, argv: Sequence[str] | None) -> int | None:
+    """Run ``script`` again in a child process restricted to ``isa``; None if already so.
+
+    With ``--isa avx2`` in a process that does not carry the restriction yet, the whole
+    benchmark runs again as a child with :data:`AVX2_ENV` set (same arguments, output
+    passed through) and its exit status is returned. In that child, or with ``native``,
+    this returns None and the caller measures in-process.
+    """
+    if isa != "avx2" or all(os.environ.get(k) == v for k, v in AVX2_ENV.items()):
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print("error: --isa avx2 restricts x86 kernels; this CPU is not x86", file=sys.stderr)
+        return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    proc = subprocess.run(
+        [sys.executable, script, *args], env={**os.environ, **AVX2_ENV}, check=False
+    )
+    return proc.returncode
+
+
+def class_line(machine: Mapping[str, Any]) -> str:
+    """One line naming the CPU class and model a table holds for (BENCH.md)."""
+    restricted = machine.get("isa_restriction") or ""
+    how = f", restricted by {restricted}" if restricted else ""
+    return (
+        f"CPU class: {machine.get('cpu_class')} ({machine.get('cpu_model')}{how}); "
+        f"torch kernels {machine.get('cpu_capability')}, {machine.get('threads')} threads"
+    )

@@ -20,11 +20,19 @@ prefill included; median [min-max]), the ratio to the reference, each path's pea
 largest batch; ONNX children import neither torch nor transformers), the export's
 quality-gate cross-entropy, and the share of generated tokens equal to the reference's.
 
+``--isa avx2`` measures the AVX2 class on any x86 CPU: the benchmark runs again in a
+child process under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``, and
+``peft-bf16`` is left out there (bf16 is emulated, 40-70x slower than fp32). ONNX Runtime
+ignores those variables: its kernels follow the CPU itself, so in an ``--isa avx2`` table
+only the torch rows hold for the AVX2 class, and the notes say so. Every table starts
+with the CPU class and model it holds for.
+
 Usage (from the repository root)::
 
     python bench/generate.py                  # full size: prompt 128, 64 new, batch 1 and 8
     python bench/generate.py --quick          # prompt 16, 8 new, batch 1 and 2, no children
     python bench/generate.py --json out.json  # also write the result file
+    python bench/generate.py --isa avx2       # the AVX2 class (torch rows), on any x86 CPU
 """
 
 from __future__ import annotations
@@ -336,20 +344,24 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.repeats is not None:
         size["repeats"] = args.repeats
     with_rss = args.rss if args.rss is not None else not args.quick
+    from lorafleet.client.device import detect_cpu
+
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    native_bf16 = detect_cpu().native_bf16
+    paths = [p for p in PATHS if native_bf16 or p.precision != "bf16"]
     inputs, quality = prepare(args, size)
     batches: tuple[int, ...] = size["batches"]
 
-    rss: dict[str, float | None] = {p.key: None for p in PATHS}
+    rss: dict[str, float | None] = {p.key: None for p in paths}
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         inputs.save(Path(tmp))
         if with_rss:
-            for path in PATHS:
+            for path in paths:
                 log.info("peak RSS: child process for %s", path.key)
                 rss[path.key] = measure_child_rss(path, args, Path(tmp), size["new_tokens"])
 
-    runs = {p.key: build(p, inputs, args) for p in PATHS}
+    runs = {p.key: build(p, inputs, args) for p in paths}
     rows: list[dict[str, Any]] = []
     loads: list[float] = []
     for batch in batches:
@@ -357,7 +369,7 @@ def bench_main(args: argparse.Namespace) -> int:
         timings, seen = measure(runs, prompts, size["new_tokens"], size["repeats"])
         loads += seen
         ref_tokens = timings[REFERENCE].tokens
-        for path in PATHS:
+        for path in paths:
             t = timings[path.key]
             rates = [batch * size["new_tokens"] / s for s in t.seconds]
             stats = _common.Stats.of(rates)
@@ -397,10 +409,17 @@ def bench_main(args: argparse.Namespace) -> int:
     machine = _common.machine_info(threads=args.threads, device="cpu")
     machine["onnxruntime"] = _common._version("onnxruntime")
     machine["load_average_1m_max"] = max(loads) if loads else None
-    print(
-        render(rows, ratios, goal, notes(args, size, machine, loads, with_rss, started, quality)),
-        flush=True,
-    )
+    machine["native_bf16"] = native_bf16
+    notes_ = notes(args, size, machine, loads, with_rss, started, quality)
+    if not native_bf16:
+        notes_.append("left out (bf16 arithmetic is emulated on this class): peft-bf16.")
+    if machine["isa_restriction"]:
+        notes_.append(
+            f"ONNX Runtime does not read {machine['isa_restriction']}: its rows ran the CPU's "
+            "own kernels, so only the torch rows hold for the restricted class."
+        )
+    head = _common.class_line(machine)
+    print(head + "\n\n" + render(rows, ratios, goal, notes_), flush=True)
     if args.json is not None:
         _common.write_json(
             args.json,
@@ -410,6 +429,7 @@ def bench_main(args: argparse.Namespace) -> int:
             ratios=ratios,
             target=goal,
             settings={
+                "isa": args.isa,
                 "quick": args.quick,
                 "base": args.base,
                 "prompt_len": size["prompt_len"],
@@ -564,6 +584,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="measure each path's peak RSS in a child process (default: on, off with --quick)",
     )
+    _common.add_isa_argument(parser)
     parser.add_argument("--child", choices=sorted(PATHS_BY_KEY), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -581,6 +602,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    rerun = _common.rerun_under_isa(args.isa, __file__, argv)
+    if rerun is not None:
+        return rerun
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.child is None or PATHS_BY_KEY[args.child].kind == "peft":

@@ -12,11 +12,23 @@ one step of each path in turn, so machine drift hits every path alike. Rows:
 - ``lorafleet-fp32``, ``lorafleet-bf16-mixed``, ``lorafleet-bf16``: lorafleet's adapter
   (seeded frozen A, only B trainable, lr 2e-3) in each of its precisions; ``bf16`` stores
   the base weights in bf16.
-- ``lorafleet-int8``: the quantized training path (precision ``int8``,
-  :mod:`lorafleet.client.qtrain`): frozen matmuls in int8 (W8A8, per-token activations,
-  down_proj in bf16), eager attention and a fused chunked lm_head + cross-entropy.
-- ``lorafleet-lean-bf16``: the same lean forward with bf16 frozen matmuls, so the table
-  shows what the int8 kernels add on top of the leaner step.
+- ``lorafleet-lean-fp32``, ``lorafleet-lean-bf16`` (precisions ``fp32-lean``,
+  ``bf16-lean``): :mod:`lorafleet.client.qtrain`'s lean forward (fused q/k/v and
+  gate/up, eager attention, a fused chunked lm_head + cross-entropy), no quantization.
+- ``lorafleet-int8``: the same forward with int8 frozen matmuls (W8A8, per-token
+  activations, down_proj not quantized) and bf16 everywhere else; ``lorafleet-int8-fp32``
+  with fp32 everywhere else, for CPUs without native bf16.
+
+The row ``precision="auto"`` resolves to on this CPU (the device profile) is marked
+``(auto)``, and the class target is checked on it: on a CPU with native bf16, auto at
+least 3x the reference; on one without, at least 1.5x the reference and 0.95x
+``lorafleet-fp32`` (all at no more than +2% held-out loss). Rows that compute in bf16 are
+left out on a CPU without native bf16, where they run 40-70x slower than fp32 (say
+``--paths`` to force them).
+
+``--isa avx2`` measures the AVX2 class on any x86 CPU: the whole benchmark runs again in
+a child process under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``. Every table
+starts with the CPU class and model it holds for.
 
 The table gives tokens/s (median [min-max] over the timed steps), each ratio to the
 reference and to peft-bf16, each path's peak memory (max RSS of a child process that
@@ -28,6 +40,7 @@ Usage (from the repository root)::
     python bench/train_throughput.py                  # full size: 45 timed steps per path
     python bench/train_throughput.py --quick          # 3 steps, a subset of the notes
     python bench/train_throughput.py --json out.json  # also write the result file
+    python bench/train_throughput.py --isa avx2       # the AVX2 class, on any x86 CPU
 """
 
 from __future__ import annotations
@@ -54,8 +67,9 @@ from lorafleet.client.data import (
     read_examples,
     split_examples,
 )
+from lorafleet.client.device import detect_cpu
 from lorafleet.client.evaluate import heldout_loss
-from lorafleet.client.qtrain import FrozenWeights, QuantConfig
+from lorafleet.client.runtime import PLANS, ConcretePrecision, resolve_precision
 from lorafleet.client.train import LocalTrainer, TrainConfig, trainable_parameters
 from lorafleet.protocols.errors import DataError, LorafleetError
 from lorafleet.protocols.spec import AdapterSpec
@@ -72,10 +86,17 @@ HELDOUT_FRACTION, SPLIT_SEED, BATCH_SEED, PEFT_INIT_SEED = 0.2, 0, 0, 0
 TARGET_SPEEDUP, TARGET_LOSS_PCT = 2.0, 2.0
 # The quantized path's own goal (issue #5): >= 3x the reference and >= 1.3x peft-bf16.
 QUANT_PATH, QUANT_SPEEDUP, QUANT_VS_PEFT_BF16 = "lorafleet-int8", 3.0, 1.3
+# auto's goal per CPU class (issue #13): with native bf16 >= 3x the reference; without,
+# >= 1.5x the reference and never below 0.95x lorafleet's own fp32 path.
+AUTO_NATIVE_SPEEDUP, AUTO_AVX2_SPEEDUP, AUTO_VS_OWN_FP32, OWN_FP32 = (
+    3.0,
+    1.5,
+    0.95,
+    "lorafleet-fp32",
+)
 DEVICE = torch.device("cpu")
 
 Adapter = Literal["peft", "lorafleet"]
-Precision = Literal["fp32", "bf16-mixed", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -84,15 +105,20 @@ class TrainPath:
 
     key: str
     adapter: Adapter
-    precision: Precision
+    precision: ConcretePrecision
     lr: float
     what: str
-    frozen_matmuls: FrozenWeights | None = None  # int8 only: qtrain's QuantConfig.weights
 
     @property
     def base_dtype(self) -> torch.dtype:
-        """Dtype the base weights are loaded in: bf16 for ``bf16`` and ``int8``."""
-        return torch.bfloat16 if self.precision in ("bf16", "int8") else torch.float32
+        """Dtype the base weights are loaded in (the precision's plan)."""
+        return PLANS[self.precision].base_dtype
+
+    @property
+    def computes_in_bf16(self) -> bool:
+        """Whether its step runs bf16 arithmetic (emulated, 40-70x slower, without native bf16)."""
+        plan = PLANS[self.precision]
+        return plan.autocast or plan.base_dtype == torch.bfloat16
 
 
 PATHS = (
@@ -104,20 +130,24 @@ PATHS = (
     ),
     TrainPath("lorafleet-bf16", "lorafleet", "bf16", 2e-3, "B only, bf16 base, autocast"),
     TrainPath(
-        "lorafleet-lean-bf16",
-        "lorafleet",
-        "int8",
-        2e-3,
-        "B only, bf16 base, lean forward, bf16 matmuls",
-        frozen_matmuls="bf16",
+        "lorafleet-lean-fp32", "lorafleet", "fp32-lean", 2e-3, "B only, fp32 base, lean forward"
+    ),
+    TrainPath(
+        "lorafleet-lean-bf16", "lorafleet", "bf16-lean", 2e-3, "B only, bf16 base, lean forward"
     ),
     TrainPath(
         QUANT_PATH,
         "lorafleet",
         "int8",
         2e-3,
-        "B only, bf16 base, lean forward, int8 W8A8 frozen matmuls",
-        frozen_matmuls="int8",
+        "B only, bf16 base, lean forward, int8 W8A8 frozen matmuls, bf16 elsewhere",
+    ),
+    TrainPath(
+        "lorafleet-int8-fp32",
+        "lorafleet",
+        "int8-fp32",
+        2e-3,
+        "B only, fp32 base, lean forward, int8 W8A8 frozen matmuls, fp32 elsewhere",
     ),
 )
 PATHS_BY_KEY = {p.key: p for p in PATHS}
@@ -214,8 +244,7 @@ def build_run(path: TrainPath, base: LoadedBase, train: TokenBlocks, threads: in
         threads=threads,
         device=DEVICE.type,
     )
-    quant = None if path.frozen_matmuls is None else QuantConfig(weights=path.frozen_matmuls)
-    trainer = LocalTrainer(model, config, quant=quant)
+    trainer = LocalTrainer(model, config)
     return Run(path, model, trainer, batch_stream(train, BATCH_SEED))
 
 
@@ -347,7 +376,6 @@ class Row:
             "adapter": self.path.adapter,
             "precision": self.path.precision,
             "base_dtype": str(self.path.base_dtype).removeprefix("torch."),
-            "frozen_matmuls": self.path.frozen_matmuls,
             "lr": self.path.lr,
             "trainable_params": self.trainable_params,
             "tokens_per_s": self.tokens_per_s.median,
@@ -382,19 +410,22 @@ def loss_pct(loss: float, reference: float) -> float:
 
 
 def ratios(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
+    """Each row against the reference and (where it ran) peft-bf16, side by side."""
     by_key = {r.path.key: r for r in rows}
-    ref, bf16 = by_key[REFERENCE], by_key[PEFT_BF16]
-    return {
+    ref, bf16 = by_key[REFERENCE], by_key.get(PEFT_BF16)
+    table = {
         "tokens_per_s_vs_reference": {
             r.path.key: _common.ratio(r.tokens_per_s.median, ref.tokens_per_s.median) for r in rows
-        },
-        "tokens_per_s_vs_peft_bf16": {
-            r.path.key: _common.ratio(r.tokens_per_s.median, bf16.tokens_per_s.median) for r in rows
         },
         "heldout_loss_vs_reference": {
             r.path.key: _common.ratio(r.heldout_loss, ref.heldout_loss) for r in rows
         },
     }
+    if bf16 is not None:
+        table["tokens_per_s_vs_peft_bf16"] = {
+            r.path.key: _common.ratio(r.tokens_per_s.median, bf16.tokens_per_s.median) for r in rows
+        }
+    return table
 
 
 def target(rows: Sequence[Row]) -> dict[str, Any]:
@@ -416,10 +447,12 @@ def target(rows: Sequence[Row]) -> dict[str, Any]:
 
 def quantized_target(
     rows: Sequence[Row], ratio_table: dict[str, dict[str, float]]
-) -> dict[str, Any]:
-    """Issue #5's goal for the quantized training path, checked on its own row."""
-    ref = next(r for r in rows if r.path.key == REFERENCE)
-    row = next(r for r in rows if r.path.key == QUANT_PATH)
+) -> dict[str, Any] | None:
+    """Issue #5's goal for the quantized training path, checked on its own row (if run)."""
+    by_key = {r.path.key: r for r in rows}
+    if QUANT_PATH not in by_key or "tokens_per_s_vs_peft_bf16" not in ratio_table:
+        return None
+    ref, row = by_key[REFERENCE], by_key[QUANT_PATH]
     vs_ref = ratio_table["tokens_per_s_vs_reference"][QUANT_PATH]
     vs_bf16 = ratio_table["tokens_per_s_vs_peft_bf16"][QUANT_PATH]
     pct = loss_pct(row.heldout_loss, ref.heldout_loss)
@@ -438,13 +471,51 @@ def quantized_target(
     }
 
 
+def auto_target(
+    rows: Sequence[Row], auto: str, native_bf16: bool, ratio_table: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Issue #13's goal for ``precision="auto"`` on this CPU class, on the row it resolves to."""
+    by_key = {r.path.key: r for r in rows}
+    row = next(
+        (r for r in rows if r.path.adapter == "lorafleet" and r.path.precision == auto), None
+    )
+    vs_ref_all = ratio_table["tokens_per_s_vs_reference"]
+    need = AUTO_NATIVE_SPEEDUP if native_bf16 else AUTO_AVX2_SPEEDUP
+    goal = f">= {need:g}x reference tokens/s"
+    if not native_bf16:
+        goal += f" and >= {AUTO_VS_OWN_FP32:g}x {OWN_FP32}"
+    goal += f" at <= +{TARGET_LOSS_PCT:g}% held-out loss"
+    doc: dict[str, Any] = {"goal": goal, "auto": auto, "path": None, "met": False}
+    if row is None:
+        doc["note"] = f"no row ran precision {auto}"
+        return doc
+    vs_ref = vs_ref_all[row.path.key]
+    pct = loss_pct(row.heldout_loss, by_key[REFERENCE].heldout_loss)
+    met = vs_ref >= need and pct <= TARGET_LOSS_PCT
+    doc.update(path=row.path.key, tokens_per_s_vs_reference=vs_ref)
+    doc["heldout_loss_vs_reference_pct"] = pct
+    if not native_bf16:
+        own = by_key.get(OWN_FP32)
+        vs_own = (
+            _common.ratio(row.tokens_per_s.median, own.tokens_per_s.median)
+            if own is not None
+            else float("nan")
+        )
+        doc["tokens_per_s_vs_own_fp32"] = vs_own
+        met = met and vs_own >= AUTO_VS_OWN_FP32
+    doc["met"] = bool(met)
+    return doc
+
+
 def render(
     rows: Sequence[Row],
     ratio_table: dict[str, dict[str, float]],
-    goal: dict[str, Any],
-    quant_goal: dict[str, Any],
+    goals: tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]],
+    head: str,
     notes: Sequence[str],
 ) -> str:
+    goal, quant_goal, auto_goal = goals
+    vs_bf16 = ratio_table.get("tokens_per_s_vs_peft_bf16")
     headers = [
         "path",
         "tokens/s median [min-max]",
@@ -458,34 +529,69 @@ def render(
     for r in rows:
         key = r.path.key
         t = r.tokens_per_s
+        label = f"{key} (reference)" if key == REFERENCE else key
+        if key == auto_goal["path"]:
+            label += " (auto)"
         cells.append(
             [
-                f"{key} (reference)" if key == REFERENCE else key,
+                label,
                 f"{t.median:.1f} [{t.min:.1f}-{t.max:.1f}]",
                 f"{ratio_table['tokens_per_s_vs_reference'][key]:.2f}x",
-                f"{ratio_table['tokens_per_s_vs_peft_bf16'][key]:.2f}x",
+                "-" if vs_bf16 is None else f"{vs_bf16[key]:.2f}x",
                 "skipped" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
                 f"{r.heldout_loss:.4f}",
                 f"{loss_pct(r.heldout_loss, rows[0].heldout_loss):+.1f}%",
             ]
         )
-    verdict = (
+
+    def verdict(met: bool) -> str:
+        return "MET" if met else "NOT MET"
+
+    lines = [
         f"fastest CPU path: {goal['fastest_path']}, "
         f"{goal['tokens_per_s_vs_reference']:.2f}x reference tokens/s at "
         f"{goal['heldout_loss_vs_reference_pct']:+.1f}% held-out loss; "
-        f"target >= {TARGET_SPEEDUP:g}x at <= +{TARGET_LOSS_PCT:g}%: "
-        f"{'MET' if goal['met'] else 'NOT MET'}"
-    )
-    quant_verdict = (
-        f"quantized path: {quant_goal['path']}, "
-        f"{quant_goal['tokens_per_s_vs_reference']:.2f}x reference and "
-        f"{quant_goal['tokens_per_s_vs_peft_bf16']:.2f}x peft-bf16 tokens/s at "
-        f"{quant_goal['heldout_loss_vs_reference_pct']:+.1f}% held-out loss; target >= "
-        f"{QUANT_SPEEDUP:g}x and >= {QUANT_VS_PEFT_BF16:g}x at <= +{TARGET_LOSS_PCT:g}%: "
-        f"{'MET' if quant_goal['met'] else 'NOT MET'}"
-    )
+        f"target >= {TARGET_SPEEDUP:g}x at <= +{TARGET_LOSS_PCT:g}%: {verdict(goal['met'])}"
+    ]
+    if quant_goal is not None:
+        lines.append(
+            f"quantized path: {quant_goal['path']}, "
+            f"{quant_goal['tokens_per_s_vs_reference']:.2f}x reference and "
+            f"{quant_goal['tokens_per_s_vs_peft_bf16']:.2f}x peft-bf16 tokens/s at "
+            f"{quant_goal['heldout_loss_vs_reference_pct']:+.1f}% held-out loss; target >= "
+            f"{QUANT_SPEEDUP:g}x and >= {QUANT_VS_PEFT_BF16:g}x at <= +{TARGET_LOSS_PCT:g}%: "
+            f"{verdict(quant_goal['met'])}"
+        )
+    if auto_goal["path"] is None:
+        lines.append(f"auto -> {auto_goal['auto']}: {auto_goal['note']}; target not checked")
+    else:
+        own = auto_goal.get("tokens_per_s_vs_own_fp32")
+        lines.append(
+            f"auto -> {auto_goal['auto']} ({auto_goal['path']}): "
+            f"{auto_goal['tokens_per_s_vs_reference']:.2f}x reference"
+            + ("" if own is None else f", {own:.2f}x {OWN_FP32}")
+            + f" tokens/s at {auto_goal['heldout_loss_vs_reference_pct']:+.1f}% held-out loss; "
+            f"target {auto_goal['goal']}: {verdict(auto_goal['met'])}"
+        )
     table = _common.format_table(headers, cells)
-    return "\n".join([table, "", verdict, quant_verdict, "", *notes])
+    return "\n".join([head, "", table, "", *lines, "", *notes])
+
+
+def select_paths(keys: str | None, native_bf16: bool) -> tuple[list[TrainPath], list[TrainPath]]:
+    """The rows to run and the ones left out (bf16 rows where bf16 is emulated).
+
+    ``keys`` (``--paths``, comma-separated) chooses rows explicitly, bf16 ones included;
+    the reference always runs, since every ratio is taken against it.
+    """
+    if keys:
+        wanted = {k.strip() for k in keys.split(",") if k.strip()} | {REFERENCE}
+        unknown = sorted(wanted - set(PATHS_BY_KEY))
+        if unknown:
+            raise DataError(f"--paths: unknown {unknown}; choose from {sorted(PATHS_BY_KEY)}")
+        chosen = [p for p in PATHS if p.key in wanted]
+    else:
+        chosen = [p for p in PATHS if native_bf16 or not p.computes_in_bf16]
+    return chosen, [p for p in PATHS if p not in chosen]
 
 
 # --------------------------------------------------------------------------- main
@@ -496,18 +602,22 @@ def bench_main(args: argparse.Namespace) -> int:
     with_rss = args.rss if args.rss is not None else not args.quick
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    cpu = detect_cpu()
+    paths, left_out = select_paths(args.paths, cpu.native_bf16)
+    auto = resolve_precision("auto", DEVICE)
+    torch.set_num_threads(args.threads)  # the device profile may have lowered it
 
     # Children first, while this process is small and the machine not yet busy with it.
-    rss: dict[str, float | None] = {p.key: None for p in PATHS}
+    rss: dict[str, float | None] = {p.key: None for p in paths}
     if with_rss:
-        for path in PATHS:
+        for path in paths:
             log.info("peak RSS: child process for %s", path.key)
             rss[path.key] = measure_child_rss(path, args)
 
     runs: list[Run] = []
     train: TokenBlocks | None = None
     heldout: TokenBlocks | None = None
-    for path in PATHS:
+    for path in paths:
         base = load_path_base(path, args)
         if train is None:
             train, heldout = load_data(base.tokenizer, quick=args.quick)
@@ -529,7 +639,10 @@ def bench_main(args: argparse.Namespace) -> int:
     ratio_table = ratios(rows)
     goal = target(rows)
     quant_goal = quantized_target(rows, ratio_table)
+    auto_goal = auto_target(rows, auto, cpu.native_bf16, ratio_table)
     machine = _common.machine_info(threads=args.threads, device=DEVICE.type)
+    machine["native_bf16"] = cpu.native_bf16
+    machine["auto_precision"] = auto
     machine["load_average_1m_max"] = max(loads) if loads else None
     busy = bool(loads) and max(loads) > float(machine["usable_cores"] or 1) + 0.5
     rss_note = (
@@ -557,12 +670,20 @@ def bench_main(args: argparse.Namespace) -> int:
         f"whole benchmark process max RSS {process_rss:.0f} MB; wall {time.perf_counter() - started:.0f} s; "
         f"1-min load average up to {'n/a' if not loads else f'{max(loads):.1f}'}.",
     ]
+    if left_out:
+        why = (
+            "left out: "
+            if args.paths
+            else "left out (bf16 arithmetic is emulated on this class, 40-70x slower than fp32): "
+        )
+        notes.append(why + ", ".join(p.key for p in left_out) + ".")
     if busy:
         notes.append(
             f"WARNING: the machine was busy with other work (load up to {max(loads):.1f} on "
             f"{machine['usable_cores']} cores); timings are noisy, rerun on a quiet machine."
         )
-    print(render(rows, ratio_table, goal, quant_goal, notes), flush=True)
+    head = _common.class_line(machine) + f"; precision auto -> {auto}"
+    print(render(rows, ratio_table, (goal, quant_goal, auto_goal), head, notes), flush=True)
 
     if args.json is not None:
         _common.write_json(
@@ -573,7 +694,10 @@ def bench_main(args: argparse.Namespace) -> int:
             ratios=ratio_table,
             target=goal,
             target_quantized=quant_goal,
+            target_auto=auto_goal,
             settings={
+                "isa": args.isa,
+                "paths": [p.key for p in paths],
                 "quick": args.quick,
                 "base": args.base,
                 "timed_steps": steps,
@@ -622,6 +746,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="measure each path's peak RSS in a child process (default: on, off with --quick)",
     )
+    parser.add_argument(
+        "--paths",
+        default=None,
+        help="comma-separated rows to run (the reference always runs); default: every row "
+        "this CPU class runs at its own speed",
+    )
+    _common.add_isa_argument(parser)
     parser.add_argument("--child", choices=sorted(PATHS_BY_KEY), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("steps", "threads"):
@@ -637,6 +768,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    rerun = _common.rerun_under_isa(args.isa, __file__, argv)
+    if rerun is not None:
+        return rerun
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
 

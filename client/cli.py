@@ -29,7 +29,19 @@ _EXPORT_FORMATS = [
     "merged",
     "onnx-genai",
 ]  # lorafleet.client.export.EXPORT_FORMATS, without torch
-_PRECISIONS = ["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"]
+# runtime.PRECISIONS, spelled out so --help imports no torch (a test keeps them equal);
+# lorafleet-sim's --precision offers the same.
+PRECISION_CHOICES = [
+    "auto",
+    "fp32",
+    "bf16-mixed",
+    "bf16",
+    "fp32-lean",
+    "bf16-lean",
+    "int8",
+    "int8-fp32",
+    "nf4",
+]
 
 
 def _add_cache_dir(p: argparse.ArgumentParser, what: str) -> None:
@@ -55,8 +67,9 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=_PRECISIONS,
-        help="weights and compute precision (auto: bf16 where it pays, else fp32)",
+        choices=PRECISION_CHOICES,
+        help="weights and compute precision (auto: the device profile's fastest lean "
+        "path, see `lorafleet device`)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _add_cache_dir(p, "bases")
@@ -278,7 +291,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, default=None, help="default: a fresh temporary profile")
     p.add_argument("--steps", type=int, default=40, help="training steps")
     p.add_argument(
-        "--precision", default="auto", choices=_PRECISIONS, help="weights and compute precision"
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="weights and compute precision",
     )
     _add_cache_dir(p, "bases")
     return parser

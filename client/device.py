@@ -9,11 +9,13 @@ AVX2-only x86 laptop, Apple M1): there torch emulates bf16 element by element. S
    (``ATEN_CPU_CAPABILITY`` as torch reports it, ``ONEDNN_MAX_CPU_ISA``), its model name,
    its physical cores (hyperthreads don't add matmul throughput), and torch's version;
 2. **measures** one frozen-base-sized matmul (512 tokens x 576 -> 1536, SmolLM2-135M's
-   MLP at batch 4 x 128) in fp32, bf16 and int8 (the kernel of
-   :mod:`lorafleet.client.qtrain`), a few repetitions on one thread within a small time
-   budget;
-3. **chooses**: bf16 when the CPU has native bf16 *and* it measured faster than fp32,
-   else fp32 (see :func:`choose_precision` for why int8 is reported but not chosen).
+   MLP at batch 4 x 128) in fp32, bf16, and int8 (the kernel of
+   :mod:`lorafleet.client.qtrain`, fed bf16 as ``int8`` trains and fp32 as
+   ``int8-fp32`` does), a few repetitions on one thread within a small time budget;
+3. **chooses** a lean training path (:func:`choose_precision`): the bf16 family
+   (``bf16-lean``, or ``int8``) when the CPU has native bf16 *and* bf16 measured faster
+   than fp32, else the fp32 family (``fp32-lean``, or ``int8-fp32``); within a family
+   int8 only where its kernel measured clearly faster than the float one.
 
 The profile is cached under ``<cache root>/device/`` in a file named by its key (CPU
 model and class, ISA restriction, torch version, threads, probe shape), so a change of
@@ -23,7 +25,7 @@ Examples
 --------
 >>> profile = device_profile()  # doctest: +SKIP
 >>> profile.choice, profile.reason  # doctest: +SKIP
-('fp32', 'AVX2 CPU without native bf16 (bf16 matmul 44x slower than fp32)')
+('int8-fp32', 'AVX2 CPU without native bf16 (bf16 matmul 44x slower than fp32); int8 ...')
 """
 
 from __future__ import annotations
@@ -61,16 +63,18 @@ __all__ = [
     "forget_profiles",
     "limit_threads",
     "measure_matmuls",
+    "this_cpu",
 ]
 
 log = logging.getLogger(__name__)
 
 IsaClass = Literal["AMX", "AVX-512-BF16", "AVX-512", "AVX2", "x86-64", "ARM-BF16", "ARM", "other"]
-ChosenPrecision = Literal["fp32", "bf16"]
+ChosenPrecision = Literal["fp32-lean", "int8-fp32", "bf16-lean", "int8"]
+CHOICES: tuple[str, ...] = ("fp32-lean", "int8-fp32", "bf16-lean", "int8")
 
 PROBE_SHAPE = (512, 576, 1536)
 """(tokens, in, out) of the probe matmul: SmolLM2-135M's gate/up projection at 4 x 128."""
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 """Bumped when the probe changes, so cached profiles from an older probe are re-measured."""
 PROBE_THREADS = 1
 """The probe runs on one thread: the choice needs the ratio between dtypes, which one core
@@ -167,7 +171,7 @@ class DeviceProfile:
         cpu = dict(doc["cpu"])
         cpu["flags"] = tuple(cpu["flags"])
         choice = doc["choice"]
-        if choice not in ("fp32", "bf16"):
+        if choice not in CHOICES:
             raise ValueError(f"unknown choice {choice!r}")
         return cls(
             cpu=CpuInfo(**cpu),
@@ -181,7 +185,7 @@ class DeviceProfile:
         )
 
     def _dtypes(self) -> list[str]:
-        order = ("fp32", "bf16", "int8")
+        order = ("fp32", "bf16", "int8", "int8-fp32")
         return [k for k in order if k in self.matmul_ms] + sorted(
             k for k in self.matmul_ms if k not in order
         )
@@ -303,12 +307,14 @@ def detect_cpu(
     cpuinfo: str | None = None,
     env: Mapping[str, str] | None = None,
     arch: str | None = None,
+    torch_capability: str | None = None,
 ) -> CpuInfo:
     """Detect this CPU: ISA class (restrictions applied), model, cores, native dtypes.
 
-    ``cpuinfo``, ``env`` and ``arch`` default to ``/proc/cpuinfo``, ``os.environ`` and
-    ``platform.machine()``; passing them describes another machine (torch's kernel
-    capability is always this process's).
+    ``cpuinfo``, ``env``, ``arch`` and ``torch_capability`` default to ``/proc/cpuinfo``,
+    ``os.environ``, ``platform.machine()`` and this process's torch kernel capability;
+    passing them describes another machine (an AVX2 host's torch reports ``AVX2`` and
+    would cap any described class to it).
     """
     env = os.environ if env is None else env
     text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
@@ -317,7 +323,8 @@ def detect_cpu(
     flags = set((first.get("flags") or first.get("features") or "").lower().split())
     arch = (arch or platform.machine()).lower() or "unknown"
     model = first.get("model name") or first.get("hardware") or ""
-    torch_capability = str(torch.backends.cpu.get_cpu_capability())
+    if torch_capability is None:
+        torch_capability = str(torch.backends.cpu.get_cpu_capability())
     usable = _usable_cpus()
     if platform.system() == "Darwin" and cpuinfo is None:
         model = _sysctl("machdep.cpu.brand_string")
@@ -414,10 +421,12 @@ def measure_matmuls(
 ) -> dict[str, float]:
     """Milliseconds of one ``x @ W.T`` of ``shape`` (tokens, in, out) per training dtype.
 
-    fp32 and bf16 through ``F.linear`` (what the base's Linear layers run); int8 through
-    the int8 training path's own kernel (per-token activation quantization and
-    ``torch._int_mm``, :func:`lorafleet.client.int8mm.int8_linear`). Runs on ``threads``
-    torch threads and restores the caller's count.
+    fp32 and bf16 through ``F.linear`` (what the base's Linear layers run); ``int8`` and
+    ``int8-fp32`` through the int8 training path's own kernel for this CPU (per-token
+    activation scales; ``torch._int_mm`` with VNNI/AMX, fbgemm without,
+    :func:`lorafleet.client.int8mm.int8_linear`) with bf16 and fp32 activations, as the
+    ``int8`` and ``int8-fp32`` precisions feed it. Runs on ``threads`` torch threads and
+    restores the caller's count.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -438,11 +447,11 @@ def _measure(shape: tuple[int, int, int]) -> dict[str, float]:
         xb, wb = x.bfloat16(), w.bfloat16()
         ms["bf16"] = _time_ms(lambda: F.linear(xb, wb))
         try:
-            from lorafleet.client.int8mm import int8_linear, quantize_rows
+            from lorafleet.client.int8mm import default_kernel, int8_linear, quantize_weight
 
-            wq, w_scale = quantize_rows(w)  # (out, in) int8, (out, 1)
-            scale = w_scale.squeeze(1)  # (out,)
-            ms["int8"] = _time_ms(lambda: int8_linear(xb, wq, scale))
+            wq = quantize_weight(w, default_kernel(this_cpu().native_int8))
+            ms["int8"] = _time_ms(lambda: int8_linear(xb, wq))
+            ms["int8-fp32"] = _time_ms(lambda: int8_linear(x, wq))
         except (RuntimeError, ImportError) as exc:  # no int8 kernel in this torch build
             log.debug("int8 probe skipped: %s", exc)
     return ms
@@ -453,32 +462,67 @@ def _ratio(a: float, b: float) -> str:
     return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
 
 
-def choose_precision(cpu: CpuInfo, matmul_ms: Mapping[str, float]) -> tuple[ChosenPrecision, str]:
-    """``auto``'s CPU precision and the reason, from the detected CPU and its timings.
+INT8_MARGIN = 0.85
+"""int8 is chosen only where its probe takes at most this share of the float one: it
+costs a little held-out loss (+0.2% on SmolLM2-135M), and the probe times the forward
+matmul alone, while a step also quantizes the output gradient for the backward one."""
 
-    bf16 only where the CPU has native bf16 *and* it measured faster than fp32: a fast
-    fp32 probe on a native CPU can happen under contention, a fast bf16 probe without
-    native bf16 cannot be trusted to hold for a whole step (the element-wise work is
-    emulated too). int8 is measured and reported but not chosen here: its training path
-    supports Llama-family bases only (unknown before the base loads) and computes its
-    non-matmul work in bf16, so it is a choice a user makes with ``precision="int8"``.
-    """
-    fp32, bf16 = matmul_ms["fp32"], matmul_ms.get("bf16")
+
+def _float_family(cpu: CpuInfo, fp32: float, bf16: float | None) -> tuple[bool, str]:
+    """Whether the bf16 family is usable here, and the words that say why (or why not)."""
     if not cpu.native_bf16:
         if bf16 is None:
-            return "fp32", f"{cpu.isa_class} CPU without native bf16"
+            return False, f"{cpu.isa_class} CPU without native bf16"
         if bf16 >= fp32:
             detail = f"bf16 matmul {_ratio(bf16, fp32)} slower than fp32"
         else:
             detail = f"bf16 matmul {_ratio(fp32, bf16)} faster, but emulated"
-        return "fp32", f"{cpu.isa_class} CPU without native bf16 ({detail})"
+        return False, f"{cpu.isa_class} CPU without native bf16 ({detail})"
     if bf16 is not None and bf16 < fp32:
-        return "bf16", (
+        return True, (
             f"{cpu.isa_class} CPU with native bf16 (bf16 matmul {_ratio(fp32, bf16)} faster "
             "than fp32)"
         )
     detail = "not measured" if bf16 is None else f"{_ratio(bf16, fp32)} the fp32 time"
-    return "fp32", f"{cpu.isa_class} CPU with native bf16, but bf16 matmul {detail}"
+    return False, f"{cpu.isa_class} CPU with native bf16, but bf16 matmul {detail}"
+
+
+def choose_precision(cpu: CpuInfo, matmul_ms: Mapping[str, float]) -> tuple[ChosenPrecision, str]:
+    """``auto``'s CPU precision and the reason, from the detected CPU and its timings.
+
+    Always a lean training path (:mod:`lorafleet.client.qtrain`'s forward: fused
+    projections, eager attention, chunked lm_head + cross-entropy), which measured
+    faster than the model's own forward at every dtype (docs/benchmarks.md); a base it
+    cannot run falls back to the same dtype's peft forward.
+
+    The family comes first: bf16 only where the CPU has native bf16 *and* it measured
+    faster than fp32 (a fast fp32 probe on a native CPU can happen under contention; a
+    fast bf16 probe without native bf16 cannot be trusted to hold for a whole step, whose
+    element-wise work is emulated too). Then int8 within that family only where its
+    kernel, fed that family's activations, took at most :data:`INT8_MARGIN` of the float
+    matmul's time: without VNNI the int8 kernel can lose to fp32, and then int8 would be
+    slower *and* less exact.
+    """
+    fp32, bf16 = matmul_ms["fp32"], matmul_ms.get("bf16")
+    use_bf16, reason = _float_family(cpu, fp32, bf16)
+    float_path: ChosenPrecision = "bf16-lean" if use_bf16 else "fp32-lean"
+    int8_path: ChosenPrecision = "int8" if use_bf16 else "int8-fp32"
+    float_ms = bf16 if use_bf16 and bf16 is not None else fp32
+    int8_ms = matmul_ms.get(int8_path)
+    float_name = "bf16" if use_bf16 else "fp32"
+    if int8_ms is None:
+        return float_path, f"{reason}; int8 not measured"
+    if int8_ms <= INT8_MARGIN * float_ms:
+        return (
+            int8_path,
+            f"{reason}; int8 matmul {_ratio(float_ms, int8_ms)} faster than {float_name}",
+        )
+    verdict = (
+        f"{_ratio(int8_ms, float_ms)} slower than {float_name}"
+        if int8_ms >= float_ms
+        else f"only {_ratio(float_ms, int8_ms)} faster than {float_name}"
+    )
+    return float_path, f"{reason}; int8 matmul {verdict}"
 
 
 # --------------------------------------------------------------------------- the profile
@@ -522,7 +566,7 @@ _MEMO: dict[str, DeviceProfile] = {}
 _DETECTED: dict[tuple[str, frozenset[int]], CpuInfo] = {}
 
 
-def _this_cpu() -> CpuInfo:
+def this_cpu() -> CpuInfo:
     """Return :func:`detect_cpu` once per process, per ISA restriction and affinity.
 
     ``auto`` is resolved on every training step, and /proc/cpuinfo is long on a
@@ -553,7 +597,7 @@ def device_profile(
     ``refresh`` measures again and rewrites the cache. An unwritable cache only costs a
     measurement per process; it is never an error.
     """
-    cpu = _this_cpu()
+    cpu = this_cpu()
     threads = limit_threads(cpu)
     version = str(torch.__version__)
     key = profile_key(cpu, version, threads, shape)

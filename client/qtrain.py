@@ -12,8 +12,14 @@ forward, reading the model's modules but never changing them:
   one scale per tensor puts SmolLM2-135M's held-out loss 14% up, per token 1%.
   ``down_proj`` stays in bf16 by default: its input (``silu(gate) * up``) has the largest
   outliers, and quantizing it alone costs as much loss as all the others together.
-- **bf16 everywhere else**, as the ``bf16`` precision does, with RMSNorm and softmax in
-  fp32 internally; B keeps its fp32 master copy (the optimizer steps fp32 B).
+- **bf16 everywhere else** (``compute="bf16"``, precision ``int8``), as the ``bf16``
+  precision does, with RMSNorm and softmax in fp32 internally; or **fp32 everywhere
+  else** (``compute="fp32"``, precision ``int8-fp32``) on CPUs without native bf16, where
+  every bf16 operation is emulated and many times slower. B keeps its fp32 master copy
+  (the optimizer steps fp32 B).
+- **No quantization at all** (``weights="fp32"`` or ``"bf16"``; precisions ``fp32-lean``
+  and ``bf16-lean``): the leaner step below alone, which is what ``auto`` trains with
+  where int8 does not measure faster (:mod:`lorafleet.client.device`).
 - **Eager attention**: at training lengths (128 tokens) two batched matmuls beat the CPU
   flash-attention kernel, whose backward alone took a fifth of a bf16 step.
 - **A fused, chunked lm_head + cross-entropy** over the positions that carry a label: the
@@ -43,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from lorafleet.client.int8mm import EPS as _EPS
+from lorafleet.client.int8mm import Int8Kernel, Int8Weight, default_kernel, quantize_weight
 from lorafleet.client.int8mm import int8_linear as int8_linear
 from lorafleet.client.int8mm import quantize_rows as quantize_rows
 from lorafleet.protocols.errors import SpecError
@@ -92,7 +98,20 @@ class QuantConfig:
         },
     )
 
+    int8_kernel: Literal["auto", "int_mm", "fbgemm"] = field(
+        default="auto",
+        metadata={
+            "help": "int8 matmul kernel: int_mm (oneDNN, for CPUs with VNNI/AMX), fbgemm "
+            "(AVX2 without VNNI), or auto (by the CPU, lorafleet.client.int8mm)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.int8_kernel not in ("auto", "int_mm", "fbgemm"):
+            raise SpecError(
+                "quantized training: int8_kernel must be auto, int_mm or fbgemm, "
+                f"got {self.int8_kernel!r}"
+            )
         if self.compute not in ("auto", "bf16", "fp32"):
             raise SpecError(
                 f"quantized training: compute must be auto, bf16 or fp32, got {self.compute!r}"
@@ -132,6 +151,15 @@ class QuantConfig:
             )
 
     @property
+    def kernel(self) -> Int8Kernel:
+        """The int8 kernel to run: as set, or by the CPU's int8 dot products for ``auto``."""
+        if self.int8_kernel != "auto":
+            return self.int8_kernel
+        from lorafleet.client.device import this_cpu
+
+        return default_kernel(this_cpu().native_int8)
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """Activation dtype: ``compute`` if set, else fp32 for fp32 weights, bf16 otherwise."""
         if self.compute != "auto":
@@ -163,8 +191,7 @@ class _Linear:
     multiply (and, in int8, one activation quantization) instead of three and two.
     """
 
-    weight: torch.Tensor  # (sum(sizes), in): int8, or the compute dtype
-    scale: torch.Tensor | None  # (sum(sizes),) fp32 for int8
+    weight: torch.Tensor | Int8Weight  # (sum(sizes), in): int8, or the compute dtype
     bias: torch.Tensor | None  # (sum(sizes),)
     sizes: tuple[int, ...]
     loras: tuple[_Lora | None, ...]
@@ -172,8 +199,8 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        if self.scale is not None:
-            y = int8_linear(x2, self.weight, self.scale)
+        if isinstance(self.weight, Int8Weight):
+            y = int8_linear(x2, self.weight)
         else:
             y = F.linear(x2, self.weight)
         if self.bias is not None:
@@ -186,8 +213,14 @@ class _Linear:
         return tuple(outs)
 
 
-def _fused_linear(modules: list[torch.nn.Module], *, int8: bool, dtype: torch.dtype) -> _Linear:
-    """The fast stand-in of frozen (possibly LoRA-wrapped) ``nn.Linear`` s with one input."""
+def _fused_linear(
+    modules: list[torch.nn.Module], *, kernel: Int8Kernel | None, dtype: torch.dtype
+) -> _Linear:
+    """The fast stand-in of frozen (possibly LoRA-wrapped) ``nn.Linear`` s with one input.
+
+    ``kernel`` None keeps the weight in the compute dtype; else it is quantized to int8
+    for that kernel.
+    """
     weights, biases, sizes, loras = [], [], [], []
     for module in modules:
         lora: LoraLayer | None = module if isinstance(module, LoraLayer) else None
@@ -211,14 +244,9 @@ def _fused_linear(modules: list[torch.nn.Module], *, int8: bool, dtype: torch.dt
         bias = torch.cat(
             [b if b is not None else w.new_zeros(n) for b, n in zip(biases, sizes, strict=True)]
         ).to(dtype)
-    scale = None
-    if int8:
-        wf = w.float()
-        scale = wf.abs().amax(dim=1).clamp_min_(_EPS).div_(127.0)  # (out,)
-        w = (wf / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    elif w.dtype != dtype:
-        w = w.to(dtype)
-    return _Linear(w.contiguous(), scale, bias, tuple(sizes), tuple(loras))
+    if kernel is not None:
+        return _Linear(quantize_weight(w, kernel), bias, tuple(sizes), tuple(loras))
+    return _Linear(w.to(dtype).contiguous(), bias, tuple(sizes), tuple(loras))
 
 
 # --------------------------------------------------------------------------- fused lm_head + CE
@@ -318,6 +346,31 @@ def _inner_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return cast(torch.nn.Module, inner)
 
 
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the lean forward cannot run ``model``, or None where it can.
+
+    It reimplements a Llama-family decoder (RMSNorm, rotary attention without q/k norms
+    or sliding windows, a SiLU-gated MLP), so any other base has to train through its own
+    forward; the trainer asks this first and falls back instead of failing.
+    """
+    lm = _inner_causal_lm(model)
+    hf_config = getattr(lm, "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or hf_config is None:
+        return (
+            f"the lean training forward supports Llama-family bases "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}), not {model_type!r}"
+        )
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        return f"the lean training forward needs a SiLU MLP, this base uses {act!r}"
+    for block in getattr(getattr(lm, "model", None), "layers", ()):
+        attn = block.self_attn
+        if hasattr(attn, "q_norm") or getattr(attn, "sliding_window", None):
+            return "the lean training forward does not support this base's attention variant"
+    return None
+
+
 class QuantizedCausalLM:
     """The fast training forward of one Llama-family peft model.
 
@@ -328,17 +381,11 @@ class QuantizedCausalLM:
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig) -> None:
         self.config = config
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise SpecError(f"{reason}; use precision bf16 or fp32")
         lm = _inner_causal_lm(model)
-        hf_config = getattr(lm, "config", None)
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES or hf_config is None:
-            raise SpecError(
-                f"precision int8 supports Llama-family bases ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-                f"not {model_type!r}; use precision bf16"
-            )
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act != "silu":
-            raise SpecError(f"precision int8 needs a SiLU MLP, this base uses {act!r}; use bf16")
+        hf_config: Any = getattr(lm, "config", None)
         dtype = config.compute_dtype
         inner = cast(Any, lm).model
         self.embed = cast(torch.nn.Embedding, inner.embed_tokens).weight.detach()
@@ -352,10 +399,9 @@ class QuantizedCausalLM:
         self.head_dim = int(getattr(hf_config, "head_dim", None) or hidden // self.heads)
         self.layers: list[_Layer] = []
         int8 = set(config.int8_modules) if config.weights == "int8" else set()
+        kernel = config.kernel
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
-            if hasattr(attn, "q_norm") or getattr(attn, "sliding_window", None):
-                raise SpecError("precision int8 does not support this attention variant; use bf16")
 
             def lin(owner: Any, *names: str) -> _Linear:
                 quantize = set(names) <= int8
@@ -364,7 +410,7 @@ class QuantizedCausalLM:
                         f"quantized training: quantize all of {list(names)} or none of them"
                     )
                 modules = [getattr(owner, name) for name in names]
-                return _fused_linear(modules, int8=quantize, dtype=dtype)
+                return _fused_linear(modules, kernel=kernel if quantize else None, dtype=dtype)
 
             self.layers.append(
                 _Layer(
@@ -388,10 +434,13 @@ class QuantizedCausalLM:
                 "quantized training: the model carries no adapter; materialize one first"
             )
         log.info(
-            "fast training forward: %d layers, frozen matmuls %s (int8: %s), %d adapted Linears",
+            "fast training forward: %d layers, frozen matmuls %s (int8: %s%s), compute %s, "
+            "%d adapted Linears",
             len(self.layers),
             config.weights,
             ",".join(sorted(int8)) or "none",
+            f" via {kernel}" if int8 else "",
+            str(dtype).removeprefix("torch."),
             len(self.params),
         )
 

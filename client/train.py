@@ -24,11 +24,19 @@ from lorafleet.client.adapter import get_b, set_b
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.device import limit_threads
 from lorafleet.client.evaluate import heldout_loss
-from lorafleet.client.qtrain import QuantConfig, QuantizedCausalLM, prepare_quantized_model
+from lorafleet.client.qtrain import (
+    QuantConfig,
+    QuantizedCausalLM,
+    prepare_quantized_model,
+    unsupported_reason,
+)
 from lorafleet.client.runtime import (
+    PRECISIONS,
+    ConcretePrecision,
     Precision,
     autocast_context,
     place_on,
+    precision_plan,
     resolve_device,
     resolve_precision,
 )
@@ -66,9 +74,11 @@ class TrainConfig:
     precision: Precision = field(
         default="auto",
         metadata={
-            "help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights), int8 (CPU: int8 "
-            "frozen matmuls, lorafleet.client.qtrain), nf4 (CUDA: 4-bit bitsandbytes base) "
-            "or auto (bf16)."
+            "help": "fp32, bf16-mixed (autocast), bf16 (bf16 base weights), the CPU lean paths "
+            "fp32-lean, bf16-lean, int8 (int8 frozen matmuls, bf16 elsewhere) and int8-fp32 "
+            "(int8 frozen matmuls, fp32 elsewhere; lorafleet.client.qtrain), nf4 (CUDA: "
+            "4-bit bitsandbytes base), or auto (the device profile's choice, "
+            "lorafleet.client.runtime)."
         },
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
@@ -118,8 +128,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(
-            self.precision in ("auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"),
-            f"precision must be auto, fp32, bf16-mixed, bf16, int8 or nf4, got {self.precision!r}",
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         need(self.patience >= 0, f"patience must be >= 0, got {self.patience!r}")
@@ -165,8 +175,11 @@ class LocalTrainer:
     """One optimizer over a model's trainable adapter parameters, stepped batch by batch.
 
     :func:`train_adapter` drives it for the SDK; benchmarks and the federated client drive
-    it directly so every path shares the same step. With precision ``int8`` the step's
-    loss comes from :mod:`lorafleet.client.qtrain`'s fast forward (``quant`` tunes it).
+    it directly so every path shares the same step. With a lean precision (``fp32-lean``,
+    ``bf16-lean``, ``int8``, ``int8-fp32``; what ``auto`` picks on a CPU) the step's loss
+    comes from :mod:`lorafleet.client.qtrain`'s fast forward (``quant`` overrides the
+    plan's settings); on a base that forward cannot run, the step falls back to the
+    model's own forward in the plan's fallback precision and logs why.
     """
 
     def __init__(
@@ -191,8 +204,23 @@ class LocalTrainer:
                 "train: the model has no trainable parameters; materialize an adapter first"
             )
         self._fast: QuantizedCausalLM | None = None
-        if resolve_precision(config.precision, self.device) == "int8":
-            self._fast = prepare_quantized_model(model, quant, params=self.params)
+        self._forward_precision: ConcretePrecision = resolve_precision(
+            config.precision, self.device
+        )
+        plan = precision_plan(config.precision, self.device)
+        if plan.lean is not None:
+            reason = unsupported_reason(model)
+            if reason is None:
+                quant = quant or QuantConfig(weights=plan.lean[0], compute=plan.lean[1])
+                self._fast = prepare_quantized_model(model, quant, params=self.params)
+            elif plan.fallback is not None:
+                log.warning(
+                    "precision %s: %s; training through the model's own forward in %s",
+                    self._forward_precision,
+                    reason,
+                    plan.fallback,
+                )
+                self._forward_precision = plan.fallback
         self._prox: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         if config.prox_mu > 0:
             if prior_b is None:
@@ -219,7 +247,7 @@ class LocalTrainer:
         if self._fast is not None:
             loss = self._fast.loss(ids, mask, labels)
         else:
-            with autocast_context(cfg.precision, dev):
+            with autocast_context(self._forward_precision, dev):
                 out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
             loss = out.loss.float()  # mean over the batch's labelled tokens
         if self._prox:

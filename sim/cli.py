@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--precision",
             default="auto",
-            choices=["auto", "fp32", "bf16-mixed", "bf16", "int8", "nf4"],
+            choices=PRECISION_CHOICES,
             help="devices' training precision (auto: by the device profile)",
         )
         p.add_argument("--seed", type=int, default=0, help="seed of sampling and training")

@@ -9,8 +9,10 @@ import importlib
 import importlib.util
 import json
 import math
+import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,19 @@ PATHS = [
     "lorafleet-fp32",
     "lorafleet-bf16-mixed",
     "lorafleet-bf16",
+    "lorafleet-lean-fp32",
     "lorafleet-lean-bf16",
     "lorafleet-int8",
+    "lorafleet-int8-fp32",
 ]
+# What a CPU without native bf16 runs by default: no row that computes in bf16.
+FP32_PATHS = ["peft-fp32", "lorafleet-fp32", "lorafleet-lean-fp32", "lorafleet-int8-fp32"]
 RATIO_KEYS = {
     "tokens_per_s_vs_reference",
     "tokens_per_s_vs_peft_bf16",
     "heldout_loss_vs_reference",
 }
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -49,6 +56,9 @@ def assert_complete_result(doc: dict[str, Any]) -> None:
     assert doc["bench"] == "train_throughput"
     assert doc["machine"]["threads"] == 2
     assert doc["machine"]["torch"]
+    if not doc["machine"]["native_bf16"]:
+        assert_fp32_class_result(doc)
+        return
     assert [row["name"] for row in doc["rows"]] == PATHS
     for row in doc["rows"]:
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
@@ -69,31 +79,53 @@ def assert_complete_result(doc: dict[str, Any]) -> None:
         == doc["ratios"]["tokens_per_s_vs_reference"]["lorafleet-int8"]
     )
     assert isinstance(quant["met"], bool)
+    assert doc["target_auto"]["auto"] in ("bf16-lean", "int8")
 
 
-def test_quick_run_reports_every_path_on_a_tiny_base(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare
-    out = tmp_path / "x.json"
-
-    # Execute
-    proc = run_bench(
-        "--quick",
-        "--base",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--json",
-        str(out),
+def assert_fp32_class_result(doc: dict[str, Any]) -> None:
+    """A CPU without native bf16: no bf16 row, auto in the fp32 family, checked on its row."""
+    assert [row["name"] for row in doc["rows"]] == FP32_PATHS
+    assert set(doc["ratios"]) == RATIO_KEYS - {"tokens_per_s_vs_peft_bf16"}
+    auto = doc["target_auto"]
+    assert auto["auto"] in ("fp32-lean", "int8-fp32")
+    assert (
+        auto["path"]
+        == {"fp32-lean": "lorafleet-lean-fp32", "int8-fp32": "lorafleet-int8-fp32"}[auto["auto"]]
     )
+    assert auto["tokens_per_s_vs_own_fp32"] > 0
+    assert doc["target_quantized"] is None
+
+
+def test_quick_run_reports_every_path_on_a_tiny_base(run_quick_on_tiny: Callable[..., Any]) -> None:
+    # Execute
+    proc, doc = run_quick_on_tiny(TRAIN_THROUGHPUT)
 
     # Assert
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert_complete_result(json.loads(out.read_text(encoding="utf-8")))
+    assert_complete_result(doc)
     assert "target >= 2x" in proc.stdout
-    assert "quantized path: lorafleet-int8" in proc.stdout
+    assert proc.stdout.startswith(f"CPU class: {doc['machine']['cpu_class']} (")
+    assert f"auto -> {doc['target_auto']['auto']}" in proc.stdout
     assert "skipped (--quick)" in proc.stdout  # peak RSS needs children; --quick skips them
-    for name in PATHS:
-        assert name in proc.stdout
+    for row in doc["rows"]:
+        assert row["name"] in proc.stdout
+
+
+@pytest.mark.skipif(not X86, reason="the AVX2 restriction is an x86 kernel setting")
+def test_isa_avx2_measures_the_avx2_class_in_a_restricted_child(
+    run_quick_on_tiny: Callable[..., Any],
+) -> None:
+    # Execute
+    proc, doc = run_quick_on_tiny(TRAIN_THROUGHPUT, "--isa", "avx2")
+
+    # Assert: the class is named in the table and the file, bf16 rows left out, auto
+    # measured on the fp32-family row it resolves to
+    assert doc["machine"]["cpu_class"] == "AVX2"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in doc["machine"]["isa_restriction"]
+    assert doc["settings"]["isa"] == "avx2"
+    assert_fp32_class_result(doc)
+    assert proc.stdout.startswith("CPU class: AVX2 (")
+    assert "(auto)" in proc.stdout
+    assert "left out (bf16 arithmetic is emulated" in proc.stdout
 
 
 def test_child_process_reports_its_peak_rss(

@@ -23,7 +23,7 @@ from lorafleet.client.device import (
     limit_threads,
     physical_cores,
 )
-from lorafleet.client.runtime import base_dtype, resolve_precision
+from lorafleet.client.runtime import PLANS, base_dtype, resolve_precision
 
 CPU = torch.device("cpu")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -69,8 +69,8 @@ def fresh_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def test_x86_class_follows_the_flags_capped_by_the_isa_restriction(
     flags: str, env: dict[str, str], isa_class: str, native_bf16: bool
 ) -> None:
-    # Execute
-    cpu = detect_cpu(cpuinfo=_cpuinfo(flags), env=env, arch="x86_64")
+    # Execute: torch's capability as an AVX-512 host reports it, whatever runs the test
+    cpu = detect_cpu(cpuinfo=_cpuinfo(flags), env=env, arch="x86_64", torch_capability="AVX512")
 
     # Assert
     assert cpu.isa_class == isa_class
@@ -105,27 +105,43 @@ def test_hyperthreads_do_not_count_as_cores() -> None:
     assert physical_cores(text, {0, 1}) == 1  # affinity to one core's two threads
 
 
+_BF16 = f"{_AVX512} avx512_bf16"
+
+
 @pytest.mark.parametrize(
-    ("flags", "fp32_ms", "bf16_ms", "choice", "why"),
+    ("flags", "ms", "choice", "why"),
     [
-        (_BASE_FLAGS, 17.0, 745.0, "fp32", "AVX2 CPU without native bf16 (bf16 matmul 44x slower"),
-        (_BASE_FLAGS, 17.0, 8.0, "fp32", "without native bf16 (bf16 matmul 2.1x faster, but emul"),
-        (f"{_AVX512} avx512_bf16", 20.0, 8.0, "bf16", "native bf16 (bf16 matmul 2.5x faster"),
-        (f"{_AVX512} avx512_bf16", 8.0, 20.0, "fp32", "native bf16, but bf16 matmul 2.5x the fp32"),
+        # AVX2: bf16 emulated; int8 only where it clearly beats fp32
+        (
+            _BASE_FLAGS,
+            (17, 745, 30, 12),
+            "int8-fp32",
+            "AVX2 CPU without native bf16 (bf16 matmul 44x",
+        ),
+        (_BASE_FLAGS, (17, 745, 30, 16), "fp32-lean", "int8 matmul only 1.1x faster than fp32"),
+        (_BASE_FLAGS, (17, 745, 30, 40), "fp32-lean", "int8 matmul 2.4x slower than fp32"),
+        (_BASE_FLAGS, (17, 8, 4, 40), "fp32-lean", "bf16 matmul 2.1x faster, but emulated"),
+        # native bf16: the bf16 family, int8 against bf16 (its own activations)
+        (_BF16, (20, 8, 4, 30), "int8", "native bf16 (bf16 matmul 2.5x faster than fp32); int8"),
+        (_BF16, (20, 8, 9, 3), "bf16-lean", "int8 matmul 1.1x slower than bf16"),
+        (_BF16, (8, 20, 4, 30), "fp32-lean", "native bf16, but bf16 matmul 2.5x the fp32 time"),
     ],
 )
-def test_auto_takes_bf16_only_when_native_and_measured_faster(
-    flags: str, fp32_ms: float, bf16_ms: float, choice: str, why: str
+def test_auto_picks_the_fastest_lean_path_and_bf16_only_where_native_and_faster(
+    flags: str, ms: tuple[float, float, float, float], choice: str, why: str
 ) -> None:
     # Prepare
-    cpu = detect_cpu(cpuinfo=_cpuinfo(flags), env={}, arch="x86_64")
+    cpu = detect_cpu(cpuinfo=_cpuinfo(flags), env={}, arch="x86_64", torch_capability="AVX512")
+    timings = dict(zip(("fp32", "bf16", "int8", "int8-fp32"), ms, strict=True))
 
     # Execute
-    chosen, reason = choose_precision(cpu, {"fp32": fp32_ms, "bf16": bf16_ms, "int8": 1.0})
+    chosen, reason = choose_precision(cpu, timings)
 
-    # Assert: int8 is reported, never chosen by auto
+    # Assert
     assert chosen == choice
     assert why in reason
+    if not cpu.native_bf16:  # nothing bf16 anywhere: neither the base nor autocast
+        assert PLANS[chosen].base_dtype == torch.float32 and not PLANS[chosen].autocast
 
 
 @pytest.mark.skipif(not X86, reason="the AVX2 restriction is an x86 kernel setting")
@@ -137,12 +153,15 @@ def test_auto_never_resolves_to_bf16_under_the_avx2_restriction(
         "import logging, sys, torch\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
         "from lorafleet.client import PersonalModel\n"
-        "from lorafleet.client.runtime import base_dtype, resolve_precision\n"
+        "from lorafleet.client.runtime import PLANS, base_dtype, resolve_precision\n"
         "cpu = torch.device('cpu')\n"
+        "from lorafleet.client.train import LocalTrainer, TrainConfig\n"
         "print(resolve_precision('auto', cpu), base_dtype('auto', cpu))\n"
         "print(resolve_precision('bf16', cpu))\n"
         "pm = PersonalModel.open(sys.argv[2], base=sys.argv[1], device='cpu')\n"
         "print(pm.precision, next(pm.model.parameters()).dtype)\n"
+        "fast = LocalTrainer(pm.model, TrainConfig(precision='auto'))._fast\n"
+        "print(fast.config.compute_dtype)\n"
     )
     env = {**os.environ, **AVX2_ONLY, "LORAFLEET_CACHE": str(tmp_path / "cache")}
 
@@ -155,13 +174,21 @@ def test_auto_never_resolves_to_bf16_under_the_avx2_restriction(
         timeout=180,
     )
 
-    # Assert: fp32 (the SDK loads the base in fp32 too), an explicit bf16 still wins, and
-    # one log line says why
+    # Assert: an fp32-family lean path (the SDK loads the base in fp32 too, and the lean
+    # forward computes in fp32), an explicit bf16 still wins, and one log line says why
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["fp32 torch.float32", "bf16", "fp32 torch.float32"]
+    auto, explicit, opened, compute = run.stdout.splitlines()
+    chosen = auto.split()[0]
+    assert chosen in ("fp32-lean", "int8-fp32")
+    assert auto == f"{chosen} torch.float32"
+    assert explicit == "bf16"
+    assert opened == f"{chosen} torch.float32"
+    assert compute == "torch.float32"
     said = [line for line in run.stderr.splitlines() if line.startswith("precision auto")]
     assert len(said) == 1
-    assert said[0].startswith("precision auto -> fp32: AVX2 CPU without native bf16 (bf16 matmul")
+    assert said[0].startswith(
+        f"precision auto -> {chosen}: AVX2 CPU without native bf16 (bf16 matmul"
+    )
 
 
 def test_auto_on_the_cpu_is_the_profiles_choice_and_is_cached(fresh_profiles: Path) -> None:
@@ -173,10 +200,11 @@ def test_auto_on_the_cpu_is_the_profiles_choice_and_is_cached(fresh_profiles: Pa
 
     # Assert
     assert chosen == measured.choice
-    assert base_dtype("auto", CPU) == (torch.bfloat16 if chosen == "bf16" else torch.float32)
+    assert base_dtype("auto", CPU) == PLANS[chosen].base_dtype
+    assert chosen in ("fp32-lean", "int8-fp32", "bf16-lean", "int8")
     assert not measured.from_cache and cached.from_cache
     assert cached.matmul_ms == measured.matmul_ms
-    assert set(measured.matmul_ms) >= {"fp32", "bf16"}
+    assert set(measured.matmul_ms) >= {"fp32", "bf16", "int8", "int8-fp32"}
     assert len(list((fresh_profiles / "device").glob("profile-*.json"))) == 1
 
 

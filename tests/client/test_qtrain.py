@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +139,64 @@ def test_int8_training_tracks_fp32_and_changes_only_b(tiny_model_dir: Path) -> N
     assert all(v.dtype == np.float32 and np.abs(v).sum() > 0 for v in b.values())
 
 
-def test_int8_trained_b_round_trips_exactly_into_an_fp32_model(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("precision", "rel"),
+    [("fp32-lean", 1e-4), ("int8-fp32", 0.05)],
+)
+def test_fp32_family_lean_paths_train_like_peft_fp32(
+    tiny_model_dir: Path, precision: str, rel: float
+) -> None:
+    # Prepare: what auto picks on a CPU without bf16; the base stays fp32
+    config = {"steps": 12, "lr": 0.05, "eval_every": 4, "patience": 0}
+    ref_model, blocks = setup(tiny_model_dir)
+    model, _ = setup(tiny_model_dir)
+
+    # Execute
+    ref = train_adapter(ref_model, blocks, blocks, TrainConfig(precision="fp32", **config))
+    trainer = LocalTrainer(model, TrainConfig(precision=precision, **config))  # type: ignore[arg-type]
+    fast = train_adapter(model, blocks, blocks, TrainConfig(precision=precision, **config))  # type: ignore[arg-type]
+
+    # Assert: the lean forward ran, in fp32 throughout, and tracked peft fp32 step by step
+    assert trainer._fast is not None and trainer._fast.config.compute_dtype == torch.float32
+    assert np.allclose(fast.train_losses, ref.train_losses, rtol=rel)
+    assert fast.heldout_loss_after == pytest.approx(ref.heldout_loss_after, rel=rel)
+    assert fast.heldout_loss_after < fast.heldout_loss_before - 0.3
+
+
+def test_a_lean_precision_falls_back_to_the_models_own_forward_on_an_unsupported_base(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the same tiny Llama with a GELU MLP, which the lean forward does not model
+    gelu_dir = tmp_path / "gelu"
+    shutil.copytree(tiny_model_dir, gelu_dir)
+    cfg = json.loads((gelu_dir / "config.json").read_text())
+    cfg["hidden_act"] = "gelu"
+    (gelu_dir / "config.json").write_text(json.dumps(cfg))
+    model, blocks = setup(gelu_dir)
+    ref_model, _ = setup(gelu_dir)
+    first = next(blocks.batches(4, shuffle=False))
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="lorafleet.client.train"):
+        trainer = LocalTrainer(model, TrainConfig(precision="fp32-lean", device="cpu"))
+    loss, _ = trainer.step(first)
+    ref_loss, _ = LocalTrainer(ref_model, TrainConfig(precision="fp32", device="cpu")).step(first)
+
+    # Assert: no lean forward, one warning that says why and what runs instead, fp32 loss
+    assert trainer._fast is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "SiLU MLP" in warning and "own forward in fp32" in warning
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-fp32", "fp32-lean"])
+def test_lean_trained_b_round_trips_exactly_into_an_fp32_peft_model(
+    tiny_model_dir: Path, precision: str
+) -> None:
     # Prepare
-    model, blocks = setup(tiny_model_dir, dtype=torch.bfloat16)
-    train_adapter(model, blocks, blocks, TrainConfig(steps=5, lr=0.05, precision="int8"))
+    dtype = torch.bfloat16 if precision == "int8" else torch.float32
+    model, blocks = setup(tiny_model_dir, dtype=dtype)
+    train_adapter(model, blocks, blocks, TrainConfig(steps=5, lr=0.05, precision=precision))  # type: ignore[arg-type]
     trained = get_b(model)
     fp32_model, _ = setup(tiny_model_dir)
 
@@ -149,6 +206,7 @@ def test_int8_trained_b_round_trips_exactly_into_an_fp32_model(tiny_model_dir: P
     # Assert
     again = get_b(fp32_model)
     assert all(np.array_equal(again[k], trained[k]) for k in trained)
+    assert any(np.abs(v).sum() > 0 for v in trained.values())
 
 
 def test_linear_cross_entropy_matches_torch_and_its_gradient() -> None:

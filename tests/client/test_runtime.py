@@ -10,7 +10,15 @@ import torch
 
 from lorafleet.client import PersonalModel, TrainConfig
 from lorafleet.client.base import load_base
-from lorafleet.client.runtime import base_dtype, base_quantization, resolve_precision
+from lorafleet.client.cli import PRECISION_CHOICES
+from lorafleet.client.runtime import (
+    PLANS,
+    PRECISIONS,
+    autocast_context,
+    base_dtype,
+    base_quantization,
+    resolve_precision,
+)
 from lorafleet.protocols.errors import LorafleetError, SpecError
 
 CPU = torch.device("cpu")
@@ -23,6 +31,9 @@ CPU = torch.device("cpu")
         ("bf16-mixed", "bf16-mixed", torch.float32, None),
         ("bf16", "bf16", torch.bfloat16, None),
         ("int8", "int8", torch.bfloat16, None),
+        ("fp32-lean", "fp32-lean", torch.float32, None),
+        ("bf16-lean", "bf16-lean", torch.bfloat16, None),
+        ("int8-fp32", "int8-fp32", torch.float32, None),
     ],
 )
 def test_each_cpu_precision_resolves_to_a_base_dtype(
@@ -32,6 +43,29 @@ def test_each_cpu_precision_resolves_to_a_base_dtype(
     assert resolve_precision(precision, CPU) == concrete  # type: ignore[arg-type]
     assert base_dtype(precision, CPU) == dtype  # type: ignore[arg-type]
     assert base_quantization(precision, CPU) == quantization  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("precision", "autocast"),
+    [("fp32", False), ("fp32-lean", False), ("int8-fp32", False), ("bf16", True), ("int8", True)],
+)
+def test_only_bf16_plans_evaluate_under_autocast(precision: str, autocast: bool) -> None:
+    # An fp32 plan under bf16 autocast would be emulated on an AVX2 CPU (many times slower)
+    with autocast_context(precision, CPU):  # type: ignore[arg-type]
+        dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+    assert dtype == (torch.bfloat16 if autocast else torch.float32)
+
+
+def test_every_precision_has_one_plan_and_one_cli_spelling() -> None:
+    assert set(PLANS) == set(PRECISIONS) - {"auto"}
+    assert list(PRECISION_CHOICES) == list(PRECISIONS)
+
+
+@pytest.mark.parametrize("precision", ["fp32-lean", "bf16-lean", "int8", "int8-fp32"])
+def test_the_lean_cpu_paths_are_refused_on_a_gpu(precision: str) -> None:
+    with pytest.raises(SpecError, match=f"precision {precision} is a CPU training path"):
+        resolve_precision(precision, torch.device("cuda"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
