@@ -28,6 +28,8 @@ _EXPORT_FORMATS = [
     "peft",
     "merged",
     "onnx-genai",
+    "gguf-lora",
+    "gguf",
 ]  # lorafleet.client.export.EXPORT_FORMATS, without torch
 # runtime.PRECISIONS, spelled out so --help imports no torch (a test keeps them equal);
 # lorafleet-sim's --precision offers the same.
@@ -208,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a personal adapter version (peft, merged, onnx-genai) or the base to ONNX (onnx)",
-        description="--format peft|merged|onnx-genai writes a profile's adapter version to --out for "
+        help="export a personal adapter version (peft, merged, onnx-genai, gguf-lora, gguf) "
+        "or the base to ONNX (onnx)",
+        description="--format peft|merged|onnx-genai|gguf-lora|gguf writes a profile's adapter version to --out for "
         "other tools (docs/sdk.md#exports); --format onnx exports the base to lorafleet's "
         "ONNX cache and prints its quality gate.",
         formatter_class=fmt,
@@ -220,19 +223,21 @@ def _parser() -> argparse.ArgumentParser:
         choices=["onnx", *_EXPORT_FORMATS],
         help="peft: a portable PEFT adapter folder; merged: the base with the adapter "
         "folded in (transformers safetensors); onnx-genai: an ONNX Runtime GenAI folder with "
-        "the adapter as .onnx_adapter; onnx: the base for lorafleet's ONNX backends",
+        "the adapter as .onnx_adapter; gguf-lora: a llama.cpp LoRA (--lora adapter.gguf) for the "
+        "GGUF base; gguf: that base with the adapter folded in (float32 GGUF); onnx: the base "
+        "for lorafleet's ONNX backends",
     )
     p.add_argument(
         "--profile",
         type=Path,
         default=None,
-        help="the profile to export (peft, merged, onnx-genai)",
+        help="the profile to export (every format but onnx)",
     )
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="folder to write; must not exist (peft, merged, onnx-genai)",
+        help="folder to write; must not exist (every format but onnx)",
     )
     p.add_argument(
         "--adapter-version",
@@ -481,8 +486,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     for flag in ("profile", "out", "adapter_version", "base_id"):
         if getattr(args, flag) is not None:
             raise LorafleetError(
-                f"--{flag.replace('_', '-')} applies to --format peft, merged or onnx-genai; --format onnx "
-                "exports the base into lorafleet's cache"
+                f"--{flag.replace('_', '-')} applies to the adapter formats "
+                f"({', '.join(_EXPORT_FORMATS)}); --format onnx exports the base into "
+                "lorafleet's cache"
             )
     config = OnnxExportConfig(
         quantization=args.quantization,
@@ -502,7 +508,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _export_adapter(args: argparse.Namespace) -> None:
-    """``export --format peft|merged|onnx-genai``: every argument is checked before the base loads."""
+    """``export --format peft|merged|...``: every argument is checked before the base loads."""
     from lorafleet.client.export import BaseRef, check_new_folder
     from lorafleet.client.profile import Profile
 
@@ -521,6 +527,10 @@ def _export_adapter(args: argparse.Namespace) -> None:
         raise LorafleetError(
             f"--adapter-version {args.adapter_version}: {args.profile} has versions {known}"
         )
+    if args.format in ("gguf-lora", "gguf"):
+        from lorafleet.client.gguf_export import gguf_base
+
+        gguf_base(args.base or Profile.read_base_source(args.profile) or "default", args.format)
     args.precision, args.device = "fp32", "cpu"  # exports are float32 on any machine
     pm = _open(args)
     out = pm.export(args.out, args.format, version=args.adapter_version, base_id=args.base_id)

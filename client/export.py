@@ -11,7 +11,10 @@ anywhere else. The writers here hand a version out in a form the ecosystem reads
 * ``merged``: the base with the adapter folded into its weights, a transformers folder
   (safetensors, config, tokenizer) that ``AutoModelForCausalLM`` loads;
 * ``onnx-genai``: an ONNX Runtime GenAI model folder with the adapter as an
-  ``.onnx_adapter`` file (:mod:`lorafleet.client.genai_export`).
+  ``.onnx_adapter`` file (:mod:`lorafleet.client.genai_export`);
+* ``gguf-lora``: a llama.cpp LoRA adapter (``--lora adapter.gguf``) for the GGUF base
+  lorafleet trained on; ``gguf``: that base with the adapter folded in, a float32 GGUF
+  (:mod:`lorafleet.client.gguf_export`).
 
 An exported adapter is the user's plaintext adapter: it leaves lorafleet's encrypted
 backups behind, by the user's choice. Nothing here runs on the user's behalf.
@@ -58,7 +61,7 @@ __all__ = [
     "write_peft",
 ]
 
-ExportFormat = Literal["peft", "merged", "onnx-genai"]
+ExportFormat = Literal["peft", "merged", "onnx-genai", "gguf-lora", "gguf"]
 """What :meth:`PersonalModel.export` writes (see the module docstring)."""
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -182,6 +185,8 @@ _CARD_TITLES = {
     "peft": "LoRA adapter",
     "merged": "merged model (base with the adapter folded in)",
     "onnx-genai": "ONNX Runtime GenAI model with its LoRA adapter",
+    "gguf-lora": "LoRA adapter for llama.cpp (GGUF)",
+    "gguf": "merged model for llama.cpp (float32 GGUF, the adapter folded in)",
 }
 _CARD_LOADERS = {
     "peft": (
@@ -201,6 +206,30 @@ _CARD_LOADERS = {
         "generator = og.Generator(model, og.GeneratorParams(model))\n"
         'generator.set_active_adapter(adapters, "personal")  # without it: the bare base'
     ),
+    "gguf-lora": (
+        "# llama.cpp, on the GGUF base the adapter was trained on ({base_file}):\n"
+        "#   llama-cli -m {base_file} --lora {folder}/adapter.gguf\n"
+        "# llama-cpp-python:\n"
+        "from llama_cpp import Llama\n\n"
+        'llm = Llama(model_path="{base_file}", lora_path="{folder}/adapter.gguf")\n'
+        "# llama.cpp computes the quantized base with quantized activations: greedy text\n"
+        "# can part from lorafleet's after a few dozen tokens (export --format gguf for a\n"
+        "# float32 model that gives lorafleet's tokens)."
+    ),
+    "gguf": (
+        "# llama.cpp:  llama-cli -m {folder}/model.gguf\n"
+        "from llama_cpp import Llama\n\n"
+        'llm = Llama(model_path="{folder}/model.gguf")'
+    ),
+}
+
+
+_CARD_LIBRARIES = {
+    "peft": "peft",
+    "merged": "transformers",
+    "onnx-genai": "onnxruntime-genai",
+    "gguf-lora": "gguf",
+    "gguf": "gguf",
 }
 
 
@@ -209,12 +238,18 @@ def _fmt(value: float | None) -> str:
 
 
 def model_card(
-    provenance: AdapterProvenance, ref: BaseRef, *, kind: str = "peft", folder_name: str = "."
+    provenance: AdapterProvenance,
+    ref: BaseRef,
+    *,
+    kind: str = "peft",
+    folder_name: str = ".",
+    base_file: str = "BASE.gguf",
 ) -> str:
     """A filled-in README.md: base, spec, seed, data size, held-out loss, lorafleet version.
 
     The YAML front matter is what the hub reads (``base_model``, ``library_name``); the
-    body says how the adapter was made and how to load it.
+    body says how the adapter was made and how to load it (``base_file``: the GGUF base
+    a ``gguf-lora`` adapter goes with).
     """
     spec = provenance.spec
     m = provenance.metrics
@@ -234,11 +269,9 @@ def model_card(
         else "the base's own weights, as lorafleet loaded them (sha256 below)"
     )
     title = _CARD_TITLES[kind]
-    library = (
-        "peft" if kind == "peft" else "transformers" if kind == "merged" else "onnxruntime-genai"
-    )
-    relation = "\nbase_model_relation: merge" if kind == "merged" else ""
-    load = _CARD_LOADERS[kind].format(folder=folder_name)
+    library = _CARD_LIBRARIES[kind]
+    relation = "\nbase_model_relation: merge" if kind in ("merged", "gguf") else ""
+    load = _CARD_LOADERS[kind].format(folder=folder_name, base_file=base_file)
     portability = (
         ""
         if ref.portable
@@ -364,10 +397,24 @@ def _write_onnx_genai(job: ExportJob) -> Path:
     return write_onnx_genai(job)
 
 
+def _write_gguf_lora(job: ExportJob) -> Path:
+    from lorafleet.client.gguf_export import write_gguf_lora
+
+    return write_gguf_lora(job)
+
+
+def _write_gguf(job: ExportJob) -> Path:
+    from lorafleet.client.gguf_export import write_gguf_merged
+
+    return write_gguf_merged(job)
+
+
 EXPORTERS: dict[str, Callable[[ExportJob], Path]] = {
     "peft": write_peft,
     "merged": write_merged,
     "onnx-genai": _write_onnx_genai,
+    "gguf-lora": _write_gguf_lora,
+    "gguf": _write_gguf,
 }
 """Registry of export formats: name -> writer of one :class:`ExportJob`."""
 

@@ -391,7 +391,11 @@ class PersonalModel:
             ``"peft"`` (see :meth:`save_pretrained`), ``"merged"`` (the base with the
             adapter folded in: safetensors that ``AutoModelForCausalLM`` loads) or
             ``"onnx-genai"`` (an ONNX Runtime GenAI model folder with the adapter as an
-            ``.onnx_adapter``; needs ``pip install 'lorafleet[genai]'``).
+            ``.onnx_adapter``; needs ``pip install 'lorafleet[genai]'``), ``"gguf-lora"``
+            (``adapter.gguf``, llama.cpp's ``--lora`` file for the GGUF base the profile
+            trained on) or ``"gguf"`` (that base with the adapter folded in: a float32
+            ``model.gguf``). The GGUF formats need a GGUF base (the default one or a
+            ``.gguf`` file).
         version, base_id
             As for :meth:`save_pretrained`.
         progress

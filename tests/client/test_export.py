@@ -187,8 +187,11 @@ def test_export_refuses_user_mistakes_before_writing(
     (tmp_path / "taken").mkdir()
     with pytest.raises(LorafleetError, match="already exists"):
         trained.save_pretrained(tmp_path / "taken")
-    with pytest.raises(SpecError, match="unknown export format 'gguf'"):
-        trained.export(tmp_path / "x", "gguf")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="unknown export format 'ggml'"):
+        trained.export(tmp_path / "x", "ggml")  # type: ignore[arg-type]
+    for fmt in ("gguf-lora", "gguf"):  # the tiny base is a transformers folder
+        with pytest.raises(LorafleetError, match=f"--format {fmt} needs a GGUF base"):
+            trained.export(tmp_path / "x", fmt)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="not a hub id"):
         trained.save_pretrained(tmp_path / "x", base_id="no slash")
     fresh = open_pm(tmp_path / "fresh", tiny_model_dir)
@@ -296,7 +299,14 @@ def test_lorafleet_export_writes_peft_and_merged_folders(
             ["--format", "peft", "--profile", "{profile}", "--out", "{tmp}/x", "--base-id", "x"],
             "not a hub id",
         ),
-        (["--profile", "{profile}"], "--profile applies to --format peft, merged or onnx-genai"),
+        (
+            ["--format", "gguf-lora", "--profile", "{profile}", "--out", "{tmp}/x"],
+            "needs a GGUF base",
+        ),
+        (
+            ["--profile", "{profile}"],
+            "--profile applies to the adapter formats (peft, merged, onnx-genai",
+        ),
     ],
 )
 def test_lorafleet_export_mistakes_are_one_error_line(
