@@ -46,35 +46,21 @@ def test_the_benchmark_gives_each_topic_a_user_with_its_size_and_is_seeded(
     # Prepare
     topics = ["science", "politics", "work"]
     source = _fortunes(tmp_path / "src", topics)
+
     # Execute: two users and one newcomer, twice with one seed and once with another
-    users = build_benchmark(
-        tmp_path / "a",
-        topics=topics,
-        num_users=2,
-        num_newcomers=1,
-        sizes=(20, 45),
-        source=source,
-        newcomer_size=30,
-    )
-    again = build_benchmark(
-        tmp_path / "b",
-        topics=topics,
-        num_users=2,
-        num_newcomers=1,
-        sizes=(20, 45),
-        source=source,
-        newcomer_size=30,
-    )
-    other = build_benchmark(
-        tmp_path / "c",
-        topics=topics,
-        num_users=2,
-        num_newcomers=1,
-        sizes=(20, 45),
-        source=source,
-        newcomer_size=30,
-        seed=1,
-    )
+    def build(name: str, seed: int = 0) -> Path:
+        return build_benchmark(
+            tmp_path / name,
+            topics=topics,
+            num_users=2,
+            num_newcomers=1,
+            sizes=(20, 45),
+            source=source,
+            newcomer_size=30,
+            seed=seed,
+        )
+
+    users, again, other = build("a"), build("b"), build("c", seed=1)
     # Assert
     notes = {p.name: (p / "notes.jsonl").read_text() for p in sorted(users.iterdir())}
     assert sorted(notes) == ["politics", "science"]
