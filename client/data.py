@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -328,12 +327,13 @@ def _records(file: Path, suffix: str) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_records(file: Path) -> Iterator[tuple[str, Any]]:
-    if importlib.util.find_spec("pyarrow") is None:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
         raise DataError(
-            f"{file}: reading Parquet needs pyarrow; install it (pip install pyarrow) or "
-            "export the data as .jsonl"
-        )
-    import pyarrow.parquet as pq
+            f"{file}: reading Parquet needs pyarrow; install it (pip install 'lorafleet[parquet]') "
+            "or export the data as .jsonl"
+        ) from None
 
     try:
         rows = pq.read_table(file).to_pylist()

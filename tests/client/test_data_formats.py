@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lorafleet.client.data import (
     encode_blocks,
     examples_from_records,
     read_examples,
+    to_examples,
 )
 from lorafleet.protocols.errors import DataError
 
@@ -143,7 +145,7 @@ def test_a_table_reads_rows_by_shape_or_by_a_named_text_column(
 
 
 def test_parquet_rows_read_like_records(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     # Prepare
@@ -159,17 +161,44 @@ def test_parquet_rows_read_like_records(tmp_path: Path) -> None:
     assert examples[1].source == f"{file}:row 2"
 
 
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path) -> None:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pyarrow is installed here")
+def test_a_parquet_file_written_by_datasets_reads_like_its_rows(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    # Prepare: the Alpaca shape, exported the way a Hugging Face user would
+    rows = [
+        {"instruction": "Name the cat.", "input": "", "output": "Pixel."},
+        {"instruction": "Where?", "input": "The cat.", "output": "On the radiator."},
+    ]
+    file = tmp_path / "alpaca.parquet"
+    Dataset.from_list(rows).to_parquet(str(file))
+
+    # Execute
+    examples = read_examples(file)
+
+    # Assert: the same examples as the rows themselves
+    assert [e.messages for e in examples] == [e.messages for e in examples_from_records(rows)]
+    assert examples[0].messages == (("user", "Name the cat."), ("assistant", "Pixel."))
+
+
+def test_parquet_without_pyarrow_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: this process cannot import pyarrow, as on a device without the extra
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     file = tmp_path / "chats.parquet"
     file.write_bytes(b"PAR1\x00PAR1")
 
+    # Execute / Assert
     with pytest.raises(DataError, match=re.escape(f"{file}: reading Parquet needs pyarrow")):
+        read_examples(file)
+
+
+def test_a_damaged_parquet_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    file = tmp_path / "cut.parquet"
+    file.write_bytes(b"PAR1\x00PAR1")
+
+    with pytest.raises(DataError, match=re.escape(f"{file}: not a readable Parquet file")):
         read_examples(file)
 
 
@@ -190,6 +219,34 @@ def test_a_dataset_object_or_any_iterable_of_dicts_is_read(tmp_path: Path) -> No
     ]
     with pytest.raises(DataError, match=r"^record 2: .*none of the known fields"):
         examples_from_records([{"text": "ok"}, {"body": "?"}])
+
+
+def test_a_real_hugging_face_dataset_is_taken_as_it_is(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    # Prepare: a real Dataset with conversational prompt/completion columns
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "Where does Pixel sleep?"}],
+                "completion": [{"role": "assistant", "content": "On the radiator."}],
+            },
+            {
+                "prompt": [{"role": "user", "content": "And Turnip?"}],
+                "completion": [{"role": "assistant", "content": "By the door."}],
+            },
+        ]
+    )
+
+    # Execute
+    examples = to_examples(ds)
+
+    # Assert: read as the same rows in a plain list
+    assert examples == to_examples(ds.to_list())
+    assert [e.messages[-1] for e in examples if e.messages] == [
+        ("assistant", "On the radiator."),
+        ("assistant", "By the door."),
+    ]
 
 
 _BAD_RECORDS = [
