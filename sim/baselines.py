@@ -42,7 +42,7 @@ from lorafleet.client.adapter import (
 from lorafleet.client.base import LoadedBase
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.evaluate import heldout_loss
-from lorafleet.client.runtime import ConcretePrecision
+from lorafleet.client.runtime import PLANS, ConcretePrecision
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
 from lorafleet.protocols.spec import AdapterSpec
 
@@ -150,8 +150,11 @@ class Lab:
         config's ``eval_every``/``patience``); otherwise it runs ``config.steps``.
         """
         full = self._load(state)
-        if full and config.precision == "int8":  # the int8 path trains B only
-            config = replace(config, precision="bf16")
+        plan = PLANS.get(config.precision)
+        if full and plan is not None and plan.lean is not None and plan.fallback is not None:
+            # The lean paths (int8, int8-fp32, *-lean) train B only; a full LoRA runs on
+            # the same family's peft forward (int8 -> bf16, int8-fp32 -> fp32).
+            config = replace(config, precision=plan.fallback)
         try:
             if val is not None and not full:
                 steps = train_adapter(self.model, train, val, config).steps
