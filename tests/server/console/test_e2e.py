@@ -85,6 +85,11 @@ def test_operator_logs_in_sees_rounds_opens_a_history_rolls_back_and_finds_the_a
     assert "/v3" in page.locator("#status").inner_text()
     snap("overview")
 
+    # Every round, newest first, on a page of its own
+    page.click("nav >> text=Rounds")
+    assert page.locator("#rounds tbody tr").count() == 3
+    snap("rounds")
+
     # A user's history: search, open, see versions, evaluations and backup sizes
     page.click("nav >> text=Users")
     snap("users")
