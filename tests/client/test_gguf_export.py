@@ -183,21 +183,26 @@ def _llama_cpp_greedy(
     return result
 
 
+def _trained_on_demo_notes(
+    tmp_path: Path, targets: tuple[str, ...], steps: int, lr: float
+) -> PersonalModel:
+    """A personal model on the default base, trained briefly at a high rate (fp32)."""
+    pm = PersonalModel.open(
+        tmp_path / "p", precision="fp32", device="cpu", seq_len=64, target_modules=targets
+    )
+    notes = to_examples(demo_notes_path())[:12]
+    config = TrainConfig(steps=steps, lr=lr, eval_every=100, precision="fp32")
+    pm.train(notes, config, progress=False)
+    return pm
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_gguf_exports_as_lorafleet_does(
     node_llama_cpp: Path, tmp_path: Path
 ) -> None:
     # Prepare: a short run with a high rate on the default base, on q, k, v and o, so
     # both permuted projections (q: 9 heads, k: 3) and unpermuted ones carry a delta.
-    pm = PersonalModel.open(
-        tmp_path / "p",
-        precision="fp32",
-        device="cpu",
-        seq_len=64,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-    )
-    notes = to_examples(demo_notes_path())[:12]
-    pm.train(notes, TrainConfig(steps=4, lr=0.02, eval_every=100, precision="fp32"), progress=False)
+    pm = _trained_on_demo_notes(tmp_path, ("q_proj", "k_proj", "v_proj", "o_proj"), 4, 0.02)
     prompt = "Crux Yard tonight with"
     tokenizer = pm.base.tokenizer
     ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
@@ -235,15 +240,7 @@ def test_llama_cpp_agrees_with_an_adapter_on_the_permuted_projections_alone(
     # Prepare: an adapter on q and k only, the two projections whose rows llama.cpp
     # permutes, strong enough to change most of the 32 greedy tokens; a mix-up of the
     # permutation (or of q with k) would then show in the text, not hide behind v and o.
-    pm = PersonalModel.open(
-        tmp_path / "p",
-        precision="fp32",
-        device="cpu",
-        seq_len=64,
-        target_modules=("q_proj", "k_proj"),
-    )
-    notes = to_examples(demo_notes_path())[:12]
-    pm.train(notes, TrainConfig(steps=8, lr=0.05, eval_every=100, precision="fp32"), progress=False)
+    pm = _trained_on_demo_notes(tmp_path, ("q_proj", "k_proj"), 8, 0.05)
     prompt = "Crux Yard tonight with"
     tokenizer = pm.base.tokenizer
     ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
