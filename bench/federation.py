@@ -66,11 +66,10 @@ from typing import Any
 
 import _common
 import numpy as np
-import numpy.typing as npt
 
 from lorafleet.protocols.encoding import Packing, decode_tensors, encode_tensors
 from lorafleet.protocols.errors import LorafleetError
-from lorafleet.protocols.federation import global_norm
+from lorafleet.protocols.federation import DELTA_FIELD, BTensors, global_norm
 from lorafleet.protocols.spec import AdapterSpec
 
 log = logging.getLogger("bench.federation")
@@ -85,8 +84,6 @@ TARGET_GAIN_REL = 0.02
 BASELINE = "flower-aggregate_arrayrecords"
 AGG_PATHS = (BASELINE, "lorafleet-fedavg", "lorafleet-fedadam", "lorafleet-fedavg+decode-fp16")
 DECODE_SAMPLE = 40  # clients whose payloads are decoded one by one for the per-client time
-
-BTensors = dict[str, npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -220,7 +217,9 @@ def measure_bytes(base: Base) -> list[dict[str, Any]]:
     b_params = sum(math.prod(s) for s in base.b_shapes.values())
     for packing in PACKINGS:
         payload = encode_tensors(base.b_values, packing=packing, metadata=metadata)
-        wrapped = _common.flower_wire_bytes(ConfigRecord({"delta": payload}))  # the reply's record
+        wrapped = _common.flower_wire_bytes(
+            ConfigRecord({DELTA_FIELD: payload})
+        )  # the reply's record
         rows.append(
             {
                 "name": f"bytes/lorafleet-B-{packing}",

@@ -27,6 +27,7 @@ from lorafleet.client.layout import read_provenance as read_provenance
 from lorafleet.protocols.atomic import atomic_directory
 from lorafleet.protocols.encoding import content_hash
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
+from lorafleet.protocols.federation import BTensors as BTensors
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.seeds import derive_a
 from lorafleet.protocols.spec import AdapterSpec
@@ -37,8 +38,6 @@ ADAPTER_NAME = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
-BTensors = dict[str, npt.NDArray[np.float32]]
-"""B matrices keyed by module path in the base (``model.layers.0.self_attn.q_proj``)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

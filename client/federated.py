@@ -41,7 +41,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat
 from peft import PeftModel
 
-from lorafleet.client.adapter import BTensors, adapter_disabled, get_b, materialize, set_b
+from lorafleet.client.adapter import adapter_disabled, get_b, materialize, set_b
 from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
@@ -62,8 +62,10 @@ from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
 from lorafleet.protocols.errors import DataError, LorafleetError
 from lorafleet.protocols.federation import (
+    DELTA_FIELD,
     INSTRUCTION_KEY,
     METRICS_KEY,
+    PRIOR_FIELD,
     PRIOR_KEY,
     REFUSAL_PREFIX,
     SECURE_INSTRUCTION_KEY,
@@ -71,6 +73,7 @@ from lorafleet.protocols.federation import (
     SECURE_PRIOR_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
+    BTensors,
     RoundInstruction,
     RoundMetrics,
     clip_by_global_norm,
@@ -468,7 +471,7 @@ def read_instruction(msg: Message) -> tuple[RoundInstruction, bytes | None]:
                 "the message carries no round instruction; is the coordinator lorafleet's?"
             )
         config = dict(records[INSTRUCTION_KEY])
-        payload = records[PRIOR_KEY]["b"] if PRIOR_KEY in records else None
+        payload = records[PRIOR_KEY][PRIOR_FIELD] if PRIOR_KEY in records else None
     if payload is not None and not isinstance(payload, bytes):
         raise LorafleetError("the prior in the message is not bytes")
     return RoundInstruction.from_config(config), payload
@@ -555,7 +558,7 @@ def update_reply(
             delta, packing=instr.packing, metadata={"prior_version": instr.prior_version}
         )
         metrics = RoundMetrics(**{**metrics.__dict__, "bytes_up": len(payload)})
-        content[UPDATE_KEY] = ConfigRecord({"delta": payload})
+        content[UPDATE_KEY] = ConfigRecord({DELTA_FIELD: payload})
     content[METRICS_KEY] = MetricRecord(metrics.to_metrics())  # type: ignore[arg-type]
     if report is not None:
         content[REPORT_KEY] = ConfigRecord(report.to_config())  # type: ignore[arg-type]

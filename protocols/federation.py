@@ -43,6 +43,15 @@ INSTRUCTION_KEY = "lorafleet.round"
 PRIOR_KEY = "lorafleet.prior"
 UPDATE_KEY = "lorafleet.update"
 METRICS_KEY = "lorafleet.metrics"
+# Fields inside those records: the prior's B (PRIOR_KEY) and the device's delta (UPDATE_KEY),
+# each the bytes of `encode_tensors`.
+PRIOR_FIELD = "b"
+DELTA_FIELD = "delta"
+
+BTensors = dict[str, npt.NDArray[np.float32]]
+"""B matrices (or B deltas) keyed by module path in the base
+(``model.layers.0.self_attn.q_proj``): what a prior is, what a device trains, and what a
+round carries; the one definition both sides use."""
 
 # Secure aggregation: Flower's legacy record names, which its SecAgg+ workflow and mod use.
 SECURE_INSTRUCTION_KEY = "fitins.config"

@@ -23,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.federation import BTensors as BTensors
 from lorafleet.protocols.federation import global_norm
 
 log = logging.getLogger(__name__)
 
-BTensors = dict[str, npt.NDArray[np.float32]]
 
 # int8 and fp16 packing round each value; their norm may exceed the device's clipped
 # norm by a little. 2% covers int8's worst case (half a step per value) with room.

@@ -19,13 +19,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
-import numpy as np
-import numpy.typing as npt
-
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import Packing, content_hash, decode_tensors, encode_tensors
 from lorafleet.protocols.errors import IntegrityError, SpecError
-from lorafleet.protocols.federation import MAX_NUM_EXAMPLES
+from lorafleet.protocols.federation import MAX_NUM_EXAMPLES, BTensors
 from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA256
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
@@ -35,7 +32,6 @@ from lorafleet.server.registry import PriorRecord, Registry, RoundId, RoundRecor
 
 log = logging.getLogger(__name__)
 
-BTensors = dict[str, npt.NDArray[np.float32]]
 USER_PSEUDONYMS = ("node", "device")
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 """Secret (32 random bytes) in the data dir that keys node pseudonyms; keep it with the

@@ -40,14 +40,13 @@ import numpy.typing as npt
 
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.federation import BTensors
 
 DpMode = Literal["off", "central", "client"]
 DP_MODES: tuple[str, ...] = get_args(DpMode)
 
 DEFAULT_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 112, 128, 160, 192, 256)
 """Rényi orders the accountant tracks (integers: the exact formula applies)."""
-
-BTensors = dict[str, npt.NDArray[np.float32]]
 
 
 def _log_add(a: float, b: float) -> float:

@@ -36,14 +36,17 @@ from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.federation import (
+    DELTA_FIELD,
     INSTRUCTION_KEY,
     METRICS_KEY,
+    PRIOR_FIELD,
     PRIOR_KEY,
     REFUSAL_PREFIX,
     SECURE_LAYOUT_FIELD,
     SECURE_PRIOR_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
+    BTensors,
     RoundInstruction,
     RoundMetrics,
     clip_by_global_norm,
@@ -54,7 +57,6 @@ from lorafleet.protocols.federation import (
 from lorafleet.server.aggregation import (
     NORM_TOLERANCE,
     Aggregator,
-    BTensors,
     Update,
     refusal_reason,
 )
@@ -263,7 +265,7 @@ class Federation:
         for node in nodes:
             content = RecordDict({INSTRUCTION_KEY: ConfigRecord(instr.to_config())})  # type: ignore[arg-type]
             if prior is not None and self._sent_prior.get(node) != instr.prior_version:
-                content[PRIOR_KEY] = ConfigRecord({"b": prior_payload})
+                content[PRIOR_KEY] = ConfigRecord({PRIOR_FIELD: prior_payload})
                 bytes_down += len(prior_payload)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s))
@@ -445,7 +447,7 @@ class Federation:
                 continue
             self._sent_prior[node] = prior_ref
             try:
-                delta_bytes = reply.content[UPDATE_KEY]["delta"]
+                delta_bytes = reply.content[UPDATE_KEY][DELTA_FIELD]
                 if not isinstance(delta_bytes, bytes):
                     raise LorafleetError("delta is not bytes")
                 delta, _ = decode_tensors(delta_bytes)

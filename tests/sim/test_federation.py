@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from lorafleet.client import federated
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
-from lorafleet.protocols.federation import UPDATE_KEY
+from lorafleet.protocols.federation import DELTA_FIELD, UPDATE_KEY
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.server.registry import Registry
 
@@ -111,7 +111,7 @@ def test_nothing_of_a_users_text_adapter_or_delta_is_stored_by_the_coordinator(
             for array in reply.content.array_records["fitres.parameters"].values():
                 np.save(deltas / f"{name}.npy", array.numpy())
         elif UPDATE_KEY in reply.content:
-            delta, _ = decode_tensors(reply.content[UPDATE_KEY]["delta"])  # type: ignore[arg-type]
+            delta, _ = decode_tensors(reply.content[UPDATE_KEY][DELTA_FIELD])  # type: ignore[arg-type]
             np.save(deltas / f"{name}.npy", np.concatenate([v.ravel() for v in delta.values()]))
         return reply
 
@@ -170,13 +170,13 @@ def test_a_bad_update_is_refused_by_node_and_the_round_goes_on(
     def train(msg: Message, context: Context) -> Message:
         reply = honest(msg, context)
         if int(context.node_config["partition-id"]) == 0:
-            delta, _ = decode_tensors(reply.content[UPDATE_KEY]["delta"])  # type: ignore[arg-type]
+            delta, _ = decode_tensors(reply.content[UPDATE_KEY][DELTA_FIELD])  # type: ignore[arg-type]
             poisoned = {k: np.full_like(v, np.inf) for k, v in delta.items()}
             raw = encode_tensors({k: np.zeros_like(v) for k, v in poisoned.items()}, packing="fp32")
             raw = raw.replace(
                 np.zeros(1, "<f4").tobytes() * 4, np.full(4, np.nan, "<f4").tobytes(), 1
             )
-            reply.content[UPDATE_KEY] = ConfigRecord({"delta": raw})
+            reply.content[UPDATE_KEY] = ConfigRecord({DELTA_FIELD: raw})
         return reply
 
     @rogue.evaluate()
