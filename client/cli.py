@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -207,6 +208,26 @@ def _parser() -> argparse.ArgumentParser:
         "--refresh", action="store_true", help="measure again instead of reading the cache"
     )
     _add_cache_dir(p, "root")
+
+    # Not `device serve`: `device` is a leaf command whose flags describe this CPU, and a
+    # subcommand under it would make `lorafleet device --json serve` parse (docs/deployment.md).
+    p = sub.add_parser(
+        "serve-device",
+        help="keep the base loaded between federated rounds: a worker the ClientApp hands "
+        "rounds to (node setting device-worker)",
+        description="A long-lived local worker for a SuperNode: Flower 1.41 starts a fresh "
+        "ClientApp process per round, which would load the base every round. With the node "
+        "setting device-worker='PATH' the ClientApp runs each round here instead. Stop it "
+        "with Ctrl-C or SIGTERM (docs/deployment.md#a-warm-device-worker).",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--socket",
+        required=True,
+        type=Path,
+        help="Unix socket to listen on; its directory is created 0700 and must not be "
+        "writable by other users",
+    )
 
     p = sub.add_parser(
         "export",
@@ -473,6 +494,21 @@ def _cmd_device(args: argparse.Namespace) -> None:
         print(profile.summary())
 
 
+def _cmd_serve_device(args: argparse.Namespace) -> int:
+    from lorafleet.client.device_worker import serve
+
+    logging.getLogger("lorafleet.client.device_worker").setLevel(logging.INFO)
+
+    def ready(path: Path) -> None:
+        print(
+            f"device worker serving on {path} (pid {os.getpid()}); the base loads on the "
+            "first round and stays loaded; stop with Ctrl-C or SIGTERM",
+            flush=True,
+        )
+
+    return serve(args.socket, on_ready=ready)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     if args.format != "onnx":
         _export_adapter(args)
@@ -554,12 +590,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "info": _cmd_info,
     "device": _cmd_device,
+    "serve-device": _cmd_serve_device,
     "export": _cmd_export,
     "export-base": _cmd_export_base,
     "demo": _cmd_demo,
@@ -584,14 +621,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last saved adapter version is unchanged", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,12 @@ from lorafleet.client.adapter import adapter_disabled, get_b, materialize, set_b
 from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
+from lorafleet.client.device_worker import (
+    DEFAULT_TIMEOUT_S,
+    DeviceSettings,
+    RoundJob,
+    run_on_worker,
+)
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.layout import read_provenance
 from lorafleet.client.masked_upload import narrow_masked_reply
@@ -122,6 +128,15 @@ class _Worker:
 
 
 _WORKERS: dict[tuple[str, str, str], _Worker] = {}
+
+
+def warm_models() -> list[tuple[str, str, str]]:
+    """The (base digest, spec fingerprint, precision) of every model this process holds.
+
+    A device worker (:mod:`lorafleet.client.device_worker`) reports how many bases it
+    loaded from this: one per device, however many rounds.
+    """
+    return list(_WORKERS)
 
 
 def worker_for(
@@ -386,23 +401,11 @@ def _setting(context: Context, extra: Mapping[str, str], key: str, default: str 
     return default
 
 
-def _locate(
-    context: Context, extra: Mapping[str, str], instr: RoundInstruction
-) -> tuple[DeviceData, Path]:
+def _locate_paths(context: Context, extra: Mapping[str, str]) -> tuple[Path, Path]:
     """Find the node's data and profile: node config on a device, a user folder in sim."""
     if "data" in context.node_config:
-        data = DeviceData.from_path(
-            Path(str(context.node_config["data"])), heldout_fraction=instr.heldout_fraction
-        )
-        profile = Path(
-            _setting(
-                context,
-                extra,
-                "profile",
-                str(Path(str(context.node_config["data"])) / ".lorafleet"),
-            )
-        )
-        return data, profile
+        data = Path(str(context.node_config["data"]))
+        return data, Path(_setting(context, extra, "profile", str(data / ".lorafleet")))
     setting = _setting(context, extra, "sim-users-dir")
     if not setting:
         raise LorafleetError(
@@ -427,9 +430,7 @@ def _locate(
     profiles = Path(
         _setting(context, extra, "sim-profiles-dir", str(users_dir.parent / "profiles"))
     )
-    return DeviceData.from_path(
-        folder, heldout_fraction=instr.heldout_fraction
-    ), profiles / folder.name
+    return folder, profiles / folder.name
 
 
 def _missing_users_dir(setting: str, users_dir: Path) -> str:
@@ -617,6 +618,43 @@ def adapter_report(
     return AdapterReport(adapter=adapter, current=current, saved=saved, user=user)
 
 
+def _absolute_job(
+    instr: RoundInstruction,
+    prior: BTensors | None,
+    data: Path,
+    profile: Path,
+    settings: DeviceSettings,
+) -> RoundJob:
+    """The round for a device worker, its paths made absolute: it runs in another folder.
+
+    ``absolute()``, not ``resolve()``: a user folder's name (its user id) stays as given.
+    """
+    base = Path(settings.base).expanduser()
+    if settings.base != "default" and base.exists():
+        settings = replace(settings, base=str(base.absolute()))
+    for name in ("cache_dir", "base_service_ca"):
+        value = getattr(settings, name)
+        if value:
+            settings = replace(settings, **{name: str(Path(value).expanduser().absolute())})
+    return RoundJob(
+        instr, prior, data.expanduser().absolute(), profile.expanduser().absolute(), settings
+    )
+
+
+def _worker_timeout(value: str) -> float:
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise LorafleetError(
+            f"device-worker-timeout must be a number of seconds above 0, got {value!r}"
+        )
+    return seconds
+
+
 def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
     instr, payload = read_instruction(msg)
     if (
@@ -628,28 +666,46 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
             "this device requires secure aggregation and the coordinator asked for a delta in "
             "the clear; set secure-aggregation = true on the coordinator"
         )
-    data, profile_root = _locate(context, extra, instr)
+    data_path, profile_root = _locate_paths(context, extra)
     prior = _prior(payload, instr, profile_root)
     versions_before = Profile.version_numbers(profile_root)
     cache_dir = _setting(context, extra, "cache-dir")
-    delta, metrics = run_round(
-        instr,
-        prior,
-        data,
-        profile_root,
-        base_source=_setting(context, extra, "base", "default"),
-        precision=_setting(context, extra, "precision", "auto"),  # type: ignore[arg-type]
+    settings = DeviceSettings(
+        base=_setting(context, extra, "base", "default"),
+        precision=_setting(context, extra, "precision", "auto"),
         device=_setting(context, extra, "device", "auto"),
-        cache_dir=Path(cache_dir) if cache_dir else None,
+        cache_dir=cache_dir,
         base_service=_setting(context, extra, "base-service"),
         base_service_ca=_setting(context, extra, "base-service-ca"),
     )
+    socket_path = _setting(context, extra, "device-worker")
+    if socket_path:
+        # No fallback to loading the base here: a worker that is down would otherwise
+        # turn every round into a silent 20 s (or minutes) regression (docs/deployment.md).
+        delta, metrics = run_on_worker(
+            Path(socket_path).expanduser(),
+            _absolute_job(instr, prior, data_path, profile_root, settings),
+            timeout_s=_worker_timeout(_setting(context, extra, "device-worker-timeout")),
+        )
+    else:
+        delta, metrics = run_round(
+            instr,
+            prior,
+            DeviceData.from_path(data_path, heldout_fraction=instr.heldout_fraction),
+            profile_root,
+            base_source=settings.base,
+            precision=settings.precision,  # type: ignore[arg-type]
+            device=settings.device,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            base_service=settings.base_service,
+            base_service_ca=settings.base_service_ca,
+        )
     report: AdapterReport | None = None
     if _truthy(_setting(context, extra, "report-versions", "true")):
         # A simulated device is known by its user folder; a real one only by a label its
         # owner set (node setting "user"), never by its paths.
         simulated = "data" not in context.node_config
-        user = str(context.node_config.get("user", "")) or (data.user_id if simulated else "")
+        user = str(context.node_config.get("user", "")) or (data_path.name if simulated else "")
         try:
             report = adapter_report(
                 profile_root, instr, metrics, versions_before=versions_before, user=user
