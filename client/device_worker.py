@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafleet.protocols.cli import package_version
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
@@ -51,10 +51,7 @@ from lorafleet.protocols.errors import (
     SpecError,
     StorageError,
 )
-from lorafleet.protocols.federation import RoundInstruction, RoundMetrics
-
-if TYPE_CHECKING:  # torch waits until a round runs: a refused start is instant
-    from lorafleet.client.adapter import BTensors
+from lorafleet.protocols.federation import BTensors, RoundInstruction, RoundMetrics
 
 log = logging.getLogger(__name__)
 
