@@ -290,7 +290,7 @@ def run_round(
         final = instr.mode == "personalize"
         personal_cfg = TrainConfig(
             steps=instr.personal_steps,
-            lr=instr.lr,
+            lr=instr.personal_learning_rate,
             batch_size=instr.batch_size,
             warmup_steps=min(2, instr.personal_steps // 4),
             prox_mu=instr.prox_mu,

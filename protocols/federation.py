@@ -87,6 +87,8 @@ class RoundInstruction:
     personal_steps: int = 8
     prior_steps: int = 8
     lr: float = 2e-3
+    personal_lr: float = 0.0
+    """Learning rate of the personal steps; 0: ``lr`` (what older coordinators mean)."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
     batch_size: int = 4
@@ -114,6 +116,10 @@ class RoundInstruction:
         )
         need(self.personal_steps >= 0 and self.prior_steps >= 0, "steps must be >= 0")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr!r}")
+        need(
+            self.personal_lr >= 0 and math.isfinite(self.personal_lr),
+            f"personal_lr must be >= 0 (0: lr), got {self.personal_lr!r}",
+        )
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(
             self.clip_norm > 0 and math.isfinite(self.clip_norm),
@@ -135,6 +141,11 @@ class RoundInstruction:
             f"noise_std must be a finite number >= 0, got {self.noise_std!r}",
         )
         need(isinstance(self.blend, bool), f"blend must be true or false, got {self.blend!r}")
+
+    @property
+    def personal_learning_rate(self) -> float:
+        """The learning rate the personal steps use (``personal_lr``, else ``lr``)."""
+        return self.personal_lr or self.lr
 
     def to_config(self) -> dict[str, int | float | str | bool]:
         """Flat scalars for a Flower ConfigRecord (the spec as its canonical JSON)."""

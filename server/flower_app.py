@@ -243,6 +243,7 @@ class Federation:
             personal_steps=c.personalize_steps if mode == "personalize" else c.personal_steps,
             prior_steps=0 if mode == "personalize" else c.prior_steps,
             lr=c.lr,
+            personal_lr=c.personal_lr,
             prox_mu=c.prox_mu,
             clip_norm=c.clip_norm,
             batch_size=c.batch_size,

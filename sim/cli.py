@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
+from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR
 
 if TYPE_CHECKING:
     from lorafleet.server.console.app import ConsoleServer
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
             ".25/.5/.75) if it validates best",
         )
         p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
+        p.add_argument(
+            "--personal-lr",
+            type=float,
+            default=DEFAULT_PERSONAL_LR,
+            help="learning rate of the personal fine-tuning and of newcomers (0: --lr)",
+        )
         p.add_argument(
             "--clip-norm",
             type=float,
@@ -285,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             seeds=seeds,
             lr=args.lr,
+            personal_lr=args.personal_lr,
             clip_norm=args.clip_norm,
             prox_mu=args.prox_mu,
             local_steps=args.local_steps,

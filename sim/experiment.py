@@ -46,7 +46,7 @@ from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precisi
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import DataError, SpecError
-from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR, Coordinator, CoordinatorConfig
 from lorafleet.sim.baselines import AdapterState, Lab, LabUser, fedavg_global
 from lorafleet.sim.personas import (
     PersonaConfig,
@@ -115,6 +115,8 @@ class ExperimentConfig:
         },
     )
     lr: float = 2e-3
+    personal_lr: float = DEFAULT_PERSONAL_LR
+    """Learning rate of the devices' personal steps (the newcomers' too); 0: ``lr``."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
     packing: str = "fp16"
@@ -446,6 +448,7 @@ def _coordinator_config(
         personalize_steps=cfg.budget_personalize,
         personalize_blend=cfg.personalize_blend,
         lr=cfg.lr,
+        personal_lr=cfg.personal_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
         seq_len=cfg.seq_len,
@@ -616,7 +619,9 @@ def _cold_start(
     """
     tok = base.tokenizer
     rows = []
-    config = _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.lr)
+    # A newcomer personalizes as the federation's devices do (the personal lr), from
+    # the prior or from zero: only the start differs.
+    config = _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.personal_lr or cfg.lr)
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []

@@ -61,3 +61,24 @@ def test_clipping_bounds_the_norm_and_keeps_direction() -> None:
     assert np.allclose(clipped["x"], [0.6, 0.8])
     same, _, was = clip_by_global_norm(t, 10.0)
     assert not was and np.array_equal(same["x"], t["x"])
+
+
+def test_personal_lr_falls_back_to_lr_and_is_optional_on_the_wire() -> None:
+    # Arrange: an instruction from a coordinator that predates personal-lr
+    config = RoundInstruction(round=1, spec=SPEC, prior_version="p", lr=1e-3).to_config()
+    del config["personal-lr"]
+
+    # Execute
+    old = RoundInstruction.from_config(config)
+    new = RoundInstruction.from_config({**config, "personal-lr": 8e-3})
+
+    # Assert: 0 means "the prior's lr"; a set value is what the personal steps use
+    assert old.personal_lr == 0 and old.personal_learning_rate == 1e-3
+    assert new.personal_learning_rate == 8e-3
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_a_bad_personal_lr_is_refused(bad: float) -> None:
+    config = {**RoundInstruction(round=1, spec=SPEC, prior_version="p").to_config()}
+    with pytest.raises(SpecError, match="personal_lr"):
+        RoundInstruction.from_config({**config, "personal-lr": bad})
