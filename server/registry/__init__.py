@@ -1,4 +1,8 @@
-"""The coordinator's registry: users, versions with provenance, priors, rounds, devices, audit."""
+"""The coordinator's registry: users, versions with provenance, priors, rounds, devices, audit.
+
+One :class:`Registry` (``store.py``) composes the areas: ``users.py`` (users, adapters,
+versions), ``priors.py`` (priors, promotion, rounds), ``devices.py`` (blobs, devices, audit).
+"""
 
 from lorafleet.server.registry.database import parse_url as parse_url
 from lorafleet.server.registry.errors import AuthorizationError as AuthorizationError
