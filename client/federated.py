@@ -288,22 +288,11 @@ def run_round(
         personal_loss = start_loss
     else:
         final = instr.mode == "personalize"
-        personal_cfg = TrainConfig(
-            steps=instr.personal_steps,
-            lr=instr.personal_learning_rate,
-            batch_size=instr.batch_size,
-            warmup_steps=min(2, instr.personal_steps // 4),
-            prox_mu=instr.prox_mu,
-            precision=w.precision,  # type: ignore[arg-type]
-            device=str(w.device),
-            eval_every=max(1, instr.personal_steps // (8 if final else 3)),
-            patience=3 if final else 0,
-            seed=instr.round + (7919 if final else 0),
-        )
+        personal_cfg = personal_train_config(instr, precision=w.precision, device=str(w.device))
         result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
         personal_loss, mix = result.heldout_loss_after, 1.0
         if final and instr.blend:
-            personal_loss, mix = _blend_with_prior(
+            personal_loss, mix = blend_with_prior(
                 w.model, prior_b, prior_loss, personal_loss, loss
             )
         profile.save(
@@ -339,11 +328,34 @@ def run_round(
     return clipped, metrics
 
 
+def personal_train_config(instr: RoundInstruction, *, precision: str, device: str) -> TrainConfig:
+    """The personal steps' training recipe for ``instr`` (shared with the sim's tuning).
+
+    A personalize round (the final fine-tuning from the last prior) evaluates about
+    eight times over its budget and stops after three evaluations without progress; a
+    train round's personal steps evaluate three times and keep the best without
+    stopping early. Both train at the instruction's personal learning rate.
+    """
+    final = instr.mode == "personalize"
+    return TrainConfig(
+        steps=instr.personal_steps,
+        lr=instr.personal_learning_rate,
+        batch_size=instr.batch_size,
+        warmup_steps=min(2, instr.personal_steps // 4),
+        prox_mu=instr.prox_mu,
+        precision=precision,  # type: ignore[arg-type]
+        device=device,
+        eval_every=max(1, instr.personal_steps // (8 if final else 3)),
+        patience=3 if final else 0,
+        seed=instr.round + (7919 if final else 0),
+    )
+
+
 BLEND_WEIGHTS: tuple[float, ...] = (0.75, 0.5, 0.25)
 """Weights of the trained B, against the prior's, that the personalize step also tries."""
 
 
-def _blend_with_prior(
+def blend_with_prior(
     model: torch.nn.Module,
     prior_b: BTensors,
     prior_loss: float,

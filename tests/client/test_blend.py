@@ -9,7 +9,7 @@ import pytest
 
 from lorafleet.client.adapter import get_b, materialize, set_b
 from lorafleet.client.base import load_base
-from lorafleet.client.federated import BLEND_WEIGHTS, _blend_with_prior
+from lorafleet.client.federated import BLEND_WEIGHTS, blend_with_prior
 from tests.client.test_adapter import random_b, spec_for
 
 
@@ -33,7 +33,7 @@ def test_the_blend_keeps_the_weight_whose_adapter_validates_best(
     set_b(model, trained)
     trained_loss = loss()
     # Execute
-    got_loss, weight = _blend_with_prior(model, prior, prior_loss, trained_loss, loss)
+    got_loss, weight = blend_with_prior(model, prior, prior_loss, trained_loss, loss)
     # Assert: that point is chosen, the model holds it, and its loss is the one returned
     assert weight == target_weight
     held = get_b(model)
@@ -50,7 +50,7 @@ def test_on_a_tie_the_trained_adapter_is_kept(tiny_model_dir: Path) -> None:
     prior, trained = random_b(model, seed=1), random_b(model, seed=2)
     set_b(model, trained)
     # Execute
-    _, weight = _blend_with_prior(model, prior, 1.0, 1.0, lambda: 1.0)
+    _, weight = blend_with_prior(model, prior, 1.0, 1.0, lambda: 1.0)
     # Assert
     assert weight == 1.0 and 1.0 not in BLEND_WEIGHTS
     np.testing.assert_array_equal(get_b(model)[next(iter(trained))], trained[next(iter(trained))])

@@ -1,0 +1,156 @@
+"""Choose the personal learning rate on validation, from a federation's saved prior.
+
+``python -m lorafleet.sim.tune_personal USERS_DIR PRIOR --lrs 2e-3,4e-3,8e-3 --out F.json``
+runs, for every user of ``USERS_DIR`` and every learning rate, exactly the final
+personalization a device runs (:func:`lorafleet.client.federated.personal_train_config`:
+the same budget, evaluation cadence, early stopping and blend with the prior) from
+``PRIOR`` (a prior version's safetensors, e.g. ``seed-0/coordinator/priors/*/v0003``
+of an experiment run) on the experiment's three-way split. It prints the mean
+validation loss per learning rate, the one it picks (the lowest mean validation loss:
+nothing is selected on test), and the test losses beside them for the record.
+
+It replays only the last step of the federation, so a learning rate costs minutes
+instead of a full experiment; the prior must come from the same users and base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from lorafleet.client.adapter import get_b
+from lorafleet.client.base import load_base
+from lorafleet.client.federated import blend_with_prior, personal_train_config
+from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
+from lorafleet.protocols.errors import LorafleetError, SpecError
+from lorafleet.protocols.federation import RoundInstruction
+from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.sim.baselines import Lab
+from lorafleet.sim.experiment import _Scorer, three_way_split
+from lorafleet.sim.personas import load_user_folders
+
+__all__ = ["tune"]
+
+
+def tune(
+    users_dir: Path,
+    prior_path: Path,
+    lrs: Sequence[float],
+    *,
+    steps: int = 30,
+    base: str = "default",
+    precision: str = "auto",
+    rank: int = 8,
+    val_fraction: float = 0.2,
+    seq_len: int = 128,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate."""
+    dev = resolve_device("auto")
+    prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
+    loaded = load_base(base, dtype=base_dtype(prec, dev))
+    spec = AdapterSpec(base_model_id=loaded.model_id, base_sha256=loaded.sha256, rank=rank)
+    lab = Lab(loaded, spec, precision=prec, device=str(dev))
+    splits = [three_way_split(u, val_fraction) for u in load_user_folders(users_dir)]
+    scorer = _Scorer(lab, loaded, splits, seq_len)
+    prior = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(prior_path).items()}
+    if set(prior) != set(lab.zero_b):
+        raise SpecError(f"{prior_path} is not a prior of this base at rank {rank} (q_proj, v_proj)")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for lr in lrs:
+        instr = RoundInstruction(
+            round=0,
+            spec=spec,
+            prior_version="tune",
+            mode="personalize",
+            personal_steps=steps,
+            prior_steps=0,
+            personal_lr=lr,
+            seq_len=seq_len,
+        )
+        config = personal_train_config(instr, precision=prec, device=str(dev))
+        per_user: dict[str, dict[str, float]] = {}
+        for user in scorer.users:
+            trained, taken = lab.train(prior, user.train, config, val=user.val)
+            prior_loss, trained_loss = lab.loss(prior, user.val), lab.loss(trained, user.val)
+            lab._load(trained)  # the blend starts from the trained B in the model
+            try:
+                _, mix = blend_with_prior(
+                    lab.model,
+                    prior,
+                    prior_loss,
+                    trained_loss,
+                    lambda val=user.val: lab.loss(get_b(lab.model), val),
+                )
+                chosen = get_b(lab.model)
+            finally:
+                lab._restore_seeded()
+            test, notes, val = scorer.score(chosen, user)
+            per_user[user.user_id] = {
+                "val": val,
+                "test": test,
+                "test_notes": notes,
+                "mix": mix,
+                "steps": float(taken),
+            }
+            print(
+                f"lr {lr:g} {user.user_id}: val {val:.4f} (mix {mix:g}, {taken} steps) "
+                f"[{time.strftime('%H:%M:%S')}]",
+                flush=True,
+            )
+        results[f"{lr:g}"] = per_user
+    return results
+
+
+def summary(results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, list[str]]:
+    """(the learning rate with the lowest mean validation loss, table lines)."""
+    lines = [f"{'personal lr':<12} {'mean val':>9} {'mean test':>10} {'test notes':>11}"]
+    means = {}
+    for lr, users in results.items():
+        m = {
+            k: float(np.mean([u[k] for u in users.values()])) for k in ("val", "test", "test_notes")
+        }
+        means[lr] = m["val"]
+        lines.append(f"{lr:<12} {m['val']:>9.4f} {m['test']:>10.4f} {m['test_notes']:>11.4f}")
+    best = min(means, key=lambda k: means[k])
+    lines.append(f"picked on validation: personal lr {best}")
+    return best, lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m lorafleet.sim.tune_personal")
+    parser.add_argument("users_dir", type=Path, help="one folder per user (the experiment's)")
+    parser.add_argument("prior", type=Path, help="a prior version's .safetensors")
+    parser.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="comma-separated learning rates")
+    parser.add_argument("--steps", type=int, default=30, help="personalization budget")
+    parser.add_argument("--out", type=Path, help="also write every user's losses here (JSON)")
+    args = parser.parse_args(argv)
+    try:
+        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
+    if not lrs or any(not (0 < lr < 1) for lr in lrs):
+        parser.error(f"--lrs must be learning rates in (0, 1), got {args.lrs!r}")
+    if not args.prior.is_file():
+        parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
+    try:
+        results = tune(args.users_dir, args.prior, lrs, steps=args.steps)
+    except LorafleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _, lines = summary(results)
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

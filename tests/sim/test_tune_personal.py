@@ -1,0 +1,70 @@
+"""The personal-lr tuning replays the device's personalization and picks on validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lorafleet.client.adapter import get_b, materialize
+from lorafleet.client.base import load_base
+from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+from lorafleet.sim.tune_personal import main, summary, tune
+
+
+def _prior(tiny: Path, path: Path) -> Path:
+    base = load_base(tiny)
+    spec = AdapterSpec(base_model_id=base.model_id, base_sha256=base.sha256, rank=4)
+    b = get_b(materialize(base.model, spec, base_sha256=base.sha256))
+    save_file({k: np.full_like(v, 0.01) for k, v in b.items()}, str(path))
+    return path
+
+
+def test_every_lr_and_user_is_scored_and_the_pick_is_the_lowest_mean_validation(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    users = write_user_folders(
+        generate_personas(PersonaConfig(num_users=2, notes_per_user=30)), tmp_path / "users"
+    )
+    prior = _prior(tiny_model_dir, tmp_path / "prior.safetensors")
+
+    # Execute
+    results = tune(
+        users,
+        prior,
+        [1e-3, 5e-2],
+        steps=4,
+        base=str(tiny_model_dir),
+        precision="fp32",
+        rank=4,
+        seq_len=32,
+    )
+    best, lines = summary(results)
+
+    # Assert: both lrs, both users, losses finite; the pick is the lowest mean val
+    assert set(results) == {"0.001", "0.05"}
+    for per_user in results.values():
+        assert len(per_user) == 2
+        for row in per_user.values():
+            assert all(np.isfinite(row[k]) for k in ("val", "test", "test_notes"))
+            assert 0 <= row["mix"] <= 1 and 0 <= row["steps"] <= 4
+    means = {lr: np.mean([u["val"] for u in r.values()]) for lr, r in results.items()}
+    assert best == min(means, key=lambda k: means[k])
+    assert lines[-1] == f"picked on validation: personal lr {best}"
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "fragment"),
+    [(["--lrs", "fast"], "--lrs must be comma-separated numbers"), (["--lrs", "2"], "in (0, 1)")],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], fragment: str
+) -> None:
+    (tmp_path / "p.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), str(tmp_path / "p.safetensors"), *argv_tail])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
