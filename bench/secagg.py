@@ -1,6 +1,6 @@
 """Round time with SecAgg+ against plain aggregation, at the real B size.
 
-The coordinator's real rounds (:class:`lorafleet.server.flower_app.Federation`) run on
+The coordinator's real rounds (:class:`lorafleet.server.flower_app.RoundLoop`) run on
 Flower's simulation engine (Ray) with ``n`` simulated devices, 10 to 200 by default
 (``--sizes``), to show how a round's cost grows with the cohort.
 Two federations share the same devices and alternate round by round, in rotating order
@@ -144,8 +144,8 @@ def run_pair(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
-    from lorafleet.server.flower_app import Federation
+    from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
+    from lorafleet.server.flower_app import RoundLoop
     from lorafleet.server.secagg import secagg_params
     from lorafleet.sim.runner import make_synthetic_client_app
 
@@ -172,9 +172,9 @@ def run_pair(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        coords = {p: Coordinator.open(cfg(p)) for p in PATHS}
+        coords = {p: CoordinatorState.open(cfg(p)) for p in PATHS}
         try:
-            feds = {p: Federation(grid, coords[p]) for p in PATHS}
+            feds = {p: RoundLoop(grid, coords[p]) for p in PATHS}
             feds["plain"].wait_for_nodes()
             state: dict[str, tuple[str, Any]] = {p: ("zero", None) for p in PATHS}
             for rep in range(size.warmup + size.repeats):

@@ -14,10 +14,11 @@ import hmac
 import logging
 import math
 import secrets
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import Packing, content_hash, decode_tensors, encode_tensors
@@ -323,7 +324,7 @@ def _coerce(value: Any, type_name: Any) -> Any:
     return str(value)
 
 
-class Coordinator:
+class CoordinatorState:
     """The cohort's priors and rounds, on disk and in the registry."""
 
     def __init__(self, config: CoordinatorConfig, registry: Registry) -> None:
@@ -337,7 +338,7 @@ class Coordinator:
         self._pseudonym_key: bytes | None = None
 
     @classmethod
-    def open(cls, config: CoordinatorConfig) -> Coordinator:
+    def open(cls, config: CoordinatorConfig) -> CoordinatorState:
         """Open (or start) the coordinator's state."""
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         coord = cls(config, Registry.open(config.registry))
@@ -563,3 +564,20 @@ class Coordinator:
         ledger.add(round, q, sigma)
         ledger.save(self.ledger_path)
         return ledger.epsilon(self.config.dp_delta)
+
+
+if not TYPE_CHECKING:
+    # ``Coordinator`` was renamed ``CoordinatorState`` (#15): it is the coordinator's saved
+    # state, not the coordinator. The old name still imports, with a DeprecationWarning,
+    # for one release so that code outside this repository has time to follow; it is
+    # hidden from type checkers so that mypy flags any use left here.
+    def __getattr__(name: str) -> Any:
+        """Deprecated aliases: ``Coordinator`` -> :class:`CoordinatorState`."""
+        if name == "Coordinator":
+            warnings.warn(
+                "lorafleet.server.coordinator.Coordinator is deprecated; use CoordinatorState",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return CoordinatorState
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,10 +22,11 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -60,7 +61,7 @@ from lorafleet.server.aggregation import (
     Update,
     refusal_reason,
 )
-from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.server.dp import gaussian_noise_like
 from lorafleet.server.grid_proxy import GridProxy
 from lorafleet.server.registry import RoundId
@@ -162,7 +163,7 @@ class _Tally(GridProxy):
         return replies
 
 
-class Federation:
+class RoundLoop:
     """The round loop over a Flower Grid, with the coordinator's durable state."""
 
     pause_poll_s: float = 2.0
@@ -171,7 +172,7 @@ class Federation:
     def __init__(
         self,
         grid: Grid,
-        coordinator: Coordinator,
+        coordinator: CoordinatorState,
         *,
         noise_rng: np.random.Generator | None = None,
     ) -> None:
@@ -726,9 +727,9 @@ def _mean_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
 
 def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
     """Run (or resume) the configured rounds, then evaluate; returns the results record."""
-    coord = Coordinator.open(config)
+    coord = CoordinatorState.open(config)
     try:
-        fed = Federation(grid, coord)
+        fed = RoundLoop(grid, coord)
         log.info("waiting for %d devices", config.min_available_nodes)
         fed.wait_for_nodes()
         record, prior = coord.training_prior()
@@ -802,7 +803,7 @@ def failure_causes(outcome: RoundOutcome) -> str:
     return f"; {n} of {outcome.sampled} device(s) refused: {first}{more}"
 
 
-def _privacy_summary(fed: Federation, config: CoordinatorConfig) -> dict[str, Any]:
+def _privacy_summary(fed: RoundLoop, config: CoordinatorConfig) -> dict[str, Any]:
     """The DP mode and the cumulative epsilon (None without DP)."""
     ledger = fed._ledger
     return {
@@ -865,3 +866,20 @@ def make_server_app(
 
 app = make_server_app()
 """The ServerApp ``flwr run`` loads (``[tool.flwr.app.components]``)."""
+
+
+if not TYPE_CHECKING:
+    # ``Federation`` was renamed ``RoundLoop`` (#15): it is the ServerApp's round loop, not
+    # the federation. The old name still imports, with a DeprecationWarning, for one
+    # release so that code outside this repository has time to follow; it is hidden from
+    # type checkers so that mypy flags any use left here.
+    def __getattr__(name: str) -> Any:
+        """Deprecated aliases: ``Federation`` -> :class:`RoundLoop`."""
+        if name == "Federation":
+            warnings.warn(
+                "lorafleet.server.flower_app.Federation is deprecated; use RoundLoop",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return RoundLoop
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

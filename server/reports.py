@@ -6,8 +6,8 @@ coordinator does not control devices, so every report is parsed strictly, then c
 against what the round itself fixed (the cohort's spec and base, the round number, the
 prior that was sent); one that fails is refused with one log line naming the node, and
 the round goes on. What passes becomes a :class:`~lorafleet.server.registry.DeviceReport`
-under the node's pseudonym (:meth:`Coordinator.pseudonym`), and the round's reports go to
-the registry in one transaction (:meth:`Registry.record_reports`), so a round of
+under the node's pseudonym (:meth:`CoordinatorState.pseudonym`), and the round's reports
+go to the registry in one transaction (:meth:`Registry.record_reports`), so a round of
 thousands of devices costs a few statements, not thousands of commits.
 """
 
@@ -23,7 +23,7 @@ from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.protocols.federation import RoundMetrics
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.reports import REPORT_KEY, AdapterReport, VersionReport
-from lorafleet.server.coordinator import Coordinator
+from lorafleet.server.coordinator import CoordinatorState
 from lorafleet.server.registry import DeviceReport, ReportCounts
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class RoundReports:
     """
 
     def __init__(
-        self, coord: Coordinator, round: int, prior_version: str, *, evaluate: bool = False
+        self, coord: CoordinatorState, round: int, prior_version: str, *, evaluate: bool = False
     ) -> None:
         self.coord = coord
         self.round = round

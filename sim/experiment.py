@@ -46,7 +46,7 @@ from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precisi
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import DataError, SpecError
-from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR, Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR, CoordinatorConfig, CoordinatorState
 from lorafleet.sim.baselines import AdapterState, Lab, LabUser, fedavg_global
 from lorafleet.sim.personas import (
     PersonaConfig,
@@ -490,7 +490,7 @@ def _run_seed(
         resources=SimResources(cpus_per_client=cfg.cpus_per_client),
         engine=cfg.engine,
     )
-    coord = Coordinator.open(coord_cfg)
+    coord = CoordinatorState.open(coord_cfg)
     try:
         _, prior_b = coord.active_prior()
     finally:

@@ -33,9 +33,9 @@ from lorafleet.protocols.federation import (
     unflatten,
 )
 from lorafleet.protocols.spec import AdapterSpec
-from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.server.dp import PrivacyLedger
-from lorafleet.server.flower_app import PAUSE_CONTROL, Federation, run_federation
+from lorafleet.server.flower_app import PAUSE_CONTROL, RoundLoop, run_federation
 from lorafleet.server.grid_proxy import GridProxy
 from lorafleet.server.registry import Registry
 from lorafleet.server.secagg import (
@@ -84,7 +84,7 @@ def stage_of(msg: Message) -> str:
 def final_prior(cfg: CoordinatorConfig) -> dict[str, np.ndarray]:
     """The last round's aggregate: the newest prior version, promoted or not (these tests
     check aggregation; apps without an evaluate handler cannot score the last one)."""
-    coord = Coordinator.open(cfg)
+    coord = CoordinatorState.open(cfg)
     try:
         newest = coord.registry.list_prior_versions(coord.spec, limit=1).items[0]
         prior = coord.load_prior(newest)
@@ -375,7 +375,7 @@ def test_dp_noise_has_the_stated_scale_and_epsilon_is_reported(
     sampled = sorted(int(n) for n in results["rounds"][0]["metrics"])
     grid_nodes = sorted(LocalGrid(make_synthetic_client_app(BIG), 10).partition.items())
     pids = [pid for node, pid in grid_nodes if node in sampled]
-    coord = Coordinator.open(cfg)
+    coord = CoordinatorState.open(cfg)
     try:
         record = coord.registry.list_prior_versions(cfg.spec).items[-1]  # v1
         prior1 = coord.load_prior(record)
@@ -434,10 +434,10 @@ def test_run_config_keys_reach_the_privacy_settings() -> None:
 def test_a_paused_coordinator_starts_no_round_until_resumed(tmp_path: Path) -> None:
     # Prepare: training paused in the registry before the run
     cfg = config(tmp_path, 3)
-    coord = Coordinator.open(cfg)
+    coord = CoordinatorState.open(cfg)
     coord.registry.set_control(PAUSE_CONTROL, True)
     grid = LocalGrid(make_synthetic_client_app(SHAPES), 3)
-    fed = Federation(grid, coord)
+    fed = RoundLoop(grid, coord)
     fed.pause_poll_s = 0.05
     done: list[Any] = []
     worker = threading.Thread(target=lambda: done.append(fed.run_round(1, 0, "zero", None)))
@@ -516,10 +516,10 @@ def test_a_node_revoked_during_a_round_is_not_heard(tmp_path: Path, secure: bool
 def test_a_device_that_requires_secure_aggregation_refuses_a_plain_round(tmp_path: Path) -> None:
     # Prepare: real device apps set to insist on SecAgg+, a coordinator in the clear
     app = federated.make_client_app({"require-secure-aggregation": "true"})
-    coord = Coordinator.open(config(tmp_path, 3))
+    coord = CoordinatorState.open(config(tmp_path, 3))
     try:
         # Execute
-        outcome = Federation(LocalGrid(app, 3), coord).run_round(1, 0, "zero", None)
+        outcome = RoundLoop(LocalGrid(app, 3), coord).run_round(1, 0, "zero", None)
     finally:
         coord.close()
     # Assert: no device sent its delta, each said why
@@ -569,14 +569,14 @@ def test_a_prior_rolled_back_during_a_pause_is_where_the_next_round_starts(
             time.sleep(0.05)
 
     grid = LocalGrid(make_synthetic_client_app(SHAPES), 3, dropout=pause_in_round_two)
-    spec = Coordinator.open(cfg).spec
+    spec = CoordinatorState.open(cfg).spec
     console = threading.Thread(target=roll_back_then_resume)
     # Execute
     console.start()
     results = run_federation(grid, cfg)
     console.join(timeout=60)
     # Assert: prior v3 = v1 + the mean of round 3's deltas (FedAvg, server lr 1), not v2 + ...
-    coord = Coordinator.open(cfg)
+    coord = CoordinatorState.open(cfg)
     try:
         priors = {
             p.version: coord.load_prior(p)

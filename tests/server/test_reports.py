@@ -12,23 +12,25 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from lorafleet.protocols.reports import REPORT_KEY, AdapterReport, VersionReport
-from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.server.reports import RoundReports
 
 PRIOR = "0123456789abcdef/v1"
 
 
 @pytest.fixture
-def coord(tmp_path: Path) -> Iterator[Coordinator]:
+def coord(tmp_path: Path) -> Iterator[CoordinatorState]:
     config = CoordinatorConfig(
         data_dir=str(tmp_path), base_sha256=hashlib.sha256(b"tiny").hexdigest(), rank=4
     )
-    coordinator = Coordinator.open(config)
+    coordinator = CoordinatorState.open(config)
     yield coordinator
     coordinator.close()
 
 
-def report(coord: Coordinator, version: int = 1, *, round: int = 2, **over: Any) -> AdapterReport:
+def report(
+    coord: CoordinatorState, version: int = 1, *, round: int = 2, **over: Any
+) -> AdapterReport:
     saved = VersionReport(
         version=version,
         parent=version - 1 or None,
@@ -77,7 +79,7 @@ TAMPERED: dict[str, Tamper] = {
 
 @pytest.mark.parametrize("tamper", TAMPERED.values(), ids=TAMPERED.keys())
 def test_a_malformed_report_is_refused_with_one_line_and_nothing_recorded(
-    coord: Coordinator, tamper: Tamper, caplog: pytest.LogCaptureFixture
+    coord: CoordinatorState, tamper: Tamper, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: an honest device and a tampered one in the same round
     reports = RoundReports(coord, 2, PRIOR)
@@ -95,7 +97,7 @@ def test_a_malformed_report_is_refused_with_one_line_and_nothing_recorded(
     assert coord.registry.counts().versions == 1
 
 
-def test_secure_fields_carry_the_same_report(coord: Coordinator) -> None:
+def test_secure_fields_carry_the_same_report(coord: CoordinatorState) -> None:
     # Prepare
     sent = report(coord, user="u-7")
     fields = {"num-examples": 24, "lorafleet-layout": "[]", **sent.to_secure_fields()}
@@ -109,7 +111,7 @@ def test_secure_fields_carry_the_same_report(coord: Coordinator) -> None:
 
 
 def test_retries_pointers_and_missing_parents_are_recorded_as_what_they_are(
-    coord: Coordinator,
+    coord: CoordinatorState,
 ) -> None:
     reg = coord.registry
     user = coord.pseudonym(7)
@@ -144,8 +146,8 @@ def test_retries_pointers_and_missing_parents_are_recorded_as_what_they_are(
 def test_user_pseudonyms_follow_the_config(tmp_path: Path) -> None:
     # Prepare
     base = {"base_sha256": hashlib.sha256(b"tiny").hexdigest()}
-    by_node = Coordinator.open(CoordinatorConfig(data_dir=str(tmp_path / "a"), **base))
-    by_device = Coordinator.open(
+    by_node = CoordinatorState.open(CoordinatorConfig(data_dir=str(tmp_path / "a"), **base))
+    by_device = CoordinatorState.open(
         CoordinatorConfig(data_dir=str(tmp_path / "b"), user_pseudonym="device", **base)
     )
     try:

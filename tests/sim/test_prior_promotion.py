@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lorafleet.server.coordinator import Coordinator
+from lorafleet.server.coordinator import CoordinatorState
 from lorafleet.server.registry import Registry
 
 from .conftest import simulate_tiny
@@ -114,7 +114,7 @@ def test_a_worse_prior_is_held_and_training_goes_on_from_the_active_one(
     # candidate such as a diverged round could leave: random B far from anything learned
     users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1, final_evaluation=False)
     simulate_tiny(tmp_path, tiny_model_dir, users, config, engine="local")
-    coord = Coordinator.open(config)
+    coord = CoordinatorState.open(config)
     try:
         active_before = coord.registry.active_prior(config.spec)
         newest = coord.registry.list_prior_versions(config.spec, limit=1).items[0]

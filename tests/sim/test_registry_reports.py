@@ -14,7 +14,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from lorafleet.client.federated import make_client_app
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.reports import REPORT_KEY
-from lorafleet.server.coordinator import Coordinator, CoordinatorConfig
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.server.flower_app import run_federation
 from lorafleet.server.registry import Registry
 from lorafleet.sim.runner import LocalGrid
@@ -133,7 +133,7 @@ def test_a_malformed_report_is_refused_with_one_line_and_the_round_goes_on(
     assert results["rounds"][0]["versions_recorded"] == 2
     refusals = [r for r in caplog.records if "adapter report of node 1001 refused" in r.message]
     assert len(refusals) == 1 and "version" in refusals[0].message
-    coord = Coordinator.open(config)
+    coord = CoordinatorState.open(config)
     try:
         pseudonyms = {u.pseudonym for u in coord.registry.search_users().items}
         assert pseudonyms == {coord.pseudonym(1002), coord.pseudonym(1003)}
