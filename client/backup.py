@@ -34,7 +34,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +66,9 @@ from lorafleet.protocols.errors import (
     SpecError,
 )
 from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.reports import AdapterReport
 from lorafleet.protocols.request_auth import sign_request
+from lorafleet.protocols.serde import report_request_to_proto
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.protocols.transport import is_loopback, read_root_certificate
 from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
@@ -84,6 +86,7 @@ __all__ = [
     "DeviceIdentity",
     "ErasureReport",
     "PendingKeyFile",
+    "ReportReceipt",
     "backup_profile",
     "obtain_keys",
     "pack_version",
@@ -262,6 +265,16 @@ class ErasureReport:
 
 
 @dataclass(frozen=True)
+class ReportReceipt:
+    """What ReportVersions recorded: new versions, evaluation rows, pointer moves, skips."""
+
+    versions: int
+    evaluations: int
+    pointers: int
+    skipped: int
+
+
+@dataclass(frozen=True)
 class BackupRecord:
     """The result of :func:`backup_profile`: the adapter blob, and the key file's if sent."""
 
@@ -339,6 +352,10 @@ class BackupClient:
         Seconds a call may wait for the server; transfers get more, at 256 KiB/s.
     retries
         How often an interrupted upload or download is resumed before giving up.
+    send_reports
+        Whether :meth:`report_versions` tells the coordinator about this device's adapter
+        versions (metadata only, ``docs/privacy.md``). False is the opt-out: the call
+        sends nothing, so the coordinator learns no more than backups reveal.
 
     Examples
     --------
@@ -356,9 +373,11 @@ class BackupClient:
         timeout: float = 30.0,
         retries: int = 3,
         sleep: Callable[[float], None] = time.sleep,
+        send_reports: bool = True,
     ) -> None:
         self.address = address
         self.identity = identity
+        self.send_reports = send_reports
         self.timeout = timeout
         self.retries = retries
         self._sleep = sleep
@@ -383,6 +402,7 @@ class BackupClient:
         tls_root_cert: bytes | Path | None = None,
         insecure: bool = False,
         timeout: float = 30.0,
+        send_reports: bool = True,
     ) -> BackupClient:
         """Enroll this device with a one-time token and save its identity at ``identity_path``.
 
@@ -421,7 +441,12 @@ class BackupClient:
         identity.save(identity_path)
         logger.info("enrolled this device as %d for user %s", identity.device_id, identity.user)
         return cls(
-            address, identity, tls_root_cert=tls_root_cert, insecure=insecure, timeout=timeout
+            address,
+            identity,
+            tls_root_cert=tls_root_cert,
+            insecure=insecure,
+            timeout=timeout,
+            send_reports=send_reports,
         )
 
     @classmethod
@@ -637,6 +662,34 @@ class BackupClient:
         reply = self._unary("DeleteUserData", request, "the erasure")
         logger.info("erased this user's data on %s", self.address)
         return ErasureReport(int(reply.blobs), int(reply.bytes), int(reply.registry_rows))
+
+    def report_versions(
+        self, spec: AdapterSpec, reports: Sequence[AdapterReport]
+    ) -> ReportReceipt | None:
+        """Tell the coordinator about this device's adapter versions: metadata, never B.
+
+        Each report names the version in use and, if one was saved, its lineage and
+        scores (:class:`~lorafleet.protocols.reports.AdapterReport`, the format of the
+        Flower round replies); the coordinator records them under this device's user.
+        Retried on a transient failure (recording is idempotent: a version the registry
+        holds is skipped). Returns None, having sent nothing, when ``send_reports`` is
+        off.
+
+        Examples
+        --------
+        >>> client.report_versions(spec, [AdapterReport(adapter="default", current=2)])  # doctest: +SKIP
+        ReportReceipt(versions=0, evaluations=0, pointers=1, skipped=0)
+        """
+        if not self.send_reports:
+            logger.debug("version reports are off for this device; nothing sent")
+            return None
+        request = report_request_to_proto(spec, reports)
+        reply = self._retrying(
+            "a version report", lambda: self._unary("ReportVersions", request, "a version report")
+        )
+        return ReportReceipt(
+            int(reply.versions), int(reply.evaluations), int(reply.pointers), int(reply.skipped)
+        )
 
 
 def _default_device_name() -> str:

@@ -610,22 +610,13 @@ def adapter_report(
     saved: VersionReport | None = None
     new = sorted(set(Profile.version_numbers(profile_root)) - set(versions_before))
     if new:
-        folder = profile.version_dir(new[-1])
-        prov = read_provenance(folder)
+        prov = read_provenance(profile.version_dir(new[-1]))
         if prov.round == instr.round and prov.prior_version == instr.prior_version:
-            saved = VersionReport(
-                version=prov.version,
-                parent=prov.parent,
-                spec_fingerprint=spec.fingerprint(),
-                base_sha256=spec.base_sha256,
-                content_hash=prov.content_hash,
-                prior_version=instr.prior_version,
-                round=instr.round,
+            saved = profile.version_report(
+                new[-1],
                 num_examples=metrics.num_examples,
                 val_loss=metrics.personal_loss,
                 test_loss=prov.metrics.get("test_loss"),
-                size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
-                created_at=prov.created_at,
             )
     return AdapterReport(adapter=adapter, current=current, saved=saved, user=user)
 

@@ -31,6 +31,7 @@ from lorafleet.client.layout import read_provenance
 from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries, writing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError
 from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.reports import VersionReport
 from lorafleet.protocols.spec import AdapterSpec
 
 if TYPE_CHECKING:  # reading a profile needs no torch (lorafleet info --json)
@@ -264,6 +265,38 @@ class Profile:
             self.set_current(version)
         log.info("saved adapter version %d to %s", version, self.version_dir(version))
         return provenance
+
+    def version_report(
+        self,
+        version: int,
+        *,
+        num_examples: int,
+        val_loss: float,
+        test_loss: float | None = None,
+    ) -> VersionReport:
+        """What the coordinator may learn of a saved version: its metadata, never its B.
+
+        Lineage from the version's provenance (parent, prior, round, content hash,
+        creation time), the spec's fingerprint and base, the folder's size, and the
+        scores given here (the example count and validation loss it was selected on, and
+        a test loss if the caller measured one).
+        """
+        folder = self.version_dir(version)
+        prov = read_provenance(folder)
+        return VersionReport(
+            version=prov.version,
+            parent=prov.parent,
+            spec_fingerprint=self.spec.fingerprint(),
+            base_sha256=self.spec.base_sha256,
+            content_hash=prov.content_hash,
+            prior_version=prov.prior_version,
+            round=prov.round,
+            num_examples=num_examples,
+            val_loss=val_loss,
+            test_loss=test_loss,
+            size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+            created_at=prov.created_at,
+        )
 
     def set_current(self, version: int) -> None:
         """Point ``current`` at an existing version (a rollback when it is older)."""

@@ -35,7 +35,9 @@ from lorafleet.client.adapter import (
 from lorafleet.client.backup import (
     BACKUP_PACKING,
     BackupClient,
+    BackupError,
     BackupRecord,
+    ReportReceipt,
     backup_profile,
     obtain_keys,
     restore_profile,
@@ -79,6 +81,7 @@ from lorafleet.protocols.crypto import KdfParams
 from lorafleet.protocols.encoding import Packing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
+from lorafleet.protocols.reports import AdapterReport, VersionReport
 from lorafleet.protocols.spec import AdapterSpec
 
 if TYPE_CHECKING:  # ONNX Runtime is only imported when an ONNX backend is first used
@@ -162,6 +165,9 @@ class TrainReport:
     """Loss on the test notes before training (``test_fraction > 0``); nothing was
     selected on them, unlike the held-out (validation) loss that early stopping used."""
     test_loss_after: float | None = None
+    reported: ReportReceipt | None = None
+    """What the coordinator recorded of the new version (``train(report_to=...)``);
+    None when nothing was reported or the report failed (the version stays saved)."""
 
 
 class PersonalModel:
@@ -320,10 +326,33 @@ class PersonalModel:
         self._provenance = provenance
         return provenance
 
-    def rollback(self, version: int) -> None:
-        """Make an earlier saved version current again (versions are never deleted)."""
+    def rollback(
+        self, version: int, *, report_to: BackupClient | None = None, adapter: str = "default"
+    ) -> ReportReceipt | None:
+        """Make an earlier saved version current again (versions are never deleted).
+
+        With ``report_to`` (an enrolled device's client) the coordinator's registry moves
+        this adapter's pointer to ``version`` too: the rollback is reported as the pointer
+        move it is (no version is rewritten). Returns what it recorded, or None when
+        nothing was reported.
+        """
         self._load_version(version)
         self._profile.set_current(version)
+        return self._report(report_to, adapter, None) if report_to is not None else None
+
+    def _report(
+        self, client: BackupClient, adapter: str, saved: VersionReport | None
+    ) -> ReportReceipt | None:
+        """Send the version in use (and the one just saved) to the coordinator's registry."""
+        current = self.version
+        if current is None:
+            return None
+        report = AdapterReport(adapter=adapter, current=current, saved=saved)
+        try:
+            return client.report_versions(self.spec, [report])
+        except BackupError as exc:  # the version is saved here; a report is not worth failing for
+            log.warning("the coordinator did not take the report of version %d (%s)", current, exc)
+            return None
 
     # ------------------------------------------------------------------ exports
     def save_pretrained(
@@ -755,6 +784,8 @@ class PersonalModel:
         prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
         save: bool = True,
         progress: bool = True,
+        report_to: BackupClient | None = None,
+        adapter: str = "default",
     ) -> TrainReport:
         """Fine-tune the personal adapter on the user's text and save a new version.
 
@@ -768,7 +799,17 @@ class PersonalModel:
         Hugging Face ``datasets.Dataset`` (:func:`~lorafleet.client.data.to_examples`);
         ``data_config`` says how files are split into notes and whether prompts carry
         loss (by default only completions and assistant replies do, as in TRL).
+
+        With ``report_to`` (an enrolled device's :class:`~lorafleet.client.backup.
+        BackupClient`, as for :meth:`backup`) the saved version's metadata goes to the
+        coordinator's registry under ``adapter``: version, parent, spec fingerprint, base
+        sha256, the prior it started from, example count, validation and test loss,
+        size; never the adapter itself or the notes (``docs/privacy.md``). A client with
+        ``send_reports=False`` sends nothing; a failed report is logged and leaves the
+        report's ``reported`` None.
         """
+        if report_to is not None and not save:
+            raise SpecError("train: report_to reports the saved version; pass save=True")
         config = config or TrainConfig()
         # "auto" in a caller's config means: the precision and device this model runs on.
         config = dataclasses.replace(
@@ -820,8 +861,28 @@ class PersonalModel:
                     }
                 )
         test_after = self._loss(test_blocks) if test_blocks is not None else None
+        reported = None
+        if report_to is not None and provenance is not None:
+            try:
+                saved = self._profile.version_report(
+                    provenance.version,
+                    num_examples=len(train_ex),
+                    val_loss=result.heldout_loss_after,
+                    test_loss=test_after,
+                )
+            except SpecError as exc:  # e.g. a diverged (non-finite) loss: nothing to report
+                log.warning("version %d is not reported: %s", provenance.version, exc)
+            else:
+                reported = self._report(report_to, adapter, saved)
         return TrainReport(
-            result, provenance, len(train_ex), len(held_ex), len(test_ex), test_before, test_after
+            result,
+            provenance,
+            len(train_ex),
+            len(held_ex),
+            len(test_ex),
+            test_before,
+            test_after,
+            reported,
         )
 
     def _loss(self, blocks: TokenBlocks, *, progress: bool = False) -> float:

@@ -15,7 +15,10 @@ naming the field, so the coordinator can log one line and skip it.
 
 On the wire a report is flat scalars: a Flower ``ConfigRecord`` under :data:`REPORT_KEY`
 in a plain reply, and fields prefixed :data:`SECURE_REPORT_PREFIX` beside the metrics in
-a SecAgg+ reply (the only plaintext Flower's SecAgg+ mod lets through).
+a SecAgg+ reply (the only plaintext Flower's SecAgg+ mod lets through). An SDK ``train``
+on a device enrolled for backup sends the same fields through the backup service's
+signed ``ReportVersions`` call (:mod:`lorafleet.protocols.serde`); such a version has
+no round, and no prior unless it started from one.
 """
 
 from __future__ import annotations
@@ -95,11 +98,13 @@ class VersionReport:
     content_hash: str
     """sha256 of the B tensors (``protocols.encoding.content_hash``): it says whether two
     versions are equal, not what they hold."""
-    prior_version: str
-    round: int
     num_examples: int
     val_loss: float
     size_bytes: int
+    prior_version: str | None = None
+    """The prior the version started from; None for one trained alone (an SDK ``train``)."""
+    round: int | None = None
+    """The federated round that saved it; None outside a round (an SDK ``train``)."""
     parent: int | None = None
     test_loss: float | None = None
     created_at: str = ""
@@ -111,8 +116,10 @@ class VersionReport:
             object.__setattr__(self, "parent", _integer("parent", self.parent, 1, version - 1))
         for name in ("spec_fingerprint", "base_sha256", "content_hash"):
             _text(name, getattr(self, name), _SHA256, "64 lowercase hex characters")
-        _text("prior_version", self.prior_version, _PRIOR_REF, "a prior reference such as zero")
-        object.__setattr__(self, "round", _integer("round", self.round, 0, MAX_VERSION))
+        if self.prior_version is not None:
+            _text("prior_version", self.prior_version, _PRIOR_REF, "a prior reference such as zero")
+        if self.round is not None:
+            object.__setattr__(self, "round", _integer("round", self.round, 0, MAX_VERSION))
         object.__setattr__(
             self, "num_examples", _integer("num_examples", self.num_examples, 0, MAX_EXAMPLES)
         )

@@ -9,6 +9,9 @@ errors.IntegrityError` for data a peer sends (manifests, chunks) and
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from lorafleet.protocols.chunks import (
     ChunkedFile,
     ChunkedManifest,
@@ -16,10 +19,16 @@ from lorafleet.protocols.chunks import (
     FileChunk,
     check_digest,
 )
-from lorafleet.protocols.errors import IntegrityError
-from lorafleet.protocols.v1 import base_pb2
+from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.reports import AdapterReport
+from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.protocols.v1 import backup_pb2, base_pb2
+
+MAX_REPORTS = 100
+"""Most adapter reports one ``ReportVersions`` request may carry."""
 
 __all__ = [
+    "MAX_REPORTS",
     "chunk_from_proto",
     "chunk_to_proto",
     "fetch_request_from_proto",
@@ -28,6 +37,8 @@ __all__ = [
     "manifest_request_from_proto",
     "manifest_request_to_proto",
     "manifest_to_proto",
+    "report_request_from_proto",
+    "report_request_to_proto",
 ]
 
 
@@ -140,3 +151,59 @@ def chunk_from_proto(msg: base_pb2.Chunk) -> FileChunk:
     return FileChunk(
         path=msg.path, index=msg.index, offset=msg.offset, data=msg.data, sha256=msg.sha256
     )
+
+
+# --- adapter reports (BackupService.ReportVersions) -------------------------------------
+
+
+def _report_value(value: int | float | str) -> backup_pb2.ReportValue:
+    if isinstance(value, bool):  # never in a report; refused rather than sent as 0/1
+        raise SpecError(f"adapter report: a field is a bool ({value!r})")
+    if isinstance(value, int):
+        return backup_pb2.ReportValue(int_value=value)
+    if isinstance(value, float):
+        return backup_pb2.ReportValue(float_value=value)
+    return backup_pb2.ReportValue(text_value=value)
+
+
+def report_request_to_proto(
+    spec: AdapterSpec, reports: Sequence[AdapterReport]
+) -> backup_pb2.ReportVersionsRequest:
+    """A ``ReportVersions`` request: the adapter spec and each report's flat fields.
+
+    The fields are :meth:`AdapterReport.to_config`, the names and values a Flower round
+    reply carries, so both channels share one format and one parser.
+    """
+    if not 1 <= len(reports) <= MAX_REPORTS:
+        raise SpecError(f"report 1..{MAX_REPORTS} adapter reports at a time, got {len(reports)}")
+    return backup_pb2.ReportVersionsRequest(
+        spec_json=json.dumps(spec.to_dict(), sort_keys=True),
+        reports=[
+            backup_pb2.AdapterReportFields(
+                fields={k: _report_value(v) for k, v in r.to_config().items()}
+            )
+            for r in reports
+        ],
+    )
+
+
+def report_request_from_proto(
+    msg: backup_pb2.ReportVersionsRequest,
+) -> tuple[AdapterSpec, list[AdapterReport]]:
+    """The spec and the reports of a ``ReportVersions`` request; SpecError if malformed."""
+    if not 1 <= len(msg.reports) <= MAX_REPORTS:
+        raise SpecError(f"ReportVersions carries 1..{MAX_REPORTS} reports, got {len(msg.reports)}")
+    try:
+        spec = AdapterSpec.from_dict(json.loads(msg.spec_json))
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise SpecError(f"spec_json is not an adapter spec ({str(exc)[:200]})") from None
+    reports = []
+    for item in msg.reports:
+        config: dict[str, int | float | str] = {}
+        for name, value in item.fields.items():
+            kind = value.WhichOneof("value")
+            if kind is None:
+                raise SpecError(f"adapter report: field {name[:40]!r} has no value")
+            config[name] = getattr(value, kind)
+        reports.append(AdapterReport.from_config(config))
+    return spec, reports

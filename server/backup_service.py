@@ -16,6 +16,12 @@ Calls (see ``protocols/v1/backup.proto`` and ``docs/backup.md``):
 ``DeleteUserData``
     Erasure on request: every blob, unfinished upload, registry record and enrolled
     device of the caller's user.
+``ReportVersions``
+    Metadata of the caller's personal adapter versions after an SDK ``train`` (lineage,
+    scores, size; never content) or a rollback (the version in use): recorded under the
+    caller's user through :func:`lorafleet.server.reports.device_report` and
+    :meth:`Registry.record_reports`, the path the Flower round replies' reports take. A
+    report that names another user is PERMISSION_DENIED.
 
 Every call but ``Enroll`` is signed (:mod:`lorafleet.protocols.request_auth`): the
 servicer checks the timestamp window, verifies the signature with the public key the
@@ -64,6 +70,7 @@ from lorafleet.protocols import envelope
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.keyfile import MAX_KEYFILE_BYTES, check_keyfile_shape
 from lorafleet.protocols.request_auth import RequestAuthError, SignedRequest, parse_metadata
+from lorafleet.protocols.serde import report_request_from_proto
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.protocols.v1 import backup_pb2, backup_pb2_grpc
 from lorafleet.server.base_service import ServerTLS
@@ -86,6 +93,7 @@ from lorafleet.server.registry import (
     UnavailableError,
     UserId,
 )
+from lorafleet.server.reports import device_report
 
 __all__ = [
     "DEFAULT_WINDOW_S",
@@ -111,7 +119,15 @@ KINDS = ("adapter", "keyfile")
 _SERVICE = "/lorafleet.v1.BackupService/"
 METHODS = {
     name: _SERVICE + name
-    for name in ("Enroll", "PutBlob", "UploadStatus", "GetBlob", "ListBlobs", "DeleteUserData")
+    for name in (
+        "Enroll",
+        "PutBlob",
+        "UploadStatus",
+        "GetBlob",
+        "ListBlobs",
+        "DeleteUserData",
+        "ReportVersions",
+    )
 }
 """Full gRPC method names, as signed by clients."""
 _TOUCH_EVERY = timedelta(seconds=60)
@@ -684,6 +700,46 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         )
         return backup_pb2.DeleteUserDataResponse(
             blobs=n_blobs + uploads, bytes=n_bytes + held, registry_rows=counts.total
+        )
+
+    # --- version reports --------------------------------------------------------------
+
+    def ReportVersions(
+        self, request: backup_pb2.ReportVersionsRequest, context: grpc.ServicerContext
+    ) -> backup_pb2.ReportVersionsResponse:
+        """Record the caller's adapter reports (metadata only) under the caller's user."""
+        try:
+            caller = self._authenticate(context, METHODS["ReportVersions"], request)
+            spec, reports = report_request_from_proto(request)
+            for report in reports:
+                if report.user and report.user != caller.pseudonym:
+                    raise _Denied(
+                        "a device reports only for the user it is enrolled for; leave the "
+                        "report's user empty or name this device's own user"
+                    )
+            for name in sorted({r.adapter for r in reports}):
+                found = self.registry.find_adapter(caller.user_id, name)
+                if found is not None and found.spec != spec:
+                    raise _Exists(
+                        f"adapter {name!r} is registered with another spec; report this "
+                        "profile under another adapter name"
+                    )
+            items = [device_report(r, pseudonym=caller.pseudonym, spec=spec) for r in reports]
+            counts = self.registry.record_reports(items)
+        except LorafleetError as exc:
+            _abort(context, exc)
+        logger.info(
+            "device %d reported %d adapter versions, %d evaluations, %d pointer moves",
+            caller.device.id,
+            counts.versions,
+            counts.evaluations,
+            counts.pointers,
+        )
+        return backup_pb2.ReportVersionsResponse(
+            versions=counts.versions,
+            evaluations=counts.evaluations,
+            pointers=counts.pointers,
+            skipped=counts.skipped,
         )
 
 

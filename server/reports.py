@@ -9,22 +9,30 @@ the round goes on. What passes becomes a :class:`~lorafleet.server.registry.Devi
 under the node's pseudonym (:meth:`CoordinatorState.pseudonym`), and the round's reports
 go to the registry in one transaction (:meth:`Registry.record_reports`), so a round of
 thousands of devices costs a few statements, not thousands of commits.
+
+An SDK ``train`` on a device enrolled for backup reports the same way through the backup
+service (``ReportVersions``, :mod:`lorafleet.server.backup_service`): its reports go
+through :func:`device_report` too, under the enrolled device's user, so the console shows
+both alike.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
-
-from flwr.app import RecordDict
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.protocols.federation import RoundMetrics
 from lorafleet.protocols.provenance import AdapterProvenance
 from lorafleet.protocols.reports import REPORT_KEY, AdapterReport, VersionReport
-from lorafleet.server.coordinator import CoordinatorState
+from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.registry import DeviceReport, ReportCounts
+
+if TYPE_CHECKING:  # the backup service uses device_report without Flower or a coordinator
+    from flwr.app import RecordDict
+
+    from lorafleet.server.coordinator import CoordinatorState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,62 @@ def _evaluation(saved: VersionReport) -> dict[str, float]:
     if saved.test_loss is not None:
         out["test_loss"] = saved.test_loss
     return out
+
+
+def device_report(
+    report: AdapterReport,
+    *,
+    pseudonym: str,
+    spec: AdapterSpec,
+    round: int | None = None,
+    evaluation: Mapping[str, float] | None = None,
+    evaluated: int | None = None,
+) -> DeviceReport:
+    """The registry's record of a parsed report from a device of user ``pseudonym``.
+
+    One conversion for both ways a report arrives (a Flower round reply, and the backup
+    service's ``ReportVersions`` after an SDK ``train``), so the registry and the console
+    see them alike. A saved version must carry ``spec``'s fingerprint and base and be
+    the version in use; it becomes an immutable version with provenance plus a
+    ``device`` evaluation row (validation loss, example count, test loss if any).
+    Without one, ``evaluation`` of version ``evaluated`` (a round's final scores) is
+    recorded if given, and ``current`` moves the adapter's pointer (a rollback).
+    Raises SpecError when the report contradicts ``spec``.
+    """
+    saved = report.saved
+    provenance: AdapterProvenance | None = None
+    if saved is not None:
+        for what, got, want in (
+            ("spec fingerprint", saved.spec_fingerprint, spec.fingerprint()),
+            ("base sha256", saved.base_sha256, spec.base_sha256),
+        ):
+            if got != want:
+                raise SpecError(f"{what} {got[:64]!r} is not the adapter's {want!r}")
+        if report.current != saved.version:
+            raise SpecError(f"a device that saved v{saved.version} must be using it")
+        evaluation = _evaluation(saved)
+        evaluated = saved.version
+        provenance = AdapterProvenance(
+            spec=spec,
+            version=saved.version,
+            content_hash=saved.content_hash,
+            parent=saved.parent,
+            prior_version=saved.prior_version,
+            round=saved.round,
+            created_at=saved.created_at,
+            metrics=evaluation,
+        )
+    return DeviceReport(
+        pseudonym=pseudonym,
+        adapter=report.adapter,
+        spec=spec,
+        current=report.current,
+        provenance=provenance,
+        size_bytes=saved.size_bytes if saved is not None else 0,
+        evaluation=evaluation,
+        evaluated=evaluated,
+        round=round,
+    )
 
 
 class RoundReports:
@@ -85,34 +149,16 @@ class RoundReports:
         self, node: int, report: AdapterReport, metrics: RoundMetrics | None
     ) -> DeviceReport:
         """The registry's record of a parsed report, or SpecError if the round contradicts it."""
-        spec = self.coord.spec
         saved = report.saved
-        provenance: AdapterProvenance | None = None
         evaluation: dict[str, float] | None = None
         evaluated: int | None = None
         if saved is not None:
             for what, got, want in (
-                ("spec fingerprint", saved.spec_fingerprint, spec.fingerprint()),
-                ("base sha256", saved.base_sha256, spec.base_sha256),
                 ("round", saved.round, self.round),
                 ("prior version", saved.prior_version, self.prior_version),
             ):
                 if got != want:
                     raise SpecError(f"{what} {str(got)[:64]!r} is not this round's {want!r}")
-            if report.current != saved.version:
-                raise SpecError(f"a device that saved v{saved.version} must be using it")
-            evaluation = _evaluation(saved)
-            evaluated = saved.version
-            provenance = AdapterProvenance(
-                spec=spec,
-                version=saved.version,
-                content_hash=saved.content_hash,
-                parent=saved.parent,
-                prior_version=saved.prior_version,
-                round=saved.round,
-                created_at=saved.created_at,
-                metrics=evaluation,
-            )
         elif self.evaluate and metrics is not None:
             evaluation = {
                 "val_loss": metrics.personal_loss,
@@ -120,16 +166,13 @@ class RoundReports:
                 "base_val_loss": metrics.base_loss,
             }
             evaluated = report.current
-        return DeviceReport(
+        return device_report(
+            report,
             pseudonym=self.coord.pseudonym(node, report.user),
-            adapter=report.adapter,
-            spec=spec,
-            current=report.current,
-            provenance=provenance,
-            size_bytes=saved.size_bytes if saved is not None else 0,
+            spec=self.coord.spec,
+            round=self.round,
             evaluation=evaluation,
             evaluated=evaluated,
-            round=self.round,
         )
 
     def record(self) -> ReportCounts:

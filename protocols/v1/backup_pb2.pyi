@@ -15,7 +15,7 @@ sees, lists or deletes its own user's blobs.
 
 Status codes: UNAUTHENTICATED (no, bad, stale or replayed signature, unknown device,
 bad enrolment token), PERMISSION_DENIED (revoked device, another user named),
-INVALID_ARGUMENT (malformed request), NOT_FOUND (no such blob for this user),
+INVALID_ARGUMENT (malformed request or report), NOT_FOUND (no such blob for this user),
 ALREADY_EXISTS (the blob id or adapter version is taken by other bytes),
 RESOURCE_EXHAUSTED (blob over the size limit, too many requests in flight),
 ABORTED (the same upload is running on another call), DATA_LOSS (an upload did not
@@ -432,3 +432,140 @@ class DeleteUserDataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUserDataResponse: _TypeAlias = DeleteUserDataResponse  # noqa: Y015
+
+@_typing.final
+class ReportValue(_message.Message):
+    """One scalar of an adapter report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    FLOAT_VALUE_FIELD_NUMBER: _builtins.int
+    TEXT_VALUE_FIELD_NUMBER: _builtins.int
+    int_value: _builtins.int
+    float_value: _builtins.float
+    text_value: _builtins.str
+    def __init__(
+        self,
+        *,
+        int_value: _builtins.int = ...,
+        float_value: _builtins.float = ...,
+        text_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["float_value", b"float_value", "int_value", b"int_value", "text_value", b"text_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["float_value", b"float_value", "int_value", b"int_value", "text_value", b"text_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["int_value", "float_value", "text_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___ReportValue: _TypeAlias = ReportValue  # noqa: Y015
+
+@_typing.final
+class AdapterReportFields(_message.Message):
+    """One lorafleet.protocols.reports.AdapterReport as the flat fields of its to_config()
+    (the same names and values a Flower round reply carries): adapter, current, user and,
+    when a version was saved, version, parent, spec-fingerprint, base-sha256,
+    content-hash, prior-version, round, num-examples, val-loss, test-loss, size-bytes,
+    created-at. Unknown or malformed fields refuse the whole request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ReportValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ReportValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FIELDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fields(self) -> _containers.MessageMap[_builtins.str, Global___ReportValue]: ...
+    def __init__(
+        self,
+        *,
+        fields: _abc.Mapping[_builtins.str, Global___ReportValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterReportFields: _TypeAlias = AdapterReportFields  # noqa: Y015
+
+@_typing.final
+class ReportVersionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    spec_json: _builtins.str
+    """The adapter's spec as JSON (AdapterSpec.to_dict), as in BlobHeader; an adapter the
+    registry holds under another spec is refused (ALREADY_EXISTS).
+    """
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterReportFields]:
+        """1-100 reports of that spec's adapters, in the order they happened."""
+
+    def __init__(
+        self,
+        *,
+        spec_json: _builtins.str = ...,
+        reports: _abc.Iterable[Global___AdapterReportFields] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports", "spec_json", b"spec_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportVersionsRequest: _TypeAlias = ReportVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ReportVersionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
+    POINTERS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    versions: _builtins.int
+    """What the registry recorded: new versions, evaluation rows, pointer moves."""
+    evaluations: _builtins.int
+    pointers: _builtins.int
+    skipped: _builtins.int
+    """Reports it skipped: a version it already holds, a pointer to a version it never
+    recorded.
+    """
+    def __init__(
+        self,
+        *,
+        versions: _builtins.int = ...,
+        evaluations: _builtins.int = ...,
+        pointers: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluations", b"evaluations", "pointers", b"pointers", "skipped", b"skipped", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportVersionsResponse: _TypeAlias = ReportVersionsResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class BackupServiceStub:
                 request_serializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataResponse.FromString,
                 _registered_method=True)
+        self.ReportVersions = channel.unary_unary(
+                '/lorafleet.v1.BackupService/ReportVersions',
+                request_serializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -117,6 +122,16 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportVersions(self, request, context):
+        """Record metadata of the caller's personal adapter versions, never their content:
+        after an SDK train, the new version's lineage and scores; after a rollback on the
+        device, the version it uses now. Recorded under the caller's user, as the Flower
+        round replies' reports are (docs/privacy.md says what this reveals).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +164,11 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.DeleteUserData,
                     request_deserializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataRequest.FromString,
                     response_serializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataResponse.SerializeToString,
+            ),
+            'ReportVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportVersions,
+                    request_deserializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsRequest.FromString,
+                    response_serializer=lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +334,33 @@ class BackupService:
             '/lorafleet.v1.BackupService/DeleteUserData',
             lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataRequest.SerializeToString,
             lorafleet_dot_protocols_dot_v1_dot_backup__pb2.DeleteUserDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.BackupService/ReportVersions',
+            lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsRequest.SerializeToString,
+            lorafleet_dot_protocols_dot_v1_dot_backup__pb2.ReportVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

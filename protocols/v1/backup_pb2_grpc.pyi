@@ -15,7 +15,7 @@ sees, lists or deletes its own user's blobs.
 
 Status codes: UNAUTHENTICATED (no, bad, stale or replayed signature, unknown device,
 bad enrolment token), PERMISSION_DENIED (revoked device, another user named),
-INVALID_ARGUMENT (malformed request), NOT_FOUND (no such blob for this user),
+INVALID_ARGUMENT (malformed request or report), NOT_FOUND (no such blob for this user),
 ALREADY_EXISTS (the blob id or adapter version is taken by other bytes),
 RESOURCE_EXHAUSTED (blob over the size limit, too many requests in flight),
 ABORTED (the same upload is running on another call), DATA_LOSS (an upload did not
@@ -71,6 +71,12 @@ class BackupServiceStub:
     """Erase everything the coordinator holds of the caller's user: blobs, unfinished
     uploads, registry records and enrolled devices (this one included).
     """
+    ReportVersions: _grpc.UnaryUnaryMultiCallable[_backup_pb2.ReportVersionsRequest, _backup_pb2.ReportVersionsResponse]
+    """Record metadata of the caller's personal adapter versions, never their content:
+    after an SDK train, the new version's lineage and scores; after a rollback on the
+    device, the version it uses now. Recorded under the caller's user, as the Flower
+    round replies' reports are (docs/privacy.md says what this reveals).
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -95,6 +101,12 @@ class BackupServiceAsyncStub(BackupServiceStub):
     DeleteUserData: _aio.UnaryUnaryMultiCallable[_backup_pb2.DeleteUserDataRequest, _backup_pb2.DeleteUserDataResponse]  # type: ignore[assignment]
     """Erase everything the coordinator holds of the caller's user: blobs, unfinished
     uploads, registry records and enrolled devices (this one included).
+    """
+    ReportVersions: _aio.UnaryUnaryMultiCallable[_backup_pb2.ReportVersionsRequest, _backup_pb2.ReportVersionsResponse]  # type: ignore[assignment]
+    """Record metadata of the caller's personal adapter versions, never their content:
+    after an SDK train, the new version's lineage and scores; after a rollback on the
+    device, the version it uses now. Recorded under the caller's user, as the Flower
+    round replies' reports are (docs/privacy.md says what this reveals).
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -153,6 +165,18 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_backup_pb2.DeleteUserDataResponse, _abc.Awaitable[_backup_pb2.DeleteUserDataResponse]]:
         """Erase everything the coordinator holds of the caller's user: blobs, unfinished
         uploads, registry records and enrolled devices (this one included).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportVersions(
+        self,
+        request: _backup_pb2.ReportVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.ReportVersionsResponse, _abc.Awaitable[_backup_pb2.ReportVersionsResponse]]:
+        """Record metadata of the caller's personal adapter versions, never their content:
+        after an SDK train, the new version's lineage and scores; after a rollback on the
+        device, the version it uses now. Recorded under the caller's user, as the Flower
+        round replies' reports are (docs/privacy.md says what this reveals).
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

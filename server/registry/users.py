@@ -769,9 +769,10 @@ class UsersMixin(RegistryBase):
 
         The coordinator's write path for what devices say about their personal adapters
         (``protocols.reports``). Users and adapters appear on a device's first new
-        version; a version the adapter already holds is skipped (a retried round or a
-        repeated reply), and one whose parent the registry never heard of is stored
-        with ``parent=None`` and the parent's number kept as the metric
+        version; a version the adapter already holds is skipped with the evaluation it
+        came with (a retried round, a repeated reply or a retried backup-channel report),
+        and one whose parent the registry never heard of is stored with ``parent=None``
+        and the parent's number kept as the metric
         ``unrecorded_parent`` (the registry's parent link must name a stored version).
         An adapter created with another spec, a duplicate within the batch, or a
         pointer or evaluation naming an unknown version is skipped with one log line.
@@ -799,6 +800,7 @@ class UsersMixin(RegistryBase):
                 placed.append((r, aid))
             stored = self._report_versions(conn, [aid for _, aid in placed])
             rows, batch = [], set()
+            repeated: set[int] = set()  # reports of a version already stored: no new evaluation
             for r, aid in placed:
                 prov = r.provenance
                 if prov is None:
@@ -807,6 +809,7 @@ class UsersMixin(RegistryBase):
                 if key in batch:
                     log.warning("adapter %d: version %d reported twice; kept the first", *key)
                     skipped += 1
+                    repeated.add(id(r))
                     continue
                 batch.add(key)
                 known = stored.get(key)
@@ -818,6 +821,7 @@ class UsersMixin(RegistryBase):
                             *key,
                         )
                         skipped += 1
+                    repeated.add(id(r))
                     continue
                 metrics = dict(prov.metrics)
                 parent = prov.parent
@@ -848,7 +852,7 @@ class UsersMixin(RegistryBase):
                 stored[key] = (vid, "")
             evaluations_rows = []
             for r, aid in placed:
-                if r.evaluation is None or r.evaluated is None:
+                if r.evaluation is None or r.evaluated is None or id(r) in repeated:
                     continue
                 found = stored.get((aid, r.evaluated))
                 if found is None:
