@@ -11,7 +11,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
@@ -20,10 +20,19 @@ from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR
 
 if TYPE_CHECKING:
     from lorafleet.server.console.app import ConsoleServer
+    from lorafleet.sim.experiment import ExperimentConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one line on stderr and exit 2, like the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: MESSAGE (see PROG --help)`` and exit 2."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lorafleet-sim",
         description="Federated personalization on one machine.",
         formatter_class=DefaultsHelpFormatter,
@@ -34,117 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("demo", "8 synthetic users, 3 rounds on the default base, then the baselines"),
         ("experiment", "a configurable experiment with the cold-start curve"),
+        ("scale", "scale-down curves: the experiment at each rank and notes per user"),
     ):
         p = sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter)
-        p.add_argument("--output", type=Path, default=Path("runs") / name, help="run folder")
-        p.add_argument("--users", type=int, default=8, help="synthetic users")
-        p.add_argument("--users-dir", type=Path, default=None, help="real per-user folders instead")
-        p.add_argument("--rounds", type=int, default=3, help="federated rounds")
-        p.add_argument("--fraction", type=float, default=0.5, help="share of users per round")
-        p.add_argument("--notes", type=int, default=60, help="notes per synthetic user")
-        p.add_argument(
-            "--steps", type=int, default=6, help="prior steps per device and round (FedAvg's too)"
-        )
-        p.add_argument(
-            "--personal-steps",
-            type=int,
-            default=0,
-            help="personal steps inside each round (0: personalize once, after the last round)",
-        )
-        p.add_argument(
-            "--personalize-steps",
-            type=int,
-            default=0,
-            help="at most this many steps of personal fine-tuning from the final prior, "
-            "early-stopped on validation (0: the local-only budget)",
-        )
-        p.add_argument(
-            "--blend",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="after personal fine-tuning, also keep a blend with the prior (weights "
-            ".25/.5/.75) if it validates best",
-        )
-        p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
-        p.add_argument(
-            "--personal-lr",
-            type=float,
-            default=DEFAULT_PERSONAL_LR,
-            help="learning rate of the personal fine-tuning and of newcomers (0: --lr)",
-        )
-        p.add_argument(
-            "--clip-norm",
-            type=float,
-            default=10.0,
-            help="max L2 norm of a device's prior delta (DP noise scales with it)",
-        )
-        p.add_argument(
-            "--prox-mu", type=float, default=0.0, help="pull of the personal B toward the prior"
-        )
-        p.add_argument(
-            "--local-steps",
-            type=int,
-            default=0,
-            help="steps of the local-only baselines (0: rounds x steps)",
-        )
-        p.add_argument(
-            "--seeds", default="", help="comma-separated seeds to repeat the run with (the spread)"
-        )
-        p.add_argument(
-            "--baselines",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="also run local-only (stock peft, B-only) and FedAvg global (+FT) baselines",
-        )
-        p.add_argument(
-            "--engine",
-            default="ray",
-            choices=["ray", "local"],
-            help="Flower's Ray simulation, or the same apps in this process (no Ray)",
-        )
-        p.add_argument(
-            "--packing",
-            default="fp16",
-            choices=["fp32", "fp16", "int8"],
-            help="delta upload packing",
-        )
-        p.add_argument("--base", default="default", help="base model: default or a folder")
-        p.add_argument(
-            "--precision",
-            default="auto",
-            choices=PRECISION_CHOICES,
-            help="devices' training precision (auto: by the device profile)",
-        )
-        p.add_argument("--seed", type=int, default=0, help="seed of sampling and training")
-        p.add_argument(
-            "--secure-aggregation",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="sum the prior deltas with SecAgg+ so the coordinator sees only the sum "
-            "(--no-secure-aggregation sends clipped deltas in the clear)",
-        )
-        p.add_argument(
-            "--dp",
-            default="off",
-            choices=["off", "central", "client"],
-            help="differential privacy of the prior (client needs --secure-aggregation)",
-        )
-        p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
-        p.add_argument(
-            "--console",
-            type=int,
-            default=None,
-            metavar="PORT",
-            help="serve the admin console on 127.0.0.1:PORT during the run and after it",
-        )
-        if name == "experiment":
-            p.add_argument("--cold-start", default="4,16,64", help="k values; empty to skip")
-            p.add_argument(
-                "--newcomers-dir",
-                type=Path,
-                default=None,
-                help="real users who never take part, for the cold-start curve",
-            )
+        _add_run_options(p, name)
     prep = sub.add_parser(
         "prepare",
         help="write synthetic user folders for `flwr run .` on the local simulation",
@@ -163,6 +65,151 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the user folders (the run config's sim-users-dir)",
     )
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
+    """The options of one federated run, shared by demo, experiment and scale."""
+    p.add_argument("--output", type=Path, default=Path("runs") / name, help="run folder")
+    p.add_argument("--users", type=int, default=8, help="synthetic users")
+    p.add_argument("--users-dir", type=Path, default=None, help="real per-user folders instead")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of users per round")
+    # In scale, --notes is the sweep; the synthetic users' size has its own name there.
+    p.add_argument(
+        "--synthetic-notes" if name == "scale" else "--notes",
+        dest="notes_per_user",
+        type=int,
+        default=60,
+        help="notes per synthetic user",
+    )
+    p.add_argument(
+        "--steps", type=int, default=6, help="prior steps per device and round (FedAvg's too)"
+    )
+    p.add_argument(
+        "--personal-steps",
+        type=int,
+        default=0,
+        help="personal steps inside each round (0: personalize once, after the last round)",
+    )
+    p.add_argument(
+        "--personalize-steps",
+        type=int,
+        default=0,
+        help="at most this many steps of personal fine-tuning from the final prior, "
+        "early-stopped on validation (0: the local-only budget)",
+    )
+    p.add_argument(
+        "--blend",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after personal fine-tuning, also keep a blend with the prior (weights "
+        ".25/.5/.75) if it validates best",
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
+    p.add_argument(
+        "--personal-lr",
+        type=float,
+        default=DEFAULT_PERSONAL_LR,
+        help="learning rate of the personal fine-tuning and of newcomers (0: --lr)",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=float,
+        default=10.0,
+        help="max L2 norm of a device's prior delta (DP noise scales with it)",
+    )
+    p.add_argument(
+        "--prox-mu", type=float, default=0.0, help="pull of the personal B toward the prior"
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        help="steps of the local-only baselines (0: rounds x steps)",
+    )
+    p.add_argument(
+        "--seeds", default="", help="comma-separated seeds to repeat the run with (the spread)"
+    )
+    p.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run local-only (stock peft, B-only) and FedAvg global (+FT) baselines",
+    )
+    p.add_argument(
+        "--engine",
+        default="ray",
+        choices=["ray", "local"],
+        help="Flower's Ray simulation, or the same apps in this process (no Ray)",
+    )
+    p.add_argument(
+        "--packing",
+        default="fp16",
+        choices=["fp32", "fp16", "int8"],
+        help="delta upload packing",
+    )
+    p.add_argument("--base", default="default", help="base model: default or a folder")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="devices' training precision (auto: by the device profile)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and training")
+    p.add_argument(
+        "--secure-aggregation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sum the prior deltas with SecAgg+ so the coordinator sees only the sum "
+        "(--no-secure-aggregation sends clipped deltas in the clear)",
+    )
+    p.add_argument(
+        "--dp",
+        default="off",
+        choices=["off", "central", "client"],
+        help="differential privacy of the prior (client needs --secure-aggregation)",
+    )
+    p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
+    if name != "scale":  # a console serves one run's coordinator
+        p.add_argument(
+            "--console",
+            type=int,
+            default=None,
+            metavar="PORT",
+            help="serve the admin console on 127.0.0.1:PORT during the run and after it",
+        )
+    if name == "experiment":
+        p.add_argument(
+            "--max-train-notes",
+            type=int,
+            default=0,
+            help="keep each user's first k training notes, cut after the split (0: all)",
+        )
+    if name in ("experiment", "scale"):
+        p.add_argument(
+            "--cold-start",
+            default="4,16,64" if name == "experiment" else "",
+            help="k values; empty to skip",
+        )
+        p.add_argument(
+            "--newcomers-dir",
+            type=Path,
+            default=None,
+            help="real users who never take part, for the cold-start curve",
+        )
+    if name == "scale":
+        p.add_argument(
+            "--ranks",
+            default="1,2,4,8,16",
+            help="ranks of the rank sweep (with all training notes); empty to skip",
+        )
+        p.add_argument(
+            "--notes",
+            default="8,16,32,64,all",
+            help="training notes per user of the notes sweep: each user's first k after "
+            "the split, or all; empty to skip",
+        )
+        p.add_argument("--rank", type=int, default=8, help="the notes sweep's rank")
 
 
 SIM_USERS_DIR = "runs/sim/users"
@@ -269,41 +316,11 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return 0
     try:
-        from lorafleet.sim.experiment import ExperimentConfig, format_table, run_experiment
+        from lorafleet.sim.experiment import format_table, run_experiment
 
-        cold: tuple[int, ...] = ()
-        if args.command == "experiment" and args.cold_start.strip():
-            cold = tuple(int(k) for k in args.cold_start.split(","))
-        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else ()
-        cfg = ExperimentConfig(
-            output=args.output,
-            num_users=args.users,
-            users_dir=args.users_dir,
-            notes_per_user=args.notes,
-            num_rounds=args.rounds,
-            fraction_train=args.fraction,
-            personal_steps=args.personal_steps,
-            prior_steps=args.steps,
-            personalize_steps=args.personalize_steps,
-            personalize_blend=args.blend,
-            packing=args.packing,
-            base=args.base,
-            precision=args.precision,
-            seed=args.seed,
-            seeds=seeds,
-            lr=args.lr,
-            personal_lr=args.personal_lr,
-            clip_norm=args.clip_norm,
-            prox_mu=args.prox_mu,
-            local_steps=args.local_steps,
-            baselines=args.baselines,
-            engine=args.engine,
-            newcomers_dir=getattr(args, "newcomers_dir", None),
-            cold_start_ks=cold,
-            secure_aggregation=args.secure_aggregation,
-            dp=args.dp,
-            dp_noise_multiplier=args.dp_noise_multiplier,
-        )
+        cfg = _experiment_config(args)
+        if args.command == "scale":
+            return _scale(args, cfg)
         console = (
             None
             if args.console is None
@@ -335,6 +352,72 @@ def _run(args: argparse.Namespace) -> int:
             pass
         finally:
             console.stop()
+    return 0
+
+
+def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment the options describe (each point's template, for scale)."""
+    from lorafleet.sim.experiment import ExperimentConfig
+
+    cold: tuple[int, ...] = ()
+    if args.command in ("experiment", "scale") and args.cold_start.strip():
+        cold = tuple(int(k) for k in args.cold_start.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds.strip() else ()
+    return ExperimentConfig(
+        output=args.output,
+        num_users=args.users,
+        users_dir=args.users_dir,
+        notes_per_user=args.notes_per_user,
+        num_rounds=args.rounds,
+        fraction_train=args.fraction,
+        personal_steps=args.personal_steps,
+        prior_steps=args.steps,
+        personalize_steps=args.personalize_steps,
+        personalize_blend=args.blend,
+        packing=args.packing,
+        base=args.base,
+        precision=args.precision,
+        seed=args.seed,
+        seeds=seeds,
+        lr=args.lr,
+        personal_lr=args.personal_lr,
+        clip_norm=args.clip_norm,
+        prox_mu=args.prox_mu,
+        local_steps=args.local_steps,
+        baselines=args.baselines,
+        engine=args.engine,
+        newcomers_dir=getattr(args, "newcomers_dir", None),
+        cold_start_ks=cold,
+        secure_aggregation=args.secure_aggregation,
+        dp=args.dp,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        # Only experiment cuts the notes and only scale sets the rank (of its notes sweep).
+        max_train_notes=getattr(args, "max_train_notes", 0),
+        rank=getattr(args, "rank", ExperimentConfig.rank),
+    )
+
+
+def _scale(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    """``lorafleet-sim scale``: every point, then the table, the curves and the pick.
+
+    Raises what the caller turns into one line (a user's mistake) or a resume hint (Ctrl-C).
+    """
+    from lorafleet.sim.scale import (
+        ScaleConfig,
+        format_scale_table,
+        parse_notes,
+        parse_ranks,
+        run_scale,
+    )
+
+    scale = ScaleConfig(cfg, ranks=parse_ranks(args.ranks), notes=parse_notes(args.notes))
+    points = scale.points()
+    print(f"{len(points)} experiments ({', '.join(p.name for p in points)}); folder {cfg.output}")
+    record = run_scale(scale, say=print)
+    print()
+    print(format_scale_table(record), end="")
+    print(f"plot: {(cfg.output / 'scale.png').resolve()}")
+    print(f"results: {(cfg.output / 'scale.json').resolve()}")
     return 0
 
 

@@ -133,6 +133,13 @@ class ExperimentConfig:
     val_fraction: float = field(
         default=0.2, metadata={"help": "Share of each user's training notes for validation."}
     )
+    max_train_notes: int = field(
+        default=0,
+        metadata={
+            "help": "Keep only each user's first k training notes, cut after the three-way "
+            "split so validation and test stay the same for every k; 0: all of them."
+        },
+    )
     baselines: bool = field(default=True, metadata={"help": "Run the reviewer's baselines."})
     local_steps: int = field(
         default=0, metadata={"help": "Steps of the local-only baselines; 0: rounds x steps."}
@@ -162,6 +169,13 @@ class ExperimentConfig:
             raise SpecError(f"experiment: dp must be off, central or client, got {self.dp!r}")
         if any(k < 1 for k in self.cold_start_ks):
             raise SpecError(f"experiment: cold-start sizes must be >= 1, got {self.cold_start_ks}")
+        if self.rank < 1:
+            raise SpecError(f"experiment: rank must be >= 1, got {self.rank}")
+        if self.max_train_notes != 0 and self.max_train_notes < 2:
+            raise SpecError(
+                f"experiment: max_train_notes must be >= 2 (or 0 for all), got "
+                f"{self.max_train_notes}"
+            )
         if not 0 < self.val_fraction < 1:
             raise SpecError(f"experiment: val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.engine not in ("ray", "local"):
@@ -195,17 +209,30 @@ class Split:
     train: list[Example]
     val: list[Example]
     test: list[Example]
+    train_available: int | None = None
+    """Training notes the split gave before :meth:`truncated` kept fewer; None: all kept."""
+
+    def truncated(self, k: int) -> Split:
+        """The same split with only the first ``k`` training notes (all when fewer).
+
+        Validation and test are untouched, so runs at different ``k`` are scored on the
+        same notes.
+        """
+        return replace(self, train=self.train[:k], train_available=len(self.train))
 
     def record(self) -> dict[str, Any]:
-        """Counts and short content hashes of each side, for results.json."""
+        """Short content hashes of each side, and the training notes kept, for results.json."""
 
         def ids(side: list[Example]) -> list[str]:
             return [hashlib.sha256(e.content_key()).hexdigest()[:12] for e in side]
 
+        available = len(self.train) if self.train_available is None else self.train_available
         return {
             "train": ids(self.train),
             "val": ids(self.val),
             "test": ids(self.test),
+            "train_kept": len(self.train),
+            "train_available": available,
         }
 
 
@@ -309,9 +336,16 @@ class ExperimentResult:
             return None
         return 1.0 - means["personal"][0] / min(ref)
 
+    def steps_per_user(self) -> dict[str, float]:
+        """``{method: device steps per user}``, the mean over users and seeds."""
+        return {
+            m: float(np.mean([u.steps[m] for r in self.runs for u in r.users]))
+            for m in self.methods
+        }
+
     def to_json(self) -> str:
         """The results file: config, split, every seed's users and the summary."""
-        summary = {
+        summary: dict[str, Any] = {
             metric: {
                 "mean": {m: v[0] for m, v in self.means(metric).items()},
                 "std_over_seeds": {m: v[1] for m, v in self.means(metric).items()},
@@ -320,6 +354,7 @@ class ExperimentResult:
             }
             for metric in ("test", "test_notes", "val")
         }
+        summary["steps_per_user"] = self.steps_per_user()
         record = {
             "config": self.config,
             "split": self.split,
@@ -413,6 +448,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     out.mkdir(parents=True, exist_ok=True)
     users, newcomers = _load_users(cfg, out)
     splits = [three_way_split(u, cfg.val_fraction) for u in users]
+    if cfg.max_train_notes:
+        splits = [s.truncated(cfg.max_train_notes) for s in splits]
     # Load the base here first: it converts the default GGUF once before the workers start.
     dev = resolve_device("auto")
     precision = resolve_precision(cfg.precision, dev)  # type: ignore[arg-type]
@@ -682,7 +719,7 @@ def format_table(result: ExperimentResult) -> str:
     lines.append("")
     lines.extend(_table(result, "test_notes", "test loss, note by note"))
     lines.append("")
-    steps = {m: np.mean([u.steps[m] for r in result.runs for u in r.users]) for m in result.methods}
+    steps = result.steps_per_user()
     lines.append(
         "device steps per user: "
         + ", ".join(f"{LABELS[m]} {steps[m]:.0f}" for m in result.methods if m != "base")
