@@ -292,9 +292,7 @@ def run_round(
         result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
         personal_loss, mix = result.heldout_loss_after, 1.0
         if final and instr.blend:
-            personal_loss, mix = blend_with_prior(
-                w.model, prior_b, prior_loss, personal_loss, loss
-            )
+            personal_loss, mix = blend_with_prior(w.model, prior_b, prior_loss, personal_loss, loss)
         profile.save(
             w.model,
             get_b(w.model),
