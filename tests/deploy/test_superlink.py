@@ -10,16 +10,12 @@ group and descendants) is stopped even when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
+import shutil
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
@@ -31,15 +27,27 @@ import psutil
 import pytest
 
 from lorafleet.client.base import load_base
+from lorafleet.client.device_worker import worker_status
 from lorafleet.client.profile import Profile
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.server.registry import Registry
+from lorafleet.sim import loopback
+from lorafleet.sim.loopback import (
+    BIN,
+    Processes,
+    command,
+    flower_env,
+    free_port,
+    superlink,
+    supernode,
+    wait_until,
+    write_connection,
+)
 from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
 CREDENTIALS = REPO / "deploy" / "credentials.py"
 CONNECTION = "lorafleet-test"
 DEVICE_KEYS = (
@@ -54,30 +62,6 @@ DEVICE_KEYS = (
 
 
 # ------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def flower_env(home: Path, **extra: str) -> dict[str, str]:
-    """The environment of one Flower process: its own FLWR_HOME, nothing off-machine."""
-    home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        FLWR_HOME=str(home),
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        # SuperLink would otherwise `uv sync` the app's dependencies from an index.
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
-    return env
-
-
 def credentials(*args: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(CREDENTIALS), *args],
@@ -90,108 +74,12 @@ def credentials(*args: str) -> None:
 
 
 def flwr(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> str:
-    """Run the `flwr` CLI (from the repository root by default); its stdout, or a failed test."""
-    proc = subprocess.run(
-        [str(BIN / "flwr"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"flwr {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    """The `flwr` CLI, from the repository root unless told otherwise."""
+    return loopback.flwr(env, *args, cwd=cwd, timeout=timeout)
 
 
 def flwr_json(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> Any:
-    out = flwr(env, *args, "--format", "json", timeout=timeout, cwd=cwd)
-    reply = json.loads(out[out.index("{") :])
-    assert reply.get("success"), f"flwr {' '.join(args)}: {reply}"
-    return reply
-
-
-def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs()}")
-
-
-class Processes:
-    """Processes started by a test, each in its own session; all stopped at the end.
-
-    Flower detaches some children (SuperExec, ServerApp, ClientApp) into sessions of
-    their own, so the descendants of each process are collected before it is stopped
-    and stopped by pid as well.
-    """
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.started: dict[str, subprocess.Popen[bytes]] = {}
-        self.extra: list[psutil.Process] = []
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{name}.log").open("wb") as log:
-            self.started[name] = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def adopt(self, proc: psutil.Process) -> None:
-        """Stop a process Flower detached (found by a path unique to this test)."""
-        self.extra.append(proc)
-
-    def wait(self, name: str, timeout: float) -> int:
-        """The exit status of a process expected to end by itself within ``timeout``."""
-        try:
-            return self.started[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} still running after {timeout:.0f}s\n{self.tail()}")
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def tail(self) -> str:
-        return "\n".join(f"----- {n} -----\n{self.log(n)[-3000:]}" for n in sorted(self.started))
-
-    def stop(self) -> None:
-        roots = list(self.extra)
-        for popen in self._alive():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                roots.append(psutil.Process(popen.pid))
-        targets: list[psutil.Process] = []
-        for proc in roots:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                targets += [proc, *proc.children(recursive=True)]
-        for popen in self.started.values():  # the group outlives a leader that exited
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGTERM)
-        for proc in targets:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(targets, timeout=15)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-        for popen in self.started.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGKILL)  # anything left in the group
-            popen.wait(timeout=5)
-
-    def _alive(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.started.values() if p.poll() is None]
+    return loopback.flwr_json(env, *args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture
@@ -371,41 +259,10 @@ def test_the_credentials_script_refuses_mistakes_in_one_line(
 
 
 # ------------------------------------------------------------------ slow: a real SuperLink
-def command(binary: str, *flags: str, **options: object) -> list[str]:
-    """``binary --flag --key value ...`` from keywords (``_`` in a key becomes ``-``)."""
-    argv = [str(BIN / binary), *(f"--{flag}" for flag in flags)]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
-def supernode(port: int, certs: Path, key: Path, node_config: str, **options: object) -> list[str]:
-    """A SuperNode on TLS, authenticating with ``key``, its runtime API on a free port."""
-    return command(
-        "flower-supernode",
-        superlink=f"127.0.0.1:{port}",
-        root_certificates=certs / "ca.crt",
-        auth_supernode_private_key=key,
-        port=free_port(),
-        node_config=node_config,
-        **options,
-    )
-
-
-def write_connection(cli_home: Path, name: str, port: int, ca: Path) -> None:
-    cli_home.mkdir(parents=True, exist_ok=True)
-    (cli_home / "config.toml").write_text(
-        "[superlink]\n"
-        f'default = "{name}"\n\n'
-        f"[superlink.{name}]\n"
-        f'address = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{ca}"\n'
-    )
-
-
 @pytest.mark.slow
+@pytest.mark.parametrize("device_worker", [False, True], ids=["fresh-process", "device-worker"])
 def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
-    tiny_model_dir: Path, tmp_path: Path, processes: Processes
+    tiny_model_dir: Path, tmp_path: Path, processes: Processes, device_worker: bool
 ) -> None:
     # Prepare: users, credentials, a SuperLink with TLS and SuperNode authentication
     users = write_user_folders(
@@ -417,17 +274,7 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
     port = free_port()
     processes.start(
         "superlink",
-        command(
-            "flower-superlink",
-            "enable-supernode-auth",
-            "disable-runtime-dependency-installation",
-            ssl_ca_certfile=certs / "ca.crt",
-            ssl_certfile=certs / "server.pem",
-            ssl_keyfile=certs / "server.key",
-            host="127.0.0.1",
-            port=port,
-            database=tmp_path / "superlink.db",
-        ),
+        superlink(port, certs, tmp_path / "superlink.db"),
         flower_env(tmp_path / "home" / "superlink"),
         tmp_path,
     )
@@ -448,11 +295,31 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
     for i in (1, 2, 3):
         registered = flwr_json(cli, "supernode", "register", str(keys / f"sn-{i}.pub"), CONNECTION)
         node_ids.append(str(registered["node-id"]))
+    # With device_worker, each device runs `lorafleet serve-device` (the base stays
+    # loaded) and its SuperNode's ClientApps hand their rounds to it; a socket's path
+    # must fit in 107 bytes, so the sockets live in a short private folder.
+    sockets = Path(tempfile.mkdtemp(prefix="lfsn-", dir="/tmp"))
     for i, user in enumerate(sorted(users.iterdir()), start=1):
         node_config = (
             f"data='{user}' profile='{tmp_path / 'profiles' / user.name}' "
             f"base='{tiny_model_dir}' precision='fp32' device='cpu'"
         )
+        if device_worker:
+            sock = sockets / f"sn-{i}" / "w.sock"
+            processes.start(
+                f"worker-{i}",
+                [str(BIN / "lorafleet"), "serve-device", "--socket", str(sock)],
+                flower_env(tmp_path / "home" / f"worker-{i}"),
+                tmp_path,
+            )
+            name = f"worker-{i}"
+            wait_until(
+                lambda name=name: "serving on" in processes.log(name),
+                120,
+                name,
+                processes.tail,
+            )
+            node_config += f" device-worker='{sock}'"
         processes.start(
             f"sn-{i}",
             supernode(port, certs, keys / f"sn-{i}", node_config, max_wait_time=120),
@@ -506,6 +373,12 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
         assert [v.round for v in versions] == [1, 2]
     # and the registry knows every node's versions, under keyed node pseudonyms
     assert registry_histories(data_dir) == profile_histories(tmp_path / "profiles")
+    if device_worker:  # every message ran on its device's worker, which loaded the base once
+        for i in (1, 2, 3):
+            status = worker_status(sockets / f"sn-{i}" / "w.sock")
+            # two training rounds at least (the final personalization and evaluation too)
+            assert status.base_loads == 1 and status.rounds >= 2, status
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ slow: local simulation
