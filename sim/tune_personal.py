@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 
 from lorafleet.client.adapter import get_b
 from lorafleet.client.base import load_base
+from lorafleet.client.data import TokenBlocks
 from lorafleet.client.federated import blend_with_prior, personal_train_config
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
 from lorafleet.protocols.errors import LorafleetError, SpecError
@@ -79,6 +80,10 @@ def tune(
         for user in scorer.users:
             trained, taken = lab.train(prior, user.train, config, val=user.val)
             prior_loss, trained_loss = lab.loss(prior, user.val), lab.loss(trained, user.val)
+
+            def val_loss(val: TokenBlocks = user.val) -> float:
+                return lab.loss(get_b(lab.model), val)
+
             lab._load(trained)  # the blend starts from the trained B in the model
             try:
                 _, mix = blend_with_prior(
@@ -86,7 +91,7 @@ def tune(
                     prior,
                     prior_loss,
                     trained_loss,
-                    lambda val=user.val: lab.loss(get_b(lab.model), val),
+                    val_loss,
                 )
                 chosen = get_b(lab.model)
             finally:
