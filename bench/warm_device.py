@@ -33,7 +33,6 @@ import json
 import logging
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,19 +53,6 @@ CONNECTION = "lorafleet-bench"
 MODES = ("fresh-process", "device-worker")
 
 
-def credentials(*args: str) -> None:
-    """deploy/credentials.py, as an operator runs it."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "credentials.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"credentials.py {' '.join(args)} failed: {proc.stderr[-2000:]}")
-
-
 def device_process(name: str, proc: psutil.Process) -> bool:
     """A device's process: its worker, or a ClientApp a SuperNode started."""
     if name.startswith("worker-"):
@@ -81,8 +67,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, users: list[Path])
     root = work / mode
     certs, keys = root / "certs", root / "keys"
     names = [f"sn-{i}" for i in range(1, args.nodes + 1)]
-    credentials("tls", str(certs))
-    credentials("node-keys", str(keys), *names)
+    script = REPO / "deploy" / "credentials.py"
+    loopback.credentials(script, "tls", str(certs))
+    loopback.credentials(script, "node-keys", str(keys), *names)
     sockets = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))  # sun_path: 107 bytes
     fleet = loopback.Processes(root / "logs")
     port = loopback.free_port()

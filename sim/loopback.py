@@ -29,6 +29,7 @@ __all__ = [
     "BIN",
     "Processes",
     "command",
+    "credentials",
     "flower_env",
     "flwr",
     "flwr_json",
@@ -66,6 +67,24 @@ def flower_env(home: Path, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
+
+
+def credentials(script: Path, *args: str) -> None:
+    """Run deploy/credentials.py (``script``) as an operator does: certificates, node keys.
+
+    Raises
+    ------
+        RuntimeError: it failed; the message holds its stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"credentials.py {' '.join(args)} failed: {proc.stderr[-2000:]}")
 
 
 def flwr(env: Mapping[str, str], *args: str, cwd: Path, timeout: float = 120) -> str:

@@ -63,14 +63,7 @@ DEVICE_KEYS = (
 
 # ------------------------------------------------------------------ helpers
 def credentials(*args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(CREDENTIALS), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    loopback.credentials(CREDENTIALS, *args)
 
 
 def flwr(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> str:
