@@ -73,6 +73,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, users: list[Path])
     sockets = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))  # sun_path: 107 bytes
     fleet = loopback.Processes(root / "logs")
     port = loopback.free_port()
+    # A device's processes (its SuperNode, the ClientApps it spawns, its worker) share its
+    # thread budget; torch reads OMP_NUM_THREADS when it starts.
+    device_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
     def flwr_json(*flwr_args: str) -> Any:
         return loopback.flwr_json(cli, *flwr_args, cwd=REPO)
@@ -108,7 +111,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, users: list[Path])
                 fleet.start(
                     f"worker-{name}",
                     [str(loopback.BIN / "lorafleet"), "serve-device", "--socket", str(sock)],
-                    loopback.flower_env(root / "home" / f"worker-{name}"),
+                    loopback.flower_env(root / "home" / f"worker-{name}", **device_env),
                     root,
                 )
                 loopback.wait_until(
@@ -121,7 +124,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, users: list[Path])
             fleet.start(
                 f"supernode-{name}",
                 loopback.supernode(port, certs, keys / name, config, max_wait_time=120),
-                loopback.flower_env(root / "home" / name),
+                loopback.flower_env(root / "home" / name, **device_env),
                 root,
             )
 
@@ -211,6 +214,8 @@ def bench_main(args: argparse.Namespace) -> int:
         args.nodes, args.rounds, args.steps = 2, 2, min(args.steps, 2)
     if args.nodes < 1 or args.rounds < 1 or args.steps < 1:
         raise SystemExit("error: --nodes, --rounds and --steps must be >= 1")
+    if args.threads < 0:
+        raise SystemExit("error: --threads must be >= 0 (0: torch's default)")
     with tempfile.TemporaryDirectory(prefix="warm-device-") as tmp:
         work = Path(tmp)
         users = write_users(args.nodes, work / "users")
@@ -229,7 +234,8 @@ def bench_main(args: argparse.Namespace) -> int:
     print(_common.class_line(machine))
     print(
         f"{args.nodes} SuperNodes (TLS, node auth) on loopback, {args.rounds} rounds, "
-        f"{args.steps} prior + {args.steps} personal steps, base {args.base}\n"
+        f"{args.steps} prior + {args.steps} personal steps, base {args.base}, "
+        f"torch threads per device: {args.threads or 'default'}\n"
     )
     headers = [
         "mode",
@@ -276,6 +282,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 "rounds": args.rounds,
                 "steps": args.steps,
                 "base": str(args.base),
+                "threads": args.threads,
                 "quick": args.quick,
             },
         )
@@ -290,6 +297,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="prior and personal steps per round")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
     parser.add_argument("--precision", default="fp32", help="device precision (fp32: comparable)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per device (0: torch's default); with more devices than cores, "
+        "1 keeps them from oversubscribing the machine",
+    )
     parser.add_argument("--round-timeout", type=float, default=900.0, help="seconds per round")
     parser.add_argument("--cache-dir", type=Path, help="lorafleet cache root (base conversions)")
     parser.add_argument("--quick", action="store_true", help="2 nodes, 2 rounds, 2 steps")

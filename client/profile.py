@@ -5,6 +5,7 @@ Layout::
     profile/
       profile.json         spec + base source
       current              name of the version in use, e.g. "v0003"
+      pending-reports.jsonl  version reports the coordinator has not taken yet (if any)
       .lorafleet-lock      held by a process while it writes (saves keep their temporaries)
       adapters/v0001/      adapter_config.json, adapter_model.safetensors,
                            lorafleet_adapter.json (spec + provenance)
@@ -29,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet.client.layout import read_provenance
 from lorafleet.protocols.atomic import atomic_write_text, remove_stale_temporaries, writing
-from lorafleet.protocols.errors import IntegrityError, LorafleetError
+from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.provenance import AdapterProvenance
-from lorafleet.protocols.reports import VersionReport
+from lorafleet.protocols.reports import AdapterReport, VersionReport
 from lorafleet.protocols.spec import AdapterSpec
 
 if TYPE_CHECKING:  # reading a profile needs no torch (lorafleet info --json)
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
 CURRENT_FILE = "current"
+PENDING_REPORTS_FILE = "pending-reports.jsonl"
+"""Version reports that failed to send, oldest first; the next report carries them."""
+MAX_PENDING_REPORTS = 1000
+"""A device offline for longer keeps only its newest reports (each is a few hundred bytes)."""
 ADAPTERS_DIR = "adapters"
 LOCK_FILE = ".lorafleet-lock"
 """Held (``flock``) by a process writing to the profile; see :meth:`Profile.writing`."""
@@ -297,6 +302,46 @@ class Profile:
             size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
             created_at=prov.created_at,
         )
+
+    # ---------------------------------------------------------------- reports
+    def pending_reports(self) -> list[AdapterReport]:
+        """Reports queued by :meth:`queue_reports`, oldest first.
+
+        A line that no longer parses (a torn write, an older format) is dropped with a
+        warning rather than blocking every later report: a report is metadata the
+        coordinator can live without, the versions themselves are safe on disk.
+        """
+        path = self.root / PENDING_REPORTS_FILE
+        if not path.is_file():
+            return []
+        out: list[AdapterReport] = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(AdapterReport.from_config(json.loads(line)))
+            except (json.JSONDecodeError, SpecError, TypeError, AttributeError) as exc:
+                log.warning("%s line %d is not a report (%s); dropped", path, number, exc)
+        return out
+
+    def queue_reports(self, reports: list[AdapterReport]) -> None:
+        """Replace the queue with ``reports`` (the newest :data:`MAX_PENDING_REPORTS`).
+
+        Written atomically, so a crash leaves either the old queue or the new one.
+        An empty list removes the file.
+        """
+        path = self.root / PENDING_REPORTS_FILE
+        if not reports:
+            path.unlink(missing_ok=True)
+            return
+        kept = reports[-MAX_PENDING_REPORTS:]
+        if len(kept) < len(reports):
+            log.warning(
+                "%d queued reports dropped (only the newest %d are kept)",
+                len(reports) - len(kept),
+                MAX_PENDING_REPORTS,
+            )
+        atomic_write_text(path, "".join(json.dumps(r.to_config()) + "\n" for r in kept))
 
     def set_current(self, version: int) -> None:
         """Point ``current`` at an existing version (a rollback when it is older)."""

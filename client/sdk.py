@@ -343,16 +343,50 @@ class PersonalModel:
     def _report(
         self, client: BackupClient, adapter: str, saved: VersionReport | None
     ) -> ReportReceipt | None:
-        """Send the version in use (and the one just saved) to the coordinator's registry."""
+        """Send the version in use (and the one just saved) to the coordinator's registry.
+
+        Reports that failed before go first, in order, so the registry's history has no
+        gaps and its pointer ends on the version in use; recording is idempotent, so a
+        report that did arrive before its reply was lost is skipped. A report that
+        fails again is queued in the profile for the next one (or
+        :meth:`send_pending_reports`).
+        """
         current = self.version
-        if current is None:
+        if current is None or not client.send_reports:
             return None
         report = AdapterReport(adapter=adapter, current=current, saved=saved)
-        try:
-            return client.report_versions(self.spec, [report])
-        except BackupError as exc:  # the version is saved here; a report is not worth failing for
-            log.warning("the coordinator did not take the report of version %d (%s)", current, exc)
+        return self._send_reports(client, [*self._profile.pending_reports(), report])
+
+    def send_pending_reports(self, report_to: BackupClient) -> ReportReceipt | None:
+        """Send the reports queued after failures; None when there were none or it failed.
+
+        :meth:`train` and :meth:`rollback` do this on their own with their next report;
+        an app calls it when the device comes back online without training.
+        """
+        pending = self._profile.pending_reports()
+        if not pending or not report_to.send_reports:
             return None
+        return self._send_reports(report_to, pending)
+
+    def _send_reports(
+        self, client: BackupClient, reports: list[AdapterReport]
+    ) -> ReportReceipt | None:
+        try:
+            receipt = client.report_versions(self.spec, reports)
+        except BackupError as exc:  # the version is saved here; a report is not worth failing for
+            with self._profile.writing():
+                self._profile.queue_reports(reports)
+            log.warning(
+                "the coordinator did not take the report of version %d (%s); %d report(s) "
+                "queued in the profile for the next try",
+                reports[-1].current,
+                exc,
+                len(reports),
+            )
+            return None
+        with self._profile.writing():
+            self._profile.queue_reports([])
+        return receipt
 
     # ------------------------------------------------------------------ exports
     def save_pretrained(

@@ -771,7 +771,8 @@ class UsersMixin(RegistryBase):
         (``protocols.reports``). Users and adapters appear on a device's first new
         version; a version the adapter already holds is skipped with the evaluation it
         came with (a retried round, a repeated reply or a retried backup-channel report),
-        and one whose parent the registry never heard of is stored with ``parent=None``
+        and one whose parent the registry never heard of (neither stored nor earlier in
+        the batch) is stored with ``parent=None``
         and the parent's number kept as the metric
         ``unrecorded_parent`` (the registry's parent link must name a stored version).
         An adapter created with another spec, a duplicate within the batch, or a
@@ -800,6 +801,7 @@ class UsersMixin(RegistryBase):
                 placed.append((r, aid))
             stored = self._report_versions(conn, [aid for _, aid in placed])
             rows, batch = [], set()
+            rowkeys: set[tuple[AdapterId, int]] = set()  # versions this batch inserts
             repeated: set[int] = set()  # reports of a version already stored: no new evaluation
             for r, aid in placed:
                 prov = r.provenance
@@ -825,9 +827,17 @@ class UsersMixin(RegistryBase):
                     continue
                 metrics = dict(prov.metrics)
                 parent = prov.parent
-                if parent is not None and (aid, parent) not in stored:
+                # The parent may be stored already or come earlier in this batch (a device
+                # sending the reports it queued while offline), never later: rows go in
+                # in order, so the parent link always names a row that exists.
+                if (
+                    parent is not None
+                    and (aid, parent) not in stored
+                    and (aid, parent) not in rowkeys
+                ):
                     metrics["unrecorded_parent"] = float(parent)
                     parent = None
+                rowkeys.add(key)
                 rows.append(
                     {
                         "adapter_id": aid,

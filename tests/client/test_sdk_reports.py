@@ -30,11 +30,15 @@ class CountingServicer(BackupServicer):
     """The real servicer, counting the ReportVersions calls that reach it."""
 
     report_calls = 0
+    down = False
+    """While set, ReportVersions answers UNAVAILABLE (a coordinator being restarted)."""
 
     def ReportVersions(
         self, request: backup_pb2.ReportVersionsRequest, context: grpc.ServicerContext
     ) -> backup_pb2.ReportVersionsResponse:
         type(self).report_calls += 1
+        if type(self).down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is restarting")
         return super().ReportVersions(request, context)
 
 
@@ -55,6 +59,7 @@ class Coordinator:
 def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
     CountingServicer.report_calls = 0
+    CountingServicer.down = False
     server, port = serve_backup(CountingServicer(registry, BlobStore(tmp_path / "blobs")))
     try:
         yield Coordinator(registry, f"127.0.0.1:{port}", tmp_path)
@@ -116,3 +121,52 @@ def test_an_opted_out_device_reports_nothing(
     assert CountingServicer.report_calls == 0
     assert coordinator.registry.find_adapter("u-maya", "default") is None
     assert coordinator.registry.counts().versions == 0
+
+
+def test_reports_that_failed_are_queued_on_the_device_and_sent_with_the_next(
+    tiny_model_dir: Path, tmp_path: Path, coordinator: Coordinator
+) -> None:
+    # Prepare: a device whose coordinator is down for its first training
+    client = coordinator.enroll("u-maya")
+    client.retries = 0  # fail at once instead of backing off
+    pm = PersonalModel.open(tmp_path / "profile", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    CountingServicer.down = True
+
+    # Execute: v1 trained while down, then v2 once it is back
+    first = pm.train(NOTES, FAST, test_fraction=0.2, progress=False, report_to=client)
+    queued = [r.current for r in pm._profile.pending_reports()]
+    CountingServicer.down = False
+    second = pm.train(NOTES, FAST, test_fraction=0.2, progress=False, report_to=client)
+
+    # Assert: nothing lost: both versions recorded, in order, and the queue emptied
+    assert first.reported is None and queued == [1]
+    assert second.reported is not None and second.reported.versions == 2
+    adapter = coordinator.registry.find_adapter("u-maya", "default")
+    assert adapter is not None
+    versions = [coordinator.registry.get_adapter_version(adapter.id, v) for v in (1, 2)]
+    assert [v.provenance.parent for v in versions] == [None, 1]
+    assert coordinator.registry.current_version(adapter.id).version == 2  # type: ignore[union-attr]
+    assert pm._profile.pending_reports() == []
+    assert pm.send_pending_reports(client) is None  # nothing left to send
+
+
+def test_send_pending_reports_flushes_the_queue_without_training(
+    tiny_model_dir: Path, tmp_path: Path, coordinator: Coordinator
+) -> None:
+    # Prepare: a version whose report failed, and a torn line in the queue
+    client = coordinator.enroll("u-maya")
+    client.retries = 0
+    pm = PersonalModel.open(tmp_path / "profile", base=tiny_model_dir, rank=4, **OPEN)  # type: ignore[arg-type]
+    CountingServicer.down = True
+    pm.train(NOTES, FAST, progress=False, report_to=client)
+    queue = tmp_path / "profile" / "pending-reports.jsonl"
+    queue.write_text(queue.read_text() + '{"adapter": "default", "curr\n')
+    CountingServicer.down = False
+
+    # Execute
+    receipt = pm.send_pending_reports(client)
+
+    # Assert: the good report arrived, the torn line was dropped, the file is gone
+    assert receipt is not None and receipt.versions == 1
+    assert not queue.exists()
+    assert coordinator.registry.counts().versions == 1
