@@ -88,6 +88,14 @@ class TrainConfig:
     patience: int = field(
         default=3, metadata={"help": "Stop after N evaluations without improvement; 0: never."}
     )
+    plateau_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "On an evaluation without improvement, go back to the best B seen and "
+            "train on at this times the learning rate (fresh optimizer state); 0: keep going "
+            "from where training is."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the batch order."})
     threads: int | None = field(
         default=None,
@@ -134,6 +142,12 @@ class TrainConfig:
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         need(self.patience >= 0, f"patience must be >= 0, got {self.patience!r}")
         need(
+            isinstance(self.plateau_decay, int | float)
+            and not isinstance(self.plateau_decay, bool)
+            and 0 <= self.plateau_decay < 1,
+            f"plateau_decay must be in [0, 1), got {self.plateau_decay!r}",
+        )
+        need(
             self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"
         )
 
@@ -151,6 +165,8 @@ class TrainResult:
     stopped_early: bool
     train_losses: tuple[float, ...]
     heldout_curve: tuple[tuple[int, float], ...]
+    lr_drops: int = 0
+    """Times training went back to the best B at a lower rate (``plateau_decay``)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -238,6 +254,17 @@ class LocalTrainer:
         )
         self.steps_done = 0
 
+    def restart(self, lr: float) -> None:
+        """Go on at ``lr`` with fresh AdamW moments and no warm-up.
+
+        After the caller puts an earlier B back, the moments are those of a trajectory
+        that was abandoned; keeping them would push B the way that just failed.
+        """
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lr, weight_decay=self.config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+
     def step(self, batch: TokenBlocks) -> tuple[float, int]:
         """One optimizer step on ``batch``; returns (loss, tokens that carried loss)."""
         cfg, dev = self.config, self.device
@@ -314,6 +341,7 @@ def train_adapter(
     curve: list[tuple[int, float]] = [(0, before)]
     losses: list[float] = []
     tokens, bad_evals, stopped = 0, 0, False
+    lr, drops = config.lr, 0
     step, seconds = 0, 0.0
     try:
         for step in range(1, config.steps + 1):
@@ -341,6 +369,15 @@ def train_adapter(
                             best_step,
                         )
                         break
+                    if config.plateau_decay > 0 and step < config.steps:
+                        # The rate overshot for this user's data: back to the best B,
+                        # on at a smaller rate. Small users overshoot within a few steps
+                        # at a rate that larger ones need; this picks it per user, on
+                        # validation, within the same budget.
+                        lr *= config.plateau_decay
+                        set_b(model, best_b)
+                        trainer.restart(lr)
+                        drops += 1
     finally:
         model.eval()
     set_b(model, best_b)
@@ -354,4 +391,5 @@ def train_adapter(
         stopped_early=stopped,
         train_losses=tuple(losses),
         heldout_curve=tuple(curve),
+        lr_drops=drops,
     )

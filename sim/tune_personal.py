@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,14 @@ def tune(
     rank: int = 8,
     val_fraction: float = 0.2,
     seq_len: int = 128,
+    decays: Sequence[float] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate."""
+    """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate.
+
+    With ``decays`` every learning rate is also tried with each ``plateau_decay``
+    (:class:`~lorafleet.client.train.TrainConfig`) and the keys read
+    ``"<lr> decay <d>"``; without, the device's own recipe is replayed.
+    """
     dev = resolve_device("auto")
     prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
     loaded = load_base(base, dtype=base_dtype(prec, dev))
@@ -64,7 +71,8 @@ def tune(
     if set(prior) != set(lab.zero_b):
         raise SpecError(f"{prior_path} is not a prior of this base at rank {rank} (q_proj, v_proj)")
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for lr in lrs:
+    grid = [(lr, None) for lr in lrs] if decays is None else [(lr, d) for lr in lrs for d in decays]
+    for lr, decay in grid:
         instr = RoundInstruction(
             round=0,
             spec=spec,
@@ -76,6 +84,10 @@ def tune(
             seq_len=seq_len,
         )
         config = personal_train_config(instr, precision=prec, device=str(dev))
+        label = f"{lr:g}"
+        if decay is not None:
+            config = replace(config, plateau_decay=decay)
+            label = f"{lr:g} decay {decay:g}"
         per_user: dict[str, dict[str, float]] = {}
         for user in scorer.users:
             trained, taken = lab.train(prior, user.train, config, val=user.val)
@@ -105,11 +117,11 @@ def tune(
                 "steps": float(taken),
             }
             print(
-                f"lr {lr:g} {user.user_id}: val {val:.4f} (mix {mix:g}, {taken} steps) "
+                f"lr {label} {user.user_id}: val {val:.4f} (mix {mix:g}, {taken} steps) "
                 f"[{time.strftime('%H:%M:%S')}]",
                 flush=True,
             )
-        results[f"{lr:g}"] = per_user
+        results[label] = per_user
     return results
 
 
@@ -134,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("users_dir", type=Path, help="one folder per user (the experiment's)")
     parser.add_argument("prior", type=Path, help="a prior version's .safetensors")
     parser.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="comma-separated learning rates")
+    parser.add_argument(
+        "--plateau-decays",
+        help="also try each of these comma-separated plateau decays in [0, 1) with every lr "
+        "(default: the device's own recipe)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="personalization budget")
     parser.add_argument("--out", type=Path, help="also write every user's losses here (JSON)")
     args = parser.parse_args(argv)
@@ -143,10 +160,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
     if not lrs or any(not (0 < lr < 1) for lr in lrs):
         parser.error(f"--lrs must be learning rates in (0, 1), got {args.lrs!r}")
+    decays = None
+    if args.plateau_decays is not None:
+        try:
+            decays = [float(x) for x in args.plateau_decays.split(",") if x.strip()]
+        except ValueError:
+            parser.error(
+                f"--plateau-decays must be comma-separated numbers, got {args.plateau_decays!r}"
+            )
+        if not decays or any(not (0 <= d < 1) for d in decays):
+            parser.error(f"--plateau-decays must be in [0, 1), got {args.plateau_decays!r}")
     if not args.prior.is_file():
         parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
     try:
-        results = tune(args.users_dir, args.prior, lrs, steps=args.steps)
+        results = tune(args.users_dir, args.prior, lrs, steps=args.steps, decays=decays)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import torch
 from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks
-from lorafleet.client.train import TrainConfig, train_adapter
+from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
 from lorafleet.protocols.errors import SpecError
 from lorafleet.protocols.spec import AdapterSpec
 
@@ -80,6 +80,30 @@ def test_best_b_is_kept_when_training_diverges(tiny_model_dir: Path) -> None:
     assert result.heldout_loss_after == min(loss for _, loss in result.heldout_curve)
 
 
+def test_plateau_decay_goes_back_to_the_best_b_and_on_at_a_lower_rate(
+    tiny_model_dir: Path,
+) -> None:
+    # Prepare: a rate that overshoots within the first evaluations
+    def run(decay: float) -> tuple[TrainResult, list[float]]:
+        model, train, held = setup(tiny_model_dir)
+        cfg = TrainConfig(
+            steps=24, lr=1.0, eval_every=2, patience=4, plateau_decay=decay, precision="fp32"
+        )
+        result = train_adapter(model, train, held, cfg)
+        return result, [loss for _, loss in result.heldout_curve]
+
+    # Execute
+    fixed, fixed_curve = run(0.0)
+    decayed, decayed_curve = run(0.25)
+
+    # Assert: the fixed rate stops at its best early point; the decayed run went back to
+    # it, dropped the rate and found better B there
+    assert fixed.lr_drops == 0 and decayed.lr_drops >= 1
+    assert decayed.heldout_loss_after < fixed.heldout_loss_after
+    assert decayed.heldout_loss_after == min(decayed_curve)
+    assert fixed.heldout_loss_after == min(fixed_curve)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -90,6 +114,8 @@ def test_best_b_is_kept_when_training_diverges(tiny_model_dir: Path) -> None:
         ({"precision": "fp8"}, "precision"),
         ({"prox_mu": -1.0}, "prox_mu"),
         ({"threads": 0}, "threads"),
+        ({"plateau_decay": 1.0}, "plateau_decay"),
+        ({"plateau_decay": -0.5}, "plateau_decay"),
         ({"lr": "fast"}, "lr must be a number"),
         ({"batch_size": 2.5}, "batch_size must be an integer"),
     ],

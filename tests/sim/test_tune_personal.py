@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,26 +24,23 @@ def _prior(tiny: Path, path: Path) -> Path:
     return path
 
 
+def _tune(
+    tiny: Path, tmp_path: Path, users: int, lrs: list[float], **kw: Any
+) -> dict[str, dict[str, dict[str, float]]]:
+    folders = write_user_folders(
+        generate_personas(PersonaConfig(num_users=users, notes_per_user=30)), tmp_path / "users"
+    )
+    prior = _prior(tiny, tmp_path / "prior.safetensors")
+    return tune(
+        folders, prior, lrs, steps=4, base=str(tiny), precision="fp32", rank=4, seq_len=32, **kw
+    )
+
+
 def test_every_lr_and_user_is_scored_and_the_pick_is_the_lowest_mean_validation(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # Prepare
-    users = write_user_folders(
-        generate_personas(PersonaConfig(num_users=2, notes_per_user=30)), tmp_path / "users"
-    )
-    prior = _prior(tiny_model_dir, tmp_path / "prior.safetensors")
-
     # Execute
-    results = tune(
-        users,
-        prior,
-        [1e-3, 5e-2],
-        steps=4,
-        base=str(tiny_model_dir),
-        precision="fp32",
-        rank=4,
-        seq_len=32,
-    )
+    results = _tune(tiny_model_dir, tmp_path, 2, [1e-3, 5e-2])
     best, lines = summary(results)
 
     # Assert: both lrs, both users, losses finite; the pick is the lowest mean val
@@ -59,7 +57,12 @@ def test_every_lr_and_user_is_scored_and_the_pick_is_the_lowest_mean_validation(
 
 @pytest.mark.parametrize(
     ("argv_tail", "fragment"),
-    [(["--lrs", "fast"], "--lrs must be comma-separated numbers"), (["--lrs", "2"], "in (0, 1)")],
+    [
+        (["--lrs", "fast"], "--lrs must be comma-separated numbers"),
+        (["--lrs", "2"], "in (0, 1)"),
+        (["--plateau-decays", "half"], "--plateau-decays must be comma-separated numbers"),
+        (["--plateau-decays", "1"], "--plateau-decays must be in [0, 1)"),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], fragment: str
@@ -68,3 +71,12 @@ def test_bad_input_is_one_line_and_exit_2(
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path), str(tmp_path / "p.safetensors"), *argv_tail])
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_plateau_decays_are_a_second_axis_of_the_grid(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Execute
+    results = _tune(tiny_model_dir, tmp_path, 1, [5e-2], decays=[0.0, 0.5])
+
+    # Assert
+    assert set(results) == {"0.05 decay 0", "0.05 decay 0.5"}
+    assert all(np.isfinite(u["val"]) for r in results.values() for u in r.values())
