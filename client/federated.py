@@ -266,6 +266,7 @@ def run_round(
                 "best_step": float(result.best_step),
                 "mix": mix,
                 "steps": float(result.steps),
+                "lr_drops": float(result.lr_drops),
                 "prior_steps": float(instr.prior_steps if delta is not None else 0),
             },
             prior_version=instr.prior_version,
@@ -287,13 +288,23 @@ def run_round(
     return clipped, metrics
 
 
+PLATEAU_DECAY = 0.5
+"""The personal steps' rate factor after an evaluation without progress (TrainConfig).
+
+Chosen on the fortunes benchmark's validation notes (docs/personalization.md)."""
+
+
 def personal_train_config(instr: RoundInstruction, *, precision: str, device: str) -> TrainConfig:
     """The personal steps' training recipe for ``instr`` (shared with the sim's tuning).
 
     A personalize round (the final fine-tuning from the last prior) evaluates about
     eight times over its budget and stops after three evaluations without progress; a
     train round's personal steps evaluate three times and keep the best without
-    stopping early. Both train at the instruction's personal learning rate.
+    stopping early. Both train at the instruction's personal learning rate, and after
+    an evaluation without progress go back to the best B and on at
+    :data:`PLATEAU_DECAY` times the rate: one rate does not suit every user's amount of
+    text (a 13-note user overshoots within 3 steps at a rate a 130-note user needs for
+    20), and this lets each user's validation notes pick, within the same budget.
     """
     final = instr.mode == "personalize"
     return TrainConfig(
@@ -306,6 +317,7 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
         device=device,
         eval_every=max(1, instr.personal_steps // (8 if final else 3)),
         patience=3 if final else 0,
+        plateau_decay=PLATEAU_DECAY,
         seed=instr.round + (7919 if final else 0),
     )
 
