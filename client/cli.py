@@ -174,9 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=["torch", "onnx", "onnx-int8"],
-        help="torch (PyTorch), onnx (ONNX Runtime, float32) or onnx-int8 (int8 base weights); "
-        "the base is exported to ONNX once and cached",
+        choices=["torch", "onnx", "onnx-int8", "onnx-auto"],
+        help="torch (PyTorch), onnx (ONNX Runtime, float32), onnx-int8 (int8 base weights) or "
+        "onnx-auto (whichever of the two ONNX graphs decodes faster here, timed once and "
+        "cached); the base is exported to ONNX once and cached",
     )
     p.add_argument(
         "--provider",
@@ -422,7 +423,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.backend == "torch":
         if provider is not None:
             raise LorafleetError(
-                f"--provider {provider} applies to --backend onnx or onnx-int8; the torch "
+                f"--provider {provider} applies to the --backend onnx variants; the torch "
                 "backend runs on --device"
             )
     else:  # a provider that is not there fails now, before the model loads

@@ -59,6 +59,7 @@ __all__ = [
     "ExportMeta",
     "OnnxAdapter",
     "OnnxLM",
+    "ort_version",
     "select_providers",
 ]
 
@@ -94,6 +95,11 @@ def _ort() -> Any:
             "the ONNX Runtime path needs the onnxruntime package; install it: pip install "
             "onnxruntime (or onnxruntime-gpu for CUDA)"
         ) from None
+
+
+def ort_version() -> str:
+    """The installed ONNX Runtime's version (what measured speeds depend on)."""
+    return str(_ort().__version__)
 
 
 def select_providers(override: str | None = None) -> list[str]:

@@ -85,6 +85,7 @@ from lorafleet.protocols.reports import AdapterReport, VersionReport
 from lorafleet.protocols.spec import AdapterSpec
 
 if TYPE_CHECKING:  # ONNX Runtime is only imported when an ONNX backend is first used
+    from lorafleet.client.onnx_choice import OnnxChoice
     from lorafleet.client.onnx_export import ExportedBase, OnnxExportConfig
     from lorafleet.client.onnx_runtime import OnnxAdapter, OnnxLM
 
@@ -102,13 +103,19 @@ __all__ = [
     "TrainingData",
 ]
 
-Backend = Literal["torch", "onnx", "onnx-int8"]
+Backend = Literal["torch", "onnx", "onnx-int8", "onnx-auto"]
 """How :meth:`PersonalModel.generate` runs the model (see ``docs/sdk.md``)."""
 BACKENDS: tuple[str, ...] = get_args(Backend)
 TrainingData = str | os.PathLike[str] | Iterable[Any]
 """A path, or notes, examples and record dicts, or a ``datasets.Dataset``."""
 # Registry of the ONNX Runtime backends: name -> quantization of the exported base.
+# ("onnx-auto" is one of these two, chosen per machine: PersonalModel.onnx_graph_choice.)
 _ONNX_BACKENDS: dict[str, Literal["none", "int8"]] = {"onnx": "none", "onnx-int8": "int8"}
+_CHOICE_PROMPT = (
+    "Walked the dog along the harbour this morning; the tide was out, the ferry was late, "
+    "and the bakery on the corner had sold out of rye bread again, so"
+)
+_CHOICE_TOKENS = 24
 
 
 @dataclass(eq=False)
@@ -197,6 +204,7 @@ class PersonalModel:
         """Prefer :meth:`open`; this wires already-loaded parts together."""
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._onnx: _OnnxSession | None = None  # loaded by the first ONNX generation
+        self._onnx_choices: dict[str, OnnxChoice] = {}  # onnx-auto's graph, per provider
         self._profile = profile
         self.profile = profile.root
         self.base = base
@@ -1065,7 +1073,9 @@ class PersonalModel:
             return None
         return self._onnx_session(backend, provider, progress=progress).exported
 
-    def _check_backend(self, backend: str, provider: str | None) -> Literal["none", "int8"] | None:
+    def _check_backend(
+        self, backend: str, provider: str | None
+    ) -> Literal["none", "int8", "auto"] | None:
         """The export quantization of an ONNX backend, None for torch; refuses bad pairs."""
         if backend not in BACKENDS:
             raise SpecError(
@@ -1074,14 +1084,17 @@ class PersonalModel:
         if backend == "torch":
             if provider is not None and provider.strip().lower() != "auto":
                 raise SpecError(
-                    f"provider={provider!r} applies to the ONNX backends (onnx, onnx-int8); "
+                    f"provider={provider!r} applies to the ONNX backends (onnx, onnx-int8, "
+                    "onnx-auto); "
                     "the torch backend runs on the device the profile was opened with"
                 )
             return None
-        return _ONNX_BACKENDS[backend]
+        return "auto" if backend == "onnx-auto" else _ONNX_BACKENDS[backend]
 
     def _onnx_session(self, backend: str, provider: str | None, *, progress: bool) -> _OnnxSession:
         """The ONNX Runtime session for ``backend``: reused, or exported/loaded once."""
+        if backend == "onnx-auto":
+            backend = self.onnx_graph_choice(provider, progress=progress).backend
         from lorafleet.client.onnx_export import (
             OnnxExportConfig,
             QualityGateError,
@@ -1111,6 +1124,66 @@ class PersonalModel:
             self._onnx = None  # release the old session before loading the new one
         self._onnx = _OnnxSession(backend, asked, exported, exported.load(provider=provider))
         return self._onnx
+
+    def onnx_graph_choice(
+        self, provider: str | None = None, *, progress: bool = True, refresh: bool = False
+    ) -> OnnxChoice:
+        """The ONNX graph ``backend="onnx-auto"`` uses on this machine, and why.
+
+        Measured once per machine, base, ONNX Runtime and provider, then cached
+        (:mod:`lorafleet.client.onnx_choice`): the first call exports both graphs (if
+        they are not exported yet) and times greedy decoding on each. ``refresh``
+        measures again.
+        """
+        from lorafleet.client.device import this_cpu
+        from lorafleet.client.onnx_choice import choice_key, choose_graph, time_decoding
+        from lorafleet.client.onnx_export import OnnxExportConfig, QualityGateError
+        from lorafleet.client.onnx_runtime import ort_version, select_providers
+
+        asked = (provider or "auto").strip().lower()
+        if not refresh and asked in self._onnx_choices:
+            return self._onnx_choices[asked]
+        providers = select_providers(provider)
+        cpu = this_cpu()
+        targets = self.spec.target_modules
+        keys = {
+            b: OnnxExportConfig(quantization=q, target_modules=targets).export_key(
+                self.spec.base_sha256
+            )
+            for b, q in _ONNX_BACKENDS.items()
+        }
+        key = choice_key(
+            cpu_model=cpu.model,
+            isa_class=cpu.isa_class,
+            isa_restriction=cpu.isa_restriction,
+            ort_version=ort_version(),
+            providers=providers,
+            export_keys=keys,
+        )
+        # The same short prompt on both graphs, greedy, the zero adapter: only the base's
+        # matmuls differ between them, and they are what the choice is about.
+        ids = [int(t) for t in self.base.tokenizer(_CHOICE_PROMPT)["input_ids"]][:64]
+
+        def speed(backend: str) -> float:
+            session = self._onnx_session(backend, provider, progress=progress)
+            zero = session.lm.zero_adapter()
+            return time_decoding(lambda: session.lm.generate([ids], zero, _CHOICE_TOKENS)[0])
+
+        def measure() -> tuple[float, float | None, str]:
+            line = "backend onnx-auto: timing the float32 and int8 graphs once on this machine"
+            log.info("%s", line)
+            if progress:
+                tqdm.write(line, file=sys.stderr)
+            fp32 = speed("onnx")
+            try:
+                int8: float | None = speed("onnx-int8")
+            except QualityGateError as exc:
+                return fp32, None, str(exc)
+            return fp32, int8, ""
+
+        choice = choose_graph(key, measure, cache_dir=self._cache_dir, refresh=refresh)
+        self._onnx_choices[asked] = choice
+        return choice
 
     def _export(self, backend: str, config: OnnxExportConfig, *, progress: bool) -> ExportedBase:
         """Export the base once, from a fresh float32 copy (this model carries the adapter)."""

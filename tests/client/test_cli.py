@@ -233,7 +233,7 @@ def test_generate_on_the_onnx_backend_from_the_shell(
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        (["--provider", "cpu"], "applies to --backend onnx"),
+        (["--provider", "cpu"], "applies to the --backend onnx variants"),
         (["--backend", "onnx-int8", "--provider", "cuda"], "onnxruntime-gpu"),
     ],
 )

@@ -224,3 +224,59 @@ def test_an_int8_export_leaves_the_apps_logging_alone(monkeypatch: pytest.Monkey
 
     # Assert
     assert root.handlers == [] and root.level == logging.WARNING
+
+
+def test_onnx_auto_times_both_graphs_once_and_replies_like_the_one_it_chose(
+    trained_profile: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a cache of its own, so the choice is measured here
+    first = open_pm(trained_profile, tiny_model_dir, tmp_path / "cache")
+
+    # Execute
+    reply = first.generate("Maya climbs", max_new_tokens=6, backend="onnx-auto")
+    choice = first.onnx_graph_choice()
+    again = open_pm(trained_profile, tiny_model_dir, tmp_path / "cache").onnx_graph_choice()
+
+    # Assert: both graphs timed, the rule applied, the reply is the chosen graph's, and a
+    # new process reads the choice instead of timing again
+    assert set(choice.tokens_per_s) == {"onnx", "onnx-int8"}
+    assert all(v > 0 for v in choice.tokens_per_s.values())
+    faster = choice.tokens_per_s["onnx-int8"] >= choice.tokens_per_s["onnx"]
+    assert choice.backend == ("onnx-int8" if faster else "onnx")
+    assert reply == first.generate("Maya climbs", max_new_tokens=6, backend=choice.backend)
+    assert not choice.from_cache and again.from_cache
+    assert (again.backend, again.reason) == (choice.backend, choice.reason)
+
+
+def test_a_refused_int8_export_is_never_chosen() -> None:
+    from lorafleet.client.onnx_choice import decide
+
+    assert decide(10.0, None, int8_refused="gate failed")[0] == "onnx"
+    assert decide(10.0, 9.0)[0] == "onnx"
+    assert decide(10.0, 10.0)[0] == "onnx-int8"  # a tie keeps the smaller graph
+
+
+def test_a_corrupt_cached_choice_is_measured_again(tmp_path: Path) -> None:
+    from lorafleet.client.onnx_choice import choose_graph
+
+    # Prepare
+    key = {"version": 1, "cpu_model": "test"}
+    calls: list[int] = []
+
+    def measure() -> tuple[float, float | None, str]:
+        calls.append(1)
+        return 10.0, 20.0, ""
+
+    first = choose_graph(key, measure, cache_dir=tmp_path)
+    (cached,) = (tmp_path / "device").glob("onnx-choice-*.json")
+    cached.write_text("{not json")
+
+    # Execute
+    second = choose_graph(key, measure, cache_dir=tmp_path)
+    third = choose_graph(key, measure, cache_dir=tmp_path)
+    other = choose_graph({**key, "cpu_model": "another"}, measure, cache_dir=tmp_path)
+
+    # Assert: measured, re-measured after the corruption, then read; a new key measures
+    assert len(calls) == 3
+    assert first.backend == second.backend == third.backend == other.backend == "onnx-int8"
+    assert third.from_cache and not other.from_cache
