@@ -360,10 +360,12 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
         (2, 3, {}),
     ]
     assert sorted(results["evaluation"]) == sorted(node_ids)
-    # Each device kept its personal adapter, one version per round, in its own profile
+    # Each device kept its personal adapter in its own profile: one version per round,
+    # and the final personalization's from the last prior (it carries the last round)
     for user in users.iterdir():
         versions = Profile.open(tmp_path / "profiles" / user.name).versions()
-        assert [v.round for v in versions] == [1, 2]
+        assert [v.round for v in versions] == [1, 2, 2]
+        assert versions[-1].metrics["steps"] > 0  # the personalize round trained
     # and the registry knows every node's versions, under keyed node pseudonyms
     assert registry_histories(data_dir) == profile_histories(tmp_path / "profiles")
     if device_worker:  # every message ran on its device's worker, which loaded the base once
