@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from lorafleet.client.layout import cache_root
+from lorafleet.client.layout import cache_root, keyed_cache_file
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import StorageError
 
@@ -544,11 +543,6 @@ def profile_key(
     }
 
 
-def _cache_file(folder: Path, key: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / f"profile-{digest}.json"
-
-
 def _load(path: Path, key: Mapping[str, Any]) -> DeviceProfile | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -602,7 +596,7 @@ def device_profile(
     version = str(torch.__version__)
     key = profile_key(cpu, version, threads, shape)
     folder = cache_root(cache_dir) / _PROFILE_DIR
-    path = _cache_file(folder, key)
+    path = keyed_cache_file(folder, "profile-", key)
     memo_key = f"{folder}|{path.name}"
     if not refresh:
         if memo_key in _MEMO:

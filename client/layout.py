@@ -7,9 +7,13 @@ seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.manifest import DEFAULT_BASE_MANIFEST
@@ -39,6 +43,17 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     if xdg:
         return Path(xdg).expanduser() / "lorafleet"
     return Path.home() / ".cache" / "lorafleet"
+
+
+def keyed_cache_file(folder: Path, prefix: str, key: Mapping[str, Any]) -> Path:
+    """The cache file of a measurement made under ``key`` (``<prefix><hash>.json``).
+
+    A measurement cached per machine (the device profile, the ONNX graph choice) is
+    named by what it depends on, so a change of any of it finds no file and measures
+    again; the file also holds the key, which its reader compares.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return folder / f"{prefix}{digest}.json"
 
 
 def default_gguf_path() -> Path:

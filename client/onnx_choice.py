@@ -19,7 +19,6 @@ measures again. It is logged in one line that says what was chosen and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from lorafleet.client.layout import cache_root
+from lorafleet.client.layout import cache_root, keyed_cache_file
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import StorageError
 
@@ -138,11 +137,6 @@ def choice_key(
     }
 
 
-def _cache_file(folder: Path, key: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / f"onnx-choice-{digest}.json"
-
-
 def _load(path: Path, key: Mapping[str, Any]) -> OnnxChoice | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -168,7 +162,7 @@ def choose_graph(
     ``measure`` returns (float32 tokens/s, int8 tokens/s or None, why int8 was refused).
     An unwritable cache costs a measurement per process; it is never an error.
     """
-    path = _cache_file(cache_root(cache_dir) / "device", key)
+    path = keyed_cache_file(cache_root(cache_dir) / "device", "onnx-choice-", key)
     if not refresh:
         cached = _load(path, key)
         if cached is not None:

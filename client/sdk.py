@@ -363,7 +363,7 @@ class PersonalModel:
         if current is None or not client.send_reports:
             return None
         report = AdapterReport(adapter=adapter, current=current, saved=saved)
-        return self._send_reports(client, [*self._profile.pending_reports(), report])
+        return self._send_reports(client, self._profile.pending_reports(), report)
 
     def send_pending_reports(self, report_to: BackupClient) -> ReportReceipt | None:
         """Send the reports queued after failures; None when there were none or it failed.
@@ -374,11 +374,13 @@ class PersonalModel:
         pending = self._profile.pending_reports()
         if not pending or not report_to.send_reports:
             return None
-        return self._send_reports(report_to, pending)
+        return self._send_reports(report_to, pending, None)
 
     def _send_reports(
-        self, client: BackupClient, reports: list[AdapterReport]
+        self, client: BackupClient, pending: list[AdapterReport], new: AdapterReport | None
     ) -> ReportReceipt | None:
+        """Send ``pending`` then ``new``; queue them all on failure, clear the queue after."""
+        reports = pending if new is None else [*pending, new]
         try:
             receipt = client.report_versions(self.spec, reports)
         except BackupError as exc:  # the version is saved here; a report is not worth failing for
@@ -392,8 +394,9 @@ class PersonalModel:
                 len(reports),
             )
             return None
-        with self._profile.writing():
-            self._profile.queue_reports([])
+        if pending:  # only a queue that existed is rewritten: no lock and I/O per report
+            with self._profile.writing():
+                self._profile.queue_reports([])
         return receipt
 
     # ------------------------------------------------------------------ exports

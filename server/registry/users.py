@@ -801,7 +801,6 @@ class UsersMixin(RegistryBase):
                 placed.append((r, aid))
             stored = self._report_versions(conn, [aid for _, aid in placed])
             rows, batch = [], set()
-            rowkeys: set[tuple[AdapterId, int]] = set()  # versions this batch inserts
             repeated: set[int] = set()  # reports of a version already stored: no new evaluation
             for r, aid in placed:
                 prov = r.provenance
@@ -828,16 +827,16 @@ class UsersMixin(RegistryBase):
                 metrics = dict(prov.metrics)
                 parent = prov.parent
                 # The parent may be stored already or come earlier in this batch (a device
-                # sending the reports it queued while offline), never later: rows go in
-                # in order, so the parent link always names a row that exists.
+                # sending the reports it queued while offline): every key in ``batch`` is
+                # stored or inserted before this row (a parent is always an earlier
+                # version), so the link names a row that exists.
                 if (
                     parent is not None
                     and (aid, parent) not in stored
-                    and (aid, parent) not in rowkeys
+                    and (aid, parent) not in batch
                 ):
                     metrics["unrecorded_parent"] = float(parent)
                     parent = None
-                rowkeys.add(key)
                 rows.append(
                     {
                         "adapter_id": aid,
