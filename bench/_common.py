@@ -264,6 +264,24 @@ native bf16) in torch's ATen kernels and oneDNN. torch reads it when it starts, 
 only holds for a process started with it: hence a child process."""
 
 
+def add_base_arguments(parser: Any) -> None:
+    """``--base`` and ``--cache-dir``, as every benchmark on a base model takes them."""
+    parser.add_argument(
+        "--base", default="default", help="base model: 'default', a .gguf file or a model folder"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="lorafleet cache (default: lorafleet's own)"
+    )
+
+
+def require_positive(parser: Any, args: Any, *names: str) -> None:
+    """One usage error for the first of ``names`` set below 1 (unset, None, is fine)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def add_isa_argument(parser: Any) -> None:
     """``--isa {native,avx2}`` on a benchmark's argument parser."""
     parser.add_argument(

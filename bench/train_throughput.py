@@ -734,12 +734,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps per path")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
-    parser.add_argument(
-        "--base", default="default", help="base model: 'default', a .gguf file or a model folder"
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="lorafleet cache (default: lorafleet's own)"
-    )
+    _common.add_base_arguments(parser)
     parser.add_argument(
         "--rss",
         action=argparse.BooleanOptionalAction,
@@ -755,10 +750,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _common.add_isa_argument(parser)
     parser.add_argument("--child", choices=sorted(PATHS_BY_KEY), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("steps", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
+    _common.require_positive(parser, args, "steps", "threads")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.child is not None and args.steps is None:

@@ -38,6 +38,8 @@ __all__ = [
     "Int8Kernel",
     "Int8Weight",
     "default_kernel",
+    "int8_forward",
+    "int8_grad_input",
     "int8_linear",
     "quantize_rows",
     "quantize_weight",
@@ -104,18 +106,41 @@ def _fbgemm_rows(x: torch.Tensor, packed: Any) -> torch.Tensor:
     return y.mul_(row_max)
 
 
+def int8_forward(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """``x @ W.T`` with x quantized per token: the forward of :func:`int8_linear`, no autograd.
+
+    x (M, K) float -> (M, N) in x's dtype.
+    """
+    if weight.packed is not None:
+        acc = _fbgemm_rows(x, weight.packed[0])  # (M, N) fp32
+        return acc.mul_(weight.scale).to(x.dtype)
+    xq, x_scale = quantize_rows(x)
+    acc_i = torch._int_mm(xq, weight.q.t())  # (M, N) int32
+    return (acc_i.float().mul_(x_scale).mul_(weight.scale)).to(x.dtype)
+
+
+def int8_grad_input(grad: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """``grad @ W`` with grad quantized per row: the backward of :func:`int8_linear`.
+
+    grad (M, N) float -> (M, K) in grad's dtype. The frozen W has no gradient of its own.
+    """
+    # dL/dx = g @ W = (g * s_w) @ Wq: the per-channel scale moves onto g's columns.
+    # Out of place: for an fp32 grad .float() is the grad itself, which autograd may
+    # still hand to other branches (the LoRA path reads the same output gradient).
+    scaled = grad.float() * weight.scale  # (M, N)
+    if weight.packed is not None:
+        return _fbgemm_rows(scaled, weight.packed[1]).to(grad.dtype)  # (M, K)
+    gq, g_scale = quantize_rows(scaled)  # (M, N) int8
+    acc = torch._int_mm(gq, weight.q)  # (M, K) int32
+    return acc.float().mul_(g_scale).to(grad.dtype)
+
+
 class _Int8Matmul(torch.autograd.Function):
     """``x @ W.T`` with W int8 per output channel and x quantized per token; frozen W."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-        # x (M, K) float, weight.q (N, K) int8, weight.scale (N,) fp32
-        if weight.packed is not None:
-            acc = _fbgemm_rows(x, weight.packed[0])  # (M, N) fp32
-            return acc.mul_(weight.scale).to(x.dtype)
-        xq, x_scale = quantize_rows(x)
-        acc_i = torch._int_mm(xq, weight.q.t())  # (M, N) int32
-        return (acc_i.float().mul_(x_scale).mul_(weight.scale)).to(x.dtype)
+        return int8_forward(x, weight)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -123,16 +148,7 @@ class _Int8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        weight: Int8Weight = ctx.weight
-        # dL/dx = g @ W = (g * s_w) @ Wq: the per-channel scale moves onto g's columns.
-        # Out of place: for an fp32 grad .float() is the grad itself, which autograd may
-        # still hand to other branches (the LoRA path reads the same output gradient).
-        scaled = grad.float() * weight.scale  # (M, N)
-        if weight.packed is not None:
-            return _fbgemm_rows(scaled, weight.packed[1]).to(grad.dtype), None  # (M, K)
-        gq, g_scale = quantize_rows(scaled)  # (M, N) int8
-        acc = torch._int_mm(gq, weight.q)  # (M, K) int32
-        return acc.float().mul_(g_scale).to(grad.dtype), None
+        return int8_grad_input(grad, ctx.weight), None
 
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
