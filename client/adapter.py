@@ -1,8 +1,10 @@
 """Personal adapters on a frozen base: built from a spec, saved as stock PEFT folders.
 
 A is rebuilt from the cohort seed (:func:`lorafleet.protocols.seeds.derive_a`) and
-frozen; only B is trainable, so the only tensors a device ever needs to keep private,
-back up or send are the B matrices. On disk an adapter is a standard PEFT folder
+frozen while the federation trains; only B is shared, so the only tensors a device ever
+sends are B matrices. The final personalization may also train A on the device (a
+*personal A*, :attr:`AdapterProvenance.personal_a`); such a version keeps its A with its
+B, hashes both, and is backed up whole. On disk an adapter is a standard PEFT folder
 (``adapter_config.json`` + ``adapter_model.safetensors``), which stock
 ``peft.PeftModel.from_pretrained`` loads, plus ``lorafleet_adapter.json`` holding the
 spec and provenance. Nothing here unpickles anything.
@@ -38,6 +40,9 @@ ADAPTER_NAME = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
+
+ATensors = dict[str, npt.NDArray[np.float32]]
+"""A matrices keyed by module path, shape ``(r, in_features)``: a personal A."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,34 +194,115 @@ def get_b(peft_model: torch.nn.Module) -> BTensors:
     }
 
 
-def set_b(peft_model: torch.nn.Module, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
-    """Load B matrices in place, refusing missing, extra, mis-shaped or non-finite ones."""
+def _copy_in(
+    peft_model: torch.nn.Module, values: Mapping[str, npt.NDArray[np.floating[Any]]], kind: str
+) -> None:
+    """Copy ``kind`` ("A" or "B") matrices in place, refusing any that do not fit."""
     layers = _lora_layers(peft_model)
-    missing, extra = sorted(set(layers) - set(b)), sorted(set(b) - set(layers))
+    missing, extra = sorted(set(layers) - set(values)), sorted(set(values) - set(layers))
     if missing or extra:
         raise IntegrityError(
-            f"B tensors do not fit this adapter: missing {missing[:3]}, unexpected {extra[:3]}; "
-            "was it made with another spec?"
+            f"{kind} tensors do not fit this adapter: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}; was it made with another spec?"
         )
+    which = 0 if kind == "A" else 1
     with torch.no_grad():
         for path, layer in layers.items():
-            weight = _a_b(layer)[1].weight
-            value = np.asarray(b[path])
+            weight = _a_b(layer)[which].weight
+            value = np.asarray(values[path])
             if tuple(value.shape) != tuple(weight.shape):
                 raise IntegrityError(
-                    f"B for {path} has shape {tuple(value.shape)}, expected {tuple(weight.shape)}"
+                    f"{kind} for {path} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(weight.shape)}"
                 )
             if not np.isfinite(value).all():
-                raise IntegrityError(f"B for {path} contains NaN or Inf")
+                raise IntegrityError(f"{kind} for {path} contains NaN or Inf")
             weight.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
 
 
-def b_content_hash(spec: AdapterSpec, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> str:
-    """Content hash of one adapter version: its spec and its B tensors."""
-    return content_hash(
-        {k: np.asarray(v, dtype=np.float32) for k, v in b.items()},
-        spec_fingerprint=spec.fingerprint(),
-    )
+def set_b(peft_model: torch.nn.Module, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
+    """Load B matrices in place, refusing missing, extra, mis-shaped or non-finite ones."""
+    _copy_in(peft_model, b, "B")
+
+
+def get_a(peft_model: torch.nn.Module) -> ATensors:
+    """Copy of every A matrix as float32 NumPy, keyed by module path; shape ``(r, in)``."""
+    return {
+        path: _a_b(layer)[0].weight.detach().to(torch.float32).cpu().numpy().copy()
+        for path, layer in _lora_layers(peft_model).items()
+    }
+
+
+def seeded_a(peft_model: torch.nn.Module, spec: AdapterSpec) -> ATensors:
+    """The A every device rebuilds from ``spec``'s seed, for this model's adapted layers."""
+    return {
+        path: derive_a(spec, path, int(_a_b(layer)[0].weight.shape[1]))
+        for path, layer in _lora_layers(peft_model).items()
+    }
+
+
+def has_seeded_a(peft_model: torch.nn.Module, spec: AdapterSpec) -> bool:
+    """Whether every A of the model is the spec's seeded A (in the A's own dtype)."""
+    for path, layer in _lora_layers(peft_model).items():
+        weight = _a_b(layer)[0].weight.detach().cpu()
+        expected = torch.from_numpy(derive_a(spec, path, int(weight.shape[1]))).to(weight.dtype)
+        if not torch.equal(weight, expected):
+            return False
+    return True
+
+
+def load_a(peft_model: torch.nn.Module, a: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
+    """Copy A values in place, refusing missing, extra, mis-shaped or non-finite ones.
+
+    Leaves ``requires_grad`` as it is, so a training run can put its best A back and
+    go on training it; :func:`set_a` is the form that also freezes A.
+    """
+    _copy_in(peft_model, a, "A")
+
+
+def set_a(
+    peft_model: torch.nn.Module,
+    spec: AdapterSpec,
+    a: Mapping[str, npt.NDArray[np.floating[Any]]] | None,
+) -> None:
+    """Load A in place, frozen: a personal A, or ``None`` for the spec's seeded A.
+
+    Training a personal A turns ``requires_grad`` on again
+    (:class:`lorafleet.client.train.TrainConfig` ``a_lr``). A warm model that served one
+    user's personal A must get the seeded A back before it serves anything else, hence
+    the ``None`` form.
+    """
+    load_a(peft_model, seeded_a(peft_model, spec) if a is None else a)
+    for layer in _lora_layers(peft_model).values():
+        _a_b(layer)[0].weight.requires_grad_(False)
+
+
+def set_weights(
+    peft_model: torch.nn.Module,
+    spec: AdapterSpec,
+    b: Mapping[str, npt.NDArray[np.floating[Any]]],
+    a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+) -> None:
+    """Load one adapter version: its B, and its personal A or the seeded one."""
+    set_b(peft_model, b)
+    set_a(peft_model, spec, a)
+
+
+def b_content_hash(
+    spec: AdapterSpec,
+    b: Mapping[str, npt.NDArray[np.floating[Any]]],
+    a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+) -> str:
+    """Content hash of one adapter version: its spec, its B and its personal A if any.
+
+    Without a personal A the hash is of B alone, as it always was (the seeded A follows
+    from the spec, which the hash binds); a personal A's tensors join under
+    ``"<module path>:A"``, a name no module path can take.
+    """
+    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in b.items()}
+    if a is not None:
+        tensors.update({f"{k}:A": np.asarray(v, dtype=np.float32) for k, v in a.items()})
+    return content_hash(tensors, spec_fingerprint=spec.fingerprint())
 
 
 def save_adapter(peft_model: PeftModel, folder: Path, provenance: AdapterProvenance) -> None:
@@ -224,9 +310,16 @@ def save_adapter(peft_model: PeftModel, folder: Path, provenance: AdapterProvena
 
     The folder appears complete or not at all: it is assembled under a temporary name and
     renamed into place, so a killed process or a full disk leaves earlier versions intact.
+    A version that says its A is seeded must hold exactly the seeded A: a trained A
+    saved under that claim would fail every later read.
     """
     b = get_b(peft_model)
-    actual = b_content_hash(provenance.spec, b)
+    if not provenance.personal_a and not has_seeded_a(peft_model, provenance.spec):
+        raise IntegrityError(
+            "the adapter's A is not the spec's seeded A; save it with personal_a=True"
+        )
+    a = get_a(peft_model) if provenance.personal_a else None
+    actual = b_content_hash(provenance.spec, b, a)
     if actual != provenance.content_hash:
         raise IntegrityError("provenance content_hash does not match the adapter being saved")
     with atomic_directory(Path(folder)) as tmp:
@@ -234,14 +327,15 @@ def save_adapter(peft_model: PeftModel, folder: Path, provenance: AdapterProvena
         (tmp / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
 
 
-def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
-    """B tensors of a saved adapter, verified against its content hash and its seed.
+def read_adapter(folder: Path, provenance: AdapterProvenance) -> tuple[BTensors, ATensors | None]:
+    """B and the personal A (None: seeded) of a saved adapter, verified.
 
     Raises
     ------
     IntegrityError
-        If the weights file is missing or corrupt, its B does not hash to the recorded
-        content hash, or its A differs from the one the spec's seed produces.
+        If the weights file is missing or corrupt, its tensors do not hash to the
+        recorded content hash, or (for a seeded-A version) its A differs from the one
+        the spec's seed produces.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -256,6 +350,7 @@ def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
             f"adapter weights at {path} are corrupt ({exc}); restore a backup"
         ) from None
     b: BTensors = {}
+    a: ATensors = {}
     spec = provenance.spec
     for key, value in tensors.items():
         if not key.startswith(_PEFT_PREFIX):
@@ -264,6 +359,11 @@ def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
         if kind == "B.weight":
             b[module] = value.astype(np.float32)
         elif kind == "A.weight":
+            if provenance.personal_a:
+                if value.ndim != 2 or value.shape[0] != spec.rank:
+                    raise IntegrityError(f"A for {module} in {path} has shape {value.shape}")
+                a[module] = value.astype(np.float32)
+                continue
             expected = derive_a(spec, module, int(value.shape[1]))
             if value.shape != expected.shape or not np.array_equal(
                 value.astype(np.float32), expected
@@ -273,6 +373,18 @@ def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
                 )
         else:
             raise IntegrityError(f"unexpected tensor {key!r} in {path}")
-    if b_content_hash(spec, b) != provenance.content_hash:
+    personal = a if provenance.personal_a else None
+    if personal is not None and sorted(personal) != sorted(b):
+        raise IntegrityError(f"adapter weights at {path} pair A and B of different modules")
+    if b_content_hash(spec, b, personal) != provenance.content_hash:
         raise IntegrityError(f"adapter weights at {path} do not match their recorded content hash")
-    return b
+    return b, personal
+
+
+def read_b(folder: Path, provenance: AdapterProvenance) -> BTensors:
+    """B of a saved adapter, after :func:`read_adapter` verified the whole version.
+
+    Only for callers that need B alone (a check, a B-only comparison); loading a
+    version into a model takes :func:`read_adapter`, which also returns a personal A.
+    """
+    return read_adapter(folder, provenance)[0]

@@ -1,6 +1,7 @@
 """The adapter archive: one version of a profile as the plaintext of a backup envelope.
 
-Format 2 (written since issue 15) carries B only. A is rebuilt bit for bit from the
+Format 2 (written since issue 15) carries B only; a version with a personal A (trained on
+the device, which no seed rebuilds) is written in format 1. A is rebuilt bit for bit from the
 cohort seed (:func:`lorafleet.protocols.seeds.derive_a`), so storing it was a waste of
 60% of every backup; B is packed by the same code the federated rounds use
 (:func:`lorafleet.protocols.encoding.encode_tensors`), int8 by default, which
@@ -171,6 +172,13 @@ def pack_version(
     root, folder = _version_folder(profile_root, version)
     provenance = read_provenance(folder)
     b = read_b(folder, provenance)  # never back up a damaged version
+    if provenance.personal_a:  # no seed rebuilds a trained A: it travels as it is
+        logger.info(
+            "version %d in %s has a personal A; backing up the whole folder (archive format 1)",
+            version,
+            root,
+        )
+        return pack_version_v1(root, version)
     weights = (folder / WEIGHTS_FILE).read_bytes()
     fan_in = _fan_in(weights)
     names = sorted(b)
@@ -353,6 +361,10 @@ def _restored_weights(
     provenance: AdapterProvenance, payload: bytes, weights: Mapping[str, Any]
 ) -> dict[str, bytes]:
     """The weights file and provenance of a format-2 archive, checked against its spec."""
+    if provenance.personal_a:  # format 2 rebuilds A from the seed: it cannot hold one
+        raise IntegrityError(
+            "the backup says its adapter has a personal A but carries B only: refusing it"
+        )
     spec = provenance.spec
     b, _ = decode_tensors(payload)  # IntegrityError on anything malformed or non-finite
     fan_in = _checked_shapes(spec, b, weights.get("fan_in"))

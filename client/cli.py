@@ -129,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=60, help="optimizer steps (an upper bound: early stop)"
     )
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the adapter's B")
+    p.add_argument(
+        "--a-lr",
+        type=float,
+        default=0.0,
+        help="learning rate of the adapter's A: > 0 trains a personal A too, kept in the "
+        "profile (default 0: A stays the spec's seeded A)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="token blocks per step")
     p.add_argument(
         "--heldout", type=float, default=0.2, help="share of notes held out for early stopping"
@@ -364,6 +371,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     config = TrainConfig(
         steps=args.steps,
         lr=args.lr,
+        a_lr=args.a_lr,
         batch_size=args.batch_size,
         precision=args.precision,
         device=args.device,

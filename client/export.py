@@ -35,7 +35,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from lorafleet.client.adapter import WEIGHTS_FILE, materialize
+from lorafleet.client.adapter import WEIGHTS_FILE, materialize, set_a
 from lorafleet.client.base import DEFAULT_BASE, hf_folder, load_base, quiet_transformers
 from lorafleet.client.layout import PROVENANCE_FILE
 from lorafleet.protocols.atomic import atomic_directory
@@ -335,6 +335,10 @@ class ExportJob:
     out: Path = field(metadata={"help": "The folder to create; must not exist."})
     cache_dir: Path | None = None
     progress: bool = True
+    a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = field(
+        default=None,
+        metadata={"help": "The version's personal A, (r, in) each; None: the seeded A."},
+    )
 
 
 def write_peft(job: ExportJob) -> Path:
@@ -377,6 +381,8 @@ def write_merged(job: ExportJob) -> Path:
         job.source, cache_dir=job.cache_dir, expected_sha256=spec.base_sha256, dtype=torch.float32
     )
     peft_model = materialize(fresh.model, spec, base_sha256=fresh.sha256, b=job.b)
+    if job.a is not None:
+        set_a(peft_model, spec, job.a)
     merged: Any = peft_model.merge_and_unload()
     merged.config.name_or_path = job.ref.name_or_path
     with atomic_directory(out) as tmp, quiet_transformers():

@@ -26,7 +26,19 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from lorafleet.client.adapter import adapter_disabled, get_b, materialize, set_b
+from lorafleet.client.adapter import (
+    ATensors,
+    adapter_disabled,
+    get_a,
+    get_b,
+    has_seeded_a,
+    load_a,
+    materialize,
+    seeded_a,
+    set_a,
+    set_b,
+    set_weights,
+)
 from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
@@ -176,6 +188,9 @@ def run_round(
         base_service=base_service,
         base_service_ca=base_service_ca,
     )
+    # A warm worker serves every user of this process: whatever A the last one left
+    # (a personal A) goes, and the prior is scored, trained and averaged on the seeded A.
+    set_a(w.model, instr.spec, None)
     if prior_b is None:  # the zero prior of round 1
         prior_b = {k: np.zeros_like(v) for k, v in get_b(w.model).items()}
     tok = w.base.tokenizer
@@ -194,13 +209,14 @@ def run_round(
 
     profile = _open_profile(profile_root, instr, base_source)
     current = profile.current_version()
-    personal_b = (
-        profile.read(current)[1] if current is not None else prior_b
-    )  # new users warm-start
+    personal_b, personal_a = prior_b, None  # new users warm-start
+    if current is not None:
+        _, personal_b, personal_a = profile.read(current)
 
     if instr.mode == "evaluate":
-        set_b(w.model, personal_b)
+        set_weights(w.model, instr.spec, personal_b, personal_a)
         metrics = RoundMetrics(len(data.train), base_loss, prior_loss, loss())
+        set_a(w.model, instr.spec, None)
         return None, metrics
 
     # Prior step: plain local training from the prior, no early stop (selecting on this
@@ -235,16 +251,17 @@ def run_round(
     # The personalize round after the last one gets the whole personal budget at once,
     # from the final prior: the fine-tuned-global recipe, with early stopping and the
     # choice on top (docs/personalization.md measured why one run beats per-round bits).
+    start_a: ATensors | None = None
     if current is None:
         start_b, start_loss, start_from = prior_b, prior_loss, "prior"
     else:
-        set_b(w.model, personal_b)
+        set_weights(w.model, instr.spec, personal_b, personal_a)
         own_loss = loss()
         if own_loss <= prior_loss:
-            start_b, start_loss, start_from = personal_b, own_loss, "personal"
+            start_b, start_a, start_loss, start_from = personal_b, personal_a, own_loss, "personal"
         else:
             start_b, start_loss, start_from = prior_b, prior_loss, "prior"
-    set_b(w.model, start_b)
+    set_weights(w.model, instr.spec, start_b, start_a)
     if instr.personal_steps == 0:
         personal_loss = start_loss
     else:
@@ -253,10 +270,21 @@ def run_round(
         result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
         personal_loss, mix = result.heldout_loss_after, 1.0
         if final and instr.blend:
-            personal_loss, mix = blend_with_prior(w.model, prior_b, prior_loss, personal_loss, loss)
+            personal_loss, mix = blend_with_prior(
+                w.model,
+                prior_b,
+                prior_loss,
+                personal_loss,
+                loss,
+                prior_a=None
+                if has_seeded_a(w.model, instr.spec)
+                else seeded_a(w.model, instr.spec),
+            )
+        trained_a = None if has_seeded_a(w.model, instr.spec) else get_a(w.model)
         profile.save(
             w.model,
             get_b(w.model),
+            a=trained_a,
             metrics={
                 "base_loss": base_loss,
                 "prior_loss": prior_loss,
@@ -268,10 +296,12 @@ def run_round(
                 "steps": float(result.steps),
                 "lr_drops": float(result.lr_drops),
                 "prior_steps": float(instr.prior_steps if delta is not None else 0),
+                "personal_a": float(trained_a is not None),
             },
             prior_version=instr.prior_version,
             round=instr.round,
         )
+    set_a(w.model, instr.spec, None)  # the user's A does not stay in the warm worker
     clipped: BTensors | None = None
     norm, was_clipped = 0.0, False
     if delta is not None:
@@ -312,6 +342,7 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
         lr=instr.personal_learning_rate,
         batch_size=instr.batch_size,
         warmup_steps=min(2, instr.personal_steps // 4),
+        a_lr=instr.personal_a_lr if final else 0.0,
         prox_mu=instr.prox_mu,
         precision=precision,  # type: ignore[arg-type]
         device=device,
@@ -332,33 +363,47 @@ def blend_with_prior(
     prior_loss: float,
     trained_loss: float,
     loss: Callable[[], float],
+    *,
+    prior_a: ATensors | None = None,
 ) -> tuple[float, float]:
-    """Keep the point on the line from the prior to the trained B that validates best.
+    """Keep the point on the line from the prior to the trained adapter that validates best.
 
     A and the base are shared, so a weighted mean of two B matrices is the same weighted
     mean of the two adapters' weight deltas: the interpolation of weight-space ensembles
     (WiSE-FT, Wortsman et al. 2022), applied per user. Fine-tuning a few notes pulls B
     toward them and away from what the cohort knows; a point in between often holds more
-    of both. The candidates are the trained B (weight 1), the prior (weight 0, whose loss
-    is known) and :data:`BLEND_WEIGHTS`, each scored once on the user's validation notes:
-    forward passes only, no training step. Leaves the model holding the winner and
-    returns its validation loss and weight; ties keep the larger weight.
+    of both. The candidates are the trained adapter (weight 1), the prior (weight 0,
+    whose loss is known) and :data:`BLEND_WEIGHTS`, each scored once on the user's
+    validation notes: forward passes only, no training step. With a personal A
+    (``prior_a`` is then the prior's A, the seeded one) A moves along its own line from
+    ``prior_a`` to the trained A with the same weight. Leaves the model holding the
+    winner and returns its validation loss and weight; ties keep the larger weight.
     """
     trained = get_b(model)
+    trained_a = get_a(model) if prior_a is not None else None
+
+    def put(weight: float) -> None:
+        if weight == 1.0:  # exactly, not prior + (trained - prior) in float32
+            set_b(model, trained)
+            if trained_a is not None:
+                load_a(model, trained_a)
+            return
+        set_b(model, {k: prior_b[k] + weight * (trained[k] - prior_b[k]) for k in trained})
+        if trained_a is not None and prior_a is not None:
+            load_a(
+                model,
+                {k: prior_a[k] + weight * (trained_a[k] - prior_a[k]) for k in trained_a},
+            )
+
     best_loss, best_weight = trained_loss, 1.0
     if prior_loss < best_loss:
         best_loss, best_weight = prior_loss, 0.0
     for weight in BLEND_WEIGHTS:
-        set_b(model, {k: prior_b[k] + weight * (trained[k] - prior_b[k]) for k in trained})
+        put(weight)
         candidate = loss()
         if candidate < best_loss:
             best_loss, best_weight = candidate, weight
-    if best_weight == 1.0:
-        set_b(model, trained)  # exactly, not prior + (trained - prior) in float32
-    elif best_weight == 0.0:
-        set_b(model, prior_b)
-    else:
-        set_b(model, {k: prior_b[k] + best_weight * (trained[k] - prior_b[k]) for k in trained})
+    put(best_weight)
     return best_loss, best_weight
 
 

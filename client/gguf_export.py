@@ -145,12 +145,17 @@ def _tensor_name(base: GgufBase, module_path: str) -> str:
 
 
 def lora_tensors(
-    base: GgufBase, spec: AdapterSpec, b: Mapping[str, npt.NDArray[np.floating[Any]]]
+    base: GgufBase,
+    spec: AdapterSpec,
+    b: Mapping[str, npt.NDArray[np.floating[Any]]],
+    a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
 ) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
     """The adapter as llama.cpp names and lays it out: GGUF tensor -> ``(A, B)``.
 
-    A is drawn from the spec's seed for the base tensor's input width, ``(r, in)``; B is
-    the version's, ``(out, r)``, with its rows permuted where the base tensor's are.
+    A is the version's personal A, or (``a`` None) drawn from the spec's seed for the
+    base tensor's input width, ``(r, in)``; B is the version's, ``(out, r)``, with its
+    rows permuted where the base tensor's are. A's columns follow the input features,
+    which llama.cpp does not permute, so A is written as it is.
 
     Raises
     ------
@@ -170,7 +175,16 @@ def lora_tensors(
         role = name.split(".")[-2]
         if role in _PERMUTED:
             b_mat = permute_rows(b_mat, getattr(base, _PERMUTED[role]))
-        pairs[name] = (derive_a(spec, path, fan_in), np.ascontiguousarray(b_mat))
+        if a is None:
+            a_mat = derive_a(spec, path, fan_in)
+        else:
+            a_mat = np.ascontiguousarray(a[path], dtype=np.float32)
+            if a_mat.shape != (spec.rank, fan_in):
+                raise LorafleetError(
+                    f"adapter A of {path} is {a_mat.shape}, but base tensor {name} needs "
+                    f"({spec.rank}, {fan_in}); the adapter was not made for this GGUF base"
+                )
+        pairs[name] = (a_mat, np.ascontiguousarray(b_mat))
     return pairs
 
 
@@ -214,7 +228,7 @@ def write_gguf_lora(job: ExportJob) -> Path:
     out = check_new_folder(job.out)
     base = gguf_base(job.source, "gguf-lora")
     spec = job.provenance.spec
-    pairs = lora_tensors(base, spec, job.b)
+    pairs = lora_tensors(base, spec, job.b, job.a)
     with atomic_directory(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp / GGUF_LORA_FILE), base.arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -239,7 +253,7 @@ def write_gguf_merged(job: ExportJob) -> Path:
     spec = job.provenance.spec
     deltas = {
         name: np.float32(spec.scaling) * (b @ a)  # (out, r) @ (r, in) -> (out, in), permuted
-        for name, (a, b) in lora_tensors(base, spec, job.b).items()
+        for name, (a, b) in lora_tensors(base, spec, job.b, job.a).items()
     }
     with atomic_directory(out) as tmp:
         write_gguf_model(base.path, tmp / GGUF_MODEL_FILE, deltas)

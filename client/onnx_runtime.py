@@ -365,9 +365,12 @@ class OnnxLM:
     # ------------------------------------------------------------------ adapters
 
     def adapter(
-        self, spec: AdapterSpec, b: Mapping[str, npt.NDArray[np.floating[Any]]]
+        self,
+        spec: AdapterSpec,
+        b: Mapping[str, npt.NDArray[np.floating[Any]]],
+        a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
     ) -> OnnxAdapter:
-        """Bind a personal adapter: A from the spec's seed, ``(alpha/rank) B`` from ``b``.
+        """Bind a personal adapter: A (``a``, or the spec's seeded A), ``(alpha/rank) B``.
 
         Parameters
         ----------
@@ -376,7 +379,10 @@ class OnnxLM:
             the graph was exported with.
         b
             B matrices keyed by module path, shape ``(out_features, rank)``, as
-            :func:`lorafleet.client.adapter.get_b` or ``read_b`` return them.
+            :func:`lorafleet.client.adapter.get_b` or ``read_adapter`` return them.
+        a
+            A personal A, keyed alike, shape ``(rank, in_features)``; None for the A
+            every device rebuilds from the spec's seed.
 
         Raises
         ------
@@ -398,12 +404,15 @@ class OnnxLM:
                 f"{list(meta.target_modules)}; export it with target_modules={list(spec.target_modules)}"
             )
         paths = {m.path for m in meta.adapted}
-        missing, extra = sorted(paths - set(b)), sorted(set(b) - paths)
-        if missing or extra:
-            raise IntegrityError(
-                f"B tensors do not fit this export: missing {missing[:3]}, unexpected "
-                f"{extra[:3]}; was the adapter made with another spec?"
-            )
+        for kind, given in (("B", b), ("A", a)):
+            if given is None:
+                continue
+            missing, extra = sorted(paths - set(given)), sorted(set(given) - paths)
+            if missing or extra:
+                raise IntegrityError(
+                    f"{kind} tensors do not fit this export: missing {missing[:3]}, unexpected "
+                    f"{extra[:3]}; was the adapter made with another spec?"
+                )
         arrays: dict[str, FloatArray] = {}
         for m in meta.adapted:
             value = np.asarray(b[m.path], dtype=np.float32)
@@ -413,8 +422,18 @@ class OnnxLM:
                 )
             if not np.isfinite(value).all():
                 raise IntegrityError(f"B for {m.path} contains NaN or Inf")
-            a = derive_a(spec, m.path, m.in_features)  # (r, in)
-            arrays[m.a_input] = np.ascontiguousarray(a.T)  # (in, r)
+            if a is None:
+                a_mat = derive_a(spec, m.path, m.in_features)  # (r, in)
+            else:
+                a_mat = np.asarray(a[m.path], dtype=np.float32)
+                if a_mat.shape != (spec.rank, m.in_features):
+                    raise IntegrityError(
+                        f"A for {m.path} has shape {a_mat.shape}, expected "
+                        f"{(spec.rank, m.in_features)}"
+                    )
+                if not np.isfinite(a_mat).all():
+                    raise IntegrityError(f"A for {m.path} contains NaN or Inf")
+            arrays[m.a_input] = np.ascontiguousarray(a_mat.T)  # (in, r)
             arrays[m.b_input] = np.ascontiguousarray(value.T * np.float32(spec.scaling))  # (r, out)
         return self._bind(arrays, rank=spec.rank, fingerprint=spec.fingerprint())
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # reading a profile needs no torch (lorafleet info --json)
     import numpy.typing as npt
     from peft import PeftModel
 
-    from lorafleet.client.adapter import BTensors
+    from lorafleet.client.adapter import ATensors, BTensors
 
 log = logging.getLogger(__name__)
 
@@ -226,31 +226,37 @@ class Profile:
             return []
         return [read_provenance(c) for c in sorted(folder.iterdir()) if _VERSION_DIR.match(c.name)]
 
-    def read(self, version: int) -> tuple[AdapterProvenance, BTensors]:
-        """Provenance and verified B of one version."""
+    def read(self, version: int) -> tuple[AdapterProvenance, BTensors, ATensors | None]:
+        """Provenance, verified B and personal A (None: the seeded A) of one version."""
         folder = self.version_dir(version)
         if not folder.is_dir():
             known = [p.version for p in self.versions()]
             raise LorafleetError(
                 f"no adapter version {version} in {self.root}; saved versions: {known}"
             )
-        from lorafleet.client.adapter import read_b
+        from lorafleet.client.adapter import read_adapter
 
         provenance = read_provenance(folder)
         if provenance.spec != self.spec:
             raise IntegrityError(f"adapter {folder} was made with another spec than this profile's")
-        return provenance, read_b(folder, provenance)
+        return (provenance, *read_adapter(folder, provenance))
 
     def save(
         self,
         model: PeftModel,
         b: Mapping[str, npt.NDArray[np.floating[Any]]],
         *,
+        a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
         metrics: Mapping[str, float] | None = None,
         prior_version: str | None = None,
         round: int | None = None,
     ) -> AdapterProvenance:
-        """Write ``model``'s adapter (whose B is ``b``) as a new version and make it current."""
+        """Write ``model``'s adapter as a new version and make it current.
+
+        ``b`` is the model's B; ``a`` its personal A when A was trained on the device
+        (the version then records ``personal_a`` and hashes A with B), None when A is
+        the spec's seeded A.
+        """
         from lorafleet.client.adapter import b_content_hash, save_adapter
 
         with self.writing():
@@ -259,12 +265,13 @@ class Profile:
             provenance = AdapterProvenance(
                 spec=self.spec,
                 version=version,
-                content_hash=b_content_hash(self.spec, b),
+                content_hash=b_content_hash(self.spec, b, a),
                 parent=self.current_version(),
                 prior_version=prior_version,
                 round=round,
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 metrics=dict(metrics or {}),
+                personal_a=a is not None,
             )
             save_adapter(model, self.version_dir(version), provenance)
             self.set_current(version)

@@ -172,15 +172,20 @@ class QuantConfig:
 
 @dataclass
 class _Lora:
-    """One LoRA branch: frozen A (a compute-dtype copy) and the model's own fp32 B."""
+    """One LoRA branch: the model's own A and B parameters, read live at every call.
 
-    a: torch.Tensor  # (r, in)
+    Live, not copied: a personal A (``TrainConfig.a_lr``) trains through this branch,
+    and a warm model that gets another user's A (or the seeded one back) must never
+    run a stale copy. Casting the (r, in) A per call costs nothing next to the matmuls.
+    """
+
+    a: torch.Tensor  # (r, in): the model's own nn.Parameter, frozen unless A trains
     b: torch.Tensor  # (out, r): the model's own nn.Parameter
     scaling: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        u = F.linear(x, self.a)  # (M, r)
-        return F.linear(u, self.b.to(x.dtype)) * self.scaling  # (M, out); B's grad is fp32
+        u = F.linear(x, self.a.to(x.dtype))  # (M, r)
+        return F.linear(u, self.b.to(x.dtype)) * self.scaling  # (M, out); grads are fp32
 
 
 @dataclass
@@ -236,7 +241,7 @@ def _fused_linear(
         if lora is not None and ADAPTER_NAME in lora.lora_A:
             a = cast(torch.nn.Linear, lora.lora_A[ADAPTER_NAME]).weight
             b = cast(torch.nn.Linear, lora.lora_B[ADAPTER_NAME]).weight
-            branch = _Lora(a.detach().to(dtype), b, float(lora.scaling[ADAPTER_NAME]))
+            branch = _Lora(a, b, float(lora.scaling[ADAPTER_NAME]))
         loras.append(branch)
     w = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)  # (sum(out), in)
     bias = None
@@ -375,8 +380,8 @@ class QuantizedCausalLM:
     """The fast training forward of one Llama-family peft model.
 
     It holds quantized (or cast) copies of the frozen weights and references to the
-    model's own B parameters, so gradients land where the optimizer and ``get_b`` expect
-    them. Build it with :func:`prepare_quantized_model`.
+    model's own A and B parameters, so gradients land where the optimizer and ``get_b``
+    expect them. Build it with :func:`prepare_quantized_model`.
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig) -> None:
@@ -422,13 +427,15 @@ class QuantizedCausalLM:
                     down=lin(mlp, "down_proj"),
                 )
             )
-        self.params: list[torch.Tensor] = [
-            lora.b
+        loras = [
+            lora
             for layer in self.layers
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
             for lora in lin.loras
             if lora is not None
         ]
+        self.params: list[torch.Tensor] = [lora.b for lora in loras]
+        self.a_params: list[torch.Tensor] = [lora.a for lora in loras]
         if not self.params:
             raise SpecError(
                 "quantized training: the model carries no adapter; materialize one first"
@@ -528,14 +535,15 @@ def prepare_quantized_model(
     config
         How to compute; int8 W8A8 frozen matmuls by default.
     params
-        The parameters the caller's optimizer trains. They must be exactly the adapter's
-        B matrices: the fast forward gives gradients to nothing else.
+        The parameters the caller's optimizer trains: every B matrix of the adapter,
+        and possibly its A matrices (a personal A); the fast forward gives gradients to
+        nothing else.
 
     Raises
     ------
     SpecError
         If the base is not a Llama-family causal LM, carries no adapter, or ``params``
-        holds anything besides its B matrices.
+        holds anything besides its A and B matrices.
 
     Examples
     --------
@@ -549,9 +557,12 @@ def prepare_quantized_model(
         with torch.no_grad():
             fast = QuantizedCausalLM(model, config)
         per_model[config] = fast
-    if params is not None and {id(p) for p in params} != {id(p) for p in fast.params}:
-        raise SpecError(
-            "precision int8 trains only the adapter's B matrices, but other parameters are "
-            "trainable too; freeze them or use precision bf16"
-        )
+    if params is not None:
+        given, b_ids = {id(p) for p in params}, {id(p) for p in fast.params}
+        if not b_ids <= given or not given <= b_ids | {id(p) for p in fast.a_params}:
+            raise SpecError(
+                "the lean training paths train the adapter's B matrices (and A, for a "
+                "personal A) only, but other parameters are trainable too; freeze them or "
+                "use precision fp32"
+            )
     return fast

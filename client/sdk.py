@@ -25,12 +25,17 @@ import numpy.typing as npt
 from tqdm.auto import tqdm
 
 from lorafleet.client.adapter import (
+    ATensors,
     BTensors,
     adapter_disabled,
+    get_a,
     get_b,
+    has_seeded_a,
     lora_targets,
     materialize,
+    set_a,
     set_b,
+    set_weights,
 )
 from lorafleet.client.backup import (
     BACKUP_PACKING,
@@ -127,11 +132,11 @@ class _OnnxSession:
     exported: ExportedBase
     lm: OnnxLM
     adapter: OnnxAdapter | None = None
-    b_digest: str = ""  # digest of the B that ``adapter`` was bound from
+    b_digest: str = ""  # digest of the B (and personal A) that ``adapter`` was bound from
 
 
 def _b_digest(b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> str:
-    """Content digest of B matrices: tells whether a bound ONNX adapter is stale."""
+    """Content digest of B (and personal A) matrices: tells whether a bound ONNX adapter is stale."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(b):
         value = np.ascontiguousarray(b[name], dtype=np.float32)
@@ -290,8 +295,8 @@ class PersonalModel:
 
     # ---------------------------------------------------------------- versions
     def _load_version(self, version: int) -> None:
-        provenance, b = self._profile.read(version)
-        set_b(self.model, b)
+        provenance, b, a = self._profile.read(version)
+        set_weights(self.model, self.spec, b, a)
         self._provenance = provenance
 
     def versions(self) -> list[AdapterProvenance]:
@@ -312,9 +317,26 @@ class PersonalModel:
         """A copy of the personal B matrices (private: never send them unencrypted)."""
         return get_b(self.model)
 
-    def load_b(self, b: Mapping[str, npt.NDArray[np.floating[Any]]]) -> None:
-        """Replace the personal B in memory (for example with a shared prior to warm-start)."""
+    def adapter_a(self) -> ATensors | None:
+        """A copy of the personal A matrices, or None while A is the spec's seeded A.
+
+        A personal A exists once training ran with ``TrainConfig.a_lr`` > 0; it is as
+        private as B.
+        """
+        return None if has_seeded_a(self.model, self.spec) else get_a(self.model)
+
+    def load_b(
+        self,
+        b: Mapping[str, npt.NDArray[np.floating[Any]]],
+        a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
+    ) -> None:
+        """Replace the personal adapter in memory (for example with a shared prior).
+
+        ``a`` is a personal A to go with ``b``; without it A goes back to the spec's
+        seeded A, the one every B of the federation (a prior included) was trained on.
+        """
         set_b(self.model, b)
+        set_a(self.model, self.spec, a)
 
     def save(
         self,
@@ -323,10 +345,15 @@ class PersonalModel:
         prior_version: str | None = None,
         round: int | None = None,
     ) -> AdapterProvenance:
-        """Write the current adapter as a new immutable version and make it current."""
+        """Write the current adapter as a new immutable version and make it current.
+
+        A trained personal A (``TrainConfig.a_lr``) is saved with B; a seeded A is not
+        (every device rebuilds it from the spec).
+        """
         provenance = self._profile.save(
             self.model,
             get_b(self.model),
+            a=self.adapter_a(),
             metrics=metrics,
             prior_version=prior_version,
             round=round,
@@ -496,11 +523,12 @@ class PersonalModel:
                 raise LorafleetError(
                     f"profile {self.profile} has no saved adapter version yet; train first"
                 )
-        provenance, b = self._profile.read(version)
+        provenance, b, a = self._profile.read(version)
         job = ExportJob(
             version_dir=self._profile.version_dir(version),
             provenance=provenance,
             b=b,
+            a=a,
             ref=base_ref(
                 self.spec.base_sha256,
                 self.spec.base_model_id,
@@ -566,7 +594,7 @@ class PersonalModel:
         --------
         >>> pm = PersonalModel.from_pretrained("nadia-adapter", profile="~/.app/profile")  # doctest: +SKIP
         """
-        from lorafleet.client.adapter import read_b
+        from lorafleet.client.adapter import read_adapter
         from lorafleet.client.layout import read_provenance
 
         folder = Path(pretrained_model_name_or_path).expanduser()
@@ -575,7 +603,7 @@ class PersonalModel:
                 f"{folder} is not a folder; pass a folder written by save_pretrained"
             )
         provenance = read_provenance(folder)  # a folder without one is refused clearly
-        b = read_b(folder, provenance)
+        b, a = read_adapter(folder, provenance)
         spec = provenance.spec
         root = Path(profile).expanduser()
         stored = Profile.read_spec(root)
@@ -600,7 +628,7 @@ class PersonalModel:
             )
             current = pm.provenance
             if current is None or current.content_hash != provenance.content_hash:
-                pm.load_b(b)
+                pm.load_b(b, a)
                 pm.save(
                     metrics=provenance.metrics,
                     prior_version=provenance.prior_version,
@@ -1213,11 +1241,12 @@ class PersonalModel:
         return export_base(fresh, config, cache_dir=self._cache_dir, progress=progress)
 
     def _onnx_adapter(self, session: _OnnxSession) -> OnnxAdapter:
-        """The current B bound to the session, rebound whenever B changed in any way."""
+        """The current adapter bound to the session, rebound whenever it changed in any way."""
         b = get_b(self.model)  # (out, r) each; small (0.74 MB for the default adapter)
-        digest = _b_digest(b)
+        a = self.adapter_a()  # None while A is the seeded one
+        digest = _b_digest(b if a is None else {**b, **{f"{k}:A": v for k, v in a.items()}})
         if session.adapter is None or session.b_digest != digest:
-            session.adapter = session.lm.adapter(self.spec, b)
+            session.adapter = session.lm.adapter(self.spec, b, a)
             session.b_digest = digest
             log.debug("bound adapter version %s to the ONNX session", self.version)
         return session.adapter

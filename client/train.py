@@ -14,13 +14,21 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from lorafleet.client.adapter import get_b, set_b
+from lorafleet.client.adapter import (
+    ATensors,
+    BTensors,
+    adapter_layers,
+    get_a,
+    get_b,
+    load_a,
+    set_b,
+)
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.device import limit_threads
 from lorafleet.client.evaluate import heldout_loss
@@ -62,6 +70,14 @@ class TrainConfig:
         default=60, metadata={"help": "Optimizer steps (an upper bound with early stop)."}
     )
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate for B."})
+    a_lr: float = field(
+        default=0.0,
+        metadata={
+            "help": "AdamW learning rate for A; 0 keeps A as loaded (the seeded A, or a "
+            "version's personal A). > 0 trains a personal A with B: the version is then "
+            "saved with personal_a and its A (lorafleet.client.profile)."
+        },
+    )
     batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on B."})
@@ -116,7 +132,7 @@ class TrainConfig:
                 isinstance(value, int) and not isinstance(value, bool),
                 f"{name} must be an integer, got {value!r}",
             )
-        for name in ("lr", "weight_decay", "max_grad_norm", "prox_mu"):
+        for name in ("lr", "a_lr", "weight_decay", "max_grad_norm", "prox_mu"):
             value = getattr(self, name)
             need(
                 isinstance(value, int | float) and not isinstance(value, bool),
@@ -129,6 +145,10 @@ class TrainConfig:
         )
         need(
             self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}"
+        )
+        need(
+            self.a_lr >= 0 and math.isfinite(self.a_lr),
+            f"a_lr must be >= 0 (0 keeps A frozen), got {self.a_lr!r}",
         )
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
@@ -214,6 +234,13 @@ class LocalTrainer:
         elif self.device.type == "cpu":  # hyperthreads add no matmul throughput
             limit_threads()
         place_on(model, self.device)
+        self._a_params: list[torch.nn.Parameter] = []
+        if config.a_lr > 0:  # a personal A: every A trains too, at its own rate
+            self._a_params = [
+                cast(torch.nn.Parameter, a.weight) for a, _ in adapter_layers(model).values()
+            ]
+            for p in self._a_params:
+                p.requires_grad_(True)
         self.params = trainable_parameters(model)
         if not self.params:
             raise SpecError(
@@ -241,18 +268,42 @@ class LocalTrainer:
         if config.prox_mu > 0:
             if prior_b is None:
                 raise SpecError("train: prox_mu > 0 needs prior_b (the shared prior's B)")
+            b_params = [p for p in self.params if all(p is not a for a in self._a_params)]
             start_b = get_b(model)
             set_b(model, prior_b)  # validates shapes; the starting point is restored below
-            anchors = {id(p): p.detach().clone() for p in self.params}
+            anchors = {id(p): p.detach().clone() for p in b_params}
             set_b(model, start_b)
-            self._prox = [(p, anchors[id(p)]) for p in self.params]
+            self._prox = [(p, anchors[id(p)]) for p in b_params]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
+            self._groups(config.lr), weight_decay=config.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1))
         )
         self.steps_done = 0
+
+    def _groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: B at ``lr``; a training A at ``a_lr`` scaled alike.
+
+        A restart at half the rate halves both.
+        """
+        a_ids = {id(p) for p in self._a_params}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.params if id(p) not in a_ids], "lr": lr}
+        ]
+        if self._a_params:
+            groups.append({"params": self._a_params, "lr": self.config.a_lr * lr / self.config.lr})
+        return groups
+
+    @property
+    def trains_a(self) -> bool:
+        """Whether this trainer trains a personal A (``TrainConfig.a_lr`` > 0)."""
+        return bool(self._a_params)
+
+    def freeze_a(self) -> None:
+        """Make every A frozen again (the model keeps the A values it has)."""
+        for p in self._a_params:
+            p.requires_grad_(False)
 
     def restart(self, lr: float) -> None:
         """Go on at ``lr`` with fresh AdamW moments and no warm-up.
@@ -260,9 +311,7 @@ class LocalTrainer:
         After the caller puts an earlier B back, the moments are those of a trajectory
         that was abandoned; keeping them would push B the way that just failed.
         """
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=lr, weight_decay=self.config.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(self._groups(lr), weight_decay=self.config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
 
     def step(self, batch: TokenBlocks) -> tuple[float, int]:
@@ -310,7 +359,10 @@ def train_adapter(
     prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train the model's trainable adapter parameters in place; keep the best B seen.
+    """Train the model's trainable adapter parameters in place; keep the best state seen.
+
+    The best state is B's, and A's too when ``config.a_lr`` trains a personal A; the
+    model holds it (A frozen again) when this returns.
 
     Parameters
     ----------
@@ -335,9 +387,18 @@ def train_adapter(
     if len(train) == 0:
         raise SpecError("train: no training blocks; add more text")
     trainer = LocalTrainer(model, config, prior_b=prior_b)
+
+    def snapshot() -> tuple[BTensors, ATensors | None]:
+        return get_b(model), get_a(model) if trainer.trains_a else None
+
+    def put_back(state: tuple[BTensors, ATensors | None]) -> None:
+        set_b(model, state[0])
+        if state[1] is not None:
+            load_a(model, state[1])
+
     batches = cycle_batches(train, config.batch_size, torch.Generator().manual_seed(config.seed))
     before = trainer.evaluate(heldout)
-    best_loss, best_step, best_b = before, 0, get_b(model)
+    best_loss, best_step, best = before, 0, snapshot()
     curve: list[tuple[int, float]] = [(0, before)]
     losses: list[float] = []
     tokens, bad_evals, stopped = 0, 0, False
@@ -357,7 +418,7 @@ def train_adapter(
                 current = trainer.evaluate(heldout)
                 curve.append((step, current))
                 if current < best_loss:
-                    best_loss, best_step, best_b, bad_evals = current, step, get_b(model), 0
+                    best_loss, best_step, best, bad_evals = current, step, snapshot(), 0
                 else:
                     bad_evals += 1
                     if config.patience and bad_evals >= config.patience:
@@ -375,12 +436,13 @@ def train_adapter(
                         # at a rate that larger ones need; this picks it per user, on
                         # validation, within the same budget.
                         lr *= config.plateau_decay
-                        set_b(model, best_b)
+                        put_back(best)
                         trainer.restart(lr)
                         drops += 1
     finally:
         model.eval()
-    set_b(model, best_b)
+        trainer.freeze_a()  # a trained A stays in the model, frozen, as any loaded A
+    put_back(best)
     return TrainResult(
         steps=step,
         tokens=tokens,

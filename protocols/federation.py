@@ -89,6 +89,9 @@ class RoundInstruction:
     lr: float = 2e-3
     personal_lr: float = 0.0
     """Learning rate of the personal steps; 0: ``lr`` (what older coordinators mean)."""
+    personal_a_lr: float = 0.0
+    """Learning rate of A in a personalize round (a personal A, trained with B and kept on
+    the device); 0: A stays the seeded one (what older coordinators mean)."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
     batch_size: int = 4
@@ -119,6 +122,12 @@ class RoundInstruction:
         need(
             self.personal_lr >= 0 and math.isfinite(self.personal_lr),
             f"personal_lr must be >= 0 (0: lr), got {self.personal_lr!r}",
+        )
+        need(
+            isinstance(self.personal_a_lr, int | float)
+            and not isinstance(self.personal_a_lr, bool)
+            and 0 <= self.personal_a_lr < 1,
+            f"personal_a_lr must be in [0, 1) (0: A stays seeded), got {self.personal_a_lr!r}",
         )
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(

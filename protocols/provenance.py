@@ -33,7 +33,9 @@ class AdapterProvenance:
     spec: AdapterSpec
     version: int = field(metadata={"help": "1, 2, ... per adapter; never reused."})
     content_hash: str = field(
-        metadata={"help": "protocols.encoding.content_hash of the B tensors."}
+        metadata={
+            "help": "protocols.encoding.content_hash of the B tensors (and of A, for a personal A)."
+        }
     )
     parent: int | None = field(
         default=None, metadata={"help": "Version this one was trained from."}
@@ -45,6 +47,13 @@ class AdapterProvenance:
     created_at: str = field(default="", metadata={"help": "UTC ISO-8601 time of creation."})
     metrics: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Client-side evaluation, e.g. heldout_loss_after."}
+    )
+    personal_a: bool = field(
+        default=False,
+        metadata={
+            "help": "A was trained on the device too (stored with B and hashed with it); "
+            "False: A is the spec's seeded A, rebuilt from the seed and checked against it."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -58,6 +67,10 @@ class AdapterProvenance:
             raise SpecError(
                 f"adapter provenance: parent must be an earlier version than {self.version}, got {self.parent!r}"
             )
+        if not isinstance(self.personal_a, bool):
+            raise SpecError(
+                f"adapter provenance: personal_a must be true or false, got {self.personal_a!r}"
+            )
         for key, value in self.metrics.items():
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise SpecError(
@@ -65,8 +78,13 @@ class AdapterProvenance:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for JSON, the registry and protobuf."""
-        return {
+        """Plain-data form for JSON, the registry and protobuf.
+
+        ``personal_a`` appears only when true, so a seeded-A version's file is what it
+        was before the field existed, and a lorafleet too old to know personal A refuses
+        such a version (an unknown field) instead of pairing its B with the seeded A.
+        """
+        out: dict[str, Any] = {
             "format": PROVENANCE_FORMAT,
             "spec": self.spec.to_dict(),
             "version": self.version,
@@ -77,6 +95,9 @@ class AdapterProvenance:
             "created_at": self.created_at,
             "metrics": dict(sorted(self.metrics.items())),
         }
+        if self.personal_a:
+            out["personal_a"] = True
+        return out
 
     def to_json(self) -> str:
         """Pretty, sorted JSON; humans read these files next to their adapters."""

@@ -49,6 +49,11 @@ gets there by halving. Chosen on the fortunes benchmark's validation split: mean
 3.885, 3.874 at {2e-3, 4e-3, 8e-3} without the halving, 3.866 and 3.854 at {8e-3,
 1.6e-2} with it; see docs/personalization.md."""
 
+DEFAULT_PERSONAL_A_LR = 1e-3
+"""The personalize round's learning rate for A (a personal A, trained with B and kept on
+the device; 0 keeps the seeded A). Chosen on the fortunes benchmark's validation split
+(docs/personalization.md, "A personal A")."""
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -100,6 +105,13 @@ class CoordinatorConfig:
             "help": "Learning rate of the personal steps (the personalize round's too); "
             "0: lr. The personal run starts from a good prior and stops early on "
             "validation, so it steps harder than the prior's (docs/personalization.md)."
+        },
+    )
+    personal_a_lr: float = field(
+        default=DEFAULT_PERSONAL_A_LR,
+        metadata={
+            "help": "Learning rate of A in the personalize round: each device also trains "
+            "its own A (kept on the device, never sent); 0: A stays the seeded one."
         },
     )
     prox_mu: float = field(
@@ -261,6 +273,10 @@ class CoordinatorConfig:
         need(
             self.personal_lr >= 0 and math.isfinite(self.personal_lr),
             f"personal-lr must be >= 0 (0: the same as lr), got {self.personal_lr}",
+        )
+        need(
+            0 <= self.personal_a_lr < 1,
+            f"personal-a-lr must be in [0, 1) (0: A stays seeded), got {self.personal_a_lr}",
         )
         need(
             0 <= self.promotion_tolerance < 1,

@@ -245,6 +245,7 @@ class RoundLoop:
             prior_steps=0 if mode == "personalize" else c.prior_steps,
             lr=c.lr,
             personal_lr=c.personal_lr,
+            personal_a_lr=c.personal_a_lr if mode == "personalize" else 0.0,
             prox_mu=c.prox_mu,
             clip_norm=c.clip_norm,
             batch_size=c.batch_size,

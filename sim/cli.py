@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
-from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR
+from lorafleet.server.coordinator import DEFAULT_PERSONAL_A_LR, DEFAULT_PERSONAL_LR
 
 if TYPE_CHECKING:
     from lorafleet.server.console.app import ConsoleServer
@@ -111,6 +111,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         type=float,
         default=DEFAULT_PERSONAL_LR,
         help="learning rate of the personal fine-tuning and of newcomers (0: --lr)",
+    )
+    p.add_argument(
+        "--personal-a-lr",
+        type=float,
+        default=DEFAULT_PERSONAL_A_LR,
+        help="learning rate of A in the final personalization, a personal A kept on the "
+        "device (0: the seeded A)",
     )
     p.add_argument(
         "--clip-norm",
@@ -381,6 +388,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         seeds=seeds,
         lr=args.lr,
         personal_lr=args.personal_lr,
+        personal_a_lr=args.personal_a_lr,
         clip_norm=args.clip_norm,
         prox_mu=args.prox_mu,
         local_steps=args.local_steps,

@@ -46,7 +46,12 @@ from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precisi
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import DataError, SpecError
-from lorafleet.server.coordinator import DEFAULT_PERSONAL_LR, CoordinatorConfig, CoordinatorState
+from lorafleet.server.coordinator import (
+    DEFAULT_PERSONAL_A_LR,
+    DEFAULT_PERSONAL_LR,
+    CoordinatorConfig,
+    CoordinatorState,
+)
 from lorafleet.sim.baselines import AdapterState, Lab, LabUser, fedavg_global
 from lorafleet.sim.personas import (
     PersonaConfig,
@@ -117,6 +122,8 @@ class ExperimentConfig:
     lr: float = 2e-3
     personal_lr: float = DEFAULT_PERSONAL_LR
     """Learning rate of the devices' personal steps (the newcomers' too); 0: ``lr``."""
+    personal_a_lr: float = DEFAULT_PERSONAL_A_LR
+    """Learning rate of A in the final personalization (a personal A); 0: seeded A."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
     packing: str = "fp16"
@@ -486,6 +493,7 @@ def _coordinator_config(
         personalize_blend=cfg.personalize_blend,
         lr=cfg.lr,
         personal_lr=cfg.personal_lr,
+        personal_a_lr=cfg.personal_a_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
         seq_len=cfg.seq_len,
@@ -544,7 +552,18 @@ def _run_seed(
         versions = (
             Profile.open(profile_dir).versions() if (profile_dir / "profile.json").is_file() else []
         )
-        personal = Profile.open(profile_dir).read(versions[-1].version)[1] if versions else prior
+        personal = prior
+        if versions:
+            _, b, a = Profile.open(profile_dir).read(versions[-1].version)
+            # a personal A makes it a full LoRA, which the lab scores as such
+            personal = (
+                b
+                if a is None
+                else {
+                    **{f"{k}:A": v for k, v in a.items()},
+                    **{f"{k}:B": v for k, v in b.items()},
+                }
+            )
         res = UserResult(user.user_id, {}, {}, {}, {}, {}, len(versions))
         taken = prior_steps + sum(int(v.metrics.get("steps", 0)) for v in versions)
         for method, state, steps in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -244,6 +245,39 @@ def test_merged_export_gives_the_adapters_logits_in_plain_transformers(
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert (got - bare).abs().max() > 1e-3
     assert "base_model_relation: merge" in (out / "README.md").read_text()
+
+
+def test_a_personal_a_goes_with_every_export_and_import(
+    hub_cache: Path, notes: list[Example], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # Prepare: a version trained with a personal A
+    snapshot = hub_cache / "models--lorafleet-test--tiny" / "snapshots" / COMMIT
+    pm = open_pm(tmp_path / "p", snapshot)
+    pm.train(notes, dataclasses.replace(FAST, a_lr=1e-2), progress=False)
+    a = pm.adapter_a()
+    assert a is not None and pm.provenance is not None and pm.provenance.personal_a
+    blocks = encode_blocks(notes, pm.base.tokenizer, seq_len=32)
+    ids = blocks.input_ids[:1]
+
+    # Execute
+    peft_out = pm.save_pretrained(tmp_path / "adapter")
+    merged_out = pm.export(tmp_path / "merged", "merged")
+    imported = PersonalModel.from_pretrained(
+        peft_out, profile=tmp_path / "new", base=pm.base.source, precision="fp32", device="cpu"
+    )
+
+    # Assert: stock peft, the merged model and the imported profile all hold that A
+    stock = _stock_peft(snapshot, peft_out)
+    assert heldout_loss(stock, blocks) == pytest.approx(pm.evaluate(notes).adapter_loss, abs=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(merged_out)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, pm.model(ids).logits, atol=1e-5)
+    got = imported.adapter_a()
+    assert got is not None and all(np.array_equal(got[k], a[k]) for k in a)
+    assert imported.provenance is not None
+    assert imported.provenance.content_hash == pm.provenance.content_hash
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -80,6 +80,25 @@ def test_lora_tensors_are_named_and_shaped_as_llama_cpp_checks() -> None:
     assert np.array_equal(pairs["blk.29.ffn_down.weight"][1], b["model.layers.29.mlp.down_proj"])
 
 
+def test_a_personal_a_is_written_as_it_is() -> None:
+    from lorafleet.protocols.errors import LorafleetError
+    from lorafleet.protocols.manifest import DEFAULT_BASE_SHA256
+    from lorafleet.protocols.spec import AdapterSpec
+
+    base = gguf_base("default", "gguf-lora")
+    spec = AdapterSpec(
+        base_model_id="SmolLM2-135M-Instruct", base_sha256=DEFAULT_BASE_SHA256, rank=4
+    )
+    rng = np.random.default_rng(2)
+    q = "model.layers.0.self_attn.q_proj"
+    b = {q: rng.standard_normal((576, 4)).astype(np.float32)}
+    a = {q: rng.standard_normal((4, 576)).astype(np.float32)}
+    # input features are not permuted, so a personal A goes in unchanged
+    assert np.array_equal(lora_tensors(base, spec, b, a)["blk.0.attn_q.weight"][0], a[q])
+    with pytest.raises(LorafleetError, match="adapter A of"):
+        lora_tensors(base, spec, b, {q: a[q][:, :100]})
+
+
 # ---------------------------------------------------------------- llama.cpp itself
 _RUNNER = textwrap.dedent(
     """

@@ -12,7 +12,7 @@ import torch
 
 from lorafleet.client.adapter import BTensors, get_b, materialize
 from lorafleet.client.base import LoadedBase, load_base
-from lorafleet.client.data import demo_notes_path, encode_blocks, read_examples
+from lorafleet.client.data import TokenBlocks, demo_notes_path, encode_blocks, read_examples
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.onnx_export import ExportedBase, OnnxExportConfig, export_base
 from lorafleet.client.onnx_runtime import PROVIDER_ENV, OnnxLM, select_providers
@@ -165,6 +165,17 @@ def test_stop_at_eos_false_always_gives_max_new_tokens(
     assert [len(r) for r in out] == [9, 9, 9]
 
 
+def ce_setup(
+    tiny_base: LoadedBase, tiny_model_dir: Path, spec: AdapterSpec, b: BTensors
+) -> tuple[torch.nn.Module, TokenBlocks, tuple[npt.NDArray[np.int64], ...]]:
+    """The PyTorch reference model with ``b``, demo-note blocks, and them as arrays."""
+    blocks = encode_blocks(read_examples(demo_notes_path())[:20], tiny_base.tokenizer, seq_len=64)
+    base = load_base(str(tiny_model_dir))
+    model = materialize(base.model, spec, base_sha256=base.sha256, b=b)
+    arrays = (blocks.input_ids.numpy(), blocks.labels.numpy(), blocks.attention_mask.numpy())
+    return model, blocks, arrays
+
+
 def test_cross_entropy_with_adapter_equals_pytorch_and_int8_is_close(
     tiny_base: LoadedBase,
     tiny_model_dir: Path,
@@ -173,11 +184,8 @@ def test_cross_entropy_with_adapter_equals_pytorch_and_int8_is_close(
     b_user1: BTensors,
 ) -> None:
     # Prepare
-    blocks = encode_blocks(read_examples(demo_notes_path())[:20], tiny_base.tokenizer, seq_len=64)
-    base = load_base(str(tiny_model_dir))
-    model = materialize(base.model, spec, base_sha256=base.sha256, b=b_user1)
+    model, blocks, arrays = ce_setup(tiny_base, tiny_model_dir, spec, b_user1)
     expected = heldout_loss(model, blocks, precision="fp32", device="cpu")
-    arrays = (blocks.input_ids.numpy(), blocks.labels.numpy(), blocks.attention_mask.numpy())
 
     # Execute
     results = {}
@@ -188,6 +196,37 @@ def test_cross_entropy_with_adapter_equals_pytorch_and_int8_is_close(
     # Assert
     assert results["none"] == pytest.approx(expected, rel=1e-5)
     assert results["int8"] == pytest.approx(expected, rel=0.03)
+
+
+def test_a_personal_a_is_bound_as_given_and_scores_as_pytorch_does(
+    tiny_base: LoadedBase,
+    tiny_model_dir: Path,
+    exports: dict[str, ExportedBase],
+    spec: AdapterSpec,
+    b_user1: BTensors,
+) -> None:
+    # Prepare: the same B on a trained (random) A, in PyTorch and in the float32 graph
+    from lorafleet.client.adapter import get_a, set_a
+
+    model, blocks, arrays = ce_setup(tiny_base, tiny_model_dir, spec, b_user1)
+    rng = np.random.default_rng(9)
+    a = {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_a(model).items()}
+    set_a(model, spec, a)
+    expected = heldout_loss(model, blocks, precision="fp32", device="cpu")
+    lm = exports["none"].load()
+
+    # Execute
+    personal, _ = lm.cross_entropy(*arrays, adapter=lm.adapter(spec, b_user1, a))
+    seeded, _ = lm.cross_entropy(*arrays, adapter=lm.adapter(spec, b_user1))
+
+    # Assert: the given A is the one used, not the seed's
+    assert personal == pytest.approx(expected, rel=1e-5)
+    assert abs(seeded - personal) > 1e-3
+    bad = dict(a)
+    first = sorted(bad)[0]
+    bad[first] = bad[first][:, :3]
+    with pytest.raises(IntegrityError, match="A for"):
+        lm.adapter(spec, b_user1, bad)
 
 
 def bad_b(b: BTensors, kind: str) -> dict[str, npt.NDArray[np.float32]]:
