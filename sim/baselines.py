@@ -147,7 +147,9 @@ class Lab:
         """Train from ``state``; returns (trained state, steps taken).
 
         With ``val`` a B-only run early-stops and keeps the best validation state (the
-        config's ``eval_every``/``patience``); otherwise it runs ``config.steps``.
+        config's ``eval_every``/``patience``); otherwise it runs ``config.steps``. A B-only
+        start with ``config.a_lr`` > 0 trains a personal A too, and the state returned is
+        then a full LoRA (``":A"``/``":B"`` keys).
         """
         full = self._load(state)
         plan = PLANS.get(config.precision)
@@ -158,6 +160,8 @@ class Lab:
         try:
             if val is not None and not full:
                 steps = train_adapter(self.model, train, val, config).steps
+                if config.a_lr > 0:  # the device's personal A: the state is a full LoRA now
+                    full = True
             else:  # a fixed budget: no evaluation, nothing selected
                 trainer = LocalTrainer(self.model, config)
                 batches = cycle_batches(

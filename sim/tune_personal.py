@@ -5,7 +5,9 @@ runs, for every user of ``USERS_DIR`` and every learning rate, exactly the final
 personalization a device runs (:func:`lorafleet.client.federated.personal_train_config`:
 the same budget, evaluation cadence, early stopping and blend with the prior) from
 ``PRIOR`` (a prior version's safetensors, e.g. ``seed-0/coordinator/priors/*/v0003``
-of an experiment run) on the experiment's three-way split. It prints the mean
+of an experiment run) on the experiment's three-way split. ``--a-lrs`` also tries a
+personal A at each of those rates (0: the seeded A), with the blend moving A along
+with B as the device does. It prints the mean
 validation loss per learning rate, the one it picks (the lowest mean validation loss:
 nothing is selected on test), and the test losses beside them for the record.
 
@@ -26,14 +28,15 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from lorafleet.client.adapter import get_b
 from lorafleet.client.base import load_base
 from lorafleet.client.data import TokenBlocks
+from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.federated import blend_with_prior, personal_train_config
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
 from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.server.coordinator import DEFAULT_PERSONAL_A_LR
 from lorafleet.sim.baselines import Lab
 from lorafleet.sim.experiment import _Scorer, three_way_split
 from lorafleet.sim.personas import load_user_folders
@@ -53,12 +56,14 @@ def tune(
     val_fraction: float = 0.2,
     seq_len: int = 128,
     decays: Sequence[float] | None = None,
+    a_lrs: Sequence[float] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate.
 
     With ``decays`` every learning rate is also tried with each ``plateau_decay``
     (:class:`~lorafleet.client.train.TrainConfig`) and the keys read
-    ``"<lr> decay <d>"``; without, the device's own recipe is replayed.
+    ``"<lr> decay <d>"``; with ``a_lrs``, with each A rate (``TrainConfig.a_lr``), keys
+    ``"<lr> a <a_lr>"``; without either, the device's own recipe is replayed.
     """
     dev = resolve_device("auto")
     prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
@@ -71,8 +76,13 @@ def tune(
     if set(prior) != set(lab.zero_b):
         raise SpecError(f"{prior_path} is not a prior of this base at rank {rank} (q_proj, v_proj)")
     results: dict[str, dict[str, dict[str, float]]] = {}
-    grid = [(lr, None) for lr in lrs] if decays is None else [(lr, d) for lr in lrs for d in decays]
-    for lr, decay in grid:
+    grid = [
+        (lr, d, a)
+        for lr in lrs
+        for d in ([None] if decays is None else decays)
+        for a in ([None] if a_lrs is None else a_lrs)
+    ]
+    for lr, decay, a_lr in grid:
         instr = RoundInstruction(
             round=0,
             spec=spec,
@@ -81,22 +91,28 @@ def tune(
             personal_steps=steps,
             prior_steps=0,
             personal_lr=lr,
+            personal_a_lr=DEFAULT_PERSONAL_A_LR,  # the device's recipe unless a_lrs says
             seq_len=seq_len,
         )
         config = personal_train_config(instr, precision=prec, device=str(dev))
         label = f"{lr:g}"
         if decay is not None:
             config = replace(config, plateau_decay=decay)
-            label = f"{lr:g} decay {decay:g}"
+            label += f" decay {decay:g}"
+        if a_lr is not None:
+            config = replace(config, a_lr=a_lr)
+            label += f" a {a_lr:g}"
+        seeded = {k: v.numpy().copy() for k, v in lab.seeded_a.items()}
         per_user: dict[str, dict[str, float]] = {}
         for user in scorer.users:
             trained, taken = lab.train(prior, user.train, config, val=user.val)
             prior_loss, trained_loss = lab.loss(prior, user.val), lab.loss(trained, user.val)
 
             def val_loss(val: TokenBlocks = user.val) -> float:
-                return lab.loss(get_b(lab.model), val)
+                # the model as the blend left it (A included), without reloading a state
+                return heldout_loss(lab.model, val, precision=lab.precision, device=lab.device)
 
-            lab._load(trained)  # the blend starts from the trained B in the model
+            full = lab._load(trained)  # the blend starts from the trained adapter
             try:
                 _, mix = blend_with_prior(
                     lab.model,
@@ -104,8 +120,9 @@ def tune(
                     prior_loss,
                     trained_loss,
                     val_loss,
+                    prior_a=seeded if full else None,
                 )
-                chosen = get_b(lab.model)
+                chosen = lab._read(full)
             finally:
                 lab._restore_seeded()
             test, notes, val = scorer.score(chosen, user)
@@ -151,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also try each of these comma-separated plateau decays in [0, 1) with every lr "
         "(default: the device's own recipe)",
     )
+    parser.add_argument(
+        "--a-lrs",
+        help="also try a personal A at each of these comma-separated rates with every lr "
+        "(0: the seeded A; default: the device's own recipe)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="personalization budget")
     parser.add_argument("--out", type=Path, help="also write every user's losses here (JSON)")
     args = parser.parse_args(argv)
@@ -170,10 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if not decays or any(not (0 <= d < 1) for d in decays):
             parser.error(f"--plateau-decays must be in [0, 1), got {args.plateau_decays!r}")
+    a_lrs = None
+    if args.a_lrs is not None:
+        try:
+            a_lrs = [float(x) for x in args.a_lrs.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--a-lrs must be comma-separated numbers, got {args.a_lrs!r}")
+        if not a_lrs or any(not (0 <= a < 1) for a in a_lrs):
+            parser.error(f"--a-lrs must be in [0, 1), got {args.a_lrs!r}")
     if not args.prior.is_file():
         parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
     try:
-        results = tune(args.users_dir, args.prior, lrs, steps=args.steps, decays=decays)
+        results = tune(
+            args.users_dir, args.prior, lrs, steps=args.steps, decays=decays, a_lrs=a_lrs
+        )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,19 @@ def test_every_lr_and_user_is_scored_and_the_pick_is_the_lowest_mean_validation(
     assert lines[-1] == f"picked on validation: personal lr {best}"
 
 
+def test_a_lrs_replay_a_personal_a_and_keep_it_in_the_choice(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute: the seeded A and a personal A at a rate that moves it
+    results = _tune(tiny_model_dir, tmp_path, 1, [5e-2], a_lrs=[0.0, 5e-2])
+
+    # Assert: both arms scored; they differ, so A was trained and scored with B
+    assert set(results) == {"0.05 a 0", "0.05 a 0.05"}
+    (seeded,), (personal,) = (list(r.values()) for r in results.values())
+    assert all(np.isfinite(personal[k]) for k in ("val", "test", "test_notes"))
+    assert personal["val"] != seeded["val"]
+
+
 @pytest.mark.parametrize(
     ("argv_tail", "fragment"),
     [
@@ -62,6 +75,8 @@ def test_every_lr_and_user_is_scored_and_the_pick_is_the_lowest_mean_validation(
         (["--lrs", "2"], "in (0, 1)"),
         (["--plateau-decays", "half"], "--plateau-decays must be comma-separated numbers"),
         (["--plateau-decays", "1"], "--plateau-decays must be in [0, 1)"),
+        (["--a-lrs", "x"], "--a-lrs must be comma-separated numbers"),
+        (["--a-lrs", "-1"], "--a-lrs must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
