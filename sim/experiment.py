@@ -675,9 +675,12 @@ def _cold_start(
     """
     tok = base.tokenizer
     rows = []
-    # A newcomer personalizes as the federation's devices do (the personal lr), from
-    # the prior or from zero: only the start differs.
-    config = _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.personal_lr or cfg.lr)
+    # A newcomer personalizes as the federation's devices do (the personal lr, a personal
+    # A), from the prior or from zero: only the start differs.
+    config = replace(
+        _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.personal_lr or cfg.lr),
+        a_lr=cfg.personal_a_lr,
+    )
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
