@@ -13,6 +13,7 @@ spec and provenance. Nothing here unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -233,10 +234,19 @@ def get_a(peft_model: torch.nn.Module) -> ATensors:
     }
 
 
+@functools.lru_cache(maxsize=1024)
+def _seeded(spec: AdapterSpec, path: str, fan_in: int) -> torch.Tensor:
+    """``derive_a`` for one module, kept: the warm worker and ONNX generation ask each call.
+
+    Never handed out to be written: callers copy it or compare against it.
+    """
+    return torch.from_numpy(derive_a(spec, path, fan_in))
+
+
 def seeded_a(peft_model: torch.nn.Module, spec: AdapterSpec) -> ATensors:
     """The A every device rebuilds from ``spec``'s seed, for this model's adapted layers."""
     return {
-        path: derive_a(spec, path, int(_a_b(layer)[0].weight.shape[1]))
+        path: _seeded(spec, path, int(_a_b(layer)[0].weight.shape[1])).numpy().copy()
         for path, layer in _lora_layers(peft_model).items()
     }
 
@@ -245,7 +255,7 @@ def has_seeded_a(peft_model: torch.nn.Module, spec: AdapterSpec) -> bool:
     """Whether every A of the model is the spec's seeded A (in the A's own dtype)."""
     for path, layer in _lora_layers(peft_model).items():
         weight = _a_b(layer)[0].weight.detach().cpu()
-        expected = torch.from_numpy(derive_a(spec, path, int(weight.shape[1]))).to(weight.dtype)
+        expected = _seeded(spec, path, int(weight.shape[1])).to(weight.dtype)
         if not torch.equal(weight, expected):
             return False
     return True

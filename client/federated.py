@@ -276,9 +276,10 @@ def run_round(
                 prior_loss,
                 personal_loss,
                 loss,
-                prior_a=None
-                if has_seeded_a(w.model, instr.spec)
-                else seeded_a(w.model, instr.spec),
+                # A can differ from the seed only if it trained or the start had its own
+                prior_a=seeded_a(w.model, instr.spec)
+                if personal_cfg.a_lr > 0 or start_a is not None
+                else None,
             )
         trained_a = None if has_seeded_a(w.model, instr.spec) else get_a(w.model)
         profile.save(
