@@ -135,7 +135,10 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         help="steps of the local-only baselines (0: rounds x steps)",
     )
     p.add_argument(
-        "--seeds", default="", help="comma-separated seeds to repeat the run with (the spread)"
+        "--seeds",
+        default="",
+        help="comma-separated seeds to repeat the run with (the spread); seeds already in "
+        "the output's results.json from the same options are reused",
     )
     p.add_argument(
         "--baselines",

@@ -464,19 +464,79 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     coord_cfg = _coordinator_config(cfg, base, out / "seed-0", seed=0, num_users=len(users))
     lab = Lab(base, coord_cfg.spec, precision=precision, device=str(dev))
     scorer = _Scorer(lab, base, splits, cfg.seq_len)
-    runs = []
+    split = json.loads(json.dumps({s.user_id: s.record() for s in splits}, default=str))
+    config = config_record(cfg)
+    done = _finished_seeds(out / "results.json", config, split)
+    runs: list[SeedRun] = []
     for seed in cfg.run_seeds:
-        runs.append(_run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress))
+        if seed in done:
+            log.info(
+                "seed %d: reused from %s (same options and splits)", seed, out / "results.json"
+            )
+            runs.append(done[seed])
+        else:
+            runs.append(
+                _run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress)
+            )
+        # Keep every finished seed on disk, so a stopped multi-seed run resumes here.
+        partial = ExperimentResult(runs, split, time.perf_counter() - started, config)
+        atomic_write_text(out / "results.json", partial.to_json())
     result = ExperimentResult(
-        runs=runs,
-        split={s.user_id: s.record() for s in splits},
-        seconds=time.perf_counter() - started,
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        runs=runs, split=split, seconds=time.perf_counter() - started, config=config
     )
     atomic_write_text(out / "results.json", result.to_json())
     atomic_write_text(out / "table.txt", format_table(result))
     _plot(result, out / "plot.png")
     return result
+
+
+_SEED_KEYS = ("seed", "seeds", "output")
+"""Config keys that may differ between a finished results.json and a run that reuses it."""
+
+
+def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as results.json stores it (paths as strings, tuples as lists)."""
+    raw = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    loaded: dict[str, Any] = json.loads(json.dumps(raw, default=str))
+    return loaded
+
+
+def _finished_seeds(
+    path: Path, config: dict[str, Any], split: dict[str, dict[str, Any]]
+) -> dict[int, SeedRun]:
+    """Seeds a results.json already holds, if it was run with these options and splits.
+
+    Seeds are independent runs, so on a small machine a user adds seeds one command at a
+    time (``--seeds 0``, then ``--seeds 0,1`` into the same folder) and a stopped
+    multi-seed run resumes after its last finished seed. A file from other options is
+    not reused (and is replaced, as before).
+    """
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        have = record.get("config", {})
+        changed = sorted(k for k in config if k not in _SEED_KEYS and have.get(k) != config[k])
+        if changed or record.get("split") != split:
+            what = ", ".join(changed) if changed else "the users' splits"
+            log.warning("%s was run with other %s: not reusing its seeds", path, what)
+            return {}
+        return {int(r["seed"]): _seed_run(r) for r in record.get("runs", [])}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is not a readable results file (%s): not reusing it", path, exc)
+        return {}
+
+
+def _seed_run(raw: dict[str, Any]) -> SeedRun:
+    """A seed's record from results.json, back as a :class:`SeedRun`."""
+    return SeedRun(
+        seed=int(raw["seed"]),
+        users=[UserResult(**u) for u in raw["users"]],
+        rounds=list(raw.get("rounds", [])),
+        bytes_up_per_client=float(raw.get("bytes_up_per_client", 0.0)),
+        cold_start=list(raw.get("cold_start", [])),
+        privacy=dict(raw.get("privacy", {})),
+    )
 
 
 def _coordinator_config(

@@ -35,14 +35,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import SpecError
-from lorafleet.sim.experiment import LABELS, METHODS, ExperimentConfig, run_experiment
+from lorafleet.sim.experiment import (
+    LABELS,
+    METHODS,
+    ExperimentConfig,
+    config_record,
+    run_experiment,
+)
 
 __all__ = [
     "ScaleConfig",
@@ -173,18 +179,11 @@ class ScaleConfig:
         )
 
 
-def _config_record(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config as results.json stores it (paths as strings, tuples as lists)."""
-    raw = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    loaded: dict[str, Any] = json.loads(json.dumps(raw, default=str))
-    return loaded
-
-
 def _read_finished(cfg: ExperimentConfig, point: ScalePoint) -> dict[str, Any]:
     """A finished point's results.json, after checking it was run with these options."""
     path = Path(cfg.output) / "results.json"
     record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    want, have = _config_record(cfg), record.get("config", {})
+    want, have = config_record(cfg), record.get("config", {})
     changed = sorted(k for k in want if k != "output" and have.get(k) != want[k])
     if changed:
         what = ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in changed)
@@ -292,7 +291,7 @@ def run_scale(
             f"{100 * cfg.tolerance:g}% of the best rank's (validation only, never test)"
         ),
         "tolerance": cfg.tolerance,
-        "config": _config_record(cfg.experiment),
+        "config": config_record(cfg.experiment),
     }
     atomic_write_text(out / "scale.json", json.dumps(scale, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "scale.txt", format_scale_table(scale))

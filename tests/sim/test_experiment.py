@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,28 +15,35 @@ from lorafleet.sim.experiment import METHODS, ExperimentConfig, run_experiment
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def _tiny(model: Path, tmp_path: Path, **options: Any) -> ExperimentConfig:
+    """An in-process experiment on the tiny model, fast enough for the default run."""
+    defaults: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "lr": 0.05,
+        "seq_len": 32,
+        "precision": "fp32",
+        "engine": "local",
+    }
+    return ExperimentConfig(output=tmp_path / "run", base=str(model), **{**defaults, **options})
+
+
 def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    cfg = ExperimentConfig(
-        output=tmp_path / "run",
+    cfg = _tiny(
+        tiny_model_dir,
+        tmp_path,
         num_users=3,
         notes_per_user=30,
         num_rounds=2,
-        fraction_train=1.0,
         personal_steps=3,
         prior_steps=3,
-        lr=0.05,
         peft_lr=0.02,
-        seq_len=32,
         rank=4,
-        base=str(tiny_model_dir),
-        precision="fp32",
         cold_start_ks=(2, 8),
         cold_start_steps=3,
         seeds=(0, 1),
-        engine="local",
     )
     # Execute
     result = run_experiment(cfg, progress=False)
@@ -136,3 +145,42 @@ def test_a_user_sits_the_federation_out_only_when_a_cold_start_curve_is_asked_fo
     assert len(newcomers) == expect_out and len(users) == 3 - expect_out
     if expect_out:
         assert newcomers[0].user_id == "c"
+
+
+def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: one seed, as a small machine runs them, one command at a time
+    cfg = _tiny(
+        tiny_model_dir,
+        tmp_path,
+        num_users=2,
+        notes_per_user=20,
+        num_rounds=1,
+        prior_steps=2,
+        local_steps=2,
+        rank=2,
+        cold_start_ks=(),
+        baselines=False,
+        seeds=(0,),
+    )
+    run_experiment(cfg, progress=False)
+    results = tmp_path / "run" / "results.json"
+    first = json.loads(results.read_text())["runs"][0]
+    # Execute: the same options with a second seed
+    with caplog.at_level("INFO", logger="lorafleet.sim.experiment"):
+        result = run_experiment(replace(cfg, seeds=(0, 1)), progress=False)
+    # Assert: seed 0 came back from the file as it was, seed 1 ran, the summary has both
+    record = json.loads(results.read_text())
+    assert [r["seed"] for r in record["runs"]] == [0, 1]
+    assert record["runs"][0] == first
+    assert "seed 0: reused" in caplog.text and "seed 1: reused" not in caplog.text
+    assert (tmp_path / "run" / "seed-1" / "coordinator").is_dir()
+    assert len(result.runs) == 2 and record["summary"]["test"]["std_over_seeds"]["personal"] >= 0
+    # Other options: nothing is reused, and the log says why
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lorafleet.sim.experiment"):
+        run_experiment(replace(cfg, prior_steps=3), progress=False)
+    assert "reused" not in caplog.text.replace("not reusing", "")
+    assert "other prior_steps: not reusing" in caplog.text
+    assert [r["seed"] for r in json.loads(results.read_text())["runs"]] == [0]
