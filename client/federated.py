@@ -231,11 +231,11 @@ def run_round(
             warmup_steps=min(5, instr.prior_steps // 4),
             precision=w.precision,  # type: ignore[arg-type]
             device=str(w.device),
-            seed=instr.round,
+            seed=round_seed(instr),
         )
         trainer = LocalTrainer(w.model, config)
         batches = cycle_batches(
-            train_blocks, instr.batch_size, torch.Generator().manual_seed(instr.round)
+            train_blocks, instr.batch_size, torch.Generator().manual_seed(round_seed(instr))
         )
         for _ in range(instr.prior_steps):
             trainer.step(next(batches))
@@ -319,6 +319,15 @@ def run_round(
     return clipped, metrics
 
 
+def round_seed(instr: RoundInstruction) -> int:
+    """The device's batch-order seed for a round: the round and the cohort's seed.
+
+    Two cohorts (two experiment seeds) then see their notes in different orders, as
+    well as training on different seeded A; cohort 0 keeps the round alone, as before.
+    """
+    return (instr.spec.cohort_seed * 1_000_003 + instr.round) % (1 << 62)
+
+
 PLATEAU_DECAY = 0.5
 """The personal steps' rate factor after an evaluation without progress (TrainConfig).
 
@@ -350,7 +359,7 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
         eval_every=max(1, instr.personal_steps // (8 if final else 3)),
         patience=3 if final else 0,
         plateau_decay=PLATEAU_DECAY,
-        seed=instr.round + (7919 if final else 0),
+        seed=round_seed(instr) + (7919 if final else 0),
     )
 
 

@@ -37,6 +37,7 @@ from lorafleet.client.adapter import (
     adapter_layers,
     get_b,
     materialize,
+    seeded_a,
     set_b,
 )
 from lorafleet.client.base import LoadedBase
@@ -76,6 +77,19 @@ class Lab:
         self.layers = adapter_layers(self.model)
         self.seeded_a = {k: a.weight.detach().clone() for k, (a, _) in self.layers.items()}
         self.zero_b: AdapterState = {k: np.zeros_like(v) for k, v in get_b(self.model).items()}
+
+    def use_spec(self, spec: AdapterSpec) -> None:
+        """Rebuild the seeded A from ``spec`` (another cohort seed: another seed's run).
+
+        B-only states (the prior, local B, a personal B) mean something only on the A
+        they were trained on, so every seed of an experiment scores its own cohort's A.
+        """
+        fresh = seeded_a(self.model, spec)
+        self.seeded_a = {
+            k: torch.from_numpy(fresh[k]).to(self.device, self.seeded_a[k].dtype)
+            for k in self.layers
+        }
+        self._restore_seeded()
 
     # ------------------------------------------------------------------ state
     def peft_init(self, seed: int) -> AdapterState:

@@ -6,7 +6,8 @@ made on: early stopping, the device's choice of its personal adapter) and **test
 (the figure reported, seen by nothing before). Devices in the federation get train and
 validation only; the test notes stay in this process.
 
-It then runs, on the same users, splits and base, for each seed:
+It then runs, on the same users, splits and base, for each seed (a seed is a cohort:
+its seeded A, the devices' batch order, the baselines' initialisation and batch order):
 
 - ``base``: the frozen base alone;
 - ``local_peft``: stock peft, a full LoRA (A and B) trained on the user's text alone;
@@ -564,6 +565,9 @@ def _coordinator_config(
         data_dir=str(run_dir / "coordinator"),
         final_evaluation=False,
         seed=seed,
+        # Each seed is its own cohort: another seeded A, and with it another batch order on
+        # every device, so the spread covers lorafleet's randomness, not only the baselines'.
+        cohort_seed=seed,
         secure_aggregation=cfg.secure_aggregation,
         secagg_dropout_share=cfg.secagg_dropout_share,
         dp=cfg.dp,
@@ -586,6 +590,7 @@ def _run_seed(
     run_dir = Path(cfg.output) / f"seed-{seed}"
     devices = _write_devices(splits, run_dir / "devices")
     coord_cfg = _coordinator_config(cfg, base, run_dir, seed=seed, num_users=len(splits))
+    lab.use_spec(coord_cfg.spec)
     fed = simulate(
         devices,
         run_dir,

@@ -71,6 +71,11 @@ def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
             assert user["test"]["personal"] < user["test"]["base"]
         assert len(run["rounds"]) == 2 and run["bytes_up_per_client"] > 0
         assert [row["k"] for row in run["cold_start"]] == [2.0, 8.0]
+    # Each seed is its own cohort (seeded A, batch order): lorafleet's methods move too
+    for method in ("prior", "personal", "local_b"):
+        pairs = zip(record["runs"][0]["users"], record["runs"][1]["users"], strict=True)
+        assert any(u0["test"][method] != u1["test"][method] for u0, u1 in pairs), method
+    assert result.means()["prior"][1] > 0 and result.means()["personal"][1] > 0
     summary = record["summary"]["test"]
     assert summary["wins"]["users"] == 3 and 0 <= summary["wins"]["strict"] <= 3
     assert result.means()["personal"][0] < result.means()["base"][0]
