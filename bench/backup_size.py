@@ -9,6 +9,9 @@ backed up and restored along each path, side by side in one run:
 - ``format-2-fp32`` / ``-fp16`` / ``-int8``: B only, packed by the rounds' encoding
   (:func:`lorafleet.protocols.encoding.encode_tensors`); A rebuilt from the seed on
   restore (:func:`lorafleet.client.archive.pack_version`).
+- with ``--a-lr`` the adapter also trains a personal A (as the federation's final
+  personalization does), which no seed rebuilds: the packed paths are then
+  ``format-3-*``, A packed with B the same way.
 
 For each path: the archive's bytes and the sealed envelope's (real AES-256-GCM, what the
 coordinator stores), their ratio to the baseline's, the time to pack and seal and to
@@ -24,6 +27,7 @@ Usage (from the repository root, inside .venv)::
     python bench/backup_size.py                  # SmolLM2-135M, 24 training steps
     python bench/backup_size.py --quick --base PATH  # a small HF folder: seconds
     python bench/backup_size.py --json out.json  # also write the result file
+    python bench/backup_size.py --a-lr 4e-3      # a personal A: format 3 against format 1
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 import _common
 import numpy as np
 
-from lorafleet.client.adapter import adapter_disabled, read_b, read_provenance, set_b
+from lorafleet.client.adapter import adapter_disabled, read_adapter, read_provenance
 from lorafleet.client.archive import BACKUP_PACKING, pack_version, pack_version_v1, unpack_archive
 from lorafleet.client.base import load_base
 from lorafleet.client.data import demo_notes_path, encode_blocks, read_examples, split_examples
@@ -55,7 +59,7 @@ log = logging.getLogger("bench.backup_size")
 
 BENCH = "backup_size"
 BASELINE = "format-1"
-PATHS = (BASELINE, "format-2-fp32", "format-2-fp16", "format-2-int8")
+PACKINGS = ("fp32", "fp16", "int8")
 TARGET_RATIO = 0.2  # issue 15: per-version bytes <= 1/5 of today's
 USERS, VERSIONS = 10**6, 10
 
@@ -70,8 +74,14 @@ class Measured:
     pack_s: list[float]
     restore_s: list[float]
     loss: float
-    max_abs_b_error: float
+    max_abs_error: float
     same_files: bool
+
+
+def paths(personal_a: bool) -> tuple[str, ...]:
+    """The baseline and the packed paths (format 3 where the adapter has a personal A)."""
+    fmt = 3 if personal_a else 2
+    return (BASELINE, *(f"format-{fmt}-{p}" for p in PACKINGS))
 
 
 def pack(name: str, profile: Path) -> bytes:
@@ -80,13 +90,19 @@ def pack(name: str, profile: Path) -> bytes:
     return pack_version(profile, 1, packing=name.rsplit("-", 1)[1])  # type: ignore[arg-type]
 
 
-def restore(data: bytes, folder: Path) -> dict[str, np.ndarray]:
-    """Unpack, write and check a version folder as restore_profile does; its B."""
+def restore(
+    data: bytes, folder: Path
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Unpack, write and check a version folder as restore_profile does; its B and A."""
     archive = unpack_archive(data)
     folder.mkdir(parents=True)
     for rel, blob in archive.files.items():
         (folder / rel).write_bytes(blob)
-    return read_b(folder, read_provenance(folder))
+    return read_adapter(folder, read_provenance(folder))
+
+
+def _max_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(got[k].astype(np.float64) - want[k]))) for k in got)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,17 +121,24 @@ def run(args: argparse.Namespace) -> int:
         notes = read_examples(args.notes or demo_notes_path())
         rest, test = split_examples(notes, 0.2, seed=1234, min_train=6, min_heldout=1)
         log.info("training %d steps on %d notes (%d set aside)", steps, len(rest), len(test))
-        config = TrainConfig(steps=steps, eval_every=max(1, steps // 3), precision="fp32")
+        config = TrainConfig(
+            steps=steps, eval_every=max(1, steps // 3), precision="fp32", a_lr=args.a_lr
+        )
         pm.train(rest, config, progress=False)
         original = pm.adapter_b()
+        original_a = pm.adapter_a()
+        if args.a_lr > 0 and original_a is None:
+            log.warning("the best step kept was before A moved: no personal A to measure")
         blocks = encode_blocks(test, pm.base.tokenizer, seq_len=args.seq_len)
         original_loss = heldout_loss(pm.model, blocks, device="cpu")
         with adapter_disabled(pm.model):
             base_loss = heldout_loss(pm.model, blocks, device="cpu")
         folder = pm.profile / "adapters" / "v0001"
         originals = {p.name: p.read_bytes() for p in folder.iterdir()}
-        results = measure(root, pm, blocks, original, originals, repeats)
-        stock = stock_peft_loss(args, root / f"restore-format-2-{BACKUP_PACKING}-final", blocks)
+        names = paths(original_a is not None)
+        results = measure(root, pm, blocks, (original, original_a), originals, repeats, names)
+        default = next(n for n in names if n.endswith(f"-{BACKUP_PACKING}"))
+        stock = stock_peft_loss(args, root / f"restore-{default}-final", blocks)
     report(results, original_loss, base_loss, stock, len(test), steps, repeats, args)
     return 0
 
@@ -136,17 +159,18 @@ def measure(
     root: Path,
     pm: PersonalModel,
     blocks: Any,
-    original: dict[str, np.ndarray],
+    original: tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None],
     originals: dict[str, bytes],
     repeats: int,
+    names: tuple[str, ...],
 ) -> list[Measured]:
     """Bytes, times (interleaved, rotating order) and restored loss per path."""
     key = crypto.random_key()
     spec = pm.spec
-    times: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in PATHS}
+    times: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in names}
     last: dict[str, tuple[bytes, bytes]] = {}
     for i in range(1 + repeats):  # one warm-up
-        order = PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             context = BlobContext("bench-user", "bench", 1, spec.base_sha256, new_blob_id())
             t0 = time.perf_counter()
@@ -160,16 +184,19 @@ def measure(
                 times[name][1].append(t2 - t1)
             last[name] = (plaintext, sealed)
     results = []
-    for name in PATHS:
+    original_b, original_a = original
+    for name in names:
         plaintext, sealed = last[name]
         folder = root / f"restore-{name}-final"
-        b = restore(plaintext, folder)
-        set_b(pm.model, b)
+        b, a = restore(plaintext, folder)
+        pm.load_b(b, a)
         loss = heldout_loss(pm.model, blocks, device="cpu")
-        error = max(float(np.max(np.abs(b[k].astype(np.float64) - original[k]))) for k in b)
+        error = _max_error(b, original_b)
+        if a is not None and original_a is not None:
+            error = max(error, _max_error(a, original_a))
         same = {p.name: p.read_bytes() for p in folder.iterdir()} == originals
         results.append(Measured(name, len(plaintext), len(sealed), *times[name], loss, error, same))
-    set_b(pm.model, original)
+    pm.load_b(original_b, original_a)
     return results
 
 
@@ -206,7 +233,7 @@ def report(
                 f"{x:.3f}",
                 f"{r.loss:.5f}",
                 f"{delta:+.1e}",
-                f"{r.max_abs_b_error:.1e}",
+                f"{r.max_abs_error:.1e}",
                 "yes" if r.same_files else "no",
                 f"{pack_st.median:.1f}",
                 f"{restore_st.median:.1f}",
@@ -220,7 +247,7 @@ def report(
                 "sealed_x_format_1": x,
                 "heldout_loss": r.loss,
                 "heldout_loss_delta": delta,
-                "max_abs_b_error": r.max_abs_b_error,
+                "max_abs_error": r.max_abs_error,
                 "same_files_as_saved": r.same_files,
                 "pack_seal_ms": pack_st.to_dict(),
                 "open_unpack_ms": restore_st.to_dict(),
@@ -241,7 +268,7 @@ def report(
         "x today",
         "held-out loss",
         "d loss",
-        "max |dB|",
+        "max |dA|,|dB|",
         "same files",
         "pack+seal ms",
         "open+unpack ms",
@@ -251,7 +278,7 @@ def report(
         f"\noriginal adapter loss {original_loss:.5f}; bare base {base_loss:.5f} "
         f"(the adapter's gain: {gain:.4f})"
     )
-    chosen = next(r for r in results if r.name == f"format-2-{BACKUP_PACKING}")
+    chosen = next(r for r in results if r.name.endswith(f"-{BACKUP_PACKING}"))
     print(
         f"{chosen.name} restored folder loaded by stock PeftModel.from_pretrained: loss "
         f"{stock_loss:.5f} ({stock_loss - chosen.loss:+.1e} from lorafleet's own load)"
@@ -296,6 +323,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per block")
     parser.add_argument("--repeats", type=int, help="timed repeats after one warm-up")
     parser.add_argument("--json", help="also write the result file here")
+    parser.add_argument(
+        "--a-lr",
+        type=float,
+        default=0.0,
+        help="also train a personal A at this rate (0: seeded A, format 2)",
+    )
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
 """The adapter archive: one version of a profile as the plaintext of a backup envelope.
 
-Format 2 (written since issue 15) carries B only; a version with a personal A (trained on
-the device, which no seed rebuilds) is written in format 1. A is rebuilt bit for bit from the
+Format 2 (written since issue 15) carries B only; format 3 carries B and a personal A
+(trained on the device, which no seed rebuilds), both packed the same way, for the
+versions that have one. In format 2 A is rebuilt bit for bit from the
 cohort seed (:func:`lorafleet.protocols.seeds.derive_a`), so storing it was a waste of
 60% of every backup; B is packed by the same code the federated rounds use
 (:func:`lorafleet.protocols.encoding.encode_tensors`), int8 by default, which
@@ -10,8 +11,10 @@ of -2.4e-05 nats on SmolLM2-135M (none measurable; fp16 is 0.205x). Restore rebu
 B as packed), so ``PeftModel.from_pretrained`` loads it as before.
 
 Format 1 (every file of the version folder, byte for byte) is still read, so archives
-made before issue 15 keep restoring, and still written where format 2 cannot rebuild
-a folder exactly (a peft that writes another layout, a non-float32 adapter).
+made before issue 15 keep restoring, and still written where formats 2 and 3 cannot
+rebuild a folder exactly (a peft that writes another layout, a non-float32 adapter).
+Format 3 is separate from 2 so that a lorafleet too old to know a personal A says
+"upgrade" instead of restoring a B that was trained for another A.
 
 Everything read is checked before it is returned: sizes, sha256s, names and shapes
 against the spec, so nothing a hostile coordinator serves reaches the disk unchecked.
@@ -37,8 +40,10 @@ import numpy.typing as npt
 from lorafleet.client.adapter import (
     PROVENANCE_FILE,
     WEIGHTS_FILE,
+    ATensors,
     BTensors,
     b_content_hash,
+    read_adapter,
     read_b,
     read_provenance,
 )
@@ -58,6 +63,7 @@ from lorafleet.protocols.spec import AdapterSpec
 __all__ = [
     "ARCHIVE_MAGIC",
     "ARCHIVE_VERSION",
+    "ARCHIVE_VERSION_PERSONAL_A",
     "BACKUP_PACKING",
     "AdapterArchive",
     "pack_version",
@@ -71,9 +77,11 @@ logger = logging.getLogger(__name__)
 ARCHIVE_MAGIC = b"LFBK"
 """First bytes of an adapter archive (the plaintext inside a backup envelope)."""
 ARCHIVE_VERSION = 2
-"""The format :func:`pack_version` writes; :func:`unpack_archive` reads 1 and 2."""
+"""The format :func:`pack_version` writes for a seeded A; :func:`unpack_archive` reads 1-3."""
+ARCHIVE_VERSION_PERSONAL_A = 3
+"""The format :func:`pack_version` writes for a version with a personal A."""
 BACKUP_PACKING: Packing = "int8"
-"""How B is packed in a format-2 archive by default (measured: docs/benchmarks.md)."""
+"""How B (and a personal A) is packed in formats 2 and 3 by default (docs/benchmarks.md)."""
 
 _HEAD = struct.Struct("<4sBI")  # magic, archive format, JSON length
 _PEFT_PREFIX = "base_model.model."
@@ -94,9 +102,9 @@ class AdapterArchive:
     files: Mapping[str, bytes]
     """The version folder's files by relative POSIX path, as they are to be written."""
     format: int = ARCHIVE_VERSION
-    """The archive format it was read from (1: whole folder; 2: B only)."""
+    """The archive format it was read from (1: whole folder; 2: B only; 3: B and A)."""
     packing: Packing = "fp32"
-    """How B was packed; ``fp32`` (exact) for format 1."""
+    """How B (and in format 3 A) was packed; ``fp32`` (exact) for format 1."""
 
     @property
     def spec(self) -> AdapterSpec:
@@ -156,33 +164,32 @@ def pack_version_v1(profile_root: Path | str, version: int) -> bytes:
 def pack_version(
     profile_root: Path | str, version: int, *, packing: Packing = BACKUP_PACKING
 ) -> bytes:
-    """The archive of one saved version of a profile: B only (format 2).
+    """The archive of one saved version of a profile: B only (format 2), or B and A (3).
 
     ``LFBK || u8 2 || u32 len(J) || J || profile.json || file bytes... || B``, where the
     files are every file of the folder but ``adapter_model.safetensors`` and ``B`` is
     :func:`~lorafleet.protocols.encoding.encode_tensors` of the B matrices (keyed by
     module path) in ``packing``. ``J`` adds ``"weights": {"fan_in": [...], "size",
     "sha256"}``: each module's input width in sorted module order, which A's shape needs.
+    A version with a personal A is written as format 3: ``... || B || A``, A packed the
+    same way, with ``"a": {"size", "sha256"}`` added to ``J``'s ``weights``.
 
-    Before it returns it rebuilds the weights file from the spec's seed and the exact B
-    and compares it with the file on disk; where that does not give the same bytes
-    (another peft layout, a non-float32 adapter) it logs why and writes format 1, so a
-    restore never lays a folder out otherwise than it was saved.
+    Before it returns it rebuilds the weights file from the exact B and the seed's A
+    (or the exact personal A) and compares it with the file on disk; where that does not
+    give the same bytes (another peft layout, a non-float32 adapter) it logs why and
+    writes format 1, so a restore never lays a folder out otherwise than it was saved.
     """
     root, folder = _version_folder(profile_root, version)
     provenance = read_provenance(folder)
-    b = read_b(folder, provenance)  # never back up a damaged version
-    if provenance.personal_a:  # no seed rebuilds a trained A: it travels as it is
-        logger.info(
-            "version %d in %s has a personal A; backing up the whole folder (archive format 1)",
-            version,
-            root,
-        )
-        return pack_version_v1(root, version)
+    b, a = read_adapter(folder, provenance)  # never back up a damaged version
     weights = (folder / WEIGHTS_FILE).read_bytes()
     fan_in = _fan_in(weights)
     names = sorted(b)
-    if sorted(fan_in) != names or _rebuild(provenance.spec, b, fan_in) != weights:
+    if (
+        sorted(fan_in) != names
+        or (a is not None and sorted(a) != names)
+        or _rebuild(provenance.spec, b, fan_in, a) != weights
+    ):
         logger.warning(
             "version %d in %s cannot be rebuilt from its seed byte for byte; backing up "
             "the whole folder (archive format 1)",
@@ -193,17 +200,29 @@ def pack_version(
     profile_json = (root / PROFILE_FILE).read_bytes()
     listing, blobs = _listing(folder, skip=WEIGHTS_FILE)
     payload = encode_tensors(b, packing=packing)
+    weights_head: dict[str, Any] = {
+        "fan_in": [fan_in[n] for n in names],
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    parts = [profile_json, *blobs, payload]
+    fmt = ARCHIVE_VERSION
+    if a is not None:  # no seed rebuilds a trained A: it travels, packed like B
+        # transposed, (in, rank), so int8 keeps one scale per rank index, as for B
+        a_payload = encode_tensors({k: v.T for k, v in a.items()}, packing=packing)
+        weights_head["a"] = {
+            "size": len(a_payload),
+            "sha256": hashlib.sha256(a_payload).hexdigest(),
+        }
+        parts.append(a_payload)
+        fmt = ARCHIVE_VERSION_PERSONAL_A
     head = {
         "version": version,
         "profile_json_size": len(profile_json),
         "files": listing,
-        "weights": {
-            "fan_in": [fan_in[n] for n in names],
-            "size": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        },
+        "weights": weights_head,
     }
-    return _archive(2, head, [profile_json, *blobs, payload])
+    return _archive(fmt, head, parts)
 
 
 def _fan_in(weights: bytes) -> dict[str, int]:
@@ -218,15 +237,22 @@ def _fan_in(weights: bytes) -> dict[str, int]:
 
 
 def _rebuild(
-    spec: AdapterSpec, b: Mapping[str, npt.NDArray[np.float32]], fan_in: Mapping[str, int]
+    spec: AdapterSpec,
+    b: Mapping[str, npt.NDArray[np.float32]],
+    fan_in: Mapping[str, int],
+    a: Mapping[str, npt.NDArray[np.float32]] | None = None,
 ) -> bytes:
-    """The PEFT weights file: A from the seed, B as given, laid out as peft saves it."""
+    """The PEFT weights file: A from the seed (or the personal A), B as given, as peft saves it."""
     from safetensors.numpy import save
 
     tensors: dict[str, npt.NDArray[np.float32]] = {}
     for module, value in b.items():
         prefix = f"{_PEFT_PREFIX}{module}.lora_"
-        tensors[prefix + "A.weight"] = derive_a(spec, module, fan_in[module])  # (r, in)
+        tensors[prefix + "A.weight"] = (  # (r, in)
+            derive_a(spec, module, fan_in[module])
+            if a is None
+            else np.ascontiguousarray(a[module], dtype="<f4")
+        )
         tensors[prefix + "B.weight"] = np.ascontiguousarray(value, dtype="<f4")  # (out, r)
     return bytes(save(tensors, metadata=dict(_PEFT_METADATA)))
 
@@ -278,14 +304,15 @@ class _Reader:
 
 
 def unpack_archive(data: bytes) -> AdapterArchive:
-    """Parse an archive of format 1 or 2, checking everything before returning it.
+    """Parse an archive of format 1, 2 or 3, checking everything before returning it.
 
-    Both formats must hold the weights (or B) and a provenance naming this version and
-    the profile's spec. For format 2 the weights file is rebuilt here, in memory: every
-    B name must be a module path the spec targets, every shape ``(out, rank)``, every
-    input width sane. A B that does not hash to the provenance's content hash (lossy
-    packing) gets a provenance that records the hash of what it holds, every other
-    field unchanged.
+    Every format must hold the weights (or B) and a provenance naming this version and
+    the profile's spec. For formats 2 and 3 the weights file is rebuilt here, in memory:
+    every B name must be a module path the spec targets, every shape ``(out, rank)``,
+    every input width sane; format 3's A must name the same modules with shapes
+    ``(rank, in)``, and only a provenance that says ``personal_a`` may come with one.
+    Weights that do not hash to the provenance's content hash (lossy packing) get a
+    provenance that records the hash of what they hold, every other field unchanged.
 
     Raises
     ------
@@ -297,7 +324,7 @@ def unpack_archive(data: bytes) -> AdapterArchive:
     magic, fmt, head_len = _HEAD.unpack_from(data)
     if magic != ARCHIVE_MAGIC:
         raise IntegrityError("the backup is not a lorafleet adapter archive")
-    if fmt not in (1, 2):
+    if fmt not in (1, 2, 3):
         raise IntegrityError(
             f"adapter archive format {fmt} is not supported by this lorafleet; upgrade it"
         )
@@ -308,9 +335,14 @@ def unpack_archive(data: bytes) -> AdapterArchive:
             raise TypeError("version must be an integer >= 1")
         if not isinstance(listing, list):
             raise TypeError("files must be a list")
-        weights = head["weights"] if fmt == 2 else None
-        if fmt == 2 and not isinstance(weights, dict):
+        weights = head["weights"] if fmt >= 2 else None
+        if fmt >= 2 and not isinstance(weights, dict):
             raise TypeError("weights must be an object")
+        a_entry = weights["a"] if fmt == 3 else None  # type: ignore[index]
+        if fmt == 3 and not isinstance(a_entry, dict):
+            raise TypeError("weights.a must be an object")
+        if fmt == 2 and "a" in weights:  # type: ignore[operator]
+            raise TypeError("format 2 carries no A")
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the backup archive's header is damaged ({exc})") from None
     reader = _Reader(data, _HEAD.size + head_len)
@@ -320,19 +352,23 @@ def unpack_archive(data: bytes) -> AdapterArchive:
         if not isinstance(entry, dict):
             raise IntegrityError("the backup archive's file list is damaged")
         path = _safe_path(entry.get("path"))
-        if path in files or (fmt == 2 and path == WEIGHTS_FILE):
+        if path in files or (fmt >= 2 and path == WEIGHTS_FILE):
             raise IntegrityError(f"the backup archive lists {path} twice")
         files[path] = reader.take_hashed(entry.get("size"), entry.get("sha256"), path)
-    payload = None
+    payload = a_payload = None
     if weights is not None:
         payload = reader.take_hashed(weights.get("size"), weights.get("sha256"), "the B matrices")
+    if a_entry is not None:
+        a_payload = reader.take_hashed(a_entry.get("size"), a_entry.get("sha256"), "the A matrices")
     if reader.pos != len(data):
         raise IntegrityError("the backup archive's length does not match its header")
     provenance = _checked_provenance(version, profile_json, files)
     packing: Packing = "fp32"
-    if payload is not None and weights is not None:  # format 2: rebuild A and the weights
+    if payload is not None and weights is not None:  # formats 2, 3: rebuild the weights
         packing = packing_of(payload)
-        files.update(_restored_weights(provenance, payload, weights))
+        if a_payload is not None and packing_of(a_payload) != packing:
+            raise IntegrityError("the backup archive packs A and B differently: refusing it")
+        files.update(_restored_weights(provenance, payload, weights, a_payload))
     elif WEIGHTS_FILE not in files:
         raise IntegrityError(f"the backup archive has no {WEIGHTS_FILE}")
     return AdapterArchive(version, profile_json, files, format=fmt, packing=packing)
@@ -358,22 +394,44 @@ def _checked_provenance(
 
 
 def _restored_weights(
-    provenance: AdapterProvenance, payload: bytes, weights: Mapping[str, Any]
+    provenance: AdapterProvenance,
+    payload: bytes,
+    weights: Mapping[str, Any],
+    a_payload: bytes | None = None,
 ) -> dict[str, bytes]:
-    """The weights file and provenance of a format-2 archive, checked against its spec."""
-    if provenance.personal_a:  # format 2 rebuilds A from the seed: it cannot hold one
+    """The weights file and provenance of a format-2 or -3 archive, checked against its spec."""
+    if provenance.personal_a and a_payload is None:  # format 2 rebuilds A from the seed
         raise IntegrityError(
             "the backup says its adapter has a personal A but carries B only: refusing it"
+        )
+    if a_payload is not None and not provenance.personal_a:
+        raise IntegrityError(
+            "the backup carries an A but its adapter says A comes from the seed: refusing it"
         )
     spec = provenance.spec
     b, _ = decode_tensors(payload)  # IntegrityError on anything malformed or non-finite
     fan_in = _checked_shapes(spec, b, weights.get("fan_in"))
-    out = {WEIGHTS_FILE: _rebuild(spec, b, fan_in)}
-    restored = b_content_hash(spec, b)
+    a = None if a_payload is None else _checked_a(spec, a_payload, fan_in)
+    out = {WEIGHTS_FILE: _rebuild(spec, b, fan_in, a)}
+    restored = b_content_hash(spec, b, a)
     if restored != provenance.content_hash:
         provenance = dataclasses.replace(provenance, content_hash=restored)
         out[PROVENANCE_FILE] = provenance.to_json().encode("utf-8")
     return out
+
+
+def _checked_a(spec: AdapterSpec, a_payload: bytes, fan_in: Mapping[str, int]) -> ATensors:
+    """Format 3's personal A: the same modules as B, each of shape ``(rank, in)``."""
+    packed, _ = decode_tensors(a_payload)  # IntegrityError on anything malformed or non-finite
+    if sorted(packed) != sorted(fan_in):
+        raise IntegrityError("the backup's A matrices do not name the same modules as its B")
+    for name, value in packed.items():  # packed transposed: (in, rank)
+        if value.shape != (fan_in[name], spec.rank):
+            raise IntegrityError(
+                f"A for {name} is packed with shape {tuple(value.shape)}, not "
+                f"({fan_in[name]}, {spec.rank})"
+            )
+    return {k: np.ascontiguousarray(v.T) for k, v in packed.items()}
 
 
 def _checked_shapes(spec: AdapterSpec, b: BTensors, fan_in: object) -> dict[str, int]:
@@ -421,8 +479,9 @@ def same_adapter_files(
     A restored version holds B as packed, and packing that again need not give the same
     bytes (int8 scales may move by one float32 step), so "the same version" means: the
     same files; every file but the weights and the provenance byte for byte; the
-    provenance equal but for its content hash; A equal; and each B within what the two
-    packings can change (:func:`~lorafleet.protocols.encoding.max_abs_error_bound`).
+    provenance equal but for its content hash; each B, and a personal A, within what the
+    two packings can change (:func:`~lorafleet.protocols.encoding.max_abs_error_bound`;
+    a seeded A is rebuilt exactly, so that bound is its own, and it must be equal).
     Both mappings must be checked folders (a profile's, or :func:`unpack_archive`'s).
     """
     if set(mine) != set(theirs):
@@ -440,10 +499,12 @@ def same_adapter_files(
         return False
     if a != b or WEIGHTS_FILE not in mine:
         return False
-    return _close_weights(mine[WEIGHTS_FILE], theirs[WEIGHTS_FILE], packings)
+    return _close_weights(mine[WEIGHTS_FILE], theirs[WEIGHTS_FILE], packings, a.personal_a)
 
 
-def _close_weights(mine: bytes, theirs: bytes, packings: tuple[Packing, Packing]) -> bool:
+def _close_weights(
+    mine: bytes, theirs: bytes, packings: tuple[Packing, Packing], personal_a: bool
+) -> bool:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -457,7 +518,8 @@ def _close_weights(mine: bytes, theirs: bytes, packings: tuple[Packing, Packing]
         other = y[key]
         if value.shape != other.shape:
             return False
-        if not key.endswith(".lora_B.weight"):
+        packed = (".lora_A.weight", ".lora_B.weight") if personal_a else (".lora_B.weight",)
+        if not key.endswith(packed):
             if not np.array_equal(value, other):
                 return False
             continue

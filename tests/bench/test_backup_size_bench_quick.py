@@ -13,16 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "backup_size.py"
-PATHS = ["format-1", "format-2-fp32", "format-2-fp16", "format-2-int8"]
 
 
+@pytest.mark.parametrize(("a_lr", "fmt"), [("0", 2), ("0.05", 3)])
 def test_quick_run_reports_bytes_and_loss_of_each_path_against_format_1(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, a_lr: str, fmt: int
 ) -> None:
-    # Prepare
+    # Prepare: a seeded A (format 2) or a personal A (format 3)
     out = tmp_path / "backup_size.json"
+    paths = ["format-1", *(f"format-{fmt}-{p}" for p in ("fp32", "fp16", "int8"))]
 
     # Execute
     proc = subprocess.run(
@@ -38,6 +41,8 @@ def test_quick_run_reports_bytes_and_loss_of_each_path_against_format_1(
             "32",
             "--json",
             str(out),
+            "--a-lr",
+            a_lr,
         ],
         cwd=REPO,
         capture_output=True,
@@ -52,16 +57,17 @@ def test_quick_run_reports_bytes_and_loss_of_each_path_against_format_1(
     assert doc["bench"] == "backup_size"
     assert {"cpu_model", "cpu_class", "threads", "torch"} <= set(doc["machine"])
     rows = {row["name"]: row for row in doc["rows"]}
-    assert list(rows) == PATHS
+    assert list(rows) == paths
     assert rows["format-1"]["sealed_x_format_1"] == 1.0
-    assert rows["format-2-fp32"]["same_files_as_saved"]  # exact B: the very same folder
-    assert rows["format-2-fp32"]["heldout_loss_delta"] == 0.0
+    exact = rows[f"format-{fmt}-fp32"]
+    assert exact["same_files_as_saved"]  # exact B (and A): the very same folder
+    assert exact["heldout_loss_delta"] == 0.0 and exact["max_abs_error"] == 0.0
     for name, row in rows.items():
         assert row["sealed_bytes"] > row["archive_bytes"] > 0, name
         assert math.isfinite(row["heldout_loss"]), name
         timing = row["pack_seal_ms"]
         assert timing["min"] <= timing["median"] <= timing["max"], name
-    assert set(doc["ratios"]["sealed_bytes_x_format_1"]) == set(PATHS)
+    assert set(doc["ratios"]["sealed_bytes_x_format_1"]) == set(paths)
     assert isinstance(doc["target"]["met"], bool)
     assert math.isfinite(doc["stock_peft_loss"])
     assert "x today" in proc.stdout and "users x 10 versions" in proc.stdout

@@ -9,7 +9,9 @@ the next user.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,12 @@ from lorafleet.client.adapter import (
     seeded_a,
     set_a,
 )
-from lorafleet.client.archive import pack_version, unpack_archive
+from lorafleet.client.archive import (
+    pack_version,
+    pack_version_v1,
+    same_adapter_files,
+    unpack_archive,
+)
 from lorafleet.client.base import load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks
 from lorafleet.client.federated import DeviceData, blend_with_prior, run_round
@@ -36,6 +43,7 @@ from lorafleet.client.layout import read_provenance
 from lorafleet.client.profile import Profile
 from lorafleet.client.sdk import PersonalModel
 from lorafleet.client.train import LocalTrainer, TrainConfig, train_adapter
+from lorafleet.protocols.encoding import Packing, encode_tensors, max_abs_error_bound
 from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.protocols.spec import AdapterSpec
@@ -176,28 +184,117 @@ def test_a_tampered_personal_a_is_refused(tiny_model_dir: Path, tmp_path: Path) 
         profile.read(version)
 
 
-def test_a_personal_a_travels_whole_in_a_backup_archive(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    # Prepare
-    pm = PersonalModel.open(tmp_path / "p", base=tiny_model_dir, rank=4, precision="fp32")
+def _personal_a_profile(tiny_model_dir: Path, root: Path) -> tuple[int, Any, Any]:
+    pm = PersonalModel.open(root, base=tiny_model_dir, rank=4, precision="fp32")
     a = random_a(pm.model, 4)
     b = {k: np.full_like(v, 0.01) for k, v in pm.adapter_b().items()}
     pm.load_b(b, a)
-    version = pm.save().version
+    return pm.save().version, a, b
+
+
+def _restore(archive: Any, folder: Path) -> tuple[Any, Any]:
+    folder.mkdir()
+    for name, data in archive.files.items():
+        (folder / name).write_bytes(data)
+    return read_adapter(folder, read_provenance(folder))
+
+
+@pytest.mark.parametrize("packing", ["fp32", "int8"])
+def test_a_personal_a_travels_packed_with_b_in_a_backup_archive(
+    tiny_model_dir: Path, tmp_path: Path, packing: Packing
+) -> None:
+    # Prepare
+    version, a, b = _personal_a_profile(tiny_model_dir, tmp_path / "p")
+    whole = len(pack_version_v1(tmp_path / "p", version))
 
     # Execute
-    archive = unpack_archive(pack_version(tmp_path / "p", version))
-    restored = tmp_path / "restored"
-    restored.mkdir()
-    for name, data in archive.files.items():
-        (restored / name).write_bytes(data)
+    data = pack_version(tmp_path / "p", version, packing=packing)
+    archive = unpack_archive(data)
+    got_b, got_a = _restore(archive, tmp_path / "restored")
 
-    # Assert: format 1 (no seed rebuilds a trained A), A and B exact
-    assert archive.format == 1
-    got_b, got_a = read_adapter(restored, read_provenance(restored))
-    assert got_a is not None and all(np.array_equal(got_a[k], a[k]) for k in a)
-    assert all(np.array_equal(got_b[k], b[k]) for k in b)
+    # Assert: format 3 (no seed rebuilds a trained A); exact in fp32, within the bound in int8
+    assert archive.format == 3 and archive.packing == packing
+    assert got_a is not None and sorted(got_a) == sorted(a)
+    for want, got in ((a, got_a), (b, got_b)):
+        for k in want:
+            bound = max_abs_error_bound(want[k], packing)
+            assert np.max(np.abs(got[k].astype(np.float64) - want[k])) <= bound, k
+    if packing == "fp32":
+        assert (
+            archive.files[WEIGHTS_FILE]
+            == (Profile.open(tmp_path / "p").version_dir(version) / WEIGHTS_FILE).read_bytes()
+        )
+    else:
+        # A and B in int8 against both in fp32 (the folder's small files aside; on this
+        # tiny model the headers weigh, bench/backup_size.py measures the real ratio)
+        (size,) = struct.unpack_from("<I", data, 5)
+        sizes = json.loads(data[9 : 9 + size])["weights"]
+        assert len(data) < whole
+        assert sizes["size"] + sizes["a"]["size"] < 0.75 * len(archive.files[WEIGHTS_FILE])
+    # the same version again is "the same" (nothing is uploaded twice), a changed A is not
+    mine = {
+        p.name: p.read_bytes() for p in Profile.open(tmp_path / "p").version_dir(version).iterdir()
+    }
+    assert same_adapter_files(mine, archive.files, packings=("fp32", packing))
+    other_a = {k: v + 0.05 for k, v in got_a.items()}
+    blob = unpack_archive(_swap_a(data, other_a, packing))
+    assert not same_adapter_files(mine, blob.files, packings=("fp32", packing))
+
+
+def _swap_a(data: bytes, a: dict[str, np.ndarray], packing: Packing) -> bytes:
+    """The archive with another A, every size and sha256 made to agree."""
+    (size,) = struct.unpack_from("<I", data, 5)
+    head = json.loads(data[9 : 9 + size])
+    a_size = head["weights"]["a"]["size"]
+    payload = encode_tensors({k: v.T for k, v in a.items()}, packing=packing)
+    head["weights"]["a"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    raw = json.dumps(head).encode()
+    body = data[9 + size : len(data) - a_size]
+    return struct.pack("<4sBI", b"LFBK", data[4], len(raw)) + raw + body + payload
+
+
+def test_an_archive_that_mixes_up_seeded_and_personal_a_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a personal-A version (format 3) and a seeded one (format 2) of one profile
+    version, a, _ = _personal_a_profile(tiny_model_dir, tmp_path / "p")
+    data = pack_version(tmp_path / "p", version)
+    (size,) = struct.unpack_from("<I", data, 5)
+    head = json.loads(data[9 : 9 + size])
+    a_size = head["weights"]["a"]["size"]
+    # format 3 relabelled as 2, the A payload dropped: a personal A claimed, B only carried
+    head2 = {**head, "weights": {k: v for k, v in head["weights"].items() if k != "a"}}
+    raw2 = json.dumps(head2).encode()
+    as_v2 = struct.pack("<4sBI", b"LFBK", 2, len(raw2)) + raw2 + data[9 + size : -a_size]
+    # an A whose shapes are another rank's
+    wrong_shape = _swap_a(
+        data, {k: np.zeros((5, v.shape[1]), np.float32) for k, v in a.items()}, "int8"
+    )
+    # an A payload packed otherwise than B
+    other_packing = _swap_a(data, a, "fp16")
+    # a seeded-A version's archive (format 2) with an A appended and the format set to 3
+    pm = PersonalModel.open(tmp_path / "p", precision="fp32")
+    pm.load_b(pm.adapter_b())
+    seeded = pack_version(tmp_path / "p", pm.save().version)
+    (size2,) = struct.unpack_from("<I", seeded, 5)
+    head3 = json.loads(seeded[9 : 9 + size2])
+    payload = encode_tensors({k: v.T for k, v in a.items()}, packing="int8")
+    head3["weights"]["a"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    raw3 = json.dumps(head3).encode()
+    seeded_with_a = (
+        struct.pack("<4sBI", b"LFBK", 3, len(raw3)) + raw3 + seeded[9 + size2 :] + payload
+    )
+
+    # Execute / Assert: one line each
+    with pytest.raises(IntegrityError, match="carries B only"):
+        unpack_archive(as_v2)
+    with pytest.raises(IntegrityError, match=r"packed with shape .*, not \(\d+, 4\)"):
+        unpack_archive(wrong_shape)
+    with pytest.raises(IntegrityError, match="packs A and B differently"):
+        unpack_archive(other_packing)
+    assert unpack_archive(seeded).format == 2
+    with pytest.raises(IntegrityError, match="says A comes from the seed"):
+        unpack_archive(seeded_with_a)
 
 
 def test_the_sdk_reloads_a_personal_a_and_load_b_alone_resets_it(
