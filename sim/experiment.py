@@ -479,8 +479,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
             runs.append(
                 _run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress)
             )
-        # Keep every finished seed on disk, so a stopped multi-seed run resumes here.
-        partial = ExperimentResult(runs, split, time.perf_counter() - started, config)
+        # Keep every finished seed on disk (the reusable ones not reached yet too), so a
+        # stopped multi-seed run resumes here and loses nothing it had.
+        later = [done[s] for s in cfg.run_seeds[len(runs) :] if s in done]
+        partial = ExperimentResult(runs + later, split, time.perf_counter() - started, config)
         atomic_write_text(out / "results.json", partial.to_json())
     result = ExperimentResult(
         runs=runs, split=split, seconds=time.perf_counter() - started, config=config

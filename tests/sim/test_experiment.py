@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from lorafleet.sim import experiment
 from lorafleet.sim.cli import _parser, main
 from lorafleet.sim.experiment import METHODS, ExperimentConfig, run_experiment
 
@@ -153,7 +154,10 @@ def test_a_user_sits_the_federation_out_only_when_a_cold_start_curve_is_asked_fo
 
 
 def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
-    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: one seed, as a small machine runs them, one command at a time
     cfg = _tiny(
@@ -167,20 +171,31 @@ def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
         rank=2,
         cold_start_ks=(),
         baselines=False,
-        seeds=(0,),
+        seeds=(1,),
     )
     run_experiment(cfg, progress=False)
     results = tmp_path / "run" / "results.json"
     first = json.loads(results.read_text())["runs"][0]
+    written: list[list[int]] = []
+    real_write = experiment.atomic_write_text
+
+    def watch(path: Path, text: str) -> None:
+        if Path(path).name == "results.json":
+            written.append([r["seed"] for r in json.loads(text)["runs"]])
+        real_write(path, text)
+
+    monkeypatch.setattr(experiment, "atomic_write_text", watch)
     # Execute: the same options with a second seed
     with caplog.at_level("INFO", logger="lorafleet.sim.experiment"):
         result = run_experiment(replace(cfg, seeds=(0, 1)), progress=False)
-    # Assert: seed 0 came back from the file as it was, seed 1 ran, the summary has both
+    # Assert: seed 1 came back from the file as it was, seed 0 ran, the summary has both
     record = json.loads(results.read_text())
     assert [r["seed"] for r in record["runs"]] == [0, 1]
-    assert record["runs"][0] == first
-    assert "seed 0: reused" in caplog.text and "seed 1: reused" not in caplog.text
-    assert (tmp_path / "run" / "seed-1" / "coordinator").is_dir()
+    assert record["runs"][1] == first
+    assert "seed 1: reused" in caplog.text and "seed 0: reused" not in caplog.text
+    assert (tmp_path / "run" / "seed-0" / "coordinator").is_dir()
+    # and no write of results.json on the way dropped the finished seed 1
+    assert written and all(1 in seeds for seeds in written)
     assert len(result.runs) == 2 and record["summary"]["test"]["std_over_seeds"]["personal"] >= 0
     # Other options: nothing is reused, and the log says why
     caplog.clear()
@@ -188,4 +203,4 @@ def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
         run_experiment(replace(cfg, prior_steps=3), progress=False)
     assert "reused" not in caplog.text.replace("not reusing", "")
     assert "other prior_steps: not reusing" in caplog.text
-    assert [r["seed"] for r in json.loads(results.read_text())["runs"]] == [0]
+    assert [r["seed"] for r in json.loads(results.read_text())["runs"]] == [1]
