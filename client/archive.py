@@ -124,16 +124,17 @@ def _version_folder(profile_root: Path | str, version: int) -> tuple[Path, Path]
     return root, folder
 
 
+def _entry(blob: bytes) -> dict[str, Any]:
+    """A section's header entry: what the reader checks it against."""
+    return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def _listing(folder: Path, skip: str | None = None) -> tuple[list[dict[str, Any]], list[bytes]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     files = [p for p in files if p.relative_to(folder).as_posix() != skip]
     blobs = [p.read_bytes() for p in files]
     listing = [
-        {
-            "path": p.relative_to(folder).as_posix(),
-            "size": len(b),
-            "sha256": hashlib.sha256(b).hexdigest(),
-        }
+        {"path": p.relative_to(folder).as_posix(), **_entry(b)}
         for p, b in zip(files, blobs, strict=True)
     ]
     return listing, blobs
@@ -200,20 +201,13 @@ def pack_version(
     profile_json = (root / PROFILE_FILE).read_bytes()
     listing, blobs = _listing(folder, skip=WEIGHTS_FILE)
     payload = encode_tensors(b, packing=packing)
-    weights_head: dict[str, Any] = {
-        "fan_in": [fan_in[n] for n in names],
-        "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }
+    weights_head: dict[str, Any] = {"fan_in": [fan_in[n] for n in names], **_entry(payload)}
     parts = [profile_json, *blobs, payload]
     fmt = ARCHIVE_VERSION
     if a is not None:  # no seed rebuilds a trained A: it travels, packed like B
         # transposed, (in, rank), so int8 keeps one scale per rank index, as for B
         a_payload = encode_tensors({k: v.T for k, v in a.items()}, packing=packing)
-        weights_head["a"] = {
-            "size": len(a_payload),
-            "sha256": hashlib.sha256(a_payload).hexdigest(),
-        }
+        weights_head["a"] = _entry(a_payload)
         parts.append(a_payload)
         fmt = ARCHIVE_VERSION_PERSONAL_A
     head = {
@@ -335,14 +329,17 @@ def unpack_archive(data: bytes) -> AdapterArchive:
             raise TypeError("version must be an integer >= 1")
         if not isinstance(listing, list):
             raise TypeError("files must be a list")
-        weights = head["weights"] if fmt >= 2 else None
-        if fmt >= 2 and not isinstance(weights, dict):
-            raise TypeError("weights must be an object")
-        a_entry = weights["a"] if fmt == 3 else None  # type: ignore[index]
-        if fmt == 3 and not isinstance(a_entry, dict):
-            raise TypeError("weights.a must be an object")
-        if fmt == 2 and "a" in weights:  # type: ignore[operator]
-            raise TypeError("format 2 carries no A")
+        weights = a_entry = None
+        if fmt >= 2:
+            weights = head["weights"]
+            if not isinstance(weights, dict):
+                raise TypeError("weights must be an object")
+            if fmt == 3:
+                a_entry = weights["a"]
+                if not isinstance(a_entry, dict):
+                    raise TypeError("weights.a must be an object")
+            elif "a" in weights:
+                raise TypeError("format 2 carries no A")
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the backup archive's header is damaged ({exc})") from None
     reader = _Reader(data, _HEAD.size + head_len)

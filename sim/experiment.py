@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -479,11 +479,12 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
             runs.append(
                 _run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress)
             )
-        # Keep every finished seed on disk (the reusable ones not reached yet too), so a
-        # stopped multi-seed run resumes here and loses nothing it had.
-        later = [done[s] for s in cfg.run_seeds[len(runs) :] if s in done]
-        partial = ExperimentResult(runs + later, split, time.perf_counter() - started, config)
-        atomic_write_text(out / "results.json", partial.to_json())
+        if len(runs) < len(cfg.run_seeds):
+            # Keep every finished seed on disk (the reusable ones not reached yet too), so
+            # a stopped multi-seed run resumes here and loses nothing it had.
+            later = [done[s] for s in cfg.run_seeds[len(runs) :] if s in done]
+            partial = ExperimentResult(runs + later, split, time.perf_counter() - started, config)
+            atomic_write_text(out / "results.json", partial.to_json())
     result = ExperimentResult(
         runs=runs, split=split, seconds=time.perf_counter() - started, config=config
     )
@@ -504,6 +505,13 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
     return loaded
 
 
+def changed_options(
+    have: Mapping[str, Any], want: Mapping[str, Any], ignore: Collection[str]
+) -> list[str]:
+    """Config keys (of ``want``, as :func:`config_record` gives them) whose values differ."""
+    return sorted(k for k in want if k not in ignore and have.get(k) != want[k])
+
+
 def _finished_seeds(
     path: Path, config: dict[str, Any], split: dict[str, dict[str, Any]]
 ) -> dict[int, SeedRun]:
@@ -519,7 +527,7 @@ def _finished_seeds(
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         have = record.get("config", {})
-        changed = sorted(k for k in config if k not in _SEED_KEYS and have.get(k) != config[k])
+        changed = changed_options(have, config, _SEED_KEYS)
         if changed or record.get("split") != split:
             what = ", ".join(changed) if changed else "the users' splits"
             log.warning("%s was run with other %s: not reusing its seeds", path, what)

@@ -46,6 +46,7 @@ from lorafleet.sim.experiment import (
     LABELS,
     METHODS,
     ExperimentConfig,
+    changed_options,
     config_record,
     run_experiment,
 )
@@ -184,7 +185,7 @@ def _read_finished(cfg: ExperimentConfig, point: ScalePoint) -> dict[str, Any]:
     path = Path(cfg.output) / "results.json"
     record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     want, have = config_record(cfg), record.get("config", {})
-    changed = sorted(k for k in want if k != "output" and have.get(k) != want[k])
+    changed = changed_options(have, want, ("output",))
     if changed:
         what = ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in changed)
         raise SpecError(

@@ -227,8 +227,7 @@ def test_a_personal_a_travels_packed_with_b_in_a_backup_archive(
     else:
         # A and B in int8 against both in fp32 (the folder's small files aside; on this
         # tiny model the headers weigh, bench/backup_size.py measures the real ratio)
-        (size,) = struct.unpack_from("<I", data, 5)
-        sizes = json.loads(data[9 : 9 + size])["weights"]
+        sizes = _split(data)[0]["weights"]
         assert len(data) < whole
         assert sizes["size"] + sizes["a"]["size"] < 0.75 * len(archive.files[WEIGHTS_FILE])
     # the same version again is "the same" (nothing is uploaded twice), a changed A is not
@@ -241,16 +240,29 @@ def test_a_personal_a_travels_packed_with_b_in_a_backup_archive(
     assert not same_adapter_files(mine, blob.files, packings=("fp32", packing))
 
 
+def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """An archive's header and the bytes after it."""
+    (size,) = struct.unpack_from("<I", data, 5)
+    return json.loads(data[9 : 9 + size]), data[9 + size :]
+
+
+def _join(fmt: int, head: dict[str, Any], body: bytes) -> bytes:
+    raw = json.dumps(head).encode()
+    return struct.pack("<4sBI", b"LFBK", fmt, len(raw)) + raw + body
+
+
+def _packed_a(a: dict[str, np.ndarray], packing: Packing) -> tuple[dict[str, Any], bytes]:
+    """Format 3's A section (transposed, as the archive packs it) and its header entry."""
+    payload = encode_tensors({k: v.T for k, v in a.items()}, packing=packing)
+    return {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}, payload
+
+
 def _swap_a(data: bytes, a: dict[str, np.ndarray], packing: Packing) -> bytes:
     """The archive with another A, every size and sha256 made to agree."""
-    (size,) = struct.unpack_from("<I", data, 5)
-    head = json.loads(data[9 : 9 + size])
-    a_size = head["weights"]["a"]["size"]
-    payload = encode_tensors({k: v.T for k, v in a.items()}, packing=packing)
-    head["weights"]["a"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    raw = json.dumps(head).encode()
-    body = data[9 + size : len(data) - a_size]
-    return struct.pack("<4sBI", b"LFBK", data[4], len(raw)) + raw + body + payload
+    head, body = _split(data)
+    body = body[: len(body) - head["weights"]["a"]["size"]]
+    head["weights"]["a"], payload = _packed_a(a, packing)
+    return _join(data[4], head, body + payload)
 
 
 def test_an_archive_that_mixes_up_seeded_and_personal_a_is_refused(
@@ -259,13 +271,10 @@ def test_an_archive_that_mixes_up_seeded_and_personal_a_is_refused(
     # Prepare: a personal-A version (format 3) and a seeded one (format 2) of one profile
     version, a, _ = _personal_a_profile(tiny_model_dir, tmp_path / "p")
     data = pack_version(tmp_path / "p", version)
-    (size,) = struct.unpack_from("<I", data, 5)
-    head = json.loads(data[9 : 9 + size])
-    a_size = head["weights"]["a"]["size"]
+    head, body = _split(data)
+    a_entry = head["weights"].pop("a")
     # format 3 relabelled as 2, the A payload dropped: a personal A claimed, B only carried
-    head2 = {**head, "weights": {k: v for k, v in head["weights"].items() if k != "a"}}
-    raw2 = json.dumps(head2).encode()
-    as_v2 = struct.pack("<4sBI", b"LFBK", 2, len(raw2)) + raw2 + data[9 + size : -a_size]
+    as_v2 = _join(2, head, body[: -a_entry["size"]])
     # an A whose shapes are another rank's
     wrong_shape = _swap_a(
         data, {k: np.zeros((5, v.shape[1]), np.float32) for k, v in a.items()}, "int8"
@@ -276,14 +285,9 @@ def test_an_archive_that_mixes_up_seeded_and_personal_a_is_refused(
     pm = PersonalModel.open(tmp_path / "p", precision="fp32")
     pm.load_b(pm.adapter_b())
     seeded = pack_version(tmp_path / "p", pm.save().version)
-    (size2,) = struct.unpack_from("<I", seeded, 5)
-    head3 = json.loads(seeded[9 : 9 + size2])
-    payload = encode_tensors({k: v.T for k, v in a.items()}, packing="int8")
-    head3["weights"]["a"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    raw3 = json.dumps(head3).encode()
-    seeded_with_a = (
-        struct.pack("<4sBI", b"LFBK", 3, len(raw3)) + raw3 + seeded[9 + size2 :] + payload
-    )
+    head3, body3 = _split(seeded)
+    head3["weights"]["a"], payload = _packed_a(a, "int8")
+    seeded_with_a = _join(3, head3, body3 + payload)
 
     # Execute / Assert: one line each
     with pytest.raises(IntegrityError, match="carries B only"):
