@@ -533,7 +533,7 @@ def _finished_seeds(
             log.warning("%s was run with other %s: not reusing its seeds", path, what)
             return {}
         return {int(r["seed"]): _seed_run(r) for r in record.get("runs", [])}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s is not a readable results file (%s): not reusing it", path, exc)
         return {}
 

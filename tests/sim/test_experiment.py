@@ -204,3 +204,20 @@ def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
     assert "reused" not in caplog.text.replace("not reusing", "")
     assert "other prior_steps: not reusing" in caplog.text
     assert [r["seed"] for r in json.loads(results.read_text())["runs"]] == [1]
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"config": [], "split": {}}'])
+def test_an_unreadable_results_file_is_not_reused_and_says_so(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    path = tmp_path / "results.json"
+    path.write_text(text)
+
+    # Execute
+    with caplog.at_level("WARNING", logger="lorafleet.sim.experiment"):
+        done = experiment._finished_seeds(path, {"rank": 8}, {})
+
+    # Assert: a warning naming the file, never a traceback
+    assert done == {}
+    assert "not a readable results file" in caplog.text and str(path) in caplog.text
