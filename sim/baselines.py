@@ -43,6 +43,7 @@ from lorafleet.client.adapter import (
 from lorafleet.client.base import LoadedBase
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.federated import blend_with_prior
 from lorafleet.client.runtime import PLANS, ConcretePrecision
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
 from lorafleet.protocols.spec import AdapterSpec
@@ -72,6 +73,7 @@ class Lab:
     ) -> None:
         self.precision = precision
         self.device = torch.device(device)
+        self.spec = spec
         self.model = materialize(base.model, spec, base_sha256=base.sha256)
         self.model.to(self.device)
         self.layers = adapter_layers(self.model)
@@ -84,6 +86,7 @@ class Lab:
         B-only states (the prior, local B, a personal B) mean something only on the A
         they were trained on, so every seed of an experiment scores its own cohort's A.
         """
+        self.spec = spec
         fresh = seeded_a(self.model, spec)
         self.seeded_a = {
             k: torch.from_numpy(fresh[k]).to(self.device, self.seeded_a[k].dtype)
@@ -186,6 +189,51 @@ class Lab:
                 self.model.eval()
                 steps = config.steps
             return self._read(full), steps
+        finally:
+            self._restore_seeded()
+
+    def personalize(
+        self,
+        start: Mapping[str, npt.NDArray[np.floating[Any]]],
+        train: TokenBlocks,
+        val: TokenBlocks,
+        config: TrainConfig,
+        *,
+        blend: bool = True,
+    ) -> tuple[AdapterState, int, float]:
+        """A device's final personalization from the B-only ``start``: (state, steps, mix).
+
+        The same as the device's personalize round (``run_round``): train with early
+        stopping on ``val`` (a personal A when ``config.a_lr`` > 0, the proximal pull
+        toward ``start`` when ``config.prox_mu`` > 0), then keep the blend of ``start``
+        and the trained adapter that validates best (``mix`` is the trained one's
+        weight; 1.0 without ``blend``). The state is a full LoRA if A trained.
+        """
+        start_loss = self.loss(start, val)
+        self._load(start)
+        try:
+            result = train_adapter(
+                self.model, train, val, config, prior_b=start if config.prox_mu > 0 else None
+            )
+            full = config.a_lr > 0
+            mix = 1.0
+            if blend:
+                seeded = {k: v.float().cpu().numpy().copy() for k, v in self.seeded_a.items()}
+
+                def val_loss() -> float:  # the model as the blend left it, A included
+                    return heldout_loss(
+                        self.model, val, precision=self.precision, device=self.device
+                    )
+
+                _, mix = blend_with_prior(
+                    self.model,
+                    dict(start),
+                    start_loss,
+                    result.heldout_loss_after,
+                    val_loss,
+                    prior_a=seeded if full else None,
+                )
+            return self._read(full), result.steps, mix
         finally:
             self._restore_seeded()
 

@@ -23,7 +23,8 @@ concatenated notes, and note by note in a fresh context (how a user meets the mo
 short notes rank methods differently under the two. Device steps and tokens are counted
 per user and method, the prior's steps included. A cold-start curve trains a newcomer
 (a user who never took part: a real one with ``newcomers_dir``, else a synthetic one)
-on k notes from the prior and from zero.
+on k notes from the prior and from zero, with the devices' own final personalization
+(:meth:`lorafleet.sim.baselines.Lab.personalize`): only the start differs.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from tqdm.auto import tqdm
 
 from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.data import Example, encode_blocks, encode_notes, split_examples
+from lorafleet.client.federated import personal_train_config
 from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.errors import DataError, SpecError
+from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
@@ -133,7 +136,13 @@ class ExperimentConfig:
     base: str = "default"
     precision: str = "auto"
     cold_start_ks: tuple[int, ...] = (4, 16, 64)
-    cold_start_steps: int = 12
+    cold_start_steps: int = field(
+        default=0,
+        metadata={
+            "help": "At most this many steps for a cold-start newcomer, both starts; "
+            "0: the devices' personalize budget."
+        },
+    )
     seed: int = 0
     seeds: tuple[int, ...] = field(
         default=(), metadata={"help": "Seeds to repeat the run with; empty: (seed,)."}
@@ -188,8 +197,15 @@ class ExperimentConfig:
             raise SpecError(f"experiment: val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.engine not in ("ray", "local"):
             raise SpecError(f"experiment: engine must be ray or local, got {self.engine!r}")
-        if min(self.local_steps, self.personalize_steps, self.personal_steps) < 0:
-            raise SpecError("experiment: local, personal and personalize steps must be >= 0")
+        if (
+            min(
+                self.local_steps, self.personalize_steps, self.personal_steps, self.cold_start_steps
+            )
+            < 0
+        ):
+            raise SpecError(
+                "experiment: local, personal, personalize and cold-start steps must be >= 0"
+            )
         if self.prior_steps < 1:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
 
@@ -207,6 +223,11 @@ class ExperimentConfig:
     def budget_personalize(self) -> int:
         """At most this many steps of the final personalization on each device."""
         return self.personalize_steps or self.budget_local
+
+    @property
+    def budget_cold_start(self) -> int:
+        """At most this many steps for a cold-start newcomer (from the prior or zero)."""
+        return self.cold_start_steps or self.budget_personalize
 
 
 @dataclass(frozen=True)
@@ -750,12 +771,24 @@ def _cold_start(
     """
     tok = base.tokenizer
     rows = []
-    # A newcomer personalizes as the federation's devices do (the personal lr, a personal
-    # A), from the prior or from zero: only the start differs.
-    config = replace(
-        _train_config(cfg, seed, steps=cfg.cold_start_steps, lr=cfg.personal_lr or cfg.lr),
-        a_lr=cfg.personal_a_lr,
+    # A newcomer personalizes exactly as the federation's devices do in their final round
+    # (the same recipe, budget, early stopping and blend with the start): only the start
+    # differs, the prior or zero (for zero the "blend" shrinks the trained B toward it).
+    instr = RoundInstruction(
+        round=cfg.num_rounds + 1,
+        spec=lab.spec,
+        prior_version="cold-start",
+        mode="personalize",
+        personal_steps=cfg.budget_cold_start,
+        prior_steps=0,
+        lr=cfg.lr,
+        personal_lr=cfg.personal_lr,
+        personal_a_lr=cfg.personal_a_lr,
+        prox_mu=cfg.prox_mu,
+        seq_len=cfg.seq_len,
+        blend=cfg.personalize_blend,
     )
+    config = personal_train_config(instr, precision=lab.precision, device=str(lab.device))
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
@@ -767,7 +800,7 @@ def _cold_start(
             val = encode_blocks(split.val, tok, seq_len=cfg.seq_len)
             test = encode_blocks(split.test, tok, seq_len=cfg.seq_len)
             for start, sink in ((prior, from_prior), (lab.zero_b, from_zero)):
-                state, _ = lab.train(start, train, config, val=val)
+                state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
                 sink.append(lab.loss(state, test))
         if from_prior:
             rows.append(

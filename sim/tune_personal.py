@@ -29,9 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from lorafleet.client.base import load_base
-from lorafleet.client.data import TokenBlocks
-from lorafleet.client.evaluate import heldout_loss
-from lorafleet.client.federated import blend_with_prior, personal_train_config
+from lorafleet.client.federated import personal_train_config
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
 from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
@@ -102,29 +100,9 @@ def tune(
         if a_lr is not None:
             config = replace(config, a_lr=a_lr)
             label += f" a {a_lr:g}"
-        seeded = {k: v.numpy().copy() for k, v in lab.seeded_a.items()}
         per_user: dict[str, dict[str, float]] = {}
         for user in scorer.users:
-            trained, taken = lab.train(prior, user.train, config, val=user.val)
-            prior_loss, trained_loss = lab.loss(prior, user.val), lab.loss(trained, user.val)
-
-            def val_loss(val: TokenBlocks = user.val) -> float:
-                # the model as the blend left it (A included), without reloading a state
-                return heldout_loss(lab.model, val, precision=lab.precision, device=lab.device)
-
-            full = lab._load(trained)  # the blend starts from the trained adapter
-            try:
-                _, mix = blend_with_prior(
-                    lab.model,
-                    prior,
-                    prior_loss,
-                    trained_loss,
-                    val_loss,
-                    prior_a=seeded if full else None,
-                )
-                chosen = lab._read(full)
-            finally:
-                lab._restore_seeded()
+            chosen, taken, mix = lab.personalize(prior, user.train, user.val, config)
             test, notes, val = scorer.score(chosen, user)
             per_user[user.user_id] = {
                 "val": val,

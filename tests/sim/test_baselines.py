@@ -6,6 +6,7 @@ baselines must then run on that family's peft forward instead of failing.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,5 +51,42 @@ def test_a_full_lora_baseline_trains_where_the_device_path_is_b_only(
     assert any(np.abs(full[k]).max() > 0 for k in full if k.endswith(":B"))
     assert set(b_only) == set(lab.zero_b)
     assert any(np.abs(v).max() > 0 for v in b_only.values())
+    for path, (lin_a, _) in lab.layers.items():
+        assert np.array_equal(lin_a.weight.detach().numpy(), lab.seeded_a[path].numpy())
+
+
+def test_the_labs_personalization_never_ends_worse_on_validation_than_its_start(
+    tiny_model_dir: Path,
+) -> None:
+    # Prepare: a start trained on text like the validation notes (a "prior"), and personal
+    # training notes unlike them, at a rate where plain training ends worse than the start
+    base = load_base(tiny_model_dir)
+    spec = AdapterSpec(base_model_id="tiny", base_sha256=base.sha256, rank=4, cohort_seed=5)
+    lab = Lab(base, spec, precision="fp32", device="cpu")
+    val = encode_blocks(
+        [Example(text=f"The ferry to island {i} leaves at dawn.") for i in range(4)],
+        base.tokenizer,
+        seq_len=32,
+    )
+    train = encode_blocks(
+        [Example(text=f"qz {i * 7919 % 1000} kk vv {i} ##") for i in range(12)],
+        base.tokenizer,
+        seq_len=32,
+    )
+    warm = TrainConfig(steps=4, lr=1e-2, precision="fp32", eval_every=0, warmup_steps=0)
+    start, _ = lab.train(lab.zero_b, val, warm)
+    plain = TrainConfig(steps=8, lr=0.2, a_lr=0.05, precision="fp32", eval_every=0, warmup_steps=0)
+    config = replace(plain, eval_every=2, patience=3)
+    wrecked, _ = lab.train(start, train, plain)
+    assert lab.loss(wrecked, val) > lab.loss(start, val)  # the test means something
+
+    # Execute: the device's final step, as the cold start runs it
+    state, steps, mix = lab.personalize(start, train, val, config)
+
+    # Assert: a full LoRA (the personal A), never worse on validation than the start, and
+    # the lab's A back to the seeded one for the next user
+    assert {k.rsplit(":", 1)[1] for k in state} == {"A", "B"}
+    assert 1 <= steps <= 8 and mix in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert lab.loss(state, val) <= lab.loss(start, val) + 1e-5
     for path, (lin_a, _) in lab.layers.items():
         assert np.array_equal(lin_a.weight.detach().numpy(), lab.seeded_a[path].numpy())
