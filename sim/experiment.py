@@ -673,7 +673,7 @@ def _run_seed(
     if cfg.baselines:
         _run_baselines(cfg, seed, lab, scorer, results, tokens_per_step, progress=progress)
     cold = (
-        _cold_start(cfg, seed, lab, base, prior, newcomers, progress=progress)
+        cold_start_curve(cfg, lab, base, prior, newcomers, progress=progress)
         if cfg.cold_start_ks and newcomers
         else []
     )
@@ -754,9 +754,8 @@ def _run_baselines(
         _record(res, "fedavg_ft", scorer.score(state, user), total, tokens_per_step)
 
 
-def _cold_start(
+def cold_start_curve(
     cfg: ExperimentConfig,
-    seed: int,
     lab: Lab,
     base: LoadedBase,
     prior: AdapterState,
@@ -768,6 +767,8 @@ def _cold_start(
 
     Early stopping on the newcomer's validation notes, test notes reported, as for the
     federation's users; k larger than a newcomer's training notes is skipped for them.
+    Each row also holds the prior alone (no training) on the same newcomers. ``lab``
+    must hold the cohort's seeded A (:meth:`Lab.use_spec`) that ``prior`` was trained on.
     """
     tok = base.tokenizer
     rows = []
@@ -792,6 +793,7 @@ def _cold_start(
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
+        prior_alone: list[float] = []
         for newcomer in newcomers:
             split = three_way_split(newcomer, cfg.val_fraction)
             if len(split.train) < k:
@@ -802,12 +804,14 @@ def _cold_start(
             for start, sink in ((prior, from_prior), (lab.zero_b, from_zero)):
                 state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
                 sink.append(lab.loss(state, test))
+            prior_alone.append(lab.loss(prior, test))
         if from_prior:
             rows.append(
                 {
                     "k": float(k),
                     "from_prior": float(np.mean(from_prior)),
                     "from_zero": float(np.mean(from_zero)),
+                    "prior_alone": float(np.mean(prior_alone)),
                     "newcomers": float(len(from_prior)),
                 }
             )
@@ -865,13 +869,19 @@ def format_table(result: ExperimentResult) -> str:
         )
     if run.cold_start:
         lines.append("")
-        lines.append(f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}   (test loss)")
+        lines.append(
+            f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}{'prior alone':>13}"
+            "   (test loss)"
+        )
         ks = [row["k"] for row in run.cold_start]
         for k in ks:
             rows = [row for r in result.runs for row in r.cold_start if row["k"] == k]
             fp = np.mean([row["from_prior"] for row in rows])
             fz = np.mean([row["from_zero"] for row in rows])
-            lines.append(f"{int(k):<18}{fp:12.4f}{fz:12.4f}")
+            # older results.json rows have no prior-alone figure
+            alone = [row["prior_alone"] for row in rows if "prior_alone" in row]
+            pa = f"{np.mean(alone):13.4f}" if alone else f"{'-':>13}"
+            lines.append(f"{int(k):<18}{fp:12.4f}{fz:12.4f}{pa}")
     return "\n".join(lines) + "\n"
 
 
