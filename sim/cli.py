@@ -207,6 +207,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
             default=None,
             help="real users who never take part, for the cold-start curve",
         )
+        p.add_argument(
+            "--cold-start-steps",
+            type=int,
+            default=0,
+            help="at most this many steps per newcomer, from the prior and from zero "
+            "(0: the devices' personalize budget)",
+        )
     if name == "scale":
         p.add_argument(
             "--ranks",
@@ -399,6 +406,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         engine=args.engine,
         newcomers_dir=getattr(args, "newcomers_dir", None),
         cold_start_ks=cold,
+        cold_start_steps=getattr(args, "cold_start_steps", 0),
         secure_aggregation=args.secure_aggregation,
         dp=args.dp,
         dp_noise_multiplier=args.dp_noise_multiplier,

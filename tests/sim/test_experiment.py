@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lorafleet.sim import experiment
-from lorafleet.sim.cli import _parser, main
+from lorafleet.sim.cli import _experiment_config, _parser, main
 from lorafleet.sim.experiment import METHODS, ExperimentConfig, run_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -94,6 +94,19 @@ def test_the_sim_cli_reports_a_bad_users_folder_in_one_line(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_the_sim_cli_passes_the_cold_start_budget_and_refuses_a_negative_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(["experiment", "--cold-start-steps", "7"])
+    assert _experiment_config(args).budget_cold_start == 7
+    default = _experiment_config(_parser().parse_args(["experiment"]))
+    assert default.budget_cold_start == default.budget_personalize
+    code = main(["experiment", "--cold-start-steps", "-1", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cold-start steps must be >= 0" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_sim_cli_refuses_client_dp_without_secure_aggregation(
