@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from safetensors.numpy import load_file
 
 from lorafleet.client.adapter import (
     adapter_disabled,
@@ -40,15 +42,22 @@ from lorafleet.client.adapter import (
     seeded_a,
     set_b,
 )
-from lorafleet.client.base import LoadedBase
+from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.data import TokenBlocks
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.federated import blend_with_prior
-from lorafleet.client.runtime import PLANS, ConcretePrecision
+from lorafleet.client.runtime import (
+    PLANS,
+    ConcretePrecision,
+    base_dtype,
+    resolve_device,
+    resolve_precision,
+)
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
+from lorafleet.protocols.errors import SpecError
 from lorafleet.protocols.spec import AdapterSpec
 
-__all__ = ["AdapterState", "Lab", "LabUser", "fedavg_global"]
+__all__ = ["AdapterState", "Lab", "LabUser", "fedavg_global", "open_lab", "read_prior"]
 
 AdapterState = dict[str, npt.NDArray[np.float32]]
 """Adapter weights keyed ``"<module path>:A"`` / ``"<module path>:B"`` (full LoRA) or
@@ -209,9 +218,13 @@ class Lab:
         and the trained adapter that validates best (``mix`` is the trained one's
         weight; 1.0 without ``blend``). The state is a full LoRA if A trained.
         """
-        start_loss = self.loss(start, val)
+
+        def val_loss() -> float:  # the model as it stands (the blend's too), A included
+            return heldout_loss(self.model, val, precision=self.precision, device=self.device)
+
         self._load(start)
         try:
+            start_loss = val_loss() if blend else 0.0  # only the blend compares with it
             result = train_adapter(
                 self.model, train, val, config, prior_b=start if config.prox_mu > 0 else None
             )
@@ -219,12 +232,6 @@ class Lab:
             mix = 1.0
             if blend:
                 seeded = {k: v.float().cpu().numpy().copy() for k, v in self.seeded_a.items()}
-
-                def val_loss() -> float:  # the model as the blend left it, A included
-                    return heldout_loss(
-                        self.model, val, precision=self.precision, device=self.device
-                    )
-
                 _, mix = blend_with_prior(
                     self.model,
                     dict(start),
@@ -236,6 +243,36 @@ class Lab:
             return self._read(full), result.steps, mix
         finally:
             self._restore_seeded()
+
+
+def open_lab(
+    base: str, precision: str, *, rank: int, cohort_seed: int = 0
+) -> tuple[Lab, LoadedBase]:
+    """Load ``base`` for ``precision`` (resolved on this device) and a lab on the cohort's A.
+
+    The replays (``tune_personal``, ``coldstart``) start here; ``cohort_seed`` must be the
+    experiment seed whose prior they replay, since a prior's B fits only its seeded A.
+    """
+    dev = resolve_device("auto")
+    prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
+    loaded = load_base(base, dtype=base_dtype(prec, dev))
+    spec = AdapterSpec(
+        base_model_id=loaded.model_id,
+        base_sha256=loaded.sha256,
+        rank=rank,
+        cohort_seed=cohort_seed,
+    )
+    return Lab(loaded, spec, precision=prec, device=str(dev)), loaded
+
+
+def read_prior(lab: Lab, path: Path) -> AdapterState:
+    """A prior version's B (safetensors), checked against the lab's modules and rank."""
+    prior = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+    if set(prior) != set(lab.zero_b) or any(prior[k].shape != lab.zero_b[k].shape for k in prior):
+        raise SpecError(
+            f"{path} is not a prior of this base at rank {lab.spec.rank} (q_proj, v_proj)"
+        )
+    return prior
 
 
 def fedavg_global(

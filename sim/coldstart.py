@@ -22,14 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file
-
-from lorafleet.client.base import load_base
-from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
-from lorafleet.protocols.errors import LorafleetError, SpecError
-from lorafleet.protocols.spec import AdapterSpec
-from lorafleet.sim.baselines import Lab
+from lorafleet.protocols.errors import LorafleetError
+from lorafleet.sim.baselines import open_lab, read_prior
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
 from lorafleet.sim.personas import load_user_folders
 
@@ -63,19 +57,8 @@ def replay(
         rank=rank,
         seq_len=seq_len,
     )
-    dev = resolve_device("auto")
-    prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
-    loaded = load_base(base, dtype=base_dtype(prec, dev))
-    spec = AdapterSpec(
-        base_model_id=loaded.model_id,
-        base_sha256=loaded.sha256,
-        rank=rank,
-        cohort_seed=cohort_seed,
-    )
-    lab = Lab(loaded, spec, precision=prec, device=str(dev))
-    prior = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(prior_path).items()}
-    if set(prior) != set(lab.zero_b) or any(prior[k].shape != lab.zero_b[k].shape for k in prior):
-        raise SpecError(f"{prior_path} is not a prior of this base at rank {rank} (q_proj, v_proj)")
+    lab, loaded = open_lab(base, precision, rank=rank, cohort_seed=cohort_seed)
+    prior = read_prior(lab, prior_path)
     newcomers = load_user_folders(newcomers_dir)
     return cold_start_curve(cfg, lab, loaded, prior, newcomers, progress=True)
 

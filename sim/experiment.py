@@ -790,21 +790,26 @@ def cold_start_curve(
         blend=cfg.personalize_blend,
     )
     config = personal_train_config(instr, precision=lab.precision, device=str(lab.device))
+    # Each newcomer's split, validation and test blocks and the prior's test loss do not
+    # depend on k: once per newcomer.
+    prepared = []
+    for newcomer in newcomers:
+        split = three_way_split(newcomer, cfg.val_fraction)
+        val = encode_blocks(split.val, tok, seq_len=cfg.seq_len)
+        test = encode_blocks(split.test, tok, seq_len=cfg.seq_len)
+        prepared.append((split.train, val, test, lab.loss(prior, test)))
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
         prior_alone: list[float] = []
-        for newcomer in newcomers:
-            split = three_way_split(newcomer, cfg.val_fraction)
-            if len(split.train) < k:
+        for notes, val, test, prior_loss in prepared:
+            if len(notes) < k:
                 continue
-            train = encode_blocks(split.train[:k], tok, seq_len=cfg.seq_len)
-            val = encode_blocks(split.val, tok, seq_len=cfg.seq_len)
-            test = encode_blocks(split.test, tok, seq_len=cfg.seq_len)
+            train = encode_blocks(notes[:k], tok, seq_len=cfg.seq_len)
             for start, sink in ((prior, from_prior), (lab.zero_b, from_zero)):
                 state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
                 sink.append(lab.loss(state, test))
-            prior_alone.append(lab.loss(prior, test))
+            prior_alone.append(prior_loss)
         if from_prior:
             rows.append(
                 {

@@ -26,16 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
-from lorafleet.client.base import load_base
 from lorafleet.client.federated import personal_train_config
-from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
-from lorafleet.protocols.errors import LorafleetError, SpecError
+from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.federation import RoundInstruction
-from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import DEFAULT_PERSONAL_A_LR
-from lorafleet.sim.baselines import Lab
+from lorafleet.sim.baselines import open_lab, read_prior
 from lorafleet.sim.experiment import _Scorer, three_way_split
 from lorafleet.sim.personas import load_user_folders
 
@@ -63,16 +59,10 @@ def tune(
     ``"<lr> decay <d>"``; with ``a_lrs``, with each A rate (``TrainConfig.a_lr``), keys
     ``"<lr> a <a_lr>"``; without either, the device's own recipe is replayed.
     """
-    dev = resolve_device("auto")
-    prec = resolve_precision(precision, dev)  # type: ignore[arg-type]
-    loaded = load_base(base, dtype=base_dtype(prec, dev))
-    spec = AdapterSpec(base_model_id=loaded.model_id, base_sha256=loaded.sha256, rank=rank)
-    lab = Lab(loaded, spec, precision=prec, device=str(dev))
+    lab, loaded = open_lab(base, precision, rank=rank)
     splits = [three_way_split(u, val_fraction) for u in load_user_folders(users_dir)]
     scorer = _Scorer(lab, loaded, splits, seq_len)
-    prior = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(prior_path).items()}
-    if set(prior) != set(lab.zero_b):
-        raise SpecError(f"{prior_path} is not a prior of this base at rank {rank} (q_proj, v_proj)")
+    prior = read_prior(lab, prior_path)
     results: dict[str, dict[str, dict[str, float]]] = {}
     grid = [
         (lr, d, a)
@@ -83,7 +73,7 @@ def tune(
     for lr, decay, a_lr in grid:
         instr = RoundInstruction(
             round=0,
-            spec=spec,
+            spec=lab.spec,
             prior_version="tune",
             mode="personalize",
             personal_steps=steps,
@@ -92,7 +82,7 @@ def tune(
             personal_a_lr=DEFAULT_PERSONAL_A_LR,  # the device's recipe unless a_lrs says
             seq_len=seq_len,
         )
-        config = personal_train_config(instr, precision=prec, device=str(dev))
+        config = personal_train_config(instr, precision=lab.precision, device=str(lab.device))
         label = f"{lr:g}"
         if decay is not None:
             config = replace(config, plateau_decay=decay)
