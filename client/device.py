@@ -335,8 +335,13 @@ def detect_cpu(
         hardware = _x86_class(flags)
         effective = _cap_x86(hardware, torch_capability, env)
         native_bf16 = _X86_RANK[effective] >= _X86_RANK["AVX-512-BF16"]
+        # AVX-VNNI is AVX2-width, so an AVX2-class CPU may have it; but oneDNN capped at
+        # plain AVX2 (or lower) is not allowed to use it, which is how the AVX2 restriction
+        # makes any x86 CPU compute as one without int8 dot products.
+        onednn = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").upper()
+        vnni_allowed = onednn not in ("SSE41", "AVX", "AVX2")
         native_int8 = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags) and (
-            _X86_RANK[effective] >= _X86_RANK["AVX-512"] or "avx_vnni" in flags
+            _X86_RANK[effective] >= _X86_RANK["AVX-512"] or ("avx_vnni" in flags and vnni_allowed)
         )
     elif arch in ("aarch64", "arm64"):
         hardware = "ARM-BF16" if "bf16" in flags else "ARM"

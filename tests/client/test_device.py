@@ -80,6 +80,23 @@ def test_x86_class_follows_the_flags_capped_by_the_isa_restriction(
 
 
 @pytest.mark.parametrize(
+    ("env", "native_int8"),
+    [({}, True), ({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}, True), (AVX2_ONLY, False)],
+)
+def test_avx_vnni_counts_unless_onednn_is_capped_at_plain_avx2(
+    env: dict[str, str], native_int8: bool
+) -> None:
+    # Arrange: an AVX2-class client CPU with AVX-VNNI (Alder Lake and later), and an AMX
+    # server part that has it too; under the AVX2 restriction neither may use it.
+    for flags in (f"{_BASE_FLAGS} avx_vnni", f"{_AVX512} avx512_bf16 amx_tile amx_bf16 avx_vnni"):
+        # Execute
+        cpu = detect_cpu(cpuinfo=_cpuinfo(flags), env=env, arch="x86_64", torch_capability="AVX512")
+
+        # Assert
+        assert cpu.native_int8 is native_int8, (flags, env)
+
+
+@pytest.mark.parametrize(
     ("features", "isa_class", "native_bf16"),
     [("fp asimd asimddp", "ARM", False), ("fp asimd asimddp i8mm bf16", "ARM-BF16", True)],
 )
