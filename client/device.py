@@ -284,13 +284,18 @@ def _x86_class(flags: set[str]) -> IsaClass:
     return "x86-64"
 
 
+def _onednn_isa(env: Mapping[str, str]) -> str:
+    """The ISA oneDNN is capped at by the environment, upper case; '' when uncapped."""
+    return (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").upper()
+
+
 def _cap_x86(hardware: IsaClass, torch_capability: str, env: Mapping[str, str]) -> IsaClass:
     """The hardware class capped by what torch's ATen kernels and oneDNN are allowed."""
     caps: list[str] = [hardware]
     aten = _ATEN_CAP.get(torch_capability.upper())
     if aten is not None:
         caps.append(aten)
-    onednn = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").upper()
+    onednn = _onednn_isa(env)
     if onednn in _ONEDNN_CAP:
         caps.append(_ONEDNN_CAP[onednn])
     elif onednn not in ("", "ALL", "DEFAULT") and not onednn.startswith(
@@ -338,8 +343,7 @@ def detect_cpu(
         # AVX-VNNI is AVX2-width, so an AVX2-class CPU may have it; but oneDNN capped at
         # plain AVX2 (or lower) is not allowed to use it, which is how the AVX2 restriction
         # makes any x86 CPU compute as one without int8 dot products.
-        onednn = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").upper()
-        vnni_allowed = onednn not in ("SSE41", "AVX", "AVX2")
+        vnni_allowed = _onednn_isa(env) not in ("SSE41", "AVX", "AVX2")
         native_int8 = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags) and (
             _X86_RANK[effective] >= _X86_RANK["AVX-512"] or ("avx_vnni" in flags and vnni_allowed)
         )
