@@ -29,6 +29,7 @@ from peft import PeftModel
 from lorafleet.client.adapter import (
     ATensors,
     adapter_disabled,
+    adapter_layers,
     get_a,
     get_b,
     has_seeded_a,
@@ -43,6 +44,7 @@ from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
 from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
 from lorafleet.client.evaluate import heldout_loss
+from lorafleet.client.layout import shared_a_path
 from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import (
     Precision,
@@ -52,7 +54,9 @@ from lorafleet.client.runtime import (
     resolve_device,
     resolve_precision,
 )
+from lorafleet.client.sketch import gradient_sketch
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
+from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import DataError, LorafleetError
 from lorafleet.protocols.federation import (
     BTensors,
@@ -60,6 +64,7 @@ from lorafleet.protocols.federation import (
     RoundMetrics,
     clip_by_global_norm,
 )
+from lorafleet.protocols.shared_a import check_shared_a
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +194,10 @@ def run_round(
         base_service_ca=base_service_ca,
     )
     # A warm worker serves every user of this process: whatever A the last one left
-    # (a personal A) goes, and the prior is scored, trained and averaged on the seeded A.
-    set_a(w.model, instr.spec, None)
+    # (a personal A) goes, and the prior is scored, trained and averaged on the cohort's
+    # A: the seeded one, or the shared A the instruction names (checked here first).
+    cohort_a = read_shared_a(profile_root, instr, w.model) if instr.shared_a else None
+    set_a(w.model, instr.spec, cohort_a)
     if prior_b is None:  # the zero prior of round 1
         prior_b = {k: np.zeros_like(v) for k, v in get_b(w.model).items()}
     tok = w.base.tokenizer
@@ -204,12 +211,37 @@ def run_round(
 
     with adapter_disabled(w.model):
         base_loss = loss()
+    if instr.mode == "sketch":
+        # Round 0 of a gradient-aligned shared A: this device's gradient sketch at the
+        # bare base goes up in place of a delta; nothing is trained or saved.
+        sketch = gradient_sketch(
+            w.model,
+            instr.spec,
+            train_blocks,
+            passes=instr.sketch_passes,
+            batches=instr.sketch_batches,
+            batch_size=instr.batch_size,
+            precision=w.precision,
+            device=str(w.device),
+            seed=round_seed(instr),
+        )
+        set_a(w.model, instr.spec, None)
+        return sketch, RoundMetrics(
+            num_examples=len(data.train),
+            base_loss=base_loss,
+            prior_loss=base_loss,
+            personal_loss=base_loss,
+            delta_norm=1.0,
+            train_seconds=time.perf_counter() - started,
+        )
     set_b(w.model, prior_b)
     prior_loss = loss()
 
     profile = _open_profile(profile_root, instr, base_source)
     current = profile.current_version()
-    personal_b, personal_a = prior_b, None  # new users warm-start
+    # New users warm-start from the prior on the cohort's A; a saved version without an
+    # A of its own was trained on the seeded A, and is scored on it.
+    personal_b, personal_a = prior_b, cohort_a
     if current is not None:
         _, personal_b, personal_a = profile.read(current)
 
@@ -253,14 +285,14 @@ def run_round(
     # choice on top (docs/personalization.md measured why one run beats per-round bits).
     start_a: ATensors | None = None
     if current is None:
-        start_b, start_loss, start_from = prior_b, prior_loss, "prior"
+        start_b, start_a, start_loss, start_from = prior_b, cohort_a, prior_loss, "prior"
     else:
         set_weights(w.model, instr.spec, personal_b, personal_a)
         own_loss = loss()
         if own_loss <= prior_loss:
             start_b, start_a, start_loss, start_from = personal_b, personal_a, own_loss, "personal"
         else:
-            start_b, start_loss, start_from = prior_b, prior_loss, "prior"
+            start_b, start_a, start_loss, start_from = prior_b, cohort_a, prior_loss, "prior"
     set_weights(w.model, instr.spec, start_b, start_a)
     if instr.personal_steps == 0:
         personal_loss = start_loss
@@ -276,12 +308,15 @@ def run_round(
                 prior_loss,
                 personal_loss,
                 loss,
-                # A can differ from the seed only if it trained or the start had its own
-                prior_a=seeded_a(w.model, instr.spec)
+                # A can differ from the cohort's only if it trained or the start had its own
+                prior_a=(cohort_a if cohort_a is not None else seeded_a(w.model, instr.spec))
                 if personal_cfg.a_lr > 0 or start_a is not None
                 else None,
             )
-        trained_a = None if has_seeded_a(w.model, instr.spec) else get_a(w.model)
+        # A version on a shared A keeps it: the spec alone does not rebuild it.
+        trained_a = (
+            None if cohort_a is None and has_seeded_a(w.model, instr.spec) else get_a(w.model)
+        )
         profile.save(
             w.model,
             get_b(w.model),
@@ -317,6 +352,24 @@ def run_round(
         train_seconds=time.perf_counter() - started,
     )
     return clipped, metrics
+
+
+def read_shared_a(profile_root: Path, instr: RoundInstruction, model: torch.nn.Module) -> ATensors:
+    """The shared A ``instr`` names, from this device's cache, checked before any use.
+
+    The coordinator chose it; the device accepts it only if it hashes to the digest the
+    instruction names, fits this adapter, is finite and has orthogonal rows of the fixed
+    norm (:func:`lorafleet.protocols.shared_a.check_shared_a`).
+    """
+    path = shared_a_path(profile_root, instr.shared_a)
+    if not path.is_file():
+        raise LorafleetError(
+            f"the shared A {instr.shared_a[:12]}… is not cached on this device; "
+            "the coordinator must send it"
+        )
+    tensors, _ = decode_tensors(path.read_bytes())
+    fan_ins = {p: int(a.weight.shape[1]) for p, (a, _) in adapter_layers(model).items()}
+    return check_shared_a(tensors, fan_ins, instr.spec.rank, instr.shared_a)
 
 
 def round_seed(instr: RoundInstruction) -> int:

@@ -43,12 +43,12 @@ from lorafleet.client.device_worker import (
     RoundJob,
     run_on_worker,
 )
-from lorafleet.client.layout import read_provenance
+from lorafleet.client.layout import read_provenance, shared_a_path
 from lorafleet.client.masked_upload import narrow_masked_reply
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.atomic import atomic_write_bytes
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
-from lorafleet.protocols.errors import LorafleetError
+from lorafleet.protocols.errors import IntegrityError, LorafleetError
 from lorafleet.protocols.federation import (
     DELTA_FIELD,
     INSTRUCTION_KEY,
@@ -59,6 +59,8 @@ from lorafleet.protocols.federation import (
     SECURE_INSTRUCTION_KEY,
     SECURE_LAYOUT_FIELD,
     SECURE_PRIOR_FIELD,
+    SECURE_SHARED_A_FIELD,
+    SHARED_A_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
     BTensors,
@@ -69,6 +71,7 @@ from lorafleet.protocols.federation import (
     layout_to_json,
 )
 from lorafleet.protocols.reports import REPORT_KEY, AdapterReport, VersionReport
+from lorafleet.protocols.shared_a import shared_a_digest
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +156,41 @@ def read_instruction(msg: Message) -> tuple[RoundInstruction, bytes | None]:
                 "the message carries no round instruction; is the coordinator lorafleet's?"
             )
         config = dict(records[INSTRUCTION_KEY])
-        payload = records[PRIOR_KEY][PRIOR_FIELD] if PRIOR_KEY in records else None
+        # The record may hold the shared A alone (round 1, the zero prior, is never sent).
+        payload = records[PRIOR_KEY].get(PRIOR_FIELD) if PRIOR_KEY in records else None
     if payload is not None and not isinstance(payload, bytes):
         raise LorafleetError("the prior in the message is not bytes")
     return RoundInstruction.from_config(config), payload
+
+
+def read_shared_a_bytes(msg: Message) -> bytes | None:
+    """The shared A's bytes when the message carries them (either layout), else None."""
+    records = msg.content.config_records
+    if SECURE_INSTRUCTION_KEY in records:
+        payload = records[SECURE_INSTRUCTION_KEY].get(SECURE_SHARED_A_FIELD)
+    else:
+        payload = records[PRIOR_KEY].get(SHARED_A_FIELD) if PRIOR_KEY in records else None
+    if payload is not None and not isinstance(payload, bytes):
+        raise LorafleetError("the shared A in the message is not bytes")
+    return payload
+
+
+def store_shared_a(payload: bytes | None, instr: RoundInstruction, profile_root: Path) -> None:
+    """Cache the shared A the round names, if sent, refusing bytes of another digest.
+
+    The device checks the A itself (shape, norm, orthogonality) when it loads it for the
+    round (:func:`lorafleet.client.federated.read_shared_a`); here it only makes sure the
+    coordinator sent the A its own instruction names.
+    """
+    if payload is None or not instr.shared_a:
+        return
+    path = shared_a_path(profile_root, instr.shared_a)
+    if path.is_file():
+        return
+    tensors, _ = decode_tensors(payload)
+    if shared_a_digest(tensors) != instr.shared_a:
+        raise IntegrityError("the shared A sent does not match the digest the round names")
+    atomic_write_bytes(path, payload)
 
 
 def is_secure(msg: Message) -> bool:
@@ -330,7 +364,7 @@ def _worker_timeout(value: str) -> float:
 def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message:
     instr, payload = read_instruction(msg)
     if (
-        instr.mode == "train"
+        instr.mode in ("train", "sketch")
         and not is_secure(msg)
         and _setting(context, extra, "require-secure-aggregation").lower() in ("1", "true", "yes")
     ):
@@ -340,6 +374,7 @@ def _handle(msg: Message, context: Context, extra: Mapping[str, str]) -> Message
         )
     data_path, profile_root = _locate_paths(context, extra)
     prior = _prior(payload, instr, profile_root)
+    store_shared_a(read_shared_a_bytes(msg), instr, profile_root)
     versions_before = Profile.version_numbers(profile_root)
     cache_dir = _setting(context, extra, "cache-dir")
     settings = DeviceSettings(

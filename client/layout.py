@@ -89,3 +89,11 @@ def read_provenance(folder: Path) -> AdapterProvenance:
         raise IntegrityError(f"{path} is corrupt (not UTF-8)") from None
     except SpecError as exc:
         raise IntegrityError(f"{path} is corrupt: {exc}") from None
+
+
+def shared_a_path(profile_root: Path, digest: str) -> Path:
+    """Where a device keeps its cohort's shared A (``digest``: its sha256), in its profile.
+
+    Content-addressed: a file there is only ever written after its digest was checked.
+    """
+    return Path(profile_root) / "shared-a" / f"{digest}.safetensors"

@@ -314,18 +314,34 @@ class LocalTrainer:
         self.optimizer = torch.optim.AdamW(self._groups(lr), weight_decay=self.config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
 
-    def step(self, batch: TokenBlocks) -> tuple[float, int]:
-        """One optimizer step on ``batch``; returns (loss, tokens that carried loss)."""
-        cfg, dev = self.config, self.device
+    def _loss(self, batch: TokenBlocks) -> torch.Tensor:
+        """The batch's mean token loss through the trainer's forward (lean or the model's)."""
+        dev = self.device
         self.model.train()
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
         labels = batch.labels.to(dev)
         if self._fast is not None:
-            loss = self._fast.loss(ids, mask, labels)
-        else:
-            with autocast_context(self._forward_precision, dev):
-                out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
-            loss = out.loss.float()  # mean over the batch's labelled tokens
+            return self._fast.loss(ids, mask, labels)
+        with autocast_context(self._forward_precision, dev):
+            out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
+        return cast(torch.Tensor, out.loss.float())  # mean over the batch's labelled tokens
+
+    def backward(self, batch: TokenBlocks) -> float:
+        """Forward and backward on ``batch``, no step: gradients add up in ``.grad``.
+
+        A gradient sketch (client/sketch.py) reads A's gradient this way, through the
+        same forward the device trains with.
+        """
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise SpecError(f"train: loss is {loss.item()} on this batch")
+        torch.autograd.backward(loss)
+        return float(loss.item())
+
+    def step(self, batch: TokenBlocks) -> tuple[float, int]:
+        """One optimizer step on ``batch``; returns (loss, tokens that carried loss)."""
+        cfg = self.config
+        loss = self._loss(batch)
         if self._prox:
             loss = loss + 0.5 * cfg.prox_mu * sum(
                 ((p.float() - p0) ** 2).sum() for p, p0 in self._prox

@@ -57,6 +57,10 @@ round carries; the one definition both sides use."""
 SECURE_INSTRUCTION_KEY = "fitins.config"
 SECURE_PRIOR_FIELD = "lorafleet-prior"
 SECURE_LAYOUT_FIELD = "lorafleet-layout"
+# The cohort's gradient-aligned shared A (protocols/shared_a.py), encoded like a prior and
+# sent beside it to a device that lacks it: in the PRIOR_KEY record, or in SecAgg+'s config.
+SHARED_A_FIELD = "a"
+SECURE_SHARED_A_FIELD = "lorafleet-shared-a"
 
 MAX_NUM_EXAMPLES = 10**9
 """The most training examples a device may report: a phone's notes are far fewer, and
@@ -71,9 +75,11 @@ ZERO_PRIOR = "zero"
 """The prior before round 1: B = 0. Devices know its shapes from their own base and
 spec, so the coordinator never needs the base's architecture."""
 
-Mode = Literal["train", "evaluate", "personalize"]
+Mode = Literal["train", "evaluate", "personalize", "sketch"]
 """``train``: prior step (delta out) and optional personal steps; ``personalize``: the
-final prior in, personal fine-tuning only, nothing out; ``evaluate``: losses only."""
+final prior in, personal fine-tuning only, nothing out; ``evaluate``: losses only;
+``sketch``: round 0 of a gradient-aligned shared A, the device's normalized gradient
+sketch out in place of a delta (protocols/shared_a.py)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,13 @@ class RoundInstruction:
     """Std of the Gaussian noise the device adds to its clipped delta (client-side DP)."""
     blend: bool = True
     """In a personalize round, also try points between the prior and the fine-tuned B."""
+    shared_a: str = ""
+    """sha256 digest of the cohort's shared A (``shared_a_digest``); empty: the spec's
+    seeded A (what older coordinators mean). The device trains on no other A."""
+    sketch_passes: int = 4
+    """In a sketch round: sign matrices per module; the sketch has passes x rank columns."""
+    sketch_batches: int = 2
+    """In a sketch round: training batches the device's gradient is summed over."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -115,7 +128,7 @@ class RoundInstruction:
         need(bool(self.prior_version), "prior_version is empty")
         need(
             self.mode in get_args(Mode),
-            f"mode must be train, evaluate or personalize, got {self.mode!r}",
+            f"mode must be train, evaluate, personalize or sketch, got {self.mode!r}",
         )
         need(self.personal_steps >= 0 and self.prior_steps >= 0, "steps must be >= 0")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr!r}")
@@ -150,6 +163,16 @@ class RoundInstruction:
             f"noise_std must be a finite number >= 0, got {self.noise_std!r}",
         )
         need(isinstance(self.blend, bool), f"blend must be true or false, got {self.blend!r}")
+        need(
+            isinstance(self.shared_a, str) and (self.shared_a == "" or _is_digest(self.shared_a)),
+            f"shared_a must be empty or a sha256 hex digest, got {self.shared_a!r}",
+        )
+        for name in ("sketch_passes", "sketch_batches"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64,
+                f"{name.replace('_', '-')} must be an integer in 1..64, got {value!r}",
+            )
 
     @property
     def personal_learning_rate(self) -> float:
@@ -180,6 +203,10 @@ class RoundInstruction:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"round instruction: {exc}") from None
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)

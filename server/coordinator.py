@@ -25,6 +25,7 @@ from lorafleet.protocols.encoding import Packing, content_hash, decode_tensors, 
 from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.federation import MAX_NUM_EXAMPLES, BTensors
 from lorafleet.protocols.manifest import DEFAULT_BASE_MODEL_ID, DEFAULT_BASE_SHA256
+from lorafleet.protocols.shared_a import shared_a_digest
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.aggregation import AGGREGATORS, Aggregator, make_aggregator
 from lorafleet.server.dp import DP_MODES, PrivacyLedger
@@ -54,6 +55,10 @@ DEFAULT_PERSONAL_A_LR = 4e-3
 the device; 0 keeps the seeded A). Chosen on the fortunes benchmark's validation split,
 replaying the final personalization from the fortunes prior (fp32): mean 3.852 with the
 seeded A, 3.816 at 1e-3, 3.788 at 4e-3 (docs/personalization.md, "A personal A")."""
+
+
+SHARED_A_MODES = ("seeded", "gradient")
+"""Where the cohort's frozen A comes from (``CoordinatorConfig.shared_a``)."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,22 @@ class CoordinatorConfig:
             "(0.01: 1%); otherwise the active one stays and the reason is recorded."
         },
     )
+    shared_a: str = field(
+        default="seeded",
+        metadata={
+            "help": "The cohort's frozen A: seeded (rebuilt from the cohort seed) or gradient "
+            "(round 0 sums the devices' gradient sketches and keeps their top directions; "
+            "docs/personalization.md)."
+        },
+    )
+    sketch_passes: int = field(
+        default=4,
+        metadata={"help": "Gradient-A sketch: sign matrices per module (columns = x rank)."},
+    )
+    sketch_batches: int = field(
+        default=2,
+        metadata={"help": "Gradient-A sketch: training batches each device sums its gradient on."},
+    )
     user_pseudonym: str = field(
         default="node",
         metadata={
@@ -283,6 +304,21 @@ class CoordinatorConfig:
             0 <= self.promotion_tolerance < 1,
             f"promotion-tolerance must be in [0, 1) (0.01 = 1%), got {self.promotion_tolerance}",
         )
+        need(
+            self.shared_a in SHARED_A_MODES,
+            f"shared-a must be seeded or gradient, got {self.shared_a!r}",
+        )
+        need(
+            self.shared_a == "seeded" or self.dp == "off",
+            "shared-a = gradient has no differential-privacy accounting for its sketch round "
+            "yet; use shared-a = seeded with dp",
+        )
+        for name in ("sketch_passes", "sketch_batches"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and 1 <= value <= 64,
+                f"{name.replace('_', '-')} must be an integer in 1..64, got {value!r}",
+            )
         self.spec  # noqa: B018  # validates rank, alpha, targets, seed and base hash now
 
     @property
@@ -368,6 +404,31 @@ class CoordinatorState:
     def close(self) -> None:
         """Release the database."""
         self.registry.close()
+
+    # ------------------------------------------------------------- shared A
+    @property
+    def _shared_a_control(self) -> str:
+        return f"shared-a.{self.spec.fingerprint()[:16]}"
+
+    def save_shared_a(self, a: Mapping[str, Any]) -> str:
+        """Keep the cohort's gradient-aligned A (file first, its digest in the registry)."""
+        digest = shared_a_digest(a)
+        atomic_write_bytes(self.priors_dir / "shared-a.safetensors", encode_tensors(dict(a)))
+        self.registry.set_control(self._shared_a_control, digest)
+        return digest
+
+    def shared_a(self) -> tuple[str, bytes] | None:
+        """The cohort's shared A as (digest, encoded bytes), None before round 0 built it."""
+        digest = self.registry.get_control(self._shared_a_control)
+        if digest is None:
+            return None
+        path = self.priors_dir / "shared-a.safetensors"
+        if not path.is_file():
+            raise IntegrityError(f"shared A file {path} is missing; restore the data dir")
+        payload = path.read_bytes()
+        if shared_a_digest(decode_tensors(payload)[0]) != digest:
+            raise IntegrityError(f"shared A file {path} does not match the registry's digest")
+        return str(digest), payload
 
     # ---------------------------------------------------------------- priors
     def _prior_path(self, version: int) -> Path:

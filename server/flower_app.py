@@ -45,6 +45,8 @@ from lorafleet.protocols.federation import (
     REFUSAL_PREFIX,
     SECURE_LAYOUT_FIELD,
     SECURE_PRIOR_FIELD,
+    SECURE_SHARED_A_FIELD,
+    SHARED_A_FIELD,
     UPDATE_KEY,
     ZERO_PRIOR,
     BTensors,
@@ -55,6 +57,7 @@ from lorafleet.protocols.federation import (
     layout_from_json,
     unflatten,
 )
+from lorafleet.protocols.shared_a import a_from_sketch
 from lorafleet.server.aggregation import (
     NORM_TOLERANCE,
     Aggregator,
@@ -180,6 +183,8 @@ class RoundLoop:
         self.coord = coordinator
         self.cfg = coordinator.config
         self._sent_prior: dict[int, str] = {}  # node id -> prior version it has
+        self._shared_a: tuple[str, bytes] | None = None  # (digest, bytes) of a gradient A
+        self._sent_a: dict[int, str] = {}  # node id -> shared A digest it has
         self._unregistrable: set[int] = set()
         self._ledger = coordinator.privacy_ledger() if self.cfg.dp != "off" else None
         self._noise_rng = noise_rng  # None: OS-seeded (tests pass a seeded one)
@@ -232,11 +237,37 @@ class RoundLoop:
                 )
             time.sleep(0.5)
 
+    def use_shared_a(self, shared: tuple[str, bytes]) -> None:
+        """Train on the cohort's shared A from now on.
+
+        Every instruction names its digest; a device that lacks it gets its bytes with
+        the round's message.
+        """
+        self._shared_a = shared
+
+    def _a_bytes_for(self, node: int) -> bytes | None:
+        """The shared A's bytes if ``node`` may not have them yet, else None."""
+        if self._shared_a is None or self._sent_a.get(node) == self._shared_a[0]:
+            return None
+        return self._shared_a[1]
+
+    def _a_delivered(self, node: int, ok: bool) -> None:
+        """Remember whether ``node`` holds the shared A after it answered (or failed)."""
+        if self._shared_a is None:
+            return
+        if ok:
+            self._sent_a[node] = self._shared_a[0]
+        else:
+            self._sent_a.pop(node, None)
+
     def _instruction(
         self, number: int, prior_ref: str, mode: str, *, noise_std: float = 0.0
     ) -> RoundInstruction:
         c = self.cfg
         return RoundInstruction(
+            shared_a=self._shared_a[0] if self._shared_a is not None else "",
+            sketch_passes=c.sketch_passes,
+            sketch_batches=c.sketch_batches,
             round=number,
             spec=self.coord.spec,
             prior_version=prior_ref,
@@ -267,11 +298,19 @@ class RoundLoop:
         prior_payload = encode_tensors(prior, packing="fp32") if prior is not None else b""
         for node in nodes:
             content = RecordDict({INSTRUCTION_KEY: ConfigRecord(instr.to_config())})  # type: ignore[arg-type]
+            fields: dict[str, bytes] = {}
             if prior is not None and self._sent_prior.get(node) != instr.prior_version:
-                content[PRIOR_KEY] = ConfigRecord({PRIOR_FIELD: prior_payload})
-                bytes_down += len(prior_payload)
+                fields[PRIOR_FIELD] = prior_payload
+            a_bytes = self._a_bytes_for(node)
+            if a_bytes is not None:
+                fields[SHARED_A_FIELD] = a_bytes
+            if fields:
+                content[PRIOR_KEY] = ConfigRecord(fields)  # type: ignore[arg-type]
+                bytes_down += sum(len(v) for v in fields.values())
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s))
+        for reply in replies:
+            self._a_delivered(reply.metadata.src_node_id, reply.has_content())
         return replies, bytes_down
 
     # ------------------------------------------------------------------ one round
@@ -361,6 +400,53 @@ class RoundLoop:
         )
         return outcome
 
+    def run_sketch_round(self, attempt: int) -> tuple[RoundOutcome, tuple[str, bytes] | None]:
+        """Round 0 of a gradient-aligned shared A: sum every device's sketch, keep its A.
+
+        Every eligible device is asked (the more gradients, the better the directions);
+        their sketches are summed like deltas (under SecAgg+ when configured), the A's
+        rows are the sum's top directions (protocols/shared_a.py), and the A is stored
+        with its digest. Returns the outcome and, if it worked, the A as (digest, bytes).
+        """
+        self.wait_while_paused()
+        started = time.perf_counter()
+        sampled = self.eligible_nodes()
+        record = self.coord.start_round(0, attempt)
+        outcome = RoundOutcome(
+            round=0, attempt=attempt, sampled=len(sampled), secure=self.cfg.secure_aggregation
+        )
+        log.info(
+            "round 0: gradient sketch for the shared A from %d devices%s",
+            len(sampled),
+            " with SecAgg+" if self.cfg.secure_aggregation else "",
+        )
+        reports = RoundReports(self.coord, 0, ZERO_PRIOR)
+        round_fn = self._secure_round if self.cfg.secure_aggregation else self._plain_round
+        result = round_fn(0, sampled, ZERO_PRIOR, None, outcome, reports, mode="sketch")
+        for node, why in outcome.refused.items():
+            log.warning("round 0: sketch from node %d refused: %s", node, why)
+        shared: tuple[str, bytes] | None = None
+        if result is not None:
+            try:
+                a = a_from_sketch(result[1], self.coord.spec.rank)
+            except LorafleetError as exc:
+                outcome.failure = str(exc)
+            else:
+                digest = self.coord.save_shared_a(a)
+                shared = (digest, encode_tensors(a, packing="fp32"))
+        outcome.seconds = time.perf_counter() - started
+        self._close(record.id, outcome, status="finished" if shared else "failed")
+        if shared is None:
+            log.warning("round 0 attempt %d failed: %s", attempt, outcome.failure)
+        else:
+            log.info(
+                "round 0: shared A %s… from %d sketches (%.0f s)",
+                shared[0][:12],
+                outcome.accepted,
+                outcome.seconds,
+            )
+        return outcome, shared
+
     def _score(self, number: int, prior_ref: str, outcome: RoundOutcome) -> bool:
         """Record how this round's devices scored the prior they trained from; judge a candidate.
 
@@ -430,9 +516,11 @@ class RoundLoop:
         prior: BTensors | None,
         outcome: RoundOutcome,
         reports: RoundReports,
+        *,
+        mode: str = "train",
     ) -> tuple[BTensors, BTensors] | None:
         """Deltas in the clear: each is validated, then averaged (weighted by examples)."""
-        instr = self._instruction(number, prior_ref, "train")
+        instr = self._instruction(number, prior_ref, mode)
         replies, outcome.bytes_down = self._send(sampled, instr, prior, MessageType.TRAIN)
         revoked = self.coord.registry.revoked_node_ids()  # revocations during the round count
         decoded: dict[int, tuple[BTensors, RoundMetrics, int]] = {}
@@ -495,6 +583,8 @@ class RoundLoop:
         prior: BTensors | None,
         outcome: RoundOutcome,
         reports: RoundReports,
+        *,
+        mode: str = "train",
     ) -> tuple[BTensors, BTensors] | None:
         """Deltas through SecAgg+: only their mean is revealed, then checked as a whole."""
         c = self.cfg
@@ -515,13 +605,16 @@ class RoundLoop:
             noise_std=noise_std,
             num_shares=c.secagg_num_shares,
         )
-        instr = self._instruction(number, prior_ref, "train", noise_std=noise_std)
+        instr = self._instruction(number, prior_ref, mode, noise_std=noise_std)
         prior_payload = encode_tensors(prior, packing="fp32") if prior is not None else None
         fitins: dict[int, FitIns] = {}
         for node in sampled:
             config: dict[str, Any] = dict(instr.to_config())
             if prior_payload is not None and self._sent_prior.get(node) != prior_ref:
                 config[SECURE_PRIOR_FIELD] = prior_payload
+            a_bytes = self._a_bytes_for(node)
+            if a_bytes is not None:
+                config[SECURE_SHARED_A_FIELD] = a_bytes
             fitins[node] = FitIns(Parameters(tensors=[], tensor_type=""), config)
         tally = _Tally(self.grid)
         try:
@@ -537,8 +630,10 @@ class RoundLoop:
         for node, why in tally.errors.items():
             outcome.refused[node] = why
             self._sent_prior.pop(node, None)
+            self._a_delivered(node, False)
         for node in tally.missing:
             self._sent_prior.pop(node, None)
+            self._a_delivered(node, False)
         if result is None:
             outcome.failure = outcome.failure or (
                 f"SecAgg+ stopped: fewer than {params.threshold} of a device's "
@@ -549,6 +644,7 @@ class RoundLoop:
         contributors = sorted(result.replies)
         for node in contributors:
             self._sent_prior[node] = prior_ref
+            self._a_delivered(node, True)
         layouts: set[str] = set()
         for node, fields in result.replies.items():
             layouts.add(str(fields.get(SECURE_LAYOUT_FIELD, "")))
@@ -733,12 +829,26 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         fed = RoundLoop(grid, coord)
         log.info("waiting for %d devices", config.min_available_nodes)
         fed.wait_for_nodes()
+        outcomes: list[RoundOutcome] = []
+        if config.shared_a == "gradient":
+            shared = coord.shared_a()
+            for attempt in range(config.max_round_retries + 1):
+                if shared is not None:
+                    break
+                outcome, shared = fed.run_sketch_round(attempt)
+                outcomes.append(outcome)
+            if shared is None:
+                raise LorafleetError(
+                    f"round 0 (the shared A's sketch) failed {config.max_round_retries + 1} "
+                    f"times ({outcomes[-1].failure}){failure_causes(outcomes[-1])}; fix that "
+                    "(the nodes' logs have more), or run with shared-a = seeded"
+                )
+            fed.use_shared_a(shared)
         record, prior = coord.training_prior()
         prior_ref = record.ref if record is not None else ZERO_PRIOR
         done = coord.completed_round()
         if done:
             log.info("resuming after round %d (prior %s)", done, prior_ref)
-        outcomes: list[RoundOutcome] = []
         for number in range(done + 1, config.num_rounds + 1):
             for attempt in range(config.max_round_retries + 1):
                 # Train from the candidate awaiting its score, else the active prior:

@@ -103,6 +103,24 @@ class Lab:
         }
         self._restore_seeded()
 
+    def use_a(self, a: Mapping[str, npt.NDArray[np.floating[Any]]] | None) -> None:
+        """Make ``a`` (a cohort's shared A) the A that B-only states live on; None: the seeded.
+
+        A prior trained on a gradient-aligned shared A (``CoordinatorConfig.shared_a``)
+        is scored, and personalized from, on that A; the baselines go back to the seeded
+        A of :meth:`use_spec`.
+        """
+        if a is None:
+            self.use_spec(self.spec)
+            return
+        self.seeded_a = {
+            k: torch.from_numpy(np.asarray(a[k], np.float32)).to(
+                self.device, self.seeded_a[k].dtype
+            )
+            for k in self.layers
+        }
+        self._restore_seeded()
+
     # ------------------------------------------------------------------ state
     def peft_init(self, seed: int) -> AdapterState:
         """Stock peft's fresh LoRA: A Kaiming-uniform (a=sqrt(5)), B zero."""

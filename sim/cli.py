@@ -180,6 +180,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         help="differential privacy of the prior (client needs --secure-aggregation)",
     )
     p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
+    p.add_argument(
+        "--shared-a",
+        default="seeded",
+        choices=["seeded", "gradient"],
+        help="the cohort's frozen A: seeded from the cohort seed, or gradient (round 0 sums "
+        "the devices' gradient sketches, under SecAgg+ when on, and keeps their top directions)",
+    )
     if name != "scale":  # a console serves one run's coordinator
         p.add_argument(
             "--console",
@@ -410,6 +417,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         secure_aggregation=args.secure_aggregation,
         dp=args.dp,
         dp_noise_multiplier=args.dp_noise_multiplier,
+        shared_a=args.shared_a,
         # Only experiment cuts the notes and only scale sets the rank (of its notes sweep).
         max_train_notes=getattr(args, "max_train_notes", 0),
         rank=getattr(args, "rank", ExperimentConfig.rank),

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from tqdm.auto import tqdm
 
 from lorafleet.client.base import LoadedBase, load_base
@@ -48,6 +49,7 @@ from lorafleet.client.profile import Profile
 from lorafleet.client.runtime import base_dtype, resolve_device, resolve_precision
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.atomic import atomic_write_text
+from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import DataError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.server.coordinator import (
@@ -173,6 +175,13 @@ class ExperimentConfig:
     dp: str = field(default="off", metadata={"help": "Differential privacy: off, central, client."})
     dp_noise_multiplier: float = 1.0
     dp_delta: float = 1e-5
+    shared_a: str = field(
+        default="seeded",
+        metadata={
+            "help": "The cohort's frozen A: seeded, or gradient (round 0 builds a shared A "
+            "from the devices' summed gradient sketches)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_users < 2 and self.users_dir is None:
@@ -208,6 +217,10 @@ class ExperimentConfig:
             )
         if self.prior_steps < 1:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
+        if self.shared_a not in ("seeded", "gradient"):
+            raise SpecError(
+                f"experiment: shared-a must be seeded or gradient, got {self.shared_a!r}"
+            )
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -526,6 +539,10 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
     return loaded
 
 
+_LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded"}
+"""Options newer than some results files, with the value those files' runs had."""
+
+
 def changed_options(
     have: Mapping[str, Any], want: Mapping[str, Any], ignore: Collection[str]
 ) -> list[str]:
@@ -547,7 +564,8 @@ def _finished_seeds(
         return {}
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        have = record.get("config", {})
+        # Options added later, absent from older files, which ran with their default.
+        have = {**_LATER_OPTIONS, **record.get("config", {})}
         changed = changed_options(have, config, _SEED_KEYS)
         if changed or record.get("split") != split:
             what = ", ".join(changed) if changed else "the users' splits"
@@ -604,6 +622,7 @@ def _coordinator_config(
         dp=cfg.dp,
         dp_noise_multiplier=cfg.dp_noise_multiplier,
         dp_delta=cfg.dp_delta,
+        shared_a=cfg.shared_a,
     )
 
 
@@ -634,8 +653,13 @@ def _run_seed(
     coord = CoordinatorState.open(coord_cfg)
     try:
         _, prior_b = coord.active_prior()
+        shared = coord.shared_a()
     finally:
         coord.close()
+    # A gradient-aligned shared A: the prior (B only) is scored on it; the baselines and
+    # the cold start's "from zero" stay on the seeded A, which needs no federation.
+    prior_a = decode_tensors(shared[1])[0] if shared is not None else None
+    lab.use_a(prior_a)
     prior: AdapterState = prior_b or lab.zero_b
     # Prior steps are counted as if every user took part in every round: exact with
     # fraction 1.0, an upper bound (against lorafleet) otherwise.
@@ -670,10 +694,11 @@ def _run_seed(
             _record(res, method, scorer.score(state, user), steps, tokens_per_step)
         results[user.user_id] = res
 
+    lab.use_a(None)
     if cfg.baselines:
         _run_baselines(cfg, seed, lab, scorer, results, tokens_per_step, progress=progress)
     cold = (
-        cold_start_curve(cfg, lab, base, prior, newcomers, progress=progress)
+        cold_start_curve(cfg, lab, base, prior, newcomers, progress=progress, prior_a=prior_a)
         if cfg.cold_start_ks and newcomers
         else []
     )
@@ -762,13 +787,16 @@ def cold_start_curve(
     newcomers: Sequence[UserData],
     *,
     progress: bool,
+    prior_a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
 ) -> list[dict[str, float]]:
     """A newcomer with k notes, trained from the prior and from zero; test loss, averaged.
 
     Early stopping on the newcomer's validation notes, test notes reported, as for the
     federation's users; k larger than a newcomer's training notes is skipped for them.
     Each row also holds the prior alone (no training) on the same newcomers. ``lab``
-    must hold the cohort's seeded A (:meth:`Lab.use_spec`) that ``prior`` was trained on.
+    must hold the cohort's seeded A (:meth:`Lab.use_spec`); ``prior`` was trained on it,
+    or on ``prior_a`` (a shared A), which the prior's arm then starts from. Zero starts
+    from the seeded A: a newcomer without the federation has nothing else.
     """
     tok = base.tokenizer
     rows = []
@@ -797,7 +825,10 @@ def cold_start_curve(
         split = three_way_split(newcomer, cfg.val_fraction)
         val = encode_blocks(split.val, tok, seq_len=cfg.seq_len)
         test = encode_blocks(split.test, tok, seq_len=cfg.seq_len)
-        prepared.append((split.train, val, test, lab.loss(prior, test)))
+        lab.use_a(prior_a)
+        prior_test = lab.loss(prior, test)
+        lab.use_a(None)
+        prepared.append((split.train, val, test, prior_test))
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
@@ -806,9 +837,11 @@ def cold_start_curve(
             if len(notes) < k:
                 continue
             train = encode_blocks(notes[:k], tok, seq_len=cfg.seq_len)
-            for start, sink in ((prior, from_prior), (lab.zero_b, from_zero)):
+            for start, a, sink in ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero)):
+                lab.use_a(a)
                 state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
                 sink.append(lab.loss(state, test))
+            lab.use_a(None)
             prior_alone.append(prior_loss)
         if from_prior:
             rows.append(

@@ -234,3 +234,39 @@ def test_an_unreadable_results_file_is_not_reused_and_says_so(
     # Assert: a warning naming the file, never a traceback
     assert done == {}
     assert "not a readable results file" in caplog.text and str(path) in caplog.text
+
+
+def test_a_gradient_shared_a_experiment_scores_the_prior_on_the_a_it_was_trained_on(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    cfg = _tiny(
+        tiny_model_dir,
+        tmp_path,
+        num_users=3,
+        notes_per_user=30,
+        num_rounds=2,
+        prior_steps=3,
+        rank=4,
+        cold_start_ks=(8,),
+        cold_start_steps=3,
+        baselines=False,
+        shared_a="gradient",
+    )
+    # Execute
+    result = run_experiment(cfg, progress=False)
+    # Assert: round 0 built the A; the prior (B trained on it) beats the base on test,
+    # which a B read on any other A would not; the newcomers start from it too
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["config"]["shared_a"] == "gradient"
+    run = record["runs"][0]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    for user in run["users"]:
+        assert user["test"]["prior"] < user["test"]["base"]
+    means = result.means()
+    assert means["personal"][0] < means["base"][0]
+    assert [row["k"] for row in run["cold_start"]] == [8.0]
+    # The same run without the gradient A is a different experiment, not a read-back
+    assert experiment.changed_options(
+        record["config"], experiment.config_record(replace(cfg, shared_a="seeded")), ()
+    ) == ["shared_a"]

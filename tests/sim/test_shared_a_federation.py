@@ -1,0 +1,104 @@
+"""A gradient-aligned shared A through whole federations: round 0's sketch, then B on that A."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lorafleet.client.layout import shared_a_path
+from lorafleet.client.profile import Profile
+from lorafleet.protocols.encoding import decode_tensors, encode_tensors
+from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.shared_a import ROW_NORM, shared_a_digest
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
+
+from .conftest import simulate_tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_round_0_builds_a_shared_a_that_every_device_then_trains_and_saves_on(
+    tiny_model_dir: Path, tmp_path: Path, setup_run: Any, secure: bool
+) -> None:
+    # Prepare
+    users, config = setup_run(
+        tmp_path, tiny_model_dir, shared_a="gradient", secure_aggregation=secure
+    )
+
+    # Execute
+    results = simulate_tiny(tmp_path, tiny_model_dir, users, config, engine="local")
+
+    # Assert: round 0 took every device's sketch, then two rounds of B on the shared A
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["accepted"] for r in rounds] == [3, 3, 3]
+    assert rounds[0]["prior_version"] is None
+    coord = CoordinatorState.open(config)
+    try:
+        shared = coord.shared_a()
+        assert shared is not None
+        digest, payload = shared
+        finished = sorted(
+            r.number
+            for r in coord.registry.list_rounds(config.spec).items
+            if r.status == "finished"
+        )
+        assert finished == [0, 1, 2]
+        prior = coord.active_prior()[1]
+    finally:
+        coord.close()
+    a, _ = decode_tensors(payload)
+    assert shared_a_digest(a) == digest
+    for value in a.values():
+        np.testing.assert_allclose(value @ value.T, ROW_NORM**2 * np.eye(4), atol=1e-5)
+    assert prior is not None and set(prior) == set(a)  # the prior stays B only
+    # Every device holds the A (checked, cached once) and saved its versions on it
+    profiles = sorted((tmp_path / "profiles").iterdir())
+    assert len(profiles) == 3
+    for profile_dir in profiles:
+        assert shared_a_path(profile_dir, digest).is_file()
+        profile = Profile.open(profile_dir)
+        versions = profile.versions()
+        assert [v.round for v in versions] == [1, 2]
+        for v in versions:
+            provenance, _, saved_a = profile.read(v.version)
+            assert provenance.personal_a and saved_a is not None
+            for module, value in a.items():
+                np.testing.assert_array_equal(saved_a[module], value)
+    # A is sent once per device: round 1 carried it, round 2 did not
+    assert rounds[1]["bytes_down"] > rounds[2]["bytes_down"]
+
+
+def test_gradient_a_with_dp_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="shared-a = gradient has no differential-privacy"):
+        CoordinatorConfig(shared_a="gradient", dp="central", data_dir=str(tmp_path))
+    with pytest.raises(SpecError, match="shared-a must be seeded or gradient"):
+        CoordinatorConfig(shared_a="learned", data_dir=str(tmp_path))
+
+
+def test_a_resumed_coordinator_keeps_its_shared_a_and_trusts_no_swapped_file(
+    tmp_path: Path,
+) -> None:
+    config = CoordinatorConfig(shared_a="gradient", data_dir=str(tmp_path))
+    coord = CoordinatorState.open(config)
+    try:
+        assert coord.shared_a() is None
+        a = {"p": np.eye(2, 5, dtype=np.float32) * np.float32(ROW_NORM)}
+        digest = coord.save_shared_a(a)
+    finally:
+        coord.close()
+    coord = CoordinatorState.open(config)
+    try:
+        shared = coord.shared_a()
+        assert shared is not None and shared[0] == digest
+        # Another A in the file: the registry's digest (not the file) is what counts
+        other = {"p": np.eye(2, 5, k=1, dtype=np.float32) * np.float32(ROW_NORM)}
+        (coord.priors_dir / "shared-a.safetensors").write_bytes(encode_tensors(other))
+        with pytest.raises(IntegrityError, match="does not match the registry's digest"):
+            coord.shared_a()
+    finally:
+        coord.close()
