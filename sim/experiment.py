@@ -664,6 +664,9 @@ def _run_seed(
     # Prior steps are counted as if every user took part in every round: exact with
     # fraction 1.0, an upper bound (against lorafleet) otherwise.
     prior_steps = cfg.num_rounds * cfg.prior_steps
+    if shared is not None:
+        # Round 0's sketch: a forward and backward per pass and batch, a step's compute each.
+        prior_steps += coord_cfg.sketch_passes * coord_cfg.sketch_batches
     tokens_per_step = 4 * cfg.seq_len  # batch size 4 of seq_len blocks (an upper bound)
 
     results: dict[str, UserResult] = {}

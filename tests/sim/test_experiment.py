@@ -263,6 +263,8 @@ def test_a_gradient_shared_a_experiment_scores_the_prior_on_the_a_it_was_trained
     assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
     for user in run["users"]:
         assert user["test"]["prior"] < user["test"]["base"]
+        # the sketch's 4 passes x 2 batches count as device steps, with the prior's 2 x 3
+        assert user["steps"]["prior"] == 2 * 3 + 4 * 2
     means = result.means()
     assert means["personal"][0] < means["base"][0]
     assert [row["k"] for row in run["cold_start"]] == [8.0]
