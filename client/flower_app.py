@@ -187,6 +187,14 @@ def store_shared_a(payload: bytes | None, instr: RoundInstruction, profile_root:
     path = shared_a_path(profile_root, instr.shared_a)
     if path.is_file():
         return
+    pinned = sorted(p.stem for p in path.parent.glob("*.safetensors"))
+    if pinned:
+        # A cohort's A is built once, in round 0; a coordinator that hands this profile
+        # another one mid-life is refused (a new cohort has a new spec, so a new profile).
+        raise IntegrityError(
+            f"the coordinator sent another shared A ({instr.shared_a[:12]}…) than this "
+            f"profile's ({pinned[0][:12]}…); a cohort's A never changes"
+        )
     tensors, _ = decode_tensors(payload)
     if shared_a_digest(tensors) != instr.shared_a:
         raise IntegrityError("the shared A sent does not match the digest the round names")

@@ -197,3 +197,26 @@ def test_a_device_refuses_a_missing_or_tampered_shared_a(
     with pytest.raises(IntegrityError, match="orthogonal rows of norm"):
         run_round(instr, None, data, tmp_path / "p", **kwargs)
     assert Profile.version_numbers(tmp_path / "p") == []
+
+
+def test_a_profile_keeps_the_first_shared_a_and_refuses_another(tmp_path: Path) -> None:
+    from lorafleet.client.flower_app import store_shared_a
+
+    spec = AdapterSpec(base_model_id="tiny", base_sha256="0" * 64, rank=2)
+    rng = np.random.default_rng(0)
+    first = a_from_sketch({"p": rng.normal(size=(6, 8))}, 2)
+    second = a_from_sketch({"p": rng.normal(size=(6, 8))}, 2)
+
+    def instr(a: dict[str, np.ndarray]) -> RoundInstruction:
+        return RoundInstruction(
+            round=1, spec=spec, prior_version="zero", shared_a=shared_a_digest(a)
+        )
+
+    store_shared_a(encode_tensors(first), instr(first), tmp_path)
+    store_shared_a(encode_tensors(first), instr(first), tmp_path)  # sent again: fine
+    assert shared_a_path(tmp_path, shared_a_digest(first)).is_file()
+    with pytest.raises(IntegrityError, match="digest the round names"):
+        store_shared_a(encode_tensors(second), instr(first), tmp_path / "fresh")
+    with pytest.raises(IntegrityError, match="another shared A"):
+        store_shared_a(encode_tensors(second), instr(second), tmp_path)
+    assert not shared_a_path(tmp_path, shared_a_digest(second)).exists()
