@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from lorafleet.protocols.encoding import Packing
 from lorafleet.protocols.errors import SpecError
-from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.protocols.spec import _SHA256, AdapterSpec
 
 # Keys of the records in a train message and its reply.
 INSTRUCTION_KEY = "lorafleet.round"
@@ -164,7 +164,8 @@ class RoundInstruction:
         )
         need(isinstance(self.blend, bool), f"blend must be true or false, got {self.blend!r}")
         need(
-            isinstance(self.shared_a, str) and (self.shared_a == "" or _is_digest(self.shared_a)),
+            isinstance(self.shared_a, str)
+            and (self.shared_a == "" or bool(_SHA256.match(self.shared_a))),
             f"shared_a must be empty or a sha256 hex digest, got {self.shared_a!r}",
         )
         for name in ("sketch_passes", "sketch_batches"):
@@ -203,10 +204,6 @@ class RoundInstruction:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"round instruction: {exc}") from None
-
-
-def _is_digest(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)

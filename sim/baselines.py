@@ -87,6 +87,7 @@ class Lab:
         self.model.to(self.device)
         self.layers = adapter_layers(self.model)
         self.seeded_a = {k: a.weight.detach().clone() for k, (a, _) in self.layers.items()}
+        self._spec_a = self.seeded_a  # the spec's own A, which use_a(None) goes back to
         self.zero_b: AdapterState = {k: np.zeros_like(v) for k, v in get_b(self.model).items()}
 
     def use_spec(self, spec: AdapterSpec) -> None:
@@ -101,6 +102,7 @@ class Lab:
             k: torch.from_numpy(fresh[k]).to(self.device, self.seeded_a[k].dtype)
             for k in self.layers
         }
+        self._spec_a = self.seeded_a
         self._restore_seeded()
 
     def use_a(self, a: Mapping[str, npt.NDArray[np.floating[Any]]] | None) -> None:
@@ -111,7 +113,8 @@ class Lab:
         A of :meth:`use_spec`.
         """
         if a is None:
-            self.use_spec(self.spec)
+            self.seeded_a = self._spec_a
+            self._restore_seeded()
             return
         self.seeded_a = {
             k: torch.from_numpy(np.asarray(a[k], np.float32)).to(
