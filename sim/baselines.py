@@ -54,7 +54,9 @@ from lorafleet.client.runtime import (
     resolve_precision,
 )
 from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
-from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.encoding import decode_tensors
+from lorafleet.protocols.errors import LorafleetError, SpecError
+from lorafleet.protocols.shared_a import ROW_NORM, check_shared_a, shared_a_digest
 from lorafleet.protocols.spec import AdapterSpec
 
 __all__ = ["AdapterState", "Lab", "LabUser", "fedavg_global", "open_lab", "read_prior"]
@@ -294,6 +296,26 @@ def read_prior(lab: Lab, path: Path) -> AdapterState:
             f"{path} is not a prior of this base at rank {lab.spec.rank} (q_proj, v_proj)"
         )
     return prior
+
+
+def read_shared_a(lab: Lab, path: Path) -> dict[str, npt.NDArray[np.float32]]:
+    """A run's shared A (``shared-a.safetensors``), checked as a device checks it.
+
+    The file comes from the run's own coordinator folder, so its digest is taken from
+    the file itself; the shape, module and orthonormality checks are the device's.
+    """
+    try:
+        a, _ = decode_tensors(path.read_bytes())
+    except LorafleetError as exc:
+        raise SpecError(f"{path} is not a shared A file: {exc}") from exc
+    fan_ins = {k: int(v.shape[1]) for k, v in lab.seeded_a.items()}
+    try:
+        return check_shared_a(a, fan_ins, lab.spec.rank, shared_a_digest(a))
+    except LorafleetError as exc:
+        raise SpecError(
+            f"{path} is not a shared A of this base at rank {lab.spec.rank} "
+            f"(rows of norm {ROW_NORM:.3f}): {exc}"
+        ) from exc
 
 
 def fedavg_global(

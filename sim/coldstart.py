@@ -11,7 +11,9 @@ early-stopped on the newcomer's validation notes), and prints the mean test loss
 It replays only the newcomers, so a federation that ran without ``--cold-start`` (or a
 new set of newcomers) gets its curve in minutes instead of a rerun. ``--cohort-seed``
 must be the seed of the experiment's run the prior came from: the prior's B means
-something only on that cohort's seeded A.
+something only on that cohort's seeded A. A run with ``--shared-a gradient`` trained its
+prior on the cohort's shared A instead: pass that file too (``--shared-a``, the
+``shared-a.safetensors`` beside the prior versions), or the prior is read on the wrong A.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorafleet.protocols.errors import LorafleetError
-from lorafleet.sim.baselines import open_lab, read_prior
+from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
 from lorafleet.sim.personas import load_user_folders
 
@@ -41,6 +43,7 @@ def replay(
     precision: str = "auto",
     rank: int = 8,
     seq_len: int = 128,
+    shared_a_path: Path | None = None,
 ) -> list[dict[str, float]]:
     """The cold-start rows (``k``, ``from_prior``, ``from_zero``, ``prior_alone``, ...).
 
@@ -59,8 +62,9 @@ def replay(
     )
     lab, loaded = open_lab(base, precision, rank=rank, cohort_seed=cohort_seed)
     prior = read_prior(lab, prior_path)
+    prior_a = read_shared_a(lab, shared_a_path) if shared_a_path is not None else None
     newcomers = load_user_folders(newcomers_dir)
-    return cold_start_curve(cfg, lab, loaded, prior, newcomers, progress=True)
+    return cold_start_curve(cfg, lab, loaded, prior, newcomers, progress=True, prior_a=prior_a)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=0, help="newcomer's budget (0: the experiment's default)"
     )
+    parser.add_argument(
+        "--shared-a",
+        type=Path,
+        help="the run's shared-a.safetensors, for a prior trained with --shared-a gradient",
+    )
     parser.add_argument("--out", type=Path, help="also write the rows here (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -89,11 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps and --cohort-seed must be >= 0")
     if not args.prior.is_file():
         parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
+    if args.shared_a is not None and not args.shared_a.is_file():
+        parser.error(f"shared A {args.shared_a} is not a file (the run's shared-a.safetensors)")
     if not args.newcomers_dir.is_dir():
         parser.error(f"newcomers folder {args.newcomers_dir} does not exist")
     try:
         rows = replay(
-            args.newcomers_dir, args.prior, ks, cohort_seed=args.cohort_seed, steps=args.steps
+            args.newcomers_dir,
+            args.prior,
+            ks,
+            cohort_seed=args.cohort_seed,
+            steps=args.steps,
+            shared_a_path=args.shared_a,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

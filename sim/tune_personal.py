@@ -12,7 +12,10 @@ validation loss per learning rate, the one it picks (the lowest mean validation 
 nothing is selected on test), and the test losses beside them for the record.
 
 It replays only the last step of the federation, so a learning rate costs minutes
-instead of a full experiment; the prior must come from the same users and base.
+instead of a full experiment; the prior must come from the same users and base. A run
+with ``--shared-a gradient`` trained its prior on the cohort's shared A: pass
+``--shared-a`` (the ``shared-a.safetensors`` beside the prior versions) so the prior is
+read, and personalized, on that A.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lorafleet.client.federated import personal_train_config
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.server.coordinator import DEFAULT_PERSONAL_A_LR
-from lorafleet.sim.baselines import open_lab, read_prior
+from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.experiment import _Scorer, three_way_split
 from lorafleet.sim.personas import load_user_folders
 
@@ -51,6 +54,7 @@ def tune(
     seq_len: int = 128,
     decays: Sequence[float] | None = None,
     a_lrs: Sequence[float] | None = None,
+    shared_a_path: Path | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate.
 
@@ -63,6 +67,9 @@ def tune(
     splits = [three_way_split(u, val_fraction) for u in load_user_folders(users_dir)]
     scorer = _Scorer(lab, loaded, splits, seq_len)
     prior = read_prior(lab, prior_path)
+    if shared_a_path is not None:
+        # The prior lives on the cohort's shared A; the personal A (if any) starts there.
+        lab.use_a(read_shared_a(lab, shared_a_path))
     results: dict[str, dict[str, dict[str, float]]] = {}
     grid = [
         (lr, d, a)
@@ -142,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(0: the seeded A; default: the device's own recipe)",
     )
     parser.add_argument("--steps", type=int, default=30, help="personalization budget")
+    parser.add_argument(
+        "--shared-a",
+        type=Path,
+        help="the run's shared-a.safetensors, for a prior trained with --shared-a gradient",
+    )
     parser.add_argument("--out", type=Path, help="also write every user's losses here (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -170,9 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--a-lrs must be in [0, 1), got {args.a_lrs!r}")
     if not args.prior.is_file():
         parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
+    if args.shared_a is not None and not args.shared_a.is_file():
+        parser.error(f"shared A {args.shared_a} is not a file (the run's shared-a.safetensors)")
     try:
         results = tune(
-            args.users_dir, args.prior, lrs, steps=args.steps, decays=decays, a_lrs=a_lrs
+            args.users_dir,
+            args.prior,
+            lrs,
+            steps=args.steps,
+            decays=decays,
+            a_lrs=a_lrs,
+            shared_a_path=args.shared_a,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

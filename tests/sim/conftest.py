@@ -6,9 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from lorafleet.client.adapter import get_a, materialize
 from lorafleet.client.base import load_base
+from lorafleet.protocols.encoding import encode_tensors
+from lorafleet.protocols.shared_a import a_from_sketch
+from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import CoordinatorConfig
 from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
 from lorafleet.sim.runner import SimResources, simulate
@@ -76,3 +81,20 @@ def tiny_settings(users: Path, profiles: Path, tiny: Path) -> dict[str, str]:
         "precision": "fp32",
         "device": "cpu",
     }
+
+
+def _shared_a(tiny: Path, path: Path, *, rank: int, scale: float = 1.0) -> Path:
+    """A coordinator-style shared A for the tiny base: orthonormal rows at ROW_NORM."""
+    base = load_base(tiny)
+    spec = AdapterSpec(base_model_id=base.model_id, base_sha256=base.sha256, rank=rank)
+    seeded = get_a(materialize(base.model, spec, base_sha256=base.sha256))
+    rng = np.random.default_rng(3)
+    a = a_from_sketch({k: rng.normal(size=(v.shape[1], 2 * rank)) for k, v in seeded.items()}, rank)
+    path.write_bytes(encode_tensors({k: v * scale for k, v in a.items()}))
+    return path
+
+
+@pytest.fixture
+def shared_a_file() -> Callable[..., Path]:
+    """Writes a coordinator-style shared A for the tiny base (``scale`` != 1 spoils it)."""
+    return _shared_a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,5 +72,38 @@ def test_a_prior_of_another_rank_is_refused_in_one_line(
     # and the command names a missing prior without a traceback
     with pytest.raises(SystemExit) as exit_info:
         main([str(newcomers), str(tmp_path / "missing.safetensors")])
+    assert exit_info.value.code == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_prior_on_a_shared_a_is_replayed_on_that_a_and_a_bad_a_is_refused(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    shared_a_file: Callable[..., Path],
+) -> None:
+    # Prepare: a newcomer, a prior B, and a gradient-style shared A (and a scaled copy)
+    newcomers = write_user_folders(
+        generate_personas(PersonaConfig(num_users=1, notes_per_user=30)), tmp_path / "new"
+    )
+    prior = _prior(tiny_model_dir, tmp_path / "prior.safetensors", rank=4)
+    good = shared_a_file(tiny_model_dir, tmp_path / "shared-a.safetensors", rank=4)
+    scaled = shared_a_file(tiny_model_dir, tmp_path / "scaled.safetensors", rank=4, scale=3.0)
+    kwargs = dict(steps=2, base=str(tiny_model_dir), precision="fp32", rank=4, seq_len=32)
+
+    # Execute
+    on_seeded = replay(newcomers, prior, [4], **kwargs)  # type: ignore[arg-type]
+    on_shared = replay(newcomers, prior, [4], shared_a_path=good, **kwargs)  # type: ignore[arg-type]
+
+    # Assert: the same B scores differently on the shared A (the prior is read on it),
+    # the "from zero" arm stays on the seeded A and does not move
+    assert on_shared[0]["prior_alone"] != pytest.approx(on_seeded[0]["prior_alone"], abs=1e-6)
+    assert on_shared[0]["from_zero"] == pytest.approx(on_seeded[0]["from_zero"], abs=1e-5)
+    # an A whose rows are not at the device's norm is refused as the device refuses it
+    with pytest.raises(SpecError, match="is not a shared A of this base at rank 4"):
+        replay(newcomers, prior, [4], shared_a_path=scaled, **kwargs)  # type: ignore[arg-type]
+    # and the command names a missing A file in one line
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(newcomers), str(prior), "--shared-a", str(tmp_path / "missing.safetensors")])
     assert exit_info.value.code == 2
     assert "is not a file" in capsys.readouterr().err

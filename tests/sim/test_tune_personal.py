@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,21 @@ def test_a_lrs_replay_a_personal_a_and_keep_it_in_the_choice(
     (seeded,), (personal,) = (list(r.values()) for r in results.values())
     assert all(np.isfinite(personal[k]) for k in ("val", "test", "test_notes"))
     assert personal["val"] != seeded["val"]
+
+
+def test_a_prior_on_a_shared_a_is_personalized_on_that_a(
+    tiny_model_dir: Path, tmp_path: Path, shared_a_file: Callable[..., Path]
+) -> None:
+    # Prepare: a gradient-style shared A for the prior's cohort
+    shared = shared_a_file(tiny_model_dir, tmp_path / "shared-a.safetensors", rank=4)
+
+    # Execute: the same prior B, read on the seeded A and on the shared A
+    on_seeded = _tune(tiny_model_dir, tmp_path / "s", 1, [1e-3])
+    on_shared = _tune(tiny_model_dir, tmp_path / "g", 1, [1e-3], shared_a_path=shared)
+
+    # Assert: the shared A changes what the prior (and so its personalization) scores
+    (seeded,), (gradient,) = (list(r["0.001"].values()) for r in (on_seeded, on_shared))
+    assert np.isfinite(gradient["val"]) and gradient["val"] != seeded["val"]
 
 
 @pytest.mark.parametrize(
