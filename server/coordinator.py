@@ -50,6 +50,17 @@ gets there by halving. Chosen on the fortunes benchmark's validation split: mean
 3.885, 3.874 at {2e-3, 4e-3, 8e-3} without the halving, 3.866 and 3.854 at {8e-3,
 1.6e-2} with it; see docs/personalization.md."""
 
+DEFAULT_PERSONAL_LR_SHARED_A = 8e-3
+"""The personal learning rate on a gradient-aligned shared A (``shared-a = gradient``):
+half :data:`DEFAULT_PERSONAL_LR`. B's gradient is the output error times ``A x``; an A
+whose rows follow the cohort's gradient makes ``A x`` large exactly where the loss moves,
+so each step of B goes further than on a random A and the seeded A's rate overshoots.
+Chosen on the fortunes benchmark's validation split, replaying the final
+personalization from the gradient-A run's prior: mean validation 3.754, 3.754, 3.765 at
+{4e-3, 8e-3, 1.6e-2} for the federation's users; for its newcomers with 16 notes 3.952,
+3.944, 3.978 (8e-3 best); docs/personalization.md."""
+
+
 DEFAULT_PERSONAL_A_LR = 4e-3
 """The personalize round's learning rate for A (a personal A, trained with B and kept on
 the device; 0 keeps the seeded A). Chosen on the fortunes benchmark's validation split,
@@ -108,9 +119,17 @@ class CoordinatorConfig:
     personal_lr: float = field(
         default=DEFAULT_PERSONAL_LR,
         metadata={
-            "help": "Learning rate of the personal steps (the personalize round's too); "
-            "0: lr. The personal run starts from a good prior and stops early on "
-            "validation, so it steps harder than the prior's (docs/personalization.md)."
+            "help": "Learning rate of the personal steps (the personalize round's too) on "
+            "the seeded A; 0: lr. The personal run starts from a good prior and stops "
+            "early on validation, so it steps harder than the prior's "
+            "(docs/personalization.md)."
+        },
+    )
+    personal_lr_shared_a: float = field(
+        default=DEFAULT_PERSONAL_LR_SHARED_A,
+        metadata={
+            "help": "The same on a gradient-aligned shared A (shared-a = gradient), where "
+            "each step of B goes further; 0: lr."
         },
     )
     personal_a_lr: float = field(
@@ -292,10 +311,14 @@ class CoordinatorConfig:
             self.user_pseudonym in USER_PSEUDONYMS,
             f"user-pseudonym must be node or device, got {self.user_pseudonym!r}",
         )
-        need(
-            self.personal_lr >= 0 and math.isfinite(self.personal_lr),
-            f"personal-lr must be >= 0 (0: the same as lr), got {self.personal_lr}",
-        )
+        for key, rate in (
+            ("personal-lr", self.personal_lr),
+            ("personal-lr-shared-a", self.personal_lr_shared_a),
+        ):
+            need(
+                rate >= 0 and math.isfinite(rate),
+                f"{key} must be >= 0 (0: the same as lr), got {rate}",
+            )
         need(
             0 <= self.personal_a_lr < 1,
             f"personal-a-lr must be in [0, 1) (0: A stays seeded), got {self.personal_a_lr}",
@@ -343,6 +366,11 @@ class CoordinatorConfig:
         carries more than a fair share.
         """
         return self.max_example_weight or max(1, self.prior_steps * self.batch_size)
+
+    @property
+    def personal_learning_rate(self) -> float:
+        """The personal rate for this cohort's kind of A (what the instructions carry)."""
+        return self.personal_lr_shared_a if self.shared_a == "gradient" else self.personal_lr
 
     @property
     def registry(self) -> str:

@@ -275,7 +275,7 @@ class RoundLoop:
             personal_steps=c.personalize_steps if mode == "personalize" else c.personal_steps,
             prior_steps=0 if mode == "personalize" else c.prior_steps,
             lr=c.lr,
-            personal_lr=c.personal_lr,
+            personal_lr=c.personal_learning_rate,
             personal_a_lr=c.personal_a_lr if mode == "personalize" else 0.0,
             prox_mu=c.prox_mu,
             clip_norm=c.clip_norm,

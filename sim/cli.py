@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING, NoReturn
 from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
-from lorafleet.server.coordinator import DEFAULT_PERSONAL_A_LR, DEFAULT_PERSONAL_LR
+from lorafleet.server.coordinator import (
+    DEFAULT_PERSONAL_A_LR,
+    DEFAULT_PERSONAL_LR,
+    DEFAULT_PERSONAL_LR_SHARED_A,
+)
 
 if TYPE_CHECKING:
     from lorafleet.server.console.app import ConsoleServer
@@ -110,7 +114,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         "--personal-lr",
         type=float,
         default=DEFAULT_PERSONAL_LR,
-        help="learning rate of the personal fine-tuning and of newcomers (0: --lr)",
+        help="learning rate of the personal fine-tuning and of newcomers on the seeded A (0: --lr)",
+    )
+    p.add_argument(
+        "--personal-lr-shared-a",
+        type=float,
+        default=DEFAULT_PERSONAL_LR_SHARED_A,
+        help="the same on a gradient-aligned shared A (--shared-a gradient; 0: --lr)",
     )
     p.add_argument(
         "--personal-a-lr",
@@ -405,6 +415,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         seeds=seeds,
         lr=args.lr,
         personal_lr=args.personal_lr,
+        personal_lr_shared_a=args.personal_lr_shared_a,
         personal_a_lr=args.personal_a_lr,
         clip_norm=args.clip_norm,
         prox_mu=args.prox_mu,

@@ -55,6 +55,7 @@ from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
+    DEFAULT_PERSONAL_LR_SHARED_A,
     CoordinatorConfig,
     CoordinatorState,
 )
@@ -127,7 +128,11 @@ class ExperimentConfig:
     )
     lr: float = 2e-3
     personal_lr: float = DEFAULT_PERSONAL_LR
-    """Learning rate of the devices' personal steps (the newcomers' too); 0: ``lr``."""
+    """Learning rate of the devices' personal steps (the newcomers' too) on the seeded A;
+    0: ``lr``."""
+    personal_lr_shared_a: float = DEFAULT_PERSONAL_LR_SHARED_A
+    """The same on a gradient-aligned shared A (``shared_a="gradient"``): the prior's
+    arm of the cold start too; its "from zero" arm is on the seeded A."""
     personal_a_lr: float = DEFAULT_PERSONAL_A_LR
     """Learning rate of A in the final personalization (a personal A); 0: seeded A."""
     prox_mu: float = 0.0
@@ -546,8 +551,19 @@ _LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded"}
 def changed_options(
     have: Mapping[str, Any], want: Mapping[str, Any], ignore: Collection[str]
 ) -> list[str]:
-    """Config keys (of ``want``, as :func:`config_record` gives them) whose values differ."""
-    return sorted(k for k in want if k not in ignore and have.get(k) != want[k])
+    """Config keys (of ``want``, as :func:`config_record` gives them) whose values differ.
+
+    ``have`` may come from an older results file: options added since count at the value
+    those runs had (:data:`_LATER_OPTIONS`; a gradient-A run before
+    ``personal_lr_shared_a`` personalized at ``personal_lr``), and the shared A's rate
+    is no difference on the seeded A, where nothing uses it.
+    """
+    old = {**_LATER_OPTIONS, **have}
+    old.setdefault("personal_lr_shared_a", old.get("personal_lr"))
+    skip = set(ignore)
+    if want.get("shared_a", "seeded") == "seeded":
+        skip.add("personal_lr_shared_a")
+    return sorted(k for k in want if k not in skip and old.get(k) != want[k])
 
 
 def _finished_seeds(
@@ -565,8 +581,7 @@ def _finished_seeds(
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         # Options added later, absent from older files, which ran with their default.
-        have = {**_LATER_OPTIONS, **record.get("config", {})}
-        changed = changed_options(have, config, _SEED_KEYS)
+        changed = changed_options(record.get("config", {}), config, _SEED_KEYS)
         if changed or record.get("split") != split:
             what = ", ".join(changed) if changed else "the users' splits"
             log.warning("%s was run with other %s: not reusing its seeds", path, what)
@@ -603,6 +618,7 @@ def _coordinator_config(
         personalize_blend=cfg.personalize_blend,
         lr=cfg.lr,
         personal_lr=cfg.personal_lr,
+        personal_lr_shared_a=cfg.personal_lr_shared_a,
         personal_a_lr=cfg.personal_a_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
@@ -806,21 +822,31 @@ def cold_start_curve(
     # A newcomer personalizes exactly as the federation's devices do in their final round
     # (the same recipe, budget, early stopping and blend with the start): only the start
     # differs, the prior or zero (for zero the "blend" shrinks the trained B toward it).
-    instr = RoundInstruction(
-        round=cfg.num_rounds + 1,
-        spec=lab.spec,
-        prior_version="cold-start",
-        mode="personalize",
-        personal_steps=cfg.budget_cold_start,
-        prior_steps=0,
-        lr=cfg.lr,
-        personal_lr=cfg.personal_lr,
-        personal_a_lr=cfg.personal_a_lr,
-        prox_mu=cfg.prox_mu,
-        seq_len=cfg.seq_len,
-        blend=cfg.personalize_blend,
-    )
-    config = personal_train_config(instr, precision=lab.precision, device=str(lab.device))
+    # Each arm at the personal rate of the A it trains on (the prior's, or the seeded).
+    configs = [
+        personal_train_config(
+            RoundInstruction(
+                round=cfg.num_rounds + 1,
+                spec=lab.spec,
+                prior_version="cold-start",
+                mode="personalize",
+                personal_steps=cfg.budget_cold_start,
+                prior_steps=0,
+                lr=cfg.lr,
+                personal_lr=rate,
+                personal_a_lr=cfg.personal_a_lr,
+                prox_mu=cfg.prox_mu,
+                seq_len=cfg.seq_len,
+                blend=cfg.personalize_blend,
+            ),
+            precision=lab.precision,
+            device=str(lab.device),
+        )
+        for rate in (
+            cfg.personal_lr if prior_a is None else cfg.personal_lr_shared_a,
+            cfg.personal_lr,
+        )
+    ]
     # Each newcomer's split, validation and test blocks and the prior's test loss do not
     # depend on k: once per newcomer.
     prepared = []
@@ -840,9 +866,12 @@ def cold_start_curve(
             if len(notes) < k:
                 continue
             train = encode_blocks(notes[:k], tok, seq_len=cfg.seq_len)
-            for start, a, sink in ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero)):
+            arms = ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero))
+            for (start, a, sink), config in zip(arms, configs, strict=True):
                 lab.use_a(a)
-                state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
+                state, _, _ = lab.personalize(
+                    start, train, val, config, blend=cfg.personalize_blend
+                )
                 sink.append(lab.loss(state, test))
             lab.use_a(None)
             prior_alone.append(prior_loss)

@@ -13,8 +13,15 @@ from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
 from lorafleet.protocols.errors import SpecError
 from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.coldstart import main, replay
-from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
+from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
+from lorafleet.sim.personas import (
+    PersonaConfig,
+    generate_personas,
+    load_user_folders,
+    write_user_folders,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -107,3 +114,42 @@ def test_a_prior_on_a_shared_a_is_replayed_on_that_a_and_a_bad_a_is_refused(
         main([str(newcomers), str(prior), "--shared-a", str(tmp_path / "missing.safetensors")])
     assert exit_info.value.code == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_each_arm_trains_at_the_personal_rate_of_its_own_a(
+    tiny_model_dir: Path, tmp_path: Path, shared_a_file: Callable[..., Path]
+) -> None:
+    # Prepare: a prior on a shared A; the prior's arm lives on it, zero's on the seeded A
+    newcomers = write_user_folders(
+        generate_personas(PersonaConfig(num_users=1, notes_per_user=30)), tmp_path / "new"
+    )
+    prior_path = _prior(tiny_model_dir, tmp_path / "prior.safetensors", rank=4)
+    lab, loaded = open_lab(str(tiny_model_dir), "fp32", rank=4)
+    prior = read_prior(lab, prior_path)
+    prior_a = read_shared_a(lab, shared_a_file(tiny_model_dir, tmp_path / "a.st", rank=4))
+    users = load_user_folders(newcomers)
+
+    def curve(**rates: float) -> dict[str, float]:
+        cfg = ExperimentConfig(
+            output=tmp_path,
+            cold_start_ks=(8,),
+            cold_start_steps=4,
+            base=str(tiny_model_dir),
+            precision="fp32",
+            rank=4,
+            seq_len=32,
+            **rates,  # type: ignore[arg-type]
+        )
+        (row,) = cold_start_curve(cfg, lab, loaded, prior, users, progress=False, prior_a=prior_a)
+        return row
+
+    # Execute
+    base = curve(personal_lr=1e-2, personal_lr_shared_a=1e-2)
+    shared_moved = curve(personal_lr=1e-2, personal_lr_shared_a=1e-1)
+    seeded_moved = curve(personal_lr=1e-1, personal_lr_shared_a=1e-2)
+
+    # Assert: the shared A's rate moves only the prior's arm, the seeded one only zero's
+    assert shared_moved["from_prior"] != pytest.approx(base["from_prior"], abs=1e-6)
+    assert shared_moved["from_zero"] == pytest.approx(base["from_zero"], abs=1e-6)
+    assert seeded_moved["from_zero"] != pytest.approx(base["from_zero"], abs=1e-6)
+    assert seeded_moved["from_prior"] == pytest.approx(base["from_prior"], abs=1e-6)

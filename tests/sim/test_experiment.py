@@ -272,3 +272,20 @@ def test_a_gradient_shared_a_experiment_scores_the_prior_on_the_a_it_was_trained
     assert experiment.changed_options(
         record["config"], experiment.config_record(replace(cfg, shared_a="seeded")), ()
     ) == ["shared_a"]
+
+
+def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_with(
+    tmp_path: Path,
+) -> None:
+    # Prepare: records from before shared_a and personal_lr_shared_a existed
+    now = experiment.config_record(experiment.ExperimentConfig(output=tmp_path))
+    seeded_then = {k: v for k, v in now.items() if k not in ("shared_a", "personal_lr_shared_a")}
+    gradient_now = {**now, "shared_a": "gradient"}
+    gradient_then = {k: v for k, v in gradient_now.items() if k != "personal_lr_shared_a"}
+
+    # Execute / Assert: a seeded run is the same run (the shared A's rate did nothing)
+    assert experiment.changed_options(seeded_then, now, ()) == []
+    # a gradient run personalized at personal_lr then, which is not today's default
+    assert experiment.changed_options(gradient_then, gradient_now, ()) == ["personal_lr_shared_a"]
+    same_rate = {**gradient_now, "personal_lr_shared_a": now["personal_lr"]}
+    assert experiment.changed_options(gradient_then, same_rate, ()) == []

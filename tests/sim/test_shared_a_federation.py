@@ -13,7 +13,13 @@ from lorafleet.client.profile import Profile
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
 from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.shared_a import ROW_NORM, shared_a_digest
-from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
+from lorafleet.server.coordinator import (
+    DEFAULT_PERSONAL_LR,
+    DEFAULT_PERSONAL_LR_SHARED_A,
+    CoordinatorConfig,
+    CoordinatorState,
+)
+from lorafleet.server.flower_app import RoundLoop
 
 from .conftest import simulate_tiny
 
@@ -102,3 +108,32 @@ def test_a_resumed_coordinator_keeps_its_shared_a_and_trusts_no_swapped_file(
             coord.shared_a()
     finally:
         coord.close()
+
+
+def test_the_personal_rate_follows_the_cohorts_kind_of_a(tmp_path: Path) -> None:
+    # Prepare / Execute: the defaults, an explicit rate, and the run config's key
+    seeded = CoordinatorConfig(data_dir=str(tmp_path / "s"))
+    gradient = CoordinatorConfig(shared_a="gradient", data_dir=str(tmp_path / "g"))
+    explicit = CoordinatorConfig(
+        shared_a="gradient", personal_lr_shared_a=4e-3, data_dir=str(tmp_path / "e")
+    )
+    from_toml = CoordinatorConfig.from_run_config(
+        {"shared-a": "gradient", "personal-lr-shared-a": 2e-3, "data-dir": str(tmp_path)}
+    )
+
+    # Assert: the seeded A keeps its rate, a gradient A steps at half of it unless set
+    assert seeded.personal_learning_rate == DEFAULT_PERSONAL_LR
+    assert gradient.personal_learning_rate == DEFAULT_PERSONAL_LR_SHARED_A
+    assert DEFAULT_PERSONAL_LR_SHARED_A == DEFAULT_PERSONAL_LR / 2
+    assert explicit.personal_learning_rate == 4e-3
+    assert from_toml.personal_learning_rate == 2e-3
+    # and the coordinator's instructions carry it, in train and personalize rounds
+    coord = CoordinatorState.open(gradient)
+    try:
+        loop = RoundLoop(None, coord)  # type: ignore[arg-type]  # no grid: nothing is sent
+        for mode in ("train", "personalize"):
+            assert loop._instruction(1, "v0001", mode).personal_lr == 8e-3
+    finally:
+        coord.close()
+    with pytest.raises(SpecError, match="personal-lr-shared-a must be >= 0"):
+        CoordinatorConfig(personal_lr_shared_a=-1.0, data_dir=str(tmp_path))
