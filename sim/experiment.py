@@ -916,6 +916,28 @@ def _table(result: ExperimentResult, metric: str, title: str) -> list[str]:
     return lines
 
 
+def cold_start_means(
+    result: ExperimentResult,
+) -> list[tuple[float, float, float, float | None]]:
+    """Per k of the first seed's curve: (k, from prior, from zero, prior alone), seed means.
+
+    The prior alone is None for older results files, whose rows do not have it.
+    """
+    out = []
+    for k in [row["k"] for row in result.runs[0].cold_start]:
+        rows = [row for r in result.runs for row in r.cold_start if row["k"] == k]
+        alone = [row["prior_alone"] for row in rows if "prior_alone" in row]
+        out.append(
+            (
+                k,
+                float(np.mean([row["from_prior"] for row in rows])),
+                float(np.mean([row["from_zero"] for row in rows])),
+                float(np.mean(alone)) if alone else None,
+            )
+        )
+    return out
+
+
 def format_table(result: ExperimentResult) -> str:
     """Test-split tables (packed and note by note), compute per user, cold start."""
     seeds = ", ".join(str(r.seed) for r in result.runs)
@@ -943,14 +965,8 @@ def format_table(result: ExperimentResult) -> str:
             f"{'cold start k':<18}{'from prior':>12}{'from zero':>12}{'prior alone':>13}"
             "   (test loss)"
         )
-        ks = [row["k"] for row in run.cold_start]
-        for k in ks:
-            rows = [row for r in result.runs for row in r.cold_start if row["k"] == k]
-            fp = np.mean([row["from_prior"] for row in rows])
-            fz = np.mean([row["from_zero"] for row in rows])
-            # older results.json rows have no prior-alone figure
-            alone = [row["prior_alone"] for row in rows if "prior_alone" in row]
-            pa = f"{np.mean(alone):13.4f}" if alone else f"{'-':>13}"
+        for k, fp, fz, alone in cold_start_means(result):
+            pa = f"{alone:13.4f}" if alone is not None else f"{'-':>13}"
             lines.append(f"{int(k):<18}{fp:12.4f}{fz:12.4f}{pa}")
     return "\n".join(lines) + "\n"
 
@@ -980,9 +996,10 @@ def _plot(result: ExperimentResult, path: Path) -> None:
     values = [v[0] for v in means.values()]
     ax.set_ylim(min(values) * 0.95, max(values) * 1.02)
     if cold:
-        ks = [r["k"] for r in cold]
-        axes[1].plot(ks, [r["from_prior"] for r in cold], "o-", label="from prior")
-        axes[1].plot(ks, [r["from_zero"] for r in cold], "o-", label="from zero")
+        curve = cold_start_means(result)  # over the seeds, as the table prints them
+        ks = [m[0] for m in curve]
+        axes[1].plot(ks, [m[1] for m in curve], "o-", label="from prior")
+        axes[1].plot(ks, [m[2] for m in curve], "o-", label="from zero")
         axes[1].set_xscale("log", base=2)
         axes[1].set_xlabel("notes of a new user (k)")
         axes[1].set_ylabel("test loss")

@@ -289,3 +289,20 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     assert experiment.changed_options(gradient_then, gradient_now, ()) == ["personal_lr_shared_a"]
     same_rate = {**gradient_now, "personal_lr_shared_a": now["personal_lr"]}
     assert experiment.changed_options(gradient_then, same_rate, ()) == []
+
+
+def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None:
+    # Prepare: two seeds' curves; the older one has no prior-alone figure
+    def run(seed: int, fp: float, fz: float, alone: float | None) -> experiment.SeedRun:
+        row = {"k": 16.0, "from_prior": fp, "from_zero": fz, "newcomers": 2.0}
+        if alone is not None:
+            row["prior_alone"] = alone
+        return experiment.SeedRun(seed, [], [], 0.0, cold_start=[row])
+
+    result = experiment.ExperimentResult([run(0, 3.6, 3.9, 3.7), run(1, 3.8, 4.1, None)], {})
+
+    # Execute
+    means = experiment.cold_start_means(result)
+
+    # Assert: one row per k, the seeds' means, the prior alone from the runs that have it
+    assert means == [(16.0, pytest.approx(3.7), pytest.approx(4.0), pytest.approx(3.7))]
