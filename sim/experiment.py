@@ -822,30 +822,27 @@ def cold_start_curve(
     # A newcomer personalizes exactly as the federation's devices do in their final round
     # (the same recipe, budget, early stopping and blend with the start): only the start
     # differs, the prior or zero (for zero the "blend" shrinks the trained B toward it).
+    instr = RoundInstruction(
+        round=cfg.num_rounds + 1,
+        spec=lab.spec,
+        prior_version="cold-start",
+        mode="personalize",
+        personal_steps=cfg.budget_cold_start,
+        prior_steps=0,
+        lr=cfg.lr,
+        personal_lr=cfg.personal_lr,
+        personal_a_lr=cfg.personal_a_lr,
+        prox_mu=cfg.prox_mu,
+        seq_len=cfg.seq_len,
+        blend=cfg.personalize_blend,
+    )
     # Each arm at the personal rate of the A it trains on (the prior's, or the seeded).
+    prior_rate = cfg.personal_lr if prior_a is None else cfg.personal_lr_shared_a
     configs = [
         personal_train_config(
-            RoundInstruction(
-                round=cfg.num_rounds + 1,
-                spec=lab.spec,
-                prior_version="cold-start",
-                mode="personalize",
-                personal_steps=cfg.budget_cold_start,
-                prior_steps=0,
-                lr=cfg.lr,
-                personal_lr=rate,
-                personal_a_lr=cfg.personal_a_lr,
-                prox_mu=cfg.prox_mu,
-                seq_len=cfg.seq_len,
-                blend=cfg.personalize_blend,
-            ),
-            precision=lab.precision,
-            device=str(lab.device),
+            replace(instr, personal_lr=rate), precision=lab.precision, device=str(lab.device)
         )
-        for rate in (
-            cfg.personal_lr if prior_a is None else cfg.personal_lr_shared_a,
-            cfg.personal_lr,
-        )
+        for rate in (prior_rate, cfg.personal_lr)
     ]
     # Each newcomer's split, validation and test blocks and the prior's test loss do not
     # depend on k: once per newcomer.
@@ -869,9 +866,7 @@ def cold_start_curve(
             arms = ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero))
             for (start, a, sink), config in zip(arms, configs, strict=True):
                 lab.use_a(a)
-                state, _, _ = lab.personalize(
-                    start, train, val, config, blend=cfg.personalize_blend
-                )
+                state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
                 sink.append(lab.loss(state, test))
             lab.use_a(None)
             prior_alone.append(prior_loss)
