@@ -272,6 +272,7 @@ def run_federation(
         base_sha256=base.sha256,
         data_dir=str(root / "coordinator"),
         seed=0,
+        shared_a="seeded",  # rounds of B only, comparable across packings (no round 0)
     )
     started = time.perf_counter()
     results = simulate(

@@ -165,6 +165,7 @@ def run_pair(
             secure_aggregation=path == "secagg+",
             secagg_dropout_share=DROPOUT_SHARE,
             secagg_num_shares=num_shares,
+            shared_a="seeded",  # synthetic devices send deltas, never a gradient sketch
         )
 
     timings: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}

@@ -68,8 +68,22 @@ replaying the final personalization from the fortunes prior (fp32): mean 3.852 w
 seeded A, 3.816 at 1e-3, 3.788 at 4e-3 (docs/personalization.md, "A personal A")."""
 
 
-SHARED_A_MODES = ("seeded", "gradient")
+SHARED_A_MODES = ("auto", "seeded", "gradient")
 """Where the cohort's frozen A comes from (``CoordinatorConfig.shared_a``)."""
+
+
+def resolve_shared_a(mode: str, dp: str) -> str:
+    """The kind of A a cohort runs on: ``seeded`` or ``gradient``.
+
+    ``auto`` (the default) is the gradient-aligned A, which beat the seeded one on both
+    benchmarks of docs/personalization.md (personal and prior, fortunes and held-out
+    users), except under differential privacy: round 0's sketch has no noise or
+    accounting of its own, so with ``dp`` on the cohort keeps the seeded A, which costs
+    no privacy. An explicit ``seeded`` or ``gradient`` is kept as given.
+    """
+    if mode == "auto":
+        return "gradient" if dp == "off" else "seeded"
+    return mode
 
 
 @dataclass(frozen=True)
@@ -218,11 +232,12 @@ class CoordinatorConfig:
         },
     )
     shared_a: str = field(
-        default="seeded",
+        default="auto",
         metadata={
-            "help": "The cohort's frozen A: seeded (rebuilt from the cohort seed) or gradient "
+            "help": "The cohort's frozen A: seeded (rebuilt from the cohort seed), gradient "
             "(round 0 sums the devices' gradient sketches and keeps their top directions; "
-            "docs/personalization.md)."
+            "docs/personalization.md) or auto (gradient, but seeded with dp: the sketch "
+            "has no privacy accounting)."
         },
     )
     sketch_passes: int = field(
@@ -329,12 +344,12 @@ class CoordinatorConfig:
         )
         need(
             self.shared_a in SHARED_A_MODES,
-            f"shared-a must be seeded or gradient, got {self.shared_a!r}",
+            f"shared-a must be auto, seeded or gradient, got {self.shared_a!r}",
         )
         need(
-            self.shared_a == "seeded" or self.dp == "off",
+            self.shared_a != "gradient" or self.dp == "off",
             "shared-a = gradient has no differential-privacy accounting for its sketch round "
-            "yet; use shared-a = seeded with dp",
+            "yet; use shared-a = seeded (or auto) with dp",
         )
         for name in ("sketch_passes", "sketch_batches"):
             value = getattr(self, name)
@@ -368,9 +383,16 @@ class CoordinatorConfig:
         return self.max_example_weight or max(1, self.prior_steps * self.batch_size)
 
     @property
+    def shared_a_mode(self) -> str:
+        """The kind of A this cohort runs on, ``auto`` resolved (:func:`resolve_shared_a`)."""
+        return resolve_shared_a(self.shared_a, self.dp)
+
+    @property
     def personal_learning_rate(self) -> float:
         """The personal rate for this cohort's kind of A (what the instructions carry)."""
-        return self.personal_lr_shared_a if self.shared_a == "gradient" else self.personal_lr
+        if self.shared_a_mode == "gradient":
+            return self.personal_lr_shared_a
+        return self.personal_lr
 
     @property
     def registry(self) -> str:
@@ -444,6 +466,10 @@ class CoordinatorState:
         atomic_write_bytes(self.priors_dir / "shared-a.safetensors", encode_tensors(dict(a)))
         self.registry.set_control(self._shared_a_control, digest)
         return digest
+
+    def has_shared_a(self) -> bool:
+        """Whether round 0 built this cohort's gradient-aligned A (a registry read)."""
+        return self.registry.get_control(self._shared_a_control) is not None
 
     def shared_a(self) -> tuple[str, bytes] | None:
         """The cohort's shared A as (digest, encoded bytes), None before round 0 built it."""

@@ -822,6 +822,27 @@ def _mean_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys} if rows else {}
 
 
+def check_resumed_a(coord: CoordinatorState, mode: str) -> None:
+    """Refuse to resume a cohort on another kind of A than its priors were trained on.
+
+    A prior's B means something only on the A it was trained with: a data dir whose
+    rounds ran on the seeded A, resumed with a gradient A (or the other way round, e.g.
+    after the default changed), would hand devices a prior they cannot use.
+    """
+    if coord.has_shared_a():  # round 0 ran: every prior of this cohort is on that A
+        if mode == "gradient":
+            return
+        ran, asked = "gradient", "seeded"
+    elif mode == "seeded" or coord.completed_round() == 0:
+        return
+    else:
+        ran, asked = "seeded", "gradient"
+    raise LorafleetError(
+        f"the data dir {coord.config.data_dir} holds rounds run on the {ran} A, but this run "
+        f"asks for the {asked} A; set shared-a = {ran} to resume it, or use a new data-dir"
+    )
+
+
 def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
     """Run (or resume) the configured rounds, then evaluate; returns the results record."""
     coord = CoordinatorState.open(config)
@@ -830,7 +851,17 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         log.info("waiting for %d devices", config.min_available_nodes)
         fed.wait_for_nodes()
         outcomes: list[RoundOutcome] = []
-        if config.shared_a == "gradient":
+        mode = config.shared_a_mode
+        if config.shared_a == "auto":
+            log.info(
+                "shared-a auto -> %s%s",
+                mode,
+                " (dp is on and the gradient sketch has no privacy accounting)"
+                if mode == "seeded"
+                else " (round 0 sums the devices' gradient sketches)",
+            )
+        check_resumed_a(coord, mode)
+        if mode == "gradient":
             shared = coord.shared_a()
             for attempt in range(config.max_round_retries + 1):
                 if shared is not None:

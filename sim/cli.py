@@ -192,10 +192,11 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / clip")
     p.add_argument(
         "--shared-a",
-        default="seeded",
-        choices=["seeded", "gradient"],
-        help="the cohort's frozen A: seeded from the cohort seed, or gradient (round 0 sums "
-        "the devices' gradient sketches, under SecAgg+ when on, and keeps their top directions)",
+        default="auto",
+        choices=["auto", "seeded", "gradient"],
+        help="the cohort's frozen A: seeded from the cohort seed, gradient (round 0 sums the "
+        "devices' gradient sketches, under SecAgg+ when on, and keeps their top directions), "
+        "or auto: gradient, and seeded with --dp (the sketch has no privacy accounting)",
     )
     if name != "scale":  # a console serves one run's coordinator
         p.add_argument(

@@ -56,8 +56,10 @@ from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
     DEFAULT_PERSONAL_LR_SHARED_A,
+    SHARED_A_MODES,
     CoordinatorConfig,
     CoordinatorState,
+    resolve_shared_a,
 )
 from lorafleet.sim.baselines import AdapterState, Lab, LabUser, fedavg_global
 from lorafleet.sim.personas import (
@@ -181,10 +183,10 @@ class ExperimentConfig:
     dp_noise_multiplier: float = 1.0
     dp_delta: float = 1e-5
     shared_a: str = field(
-        default="seeded",
+        default="auto",
         metadata={
-            "help": "The cohort's frozen A: seeded, or gradient (round 0 builds a shared A "
-            "from the devices' summed gradient sketches)."
+            "help": "The cohort's frozen A: seeded, gradient (round 0 builds a shared A "
+            "from the devices' summed gradient sketches) or auto (gradient; seeded with dp)."
         },
     )
 
@@ -222,10 +224,20 @@ class ExperimentConfig:
             )
         if self.prior_steps < 1:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
-        if self.shared_a not in ("seeded", "gradient"):
+        if self.shared_a not in SHARED_A_MODES:
             raise SpecError(
-                f"experiment: shared-a must be seeded or gradient, got {self.shared_a!r}"
+                f"experiment: shared-a must be auto, seeded or gradient, got {self.shared_a!r}"
             )
+        if self.shared_a == "gradient" and self.dp != "off":
+            raise SpecError(
+                "experiment: --shared-a gradient has no privacy accounting for its sketch "
+                "round yet; use --shared-a seeded (or auto) with --dp"
+            )
+
+    @property
+    def shared_a_mode(self) -> str:
+        """The kind of A the cohort runs on (``auto`` resolved: gradient, seeded with dp)."""
+        return resolve_shared_a(self.shared_a, self.dp)
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -560,10 +572,15 @@ def changed_options(
     """
     old = {**_LATER_OPTIONS, **have}
     old.setdefault("personal_lr_shared_a", old.get("personal_lr"))
+    new = dict(want)
+    # ``auto`` is compared as what it ran on: a gradient-A run is the same run either way.
+    for record in (old, new):
+        if "shared_a" in record:
+            record["shared_a"] = resolve_shared_a(record["shared_a"], record.get("dp", "off"))
     skip = set(ignore)
-    if want.get("shared_a", "seeded") == "seeded":
+    if new.get("shared_a", "seeded") == "seeded":
         skip.add("personal_lr_shared_a")
-    return sorted(k for k in want if k not in skip and old.get(k) != want[k])
+    return sorted(k for k in new if k not in skip and old.get(k) != new[k])
 
 
 def _finished_seeds(

@@ -257,7 +257,8 @@ def make_synthetic_client_app(
     ``norm_fraction * clip_norm``, through the real reply path
     (:func:`lorafleet.client.federated.update_reply`, behind SecAgg+'s mod): the
     coordinator's rounds, plain or secure, can be measured and checked exactly without a
-    model. Evaluation replies carry fixed losses.
+    model. Evaluation replies carry fixed losses. They send no gradient sketch, so the
+    cohort must run on the seeded A (``shared_a="seeded"``).
     """
     from lorafleet.client import federated
     from lorafleet.protocols.federation import RoundMetrics

@@ -65,6 +65,7 @@ def config(tmp: Path, nodes: int, **overrides: Any) -> CoordinatorConfig:
         "final_evaluation": False,
         "data_dir": str(tmp / "coordinator"),
         "clip_norm": 1.0,  # the synthetic deltas and tolerances below are for C = 1
+        "shared_a": "seeded",  # synthetic devices send deltas, never a gradient sketch
     }
     args.update(overrides)
     return CoordinatorConfig(**args)

@@ -38,6 +38,9 @@ def _setup_run(tmp: Path, tiny: Path, **overrides: Any) -> tuple[Path, Coordinat
         "base_sha256": load_base(tiny).sha256,
         "data_dir": str(tmp / "coordinator"),
         "wait_for_nodes_s": 120,
+        # Round tests run on the seeded A (no round 0); test_shared_a_federation and the
+        # experiment's default run cover the gradient A.
+        "shared_a": "seeded",
     }
     args.update(overrides)
     return users, CoordinatorConfig(**args)

@@ -66,13 +66,15 @@ def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
                 assert set(user[metric]) == set(METHODS)
             # two rounds with personal steps, then the final personalization
             assert user["personal_versions"] == 3
-            # prior and in-round personal steps in full, the final one early-stopped
-            fixed = 2 * (cfg.personal_steps + cfg.prior_steps)
+            # round 0's sketch (4 passes x 2 batches: the default gradient A), prior and
+            # in-round personal steps in full, the final one early-stopped
+            fixed = 4 * 2 + 2 * (cfg.personal_steps + cfg.prior_steps)
             assert fixed < user["steps"]["personal"] <= fixed + cfg.budget_personalize
             assert user["test"]["personal"] < user["test"]["base"]
-        assert len(run["rounds"]) == 2 and run["bytes_up_per_client"] > 0
+        assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+        assert run["bytes_up_per_client"] > 0
         assert [row["k"] for row in run["cold_start"]] == [2.0, 8.0]
-    # Each seed is its own cohort (seeded A, batch order): lorafleet's methods move too
+    # Each seed is its own cohort (its A, batch order): lorafleet's methods move too
     for method in ("prior", "personal", "local_b"):
         pairs = zip(record["runs"][0]["users"], record["runs"][1]["users"], strict=True)
         assert any(u0["test"][method] != u1["test"][method] for u0, u1 in pairs), method
@@ -278,7 +280,7 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     tmp_path: Path,
 ) -> None:
     # Prepare: records from before shared_a and personal_lr_shared_a existed
-    now = experiment.config_record(experiment.ExperimentConfig(output=tmp_path))
+    now = experiment.config_record(experiment.ExperimentConfig(output=tmp_path, shared_a="seeded"))
     seeded_then = {k: v for k, v in now.items() if k not in ("shared_a", "personal_lr_shared_a")}
     gradient_now = {**now, "shared_a": "gradient"}
     gradient_then = {k: v for k, v in gradient_now.items() if k != "personal_lr_shared_a"}
@@ -289,6 +291,12 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     assert experiment.changed_options(gradient_then, gradient_now, ()) == ["personal_lr_shared_a"]
     same_rate = {**gradient_now, "personal_lr_shared_a": now["personal_lr"]}
     assert experiment.changed_options(gradient_then, same_rate, ()) == []
+    # auto is compared as what it ran on: the gradient A, or the seeded A with dp
+    auto_now = {**gradient_now, "shared_a": "auto"}
+    assert experiment.changed_options(gradient_now, auto_now, ()) == []
+    assert experiment.changed_options(now, auto_now, ()) == ["shared_a"]
+    dp_auto = {**auto_now, "dp": "central"}
+    assert experiment.changed_options({**now, "dp": "central"}, dp_auto, ()) == []
 
 
 def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from lorafleet.client.layout import shared_a_path
 from lorafleet.client.profile import Profile
 from lorafleet.protocols.encoding import decode_tensors, encode_tensors
-from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
 from lorafleet.protocols.shared_a import ROW_NORM, shared_a_digest
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_LR,
@@ -19,7 +19,7 @@ from lorafleet.server.coordinator import (
     CoordinatorConfig,
     CoordinatorState,
 )
-from lorafleet.server.flower_app import RoundLoop
+from lorafleet.server.flower_app import RoundLoop, check_resumed_a
 
 from .conftest import simulate_tiny
 
@@ -82,8 +82,70 @@ def test_round_0_builds_a_shared_a_that_every_device_then_trains_and_saves_on(
 def test_gradient_a_with_dp_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="shared-a = gradient has no differential-privacy"):
         CoordinatorConfig(shared_a="gradient", dp="central", data_dir=str(tmp_path))
-    with pytest.raises(SpecError, match="shared-a must be seeded or gradient"):
+    with pytest.raises(SpecError, match="shared-a must be auto, seeded or gradient"):
         CoordinatorConfig(shared_a="learned", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("shared_a", "dp", "mode"),
+    [
+        ("auto", "off", "gradient"),
+        ("auto", "central", "seeded"),
+        ("auto", "client", "seeded"),
+        ("seeded", "off", "seeded"),
+        ("gradient", "off", "gradient"),
+    ],
+)
+def test_auto_is_the_gradient_a_unless_dp_is_on(
+    tmp_path: Path, shared_a: str, dp: str, mode: str
+) -> None:
+    # Prepare / Execute
+    config = CoordinatorConfig(
+        shared_a=shared_a, dp=dp, secure_aggregation=True, data_dir=str(tmp_path)
+    )
+
+    # Assert: the kind of A, and the personal rate of that kind
+    assert config.shared_a_mode == mode
+    rate = DEFAULT_PERSONAL_LR_SHARED_A if mode == "gradient" else DEFAULT_PERSONAL_LR
+    assert config.personal_learning_rate == rate
+
+
+def test_auto_is_the_default_everywhere_a_run_is_configured() -> None:
+    import tomllib
+
+    from lorafleet.sim.experiment import ExperimentConfig
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config["shared-a"] == "auto"
+    assert CoordinatorConfig().shared_a == "auto"
+    assert ExperimentConfig(output=Path("x")).shared_a_mode == "gradient"
+
+
+def test_a_data_dir_is_not_resumed_on_another_kind_of_a(tmp_path: Path) -> None:
+    # Prepare: a cohort whose round 1 finished on the seeded A
+    seeded = CoordinatorConfig(shared_a="seeded", data_dir=str(tmp_path / "s"))
+    coord = CoordinatorState.open(seeded)
+    try:
+        record = coord.start_round(1, 0)
+        coord.registry.finish_round(record.id, participants=3, status="finished")
+        # Execute / Assert: resuming it on the seeded A is fine, on a gradient A refused
+        check_resumed_a(coord, "seeded")
+        with pytest.raises(LorafleetError, match="set shared-a = seeded to resume it"):
+            check_resumed_a(coord, "gradient")
+    finally:
+        coord.close()
+    # A cohort that built its gradient A (round 0) is never resumed on the seeded A
+    gradient = CoordinatorConfig(shared_a="gradient", data_dir=str(tmp_path / "g"))
+    coord = CoordinatorState.open(gradient)
+    try:
+        check_resumed_a(coord, "seeded")  # nothing ran yet: either kind may start
+        coord.save_shared_a({"p": np.eye(2, 5, dtype=np.float32) * np.float32(ROW_NORM)})
+        check_resumed_a(coord, "gradient")
+        with pytest.raises(LorafleetError, match="set shared-a = gradient to resume it"):
+            check_resumed_a(coord, "seeded")
+    finally:
+        coord.close()
 
 
 def test_a_resumed_coordinator_keeps_its_shared_a_and_trusts_no_swapped_file(
@@ -112,7 +174,7 @@ def test_a_resumed_coordinator_keeps_its_shared_a_and_trusts_no_swapped_file(
 
 def test_the_personal_rate_follows_the_cohorts_kind_of_a(tmp_path: Path) -> None:
     # Prepare / Execute: the defaults, an explicit rate, and the run config's key
-    seeded = CoordinatorConfig(data_dir=str(tmp_path / "s"))
+    seeded = CoordinatorConfig(shared_a="seeded", data_dir=str(tmp_path / "s"))
     gradient = CoordinatorConfig(shared_a="gradient", data_dir=str(tmp_path / "g"))
     explicit = CoordinatorConfig(
         shared_a="gradient", personal_lr_shared_a=4e-3, data_dir=str(tmp_path / "e")
