@@ -149,6 +149,8 @@ def build_tiny_model(folder: Path) -> Path:
     if spec is None or spec.loader is None:
         raise LorafleetError(f"cannot load {path}; --quick needs the repository's tests/")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: a dataclass in it looks its module up in sys.modules.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     built: Path = module.build_tiny_model(folder)
     return built

@@ -352,10 +352,12 @@ def test_three_authenticated_supernodes_train_the_app_that_flwr_run_submits(
     assert "Failed to activate SuperNode" in processes.log("intruder")
     assert "No SuperNode found with the given public key" in processes.log("superlink")
     assert online() == sorted(node_ids)
-    # The run completed two rounds, each with all three registered nodes' updates
+    # The run completed round 0 (the default gradient A's sketch) and two rounds, each
+    # with all three registered nodes' replies
     assert status == "finished:completed", processes.tail()
     results = json.loads((data_dir / "results.json").read_text())
     assert [(r["round"], r["accepted"], r["refused"]) for r in results["rounds"]] == [
+        (0, 3, {}),
         (1, 3, {}),
         (2, 3, {}),
     ]
@@ -421,7 +423,7 @@ def test_flwr_run_on_the_local_simulation_federation_trains_every_user(
     # Assert
     assert status == "finished:completed", _local_superlink_log(home)
     results = json.loads((data_dir / "results.json").read_text())
-    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3, 3]  # round 0 and two
     assert len(results["evaluation"]) == 3
     assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == sorted(
         u.name for u in users.iterdir()
@@ -497,7 +499,7 @@ def test_the_two_command_path_fails_the_flower_way_without_users_then_trains_the
     # and the second run trained every user with the relative defaults
     assert success[0] == "finished:completed", processes.tail()
     results = json.loads((project / "runs" / "coordinator" / "results.json").read_text())
-    assert [r["accepted"] for r in results["rounds"]] == [3, 3]
+    assert [r["accepted"] for r in results["rounds"]] == [3, 3, 3]  # round 0 and two
     assert sorted(p.name for p in (project / "runs" / "sim" / "profiles").iterdir()) == users
 
 
