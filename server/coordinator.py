@@ -430,6 +430,15 @@ def _coerce(value: Any, type_name: Any) -> Any:
     return str(value)
 
 
+def shared_a_control(spec_fingerprint: str) -> str:
+    """The registry control holding a cohort's shared-A digest (set once round 0 built it).
+
+    Module-level so that tools reading a finished data dir (the cold-start replay) find
+    the same key without opening the coordinator's state, which would write to it.
+    """
+    return f"shared-a.{spec_fingerprint[:16]}"
+
+
 class CoordinatorState:
     """The cohort's priors and rounds, on disk and in the registry."""
 
@@ -458,7 +467,7 @@ class CoordinatorState:
     # ------------------------------------------------------------- shared A
     @property
     def _shared_a_control(self) -> str:
-        return f"shared-a.{self.spec.fingerprint()[:16]}"
+        return shared_a_control(self.spec.fingerprint())
 
     def save_shared_a(self, a: Mapping[str, Any]) -> str:
         """Keep the cohort's gradient-aligned A (file first, its digest in the registry)."""

@@ -290,7 +290,12 @@ def open_lab(
 
 def read_prior(lab: Lab, path: Path) -> AdapterState:
     """A prior version's B (safetensors), checked against the lab's modules and rank."""
-    prior = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+    # "__state__/" entries are the server optimizer's state kept beside B, not adapter
+    prior = {
+        k: np.asarray(v, dtype=np.float32)
+        for k, v in load_file(path).items()
+        if not k.startswith("__state__/")
+    }
     if set(prior) != set(lab.zero_b) or any(prior[k].shape != lab.zero_b[k].shape for k in prior):
         raise SpecError(
             f"{path} is not a prior of this base at rank {lab.spec.rank} (q_proj, v_proj)"

@@ -1,6 +1,6 @@
 """Replay the cold-start curve from a finished federation's prior, on any newcomers.
 
-``python -m lorafleet.sim.coldstart NEWCOMERS_DIR PRIOR --cohort-seed 1 --ks 16,64``
+``python -m lorafleet.sim.coldstart NEWCOMERS_DIR --run runs/x/seed-1 --ks 16,64``
 trains every newcomer of ``NEWCOMERS_DIR`` (users who never took part, one folder each
 as ``--newcomers-dir`` takes them) on k of their training notes, from ``PRIOR`` (a prior
 version's safetensors, e.g. ``seed-1/coordinator/priors/*/v0003`` of an experiment run)
@@ -9,7 +9,14 @@ and from zero, with exactly the experiment's cold start
 early-stopped on the newcomer's validation notes), and prints the mean test loss per k.
 
 It replays only the newcomers, so a federation that ran without ``--cold-start`` (or a
-new set of newcomers) gets its curve in minutes instead of a rerun. ``--cohort-seed``
+new set of newcomers) gets its curve in minutes instead of a rerun.
+
+``--run`` (an experiment's seed folder, or any coordinator data dir) is the safe way in:
+it reads from the registry the prior a newcomer of that run would really get, the
+*active* version (the newest file may be a candidate the devices' scores held back),
+checks it against the registry's content hash, and takes the cohort's seed, rank and
+shared A (digest checked) from the same place. A prior file can also be named directly
+(``PRIOR``, e.g. ``seed-1/coordinator/priors/*/v0003.safetensors``); then ``--cohort-seed``
 must be the seed of the experiment's run the prior came from: the prior's B means
 something only on that cohort's seeded A. A run with ``--shared-a gradient`` trained its
 prior on the cohort's shared A instead: pass that file too (``--shared-a``, the
@@ -22,14 +29,91 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.protocols.errors import LorafleetError
+from safetensors.numpy import load_file
+
+from lorafleet.protocols.encoding import content_hash, decode_tensors
+from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
+from lorafleet.protocols.shared_a import shared_a_digest
+from lorafleet.server.coordinator import shared_a_control
+from lorafleet.server.registry import Registry
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
 from lorafleet.sim.personas import load_user_folders
 
-__all__ = ["replay"]
+__all__ = ["RunPrior", "replay", "run_prior"]
+
+
+@dataclass(frozen=True)
+class RunPrior:
+    """What a finished run hands a newcomer: its active prior, on the A it was trained on."""
+
+    prior: Path
+    """The active prior version's file (B only)."""
+    shared_a: Path | None
+    """The cohort's gradient-aligned shared A, or None (the prior is on the seeded A)."""
+    cohort_seed: int
+    rank: int
+    version: int
+    rounds: int
+    """The run's last finished round: a newcomer's batch order is seeded by the round it
+    joins in, so the replay takes it to repeat the run's own cold start exactly."""
+
+
+def run_prior(run: Path) -> RunPrior:
+    """The active prior of a coordinator data dir (or of an experiment's seed folder).
+
+    Read-only: the registry is opened, not the coordinator's state (which would mark
+    interrupted rounds failed). Both files are checked against what the registry
+    recorded, as the coordinator checks them before it serves them.
+
+    Raises
+    ------
+    DataError
+        No registry there, more than one cohort, or no prior promoted yet.
+    IntegrityError
+        A file is missing or does not match the registry.
+    """
+    run = Path(run)
+    data_dir = next((d for d in (run, run / "coordinator") if (d / "registry.db").is_file()), None)
+    if data_dir is None:
+        raise DataError(
+            f"{run} holds no registry.db: name a coordinator data dir or an experiment's "
+            "seed folder (runs/NAME/seed-N)"
+        )
+    with Registry.open(data_dir / "registry.db") as reg:
+        cohorts = reg.list_cohorts()
+        if len(cohorts) != 1:
+            raise DataError(
+                f"{data_dir} holds {len(cohorts)} cohorts; name one prior file instead "
+                "(PRIOR with --cohort-seed)"
+            )
+        (fp,) = cohorts
+        spec = reg.get_spec(fp)
+        record = reg.active_prior(fp)
+        digest = reg.get_control(shared_a_control(fp))
+        finished = [r.number for r in reg.list_rounds(fp).items if r.status == "finished"]
+    if record is None:
+        raise DataError(f"{data_dir}: no prior version was promoted yet; run a round first")
+    folder = data_dir / "priors" / fp[:16]
+    prior = folder / f"v{record.version:04d}.safetensors"
+    if not prior.is_file():
+        raise IntegrityError(f"prior file {prior} is missing; restore the data dir")
+    b = {k: v for k, v in load_file(prior).items() if not k.startswith("__state__/")}
+    if content_hash(b, spec_fingerprint=fp) != record.content_hash:
+        raise IntegrityError(f"prior file {prior} does not match the registry's content hash")
+    shared_a = None
+    if digest is not None:
+        shared_a = folder / "shared-a.safetensors"
+        if not shared_a.is_file():
+            raise IntegrityError(f"shared A file {shared_a} is missing; restore the data dir")
+        if shared_a_digest(decode_tensors(shared_a.read_bytes())[0]) != digest:
+            raise IntegrityError(f"shared A file {shared_a} does not match the registry's digest")
+    return RunPrior(
+        prior, shared_a, spec.cohort_seed, spec.rank, record.version, max(finished, default=0)
+    )
 
 
 def replay(
@@ -44,11 +128,14 @@ def replay(
     rank: int = 8,
     seq_len: int = 128,
     shared_a_path: Path | None = None,
+    num_rounds: int = 3,
 ) -> list[dict[str, float]]:
     """The cold-start rows (``k``, ``from_prior``, ``from_zero``, ``prior_alone``, ...).
 
     ``steps`` is the newcomer's budget (0: the experiment's default, its personalize
-    budget); every other choice is the experiment's default recipe.
+    budget); every other choice is the experiment's default recipe. ``num_rounds`` is
+    the run's rounds: it seeds the newcomers' batch order, so only the run's own value
+    repeats its figures exactly (another gives another, equally valid, order).
     """
     cfg = ExperimentConfig(
         output=Path("."),  # nothing is written
@@ -59,6 +146,7 @@ def replay(
         precision=precision,
         rank=rank,
         seq_len=seq_len,
+        num_rounds=num_rounds,
     )
     lab, loaded = open_lab(base, precision, rank=rank, cohort_seed=cohort_seed)
     prior = read_prior(lab, prior_path)
@@ -73,7 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Replay the cold-start curve from a finished federation's prior.",
     )
     parser.add_argument("newcomers_dir", type=Path, help="one folder per newcomer")
-    parser.add_argument("prior", type=Path, help="a prior version's .safetensors")
+    parser.add_argument(
+        "prior", type=Path, nargs="?", help="a prior version's .safetensors (or use --run)"
+    )
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="an experiment's seed folder or a coordinator data dir: its active prior, "
+        "cohort seed, rank and shared A, all checked against its registry",
+    )
     parser.add_argument("--ks", default="16,64", help="comma-separated notes per newcomer")
     parser.add_argument(
         "--cohort-seed", type=int, default=0, help="the experiment seed the prior came from"
@@ -96,20 +192,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--ks must be whole numbers >= 1, got {args.ks!r}")
     if args.steps < 0 or args.cohort_seed < 0:
         parser.error("--steps and --cohort-seed must be >= 0")
-    if not args.prior.is_file():
+    if (args.prior is None) == (args.run is None):
+        parser.error("name either a prior file (PRIOR) or a run (--run), not both")
+    if args.run is not None and args.shared_a is not None:
+        parser.error("--shared-a comes from the run's registry with --run; leave it out")
+    if args.prior is not None and not args.prior.is_file():
         parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
     if args.shared_a is not None and not args.shared_a.is_file():
         parser.error(f"shared A {args.shared_a} is not a file (the run's shared-a.safetensors)")
     if not args.newcomers_dir.is_dir():
         parser.error(f"newcomers folder {args.newcomers_dir} does not exist")
     try:
+        if args.run is not None:
+            found = run_prior(args.run)
+            print(
+                f"{args.run}: active prior v{found.version} after round {found.rounds} "
+                f"(cohort seed {found.cohort_seed}, rank {found.rank}, "
+                f"{'shared' if found.shared_a else 'seeded'} A)"
+            )
+            prior, cohort_seed, rank, shared_a, rounds = (
+                found.prior,
+                found.cohort_seed,
+                found.rank,
+                found.shared_a,
+                found.rounds,
+            )
+        else:
+            prior, cohort_seed, rank, shared_a = args.prior, args.cohort_seed, 8, args.shared_a
+            rounds = 3
         rows = replay(
             args.newcomers_dir,
-            args.prior,
+            prior,
             ks,
-            cohort_seed=args.cohort_seed,
+            cohort_seed=cohort_seed,
             steps=args.steps,
-            shared_a_path=args.shared_a,
+            rank=rank,
+            shared_a_path=shared_a,
+            num_rounds=rounds,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

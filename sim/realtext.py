@@ -73,10 +73,26 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     "work",
     "men-women",
     "wisdom",
+    "people",
+    "humorists",
+    "platitudes",
+    "songs-poems",
+    "definitions",
+    "zippy",
+    "riddles",
+    "linux",
+    "perl",
+    "knghtbrd",
+    "cookie",
+    "miscellaneous",
 )
 """Topics in the order users are taken: the first 8 are the default benchmark, the next 2
-its newcomers; 10-15 are the held-out users of docs/personalization.md and the last 2
-their newcomers (the held-out cold start)."""
+its newcomers; 10-15 are the held-out users of docs/personalization.md and 16-17 their
+first two newcomers; 18-23 six more held-out newcomers, so that the held-out cold start
+rests on eight users instead of two (chosen by size alone: at least 160 notes each
+between :data:`MIN_CHARS` and :data:`MAX_CHARS`, before any result on them); 24-29
+newcomers on which the cold-start recipe may be tuned, beside the default benchmark's
+prior, so that the held-out newcomers stay a test of it."""
 
 DEFAULT_SIZES: tuple[int, ...] = (20, 190, 45, 120, 30, 80, 160, 60)
 """Notes per user, cycled over the topics: small and large users side by side (20-190)."""

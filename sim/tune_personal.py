@@ -16,6 +16,10 @@ instead of a full experiment; the prior must come from the same users and base. 
 with ``--shared-a gradient`` trained its prior on the cohort's shared A: pass
 ``--shared-a`` (the ``shared-a.safetensors`` beside the prior versions) so the prior is
 read, and personalized, on that A.
+
+``--max-train-notes K`` keeps each user's first K training notes (validation and test
+stay whole), as ``lorafleet-sim experiment --max-train-notes`` does: run on newcomers,
+users who never took part, it tunes the cold start (K notes from the prior) instead.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def tune(
     decays: Sequence[float] | None = None,
     a_lrs: Sequence[float] | None = None,
     shared_a_path: Path | None = None,
+    max_train_notes: int = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{lr: {user: {val, test, test_notes, mix, steps}}}`` for each learning rate.
+    """``{lr: {user: {val, test, test_notes, mix, steps, train_notes}}}`` for each rate.
 
     With ``decays`` every learning rate is also tried with each ``plateau_decay``
     (:class:`~lorafleet.client.train.TrainConfig`) and the keys read
@@ -65,6 +70,8 @@ def tune(
     """
     lab, loaded = open_lab(base, precision, rank=rank)
     splits = [three_way_split(u, val_fraction) for u in load_user_folders(users_dir)]
+    if max_train_notes:
+        splits = [s.truncated(max_train_notes) for s in splits]
     scorer = _Scorer(lab, loaded, splits, seq_len)
     prior = read_prior(lab, prior_path)
     if shared_a_path is not None:
@@ -98,7 +105,7 @@ def tune(
             config = replace(config, a_lr=a_lr)
             label += f" a {a_lr:g}"
         per_user: dict[str, dict[str, float]] = {}
-        for user in scorer.users:
+        for user, split in zip(scorer.users, splits, strict=True):
             chosen, taken, mix = lab.personalize(prior, user.train, user.val, config)
             test, notes, val = scorer.score(chosen, user)
             per_user[user.user_id] = {
@@ -107,6 +114,7 @@ def tune(
                 "test_notes": notes,
                 "mix": mix,
                 "steps": float(taken),
+                "train_notes": float(len(split.train)),
             }
             print(
                 f"lr {label} {user.user_id}: val {val:.4f} (mix {mix:g}, {taken} steps) "
@@ -154,8 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="the run's shared-a.safetensors, for a prior trained with --shared-a gradient",
     )
+    parser.add_argument(
+        "--max-train-notes",
+        type=int,
+        default=0,
+        help="keep each user's first K training notes (0: all); on newcomers, the cold start",
+    )
     parser.add_argument("--out", type=Path, help="also write every user's losses here (JSON)")
     args = parser.parse_args(argv)
+    if args.max_train_notes != 0 and args.max_train_notes < 2:
+        parser.error(f"--max-train-notes must be >= 2 (or 0 for all), got {args.max_train_notes}")
     try:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
@@ -193,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decays=decays,
             a_lrs=a_lrs,
             shared_a_path=args.shared_a,
+            max_train_notes=args.max_train_notes,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

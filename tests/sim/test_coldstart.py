@@ -7,14 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
-from lorafleet.protocols.errors import SpecError
+from lorafleet.protocols.encoding import decode_tensors
+from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
-from lorafleet.sim.coldstart import main, replay
+from lorafleet.sim.coldstart import main, replay, run_prior
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
 from lorafleet.sim.personas import (
     PersonaConfig,
@@ -153,3 +155,75 @@ def test_each_arm_trains_at_the_personal_rate_of_its_own_a(
     assert shared_moved["from_zero"] == pytest.approx(base["from_zero"], abs=1e-6)
     assert seeded_moved["from_zero"] != pytest.approx(base["from_zero"], abs=1e-6)
     assert seeded_moved["from_prior"] == pytest.approx(base["from_prior"], abs=1e-6)
+
+
+def test_a_run_gives_its_active_prior_not_its_newest_file_and_a_swapped_one_is_refused(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    shared_a_file: Callable[..., Path],
+) -> None:
+    # Prepare: an experiment-style seed folder whose coordinator holds a shared A, an
+    # active v1 and a newer v2 that is only a candidate (held back until devices score it)
+    base = load_base(tiny_model_dir)
+    run = tmp_path / "seed-3"
+    config = CoordinatorConfig(
+        rank=4,
+        cohort_seed=3,
+        base_model_id="tiny",
+        base_sha256=base.sha256,
+        shared_a="gradient",
+        data_dir=str(run / "coordinator"),
+    )
+    a, _ = decode_tensors(shared_a_file(tiny_model_dir, tmp_path / "a.st", rank=4).read_bytes())
+    b1 = load_file(str(_prior(tiny_model_dir, tmp_path / "b1.safetensors", rank=4)))
+    b2 = {k: v * 5 for k, v in b1.items()}
+    coord = CoordinatorState.open(config)
+    try:
+        coord.save_shared_a(a)
+        for number in (1, 2):
+            started = coord.registry.start_round(config.spec, number)
+            coord.registry.finish_round(started.id, participants=3)
+        coord.save_prior(1, b1, round=1, metrics={}, activate=True)
+        coord.save_prior(2, b2, round=2, metrics={})
+        coord.registry.start_round(config.spec, 3)  # a round that never finished
+    finally:
+        coord.close()
+    newcomers = write_user_folders(
+        generate_personas(PersonaConfig(num_users=1, notes_per_user=30)), tmp_path / "new"
+    )
+
+    # Execute
+    found = run_prior(run)
+
+    # Assert: the active version, with the cohort's seed, rank and shared A, from either
+    # the seed folder or the data dir itself; it replays on that A
+    assert (found.version, found.cohort_seed, found.rank, found.rounds) == (1, 3, 4, 2)
+    assert found.prior.name == "v0001.safetensors" and found.shared_a is not None
+    for key, value in load_file(str(found.prior)).items():
+        np.testing.assert_array_equal(value, b1[key])
+    assert run_prior(run / "coordinator") == found
+    rows = replay(
+        newcomers,
+        found.prior,
+        [4],
+        steps=2,
+        base=str(tiny_model_dir),
+        precision="fp32",
+        rank=found.rank,
+        seq_len=32,
+        cohort_seed=found.cohort_seed,
+        shared_a_path=found.shared_a,
+    )
+    assert rows and np.isfinite(rows[0]["prior_alone"])
+    # A prior file swapped behind the registry's back is refused, as the coordinator would
+    save_file(b2, str(found.prior))
+    with pytest.raises(IntegrityError, match="does not match the registry's content hash"):
+        run_prior(run)
+    # and the command says in one line what to name instead
+    assert main([str(newcomers), "--run", str(tmp_path / "nothing")]) == 2
+    assert "holds no registry.db" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(newcomers), str(found.prior), "--run", str(run)])
+    assert exit_info.value.code == 2
+    assert "not both" in capsys.readouterr().err

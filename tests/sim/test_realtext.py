@@ -106,13 +106,16 @@ def test_the_installed_fortune_files_hold_every_default_topic(tmp_path: Path) ->
     # Execute: the default benchmark and the held-out set from the real files
     users = build_benchmark(tmp_path / "main", num_newcomers=2)
     held = build_benchmark(
-        tmp_path / "held", topics=DEFAULT_TOPICS[10:], num_users=6, num_newcomers=2
+        tmp_path / "held", topics=DEFAULT_TOPICS[10:], num_users=6, num_newcomers=8
     )
-    # Assert: every user has real notes, 20 or more; every newcomer enough for k = 64
+    # Assert: every user has real notes, 20 or more; every newcomer its full 160 (k = 64
+    # leaves validation and test notes beside the training ones)
     for folder in [*users.iterdir(), *held.iterdir()]:
         assert len((folder / "notes.jsonl").read_text().splitlines()) >= 20
-    for folder in [
+    newcomers = [
         *(tmp_path / "main" / "newcomers").iterdir(),
         *(tmp_path / "held" / "newcomers").iterdir(),
-    ]:
-        assert len((folder / "notes.jsonl").read_text().splitlines()) >= 100
+    ]
+    assert len(newcomers) == 10
+    for folder in newcomers:
+        assert len((folder / "notes.jsonl").read_text().splitlines()) == 160

@@ -93,6 +93,7 @@ def test_a_prior_on_a_shared_a_is_personalized_on_that_a(
         (["--plateau-decays", "1"], "--plateau-decays must be in [0, 1)"),
         (["--a-lrs", "x"], "--a-lrs must be comma-separated numbers"),
         (["--a-lrs", "-1"], "--a-lrs must be in [0, 1)"),
+        (["--max-train-notes", "1"], "--max-train-notes must be >= 2"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -102,6 +103,20 @@ def test_bad_input_is_one_line_and_exit_2(
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path), str(tmp_path / "p.safetensors"), *argv_tail])
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_max_train_notes_cuts_only_the_training_notes_as_a_cold_start(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute: all of a user's training notes, then only its first 4
+    whole = _tune(tiny_model_dir, tmp_path / "all", 1, [5e-2])
+    cut = _tune(tiny_model_dir, tmp_path / "cut", 1, [5e-2], max_train_notes=4)
+
+    # Assert: 4 training notes instead of all (about 19 of 30), and another personal
+    # adapter from them
+    (full,), (few,) = (list(r["0.05"].values()) for r in (whole, cut))
+    assert few["train_notes"] == 4 and full["train_notes"] > 10
+    assert few["val"] != full["val"]
 
 
 def test_plateau_decays_are_a_second_axis_of_the_grid(tiny_model_dir: Path, tmp_path: Path) -> None:
