@@ -26,6 +26,9 @@ AInit = Literal["kaiming_uniform", "sign"]
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+"""The modules a spec adapts unless told otherwise (the LoRA paper's choice)."""
+
 SPEC_FORMAT = 1
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -59,7 +62,7 @@ class AdapterSpec:
         default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."}
     )
     target_modules: tuple[str, ...] = field(
-        default=("q_proj", "v_proj"),
+        default=DEFAULT_TARGETS,
         metadata={"help": "Names (suffixes) of the Linear modules that get an adapter."},
     )
     cohort_seed: int = field(

@@ -430,6 +430,40 @@ def _coerce(value: Any, type_name: Any) -> Any:
     return str(value)
 
 
+PRIOR_STATE_PREFIX = "__state__/"
+"""Prefix of the server optimizer's state kept beside B in a prior file (not adapter)."""
+
+SHARED_A_FILE = "shared-a.safetensors"
+"""File name of a cohort's gradient-aligned shared A, beside its prior versions."""
+
+
+def priors_dir(data_dir: str | Path, spec_fingerprint: str) -> Path:
+    """The folder of one cohort's prior versions and shared A inside a data dir.
+
+    Module-level, as :func:`shared_a_control`, so that read-only tools (the cold-start
+    replay) find the files where the coordinator wrote them.
+    """
+    return Path(data_dir) / "priors" / spec_fingerprint[:16]
+
+
+def prior_file_name(version: int) -> str:
+    """File name of prior version ``version`` (``v0003.safetensors``)."""
+    return f"v{version:04d}.safetensors"
+
+
+def split_prior_tensors(
+    tensors: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A prior file's tensors as (B, server optimizer state), the state's prefix removed."""
+    b = {k: v for k, v in tensors.items() if not k.startswith(PRIOR_STATE_PREFIX)}
+    state = {
+        k[len(PRIOR_STATE_PREFIX) :]: v
+        for k, v in tensors.items()
+        if k.startswith(PRIOR_STATE_PREFIX)
+    }
+    return b, state
+
+
 def shared_a_control(spec_fingerprint: str) -> str:
     """The registry control holding a cohort's shared-A digest (set once round 0 built it).
 
@@ -447,7 +481,7 @@ class CoordinatorState:
         self.spec = config.spec
         self.registry = registry
         self.root = Path(config.data_dir)
-        self.priors_dir = self.root / "priors" / self.spec.fingerprint()[:16]
+        self.priors_dir = priors_dir(self.root, self.spec.fingerprint())
         self.ledger_path = self.root / "privacy" / f"{self.spec.fingerprint()[:16]}.json"
         self.aggregator: Aggregator = make_aggregator(config.aggregator, config.server_lr)
         self._pseudonym_key: bytes | None = None
@@ -472,7 +506,7 @@ class CoordinatorState:
     def save_shared_a(self, a: Mapping[str, Any]) -> str:
         """Keep the cohort's gradient-aligned A (file first, its digest in the registry)."""
         digest = shared_a_digest(a)
-        atomic_write_bytes(self.priors_dir / "shared-a.safetensors", encode_tensors(dict(a)))
+        atomic_write_bytes(self.priors_dir / SHARED_A_FILE, encode_tensors(dict(a)))
         self.registry.set_control(self._shared_a_control, digest)
         return digest
 
@@ -485,7 +519,7 @@ class CoordinatorState:
         digest = self.registry.get_control(self._shared_a_control)
         if digest is None:
             return None
-        path = self.priors_dir / "shared-a.safetensors"
+        path = self.priors_dir / SHARED_A_FILE
         if not path.is_file():
             raise IntegrityError(f"shared A file {path} is missing; restore the data dir")
         payload = path.read_bytes()
@@ -495,7 +529,7 @@ class CoordinatorState:
 
     # ---------------------------------------------------------------- priors
     def _prior_path(self, version: int) -> Path:
-        return self.priors_dir / f"v{version:04d}.safetensors"
+        return self.priors_dir / prior_file_name(version)
 
     def save_prior(
         self,
@@ -513,7 +547,7 @@ class CoordinatorState:
         """
         state = self.aggregator.state()
         payload = encode_tensors(
-            {**b, **{f"__state__/{k}": v for k, v in state.items()}}, packing="fp32"
+            {**b, **{f"{PRIOR_STATE_PREFIX}{k}": v for k, v in state.items()}}, packing="fp32"
         )
         atomic_write_bytes(self._prior_path(version), payload)
         return self.registry.add_prior_version(
@@ -534,12 +568,10 @@ class CoordinatorState:
                 f"prior file {path} is missing; restore the coordinator's data dir"
             )
         tensors, _ = decode_tensors(path.read_bytes())
-        b = {k: v for k, v in tensors.items() if not k.startswith("__state__/")}
+        b, state = split_prior_tensors(tensors)
         if content_hash(b, spec_fingerprint=self.spec.fingerprint()) != record.content_hash:
             raise IntegrityError(f"prior file {path} does not match the registry's content hash")
-        self.aggregator.load_state(
-            {k[len("__state__/") :]: v for k, v in tensors.items() if k.startswith("__state__/")}
-        )
+        self.aggregator.load_state(state)
         return b
 
     def active_prior(self) -> tuple[PriorRecord | None, BTensors | None]:

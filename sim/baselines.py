@@ -57,7 +57,8 @@ from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, tra
 from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import LorafleetError, SpecError
 from lorafleet.protocols.shared_a import ROW_NORM, check_shared_a, shared_a_digest
-from lorafleet.protocols.spec import AdapterSpec
+from lorafleet.protocols.spec import DEFAULT_TARGETS, AdapterSpec
+from lorafleet.server.coordinator import split_prior_tensors
 
 __all__ = ["AdapterState", "Lab", "LabUser", "fedavg_global", "open_lab", "read_prior"]
 
@@ -269,7 +270,12 @@ class Lab:
 
 
 def open_lab(
-    base: str, precision: str, *, rank: int, cohort_seed: int = 0
+    base: str,
+    precision: str,
+    *,
+    rank: int,
+    cohort_seed: int = 0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> tuple[Lab, LoadedBase]:
     """Load ``base`` for ``precision`` (resolved on this device) and a lab on the cohort's A.
 
@@ -283,6 +289,7 @@ def open_lab(
         base_model_id=loaded.model_id,
         base_sha256=loaded.sha256,
         rank=rank,
+        target_modules=tuple(targets),
         cohort_seed=cohort_seed,
     )
     return Lab(loaded, spec, precision=prec, device=str(dev)), loaded
@@ -290,15 +297,12 @@ def open_lab(
 
 def read_prior(lab: Lab, path: Path) -> AdapterState:
     """A prior version's B (safetensors), checked against the lab's modules and rank."""
-    # "__state__/" entries are the server optimizer's state kept beside B, not adapter
-    prior = {
-        k: np.asarray(v, dtype=np.float32)
-        for k, v in load_file(path).items()
-        if not k.startswith("__state__/")
-    }
+    b, _ = split_prior_tensors(load_file(path))  # without the server optimizer's state
+    prior = {k: np.asarray(v, dtype=np.float32) for k, v in b.items()}
     if set(prior) != set(lab.zero_b) or any(prior[k].shape != lab.zero_b[k].shape for k in prior):
         raise SpecError(
-            f"{path} is not a prior of this base at rank {lab.spec.rank} (q_proj, v_proj)"
+            f"{path} is not a prior of this base at rank {lab.spec.rank} on "
+            f"{', '.join(lab.spec.target_modules)}"
         )
     return prior
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
+from lorafleet.protocols.spec import DEFAULT_TARGETS
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
@@ -197,6 +198,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         help="the cohort's frozen A: seeded from the cohort seed, gradient (round 0 sums the "
         "devices' gradient sketches, under SecAgg+ when on, and keeps their top directions), "
         "or auto: gradient, and seeded with --dp (the sketch has no privacy accounting)",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated modules the cohort adapts, for every method of the run "
+        "(e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for all of a "
+        "Llama block's Linears)",
     )
     if name != "scale":  # a console serves one run's coordinator
         p.add_argument(
@@ -433,6 +441,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         # Only experiment cuts the notes and only scale sets the rank (of its notes sweep).
         max_train_notes=getattr(args, "max_train_notes", 0),
         rank=getattr(args, "rank", ExperimentConfig.rank),
+        targets=tuple(sorted({t.strip() for t in args.targets.split(",") if t.strip()})),
     )
 
 

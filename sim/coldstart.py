@@ -37,7 +37,14 @@ from safetensors.numpy import load_file
 from lorafleet.protocols.encoding import content_hash, decode_tensors
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 from lorafleet.protocols.shared_a import shared_a_digest
-from lorafleet.server.coordinator import shared_a_control
+from lorafleet.protocols.spec import DEFAULT_TARGETS
+from lorafleet.server.coordinator import (
+    SHARED_A_FILE,
+    prior_file_name,
+    priors_dir,
+    shared_a_control,
+    split_prior_tensors,
+)
 from lorafleet.server.registry import Registry
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
@@ -60,6 +67,8 @@ class RunPrior:
     rounds: int
     """The run's last finished round: a newcomer's batch order is seeded by the round it
     joins in, so the replay takes it to repeat the run's own cold start exactly."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """The modules the cohort adapts."""
 
 
 def run_prior(run: Path) -> RunPrior:
@@ -97,22 +106,28 @@ def run_prior(run: Path) -> RunPrior:
         finished = [r.number for r in reg.list_rounds(fp).items if r.status == "finished"]
     if record is None:
         raise DataError(f"{data_dir}: no prior version was promoted yet; run a round first")
-    folder = data_dir / "priors" / fp[:16]
-    prior = folder / f"v{record.version:04d}.safetensors"
+    folder = priors_dir(data_dir, fp)
+    prior = folder / prior_file_name(record.version)
     if not prior.is_file():
         raise IntegrityError(f"prior file {prior} is missing; restore the data dir")
-    b = {k: v for k, v in load_file(prior).items() if not k.startswith("__state__/")}
+    b, _ = split_prior_tensors(load_file(prior))
     if content_hash(b, spec_fingerprint=fp) != record.content_hash:
         raise IntegrityError(f"prior file {prior} does not match the registry's content hash")
     shared_a = None
     if digest is not None:
-        shared_a = folder / "shared-a.safetensors"
+        shared_a = folder / SHARED_A_FILE
         if not shared_a.is_file():
             raise IntegrityError(f"shared A file {shared_a} is missing; restore the data dir")
         if shared_a_digest(decode_tensors(shared_a.read_bytes())[0]) != digest:
             raise IntegrityError(f"shared A file {shared_a} does not match the registry's digest")
     return RunPrior(
-        prior, shared_a, spec.cohort_seed, spec.rank, record.version, max(finished, default=0)
+        prior,
+        shared_a,
+        spec.cohort_seed,
+        spec.rank,
+        record.version,
+        max(finished, default=0),
+        spec.target_modules,
     )
 
 
@@ -126,6 +141,7 @@ def replay(
     base: str = "default",
     precision: str = "auto",
     rank: int = 8,
+    targets: Sequence[str] = DEFAULT_TARGETS,
     seq_len: int = 128,
     shared_a_path: Path | None = None,
     num_rounds: int = 3,
@@ -145,10 +161,13 @@ def replay(
         base=base,
         precision=precision,
         rank=rank,
+        targets=tuple(targets),
         seq_len=seq_len,
         num_rounds=num_rounds,
     )
-    lab, loaded = open_lab(base, precision, rank=rank, cohort_seed=cohort_seed)
+    lab, loaded = open_lab(
+        base, precision, rank=rank, cohort_seed=cohort_seed, targets=tuple(targets)
+    )
     prior = read_prior(lab, prior_path)
     prior_a = read_shared_a(lab, shared_a_path) if shared_a_path is not None else None
     newcomers = load_user_folders(newcomers_dir)
@@ -207,19 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = run_prior(args.run)
             print(
                 f"{args.run}: active prior v{found.version} after round {found.rounds} "
-                f"(cohort seed {found.cohort_seed}, rank {found.rank}, "
-                f"{'shared' if found.shared_a else 'seeded'} A)"
+                f"(cohort seed {found.cohort_seed}, rank {found.rank} on "
+                f"{', '.join(found.targets)}, {'shared' if found.shared_a else 'seeded'} A)"
             )
-            prior, cohort_seed, rank, shared_a, rounds = (
+            prior, cohort_seed, rank, shared_a, rounds, targets = (
                 found.prior,
                 found.cohort_seed,
                 found.rank,
                 found.shared_a,
                 found.rounds,
+                found.targets,
             )
         else:
             prior, cohort_seed, rank, shared_a = args.prior, args.cohort_seed, 8, args.shared_a
-            rounds = 3
+            rounds, targets = 3, DEFAULT_TARGETS
         rows = replay(
             args.newcomers_dir,
             prior,
@@ -227,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cohort_seed=cohort_seed,
             steps=args.steps,
             rank=rank,
+            targets=targets,
             shared_a_path=shared_a,
             num_rounds=rounds,
         )

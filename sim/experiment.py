@@ -52,6 +52,7 @@ from lorafleet.protocols.atomic import atomic_write_text
 from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import DataError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
+from lorafleet.protocols.spec import DEFAULT_TARGETS
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
@@ -142,6 +143,10 @@ class ExperimentConfig:
     packing: str = "fp16"
     seq_len: int = 128
     rank: int = 8
+    targets: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS,
+        metadata={"help": "The cohort's adapted modules (every method of the run uses them)."},
+    )
     base: str = "default"
     precision: str = "auto"
     cold_start_ks: tuple[int, ...] = (4, 16, 64)
@@ -204,6 +209,8 @@ class ExperimentConfig:
             raise SpecError(f"experiment: cold-start sizes must be >= 1, got {self.cold_start_ks}")
         if self.rank < 1:
             raise SpecError(f"experiment: rank must be >= 1, got {self.rank}")
+        if not self.targets:
+            raise SpecError("experiment: targets is empty; name at least one module, e.g. q_proj")
         if self.max_train_notes != 0 and self.max_train_notes < 2:
             raise SpecError(
                 f"experiment: max_train_notes must be >= 2 (or 0 for all), got "
@@ -556,7 +563,7 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
     return loaded
 
 
-_LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded"}
+_LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded", "targets": list(DEFAULT_TARGETS)}
 """Options newer than some results files, with the value those files' runs had."""
 
 
@@ -642,6 +649,7 @@ def _coordinator_config(
         seq_len=cfg.seq_len,
         packing=cfg.packing,
         rank=cfg.rank,
+        target_modules=",".join(cfg.targets),
         base_model_id=base.model_id,
         base_sha256=base.sha256,
         data_dir=str(run_dir / "coordinator"),

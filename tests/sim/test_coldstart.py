@@ -227,3 +227,42 @@ def test_a_run_gives_its_active_prior_not_its_newest_file_and_a_swapped_one_is_r
         main([str(newcomers), str(found.prior), "--run", str(run)])
     assert exit_info.value.code == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_run_on_more_targets_replays_on_them_and_its_prior_fits_no_other(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a coordinator data dir whose cohort adapts o_proj besides q_proj and v_proj
+    base = load_base(tiny_model_dir)
+    config = CoordinatorConfig(
+        rank=2,
+        target_modules="v_proj,o_proj,q_proj",
+        base_model_id="tiny",
+        base_sha256=base.sha256,
+        data_dir=str(tmp_path / "data"),
+    )
+    spec = config.spec
+    b = get_b(materialize(base.model, spec, base_sha256=base.sha256))
+    coord = CoordinatorState.open(config)
+    try:
+        started = coord.registry.start_round(spec, 1)
+        coord.registry.finish_round(started.id, participants=2)
+        prior = {k: np.full_like(v, 0.01) for k, v in b.items()}
+        coord.save_prior(1, prior, round=1, metrics={}, activate=True)
+    finally:
+        coord.close()
+    newcomers = write_user_folders(
+        generate_personas(PersonaConfig(num_users=1, notes_per_user=30)), tmp_path / "new"
+    )
+
+    # Execute
+    found = run_prior(tmp_path / "data")
+
+    # Assert: the run's targets come with its prior, and the replay runs on them
+    assert found.targets == ("o_proj", "q_proj", "v_proj") and found.rank == 2
+    common = dict(steps=2, base=str(tiny_model_dir), precision="fp32", rank=2, seq_len=32)
+    rows = replay(newcomers, found.prior, [4], targets=found.targets, **common)  # type: ignore[arg-type]
+    assert rows and np.isfinite(rows[0]["from_prior"])
+    # on the default targets the same file is refused in one line naming them
+    with pytest.raises(SpecError, match="at rank 2 on q_proj, v_proj"):
+        replay(newcomers, found.prior, [4], **common)  # type: ignore[arg-type]

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from lorafleet.client.base import load_base
 from lorafleet.sim import experiment
+from lorafleet.sim.baselines import Lab
 from lorafleet.sim.cli import _experiment_config, _parser, main
 from lorafleet.sim.experiment import METHODS, ExperimentConfig, run_experiment
 
@@ -109,6 +111,43 @@ def test_the_sim_cli_passes_the_cold_start_budget_and_refuses_a_negative_one(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cold-start steps must be >= 0" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_sim_cli_passes_the_targets_to_the_cohort_spec_and_refuses_an_unknown_one(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    args = _parser().parse_args(["experiment", "--targets", "v_proj, o_proj,q_proj,"])
+    base = load_base(tiny_model_dir)
+
+    # Execute: the cohort's spec, and the lab every method of the run is scored in
+    cfg = _experiment_config(args)
+    spec = experiment._coordinator_config(cfg, base, tmp_path, seed=0, num_users=2).spec
+    lab = Lab(base, spec, precision="fp32", device="cpu")
+
+    # Assert: one canonical order; the baselines' model adapts the same modules
+    assert cfg.targets == spec.target_modules == ("o_proj", "q_proj", "v_proj")
+    assert {name.rsplit(".", 1)[-1] for name in lab.layers} == {"o_proj", "q_proj", "v_proj"}
+    assert _experiment_config(_parser().parse_args(["experiment"])).targets == (
+        "q_proj",
+        "v_proj",
+    )
+    # a name no Linear of the base has is one line, before any training
+    code = main(
+        [
+            "experiment",
+            "--users",
+            "2",
+            "--base",
+            str(tiny_model_dir),
+            "--targets",
+            "q_proj,qkv",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "['qkv'] match no Linear layer" in err[0], err
 
 
 def test_the_sim_cli_refuses_client_dp_without_secure_aggregation(
@@ -281,7 +320,9 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
 ) -> None:
     # Prepare: records from before shared_a and personal_lr_shared_a existed
     now = experiment.config_record(experiment.ExperimentConfig(output=tmp_path, shared_a="seeded"))
-    seeded_then = {k: v for k, v in now.items() if k not in ("shared_a", "personal_lr_shared_a")}
+    seeded_then = {
+        k: v for k, v in now.items() if k not in ("shared_a", "personal_lr_shared_a", "targets")
+    }
     gradient_now = {**now, "shared_a": "gradient"}
     gradient_then = {k: v for k, v in gradient_now.items() if k != "personal_lr_shared_a"}
 
@@ -297,6 +338,9 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     assert experiment.changed_options(now, auto_now, ()) == ["shared_a"]
     dp_auto = {**auto_now, "dp": "central"}
     assert experiment.changed_options({**now, "dp": "central"}, dp_auto, ()) == []
+    # a file from before targets existed adapted q_proj and v_proj, not all Linears
+    wider = {**now, "targets": ["o_proj", "q_proj", "v_proj"]}
+    assert experiment.changed_options(seeded_then, wider, ()) == ["targets"]
 
 
 def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None:
