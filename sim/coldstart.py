@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.numpy import load_file
 
@@ -47,7 +48,7 @@ from lorafleet.server.coordinator import (
 )
 from lorafleet.server.registry import Registry
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
-from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
+from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve, cold_start_wins
 from lorafleet.sim.personas import load_user_folders
 
 __all__ = ["RunPrior", "replay", "run_prior"]
@@ -145,7 +146,7 @@ def replay(
     seq_len: int = 128,
     shared_a_path: Path | None = None,
     num_rounds: int = 3,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """The cold-start rows (``k``, ``from_prior``, ``from_zero``, ``prior_alone``, ...).
 
     ``steps`` is the newcomer's budget (0: the experiment's default, its personalize
@@ -260,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{int(row['k']):<6}{row['from_prior']:12.4f}{row['from_zero']:12.4f}"
             f"{row['prior_alone']:13.4f}   ({int(row['newcomers'])} newcomers)"
         )
+    wins = cold_start_wins(rows)
+    if wins is not None:
+        small, large, won, of = wins
+        print(f"{small} notes from the prior beat {large} from zero on {won}/{of} newcomers")
     if not rows:
         print("no newcomer has enough training notes for any k", file=sys.stderr)
     if args.out:

@@ -338,7 +338,7 @@ class SeedRun:
     users: list[UserResult]
     rounds: list[dict[str, Any]]
     bytes_up_per_client: float
-    cold_start: list[dict[str, float]] = field(default_factory=list)
+    cold_start: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, Any] = field(default_factory=dict)
 
 
@@ -832,12 +832,14 @@ def cold_start_curve(
     *,
     progress: bool,
     prior_a: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """A newcomer with k notes, trained from the prior and from zero; test loss, averaged.
 
     Early stopping on the newcomer's validation notes, test notes reported, as for the
     federation's users; k larger than a newcomer's training notes is skipped for them.
-    Each row also holds the prior alone (no training) on the same newcomers. ``lab``
+    Each row also holds the prior alone (no training) on the same newcomers, and
+    ``per_newcomer`` the three figures of each newcomer, which
+    :func:`cold_start_wins` compares across k. ``lab``
     must hold the cohort's seeded A (:meth:`Lab.use_spec`); ``prior`` was trained on it,
     or on ``prior_a`` (a shared A), which the prior's arm then starts from. Zero starts
     from the seeded A: a newcomer without the federation has nothing else.
@@ -879,14 +881,16 @@ def cold_start_curve(
         lab.use_a(prior_a)
         prior_test = lab.loss(prior, test)
         lab.use_a(None)
-        prepared.append((split.train, val, test, prior_test))
+        prepared.append((newcomer.user_id, split.train, val, test, prior_test))
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
         from_prior: list[float] = []
         from_zero: list[float] = []
         prior_alone: list[float] = []
-        for notes, val, test, prior_loss in prepared:
+        names: list[str] = []
+        for name, notes, val, test, prior_loss in prepared:
             if len(notes) < k:
                 continue
+            names.append(name)
             train = encode_blocks(notes[:k], tok, seq_len=cfg.seq_len)
             arms = ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero))
             for (start, a, sink), config in zip(arms, configs, strict=True):
@@ -903,9 +907,33 @@ def cold_start_curve(
                     "from_zero": float(np.mean(from_zero)),
                     "prior_alone": float(np.mean(prior_alone)),
                     "newcomers": float(len(from_prior)),
+                    "per_newcomer": {
+                        name: {"from_prior": fp, "from_zero": fz, "prior_alone": pa}
+                        for name, fp, fz, pa in zip(
+                            names, from_prior, from_zero, prior_alone, strict=True
+                        )
+                    },
                 }
             )
     return rows
+
+
+def cold_start_wins(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int, int, int] | None:
+    """On how many newcomers the smallest k from the prior beats the largest from zero.
+
+    The issue's "16 notes plus the prior beat 64 from zero", per newcomer rather than on
+    the mean: (small k, large k, wins, newcomers counted). Only newcomers with both k count. None with fewer than two k, or for rows from
+    older results files, which kept only the means.
+    """
+    if len(rows) < 2 or any("per_newcomer" not in row for row in rows):
+        return None
+    small = min(rows, key=lambda row: row["k"])
+    large = max(rows, key=lambda row: row["k"])
+    both = set(small["per_newcomer"]) & set(large["per_newcomer"])
+    wins = sum(
+        small["per_newcomer"][n]["from_prior"] < large["per_newcomer"][n]["from_zero"] for n in both
+    )
+    return int(small["k"]), int(large["k"]), wins, len(both)
 
 
 # ------------------------------------------------------------------------- reporting
@@ -988,6 +1016,14 @@ def format_table(result: ExperimentResult) -> str:
         for k, fp, fz, alone in cold_start_means(result):
             pa = f"{alone:13.4f}" if alone is not None else f"{'-':>13}"
             lines.append(f"{int(k):<18}{fp:12.4f}{fz:12.4f}{pa}")
+        counted = [(r.seed, cold_start_wins(r.cold_start)) for r in result.runs]
+        seen = [(seed, c) for seed, c in counted if c is not None]
+        if seen:
+            small, large = seen[0][1][0], seen[0][1][1]
+            lines.append(
+                f"{small} notes from the prior beat {large} from zero on "
+                + ", ".join(f"{c[2]}/{c[3]} newcomers (seed {seed})" for seed, c in seen)
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.coldstart import main, replay, run_prior
-from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve
+from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve, cold_start_wins
 from lorafleet.sim.personas import (
     PersonaConfig,
     generate_personas,
@@ -64,6 +64,35 @@ def test_the_replay_trains_each_newcomer_from_the_prior_and_from_zero(
     assert rows[0]["prior_alone"] == pytest.approx(rows[1]["prior_alone"])
     for r in rows:
         assert all(np.isfinite(r[key]) for key in ("from_prior", "from_zero", "prior_alone"))
+        # each newcomer's own figures, whose mean is the row's
+        per = r["per_newcomer"]
+        assert len(per) == 2
+        assert np.mean([v["from_prior"] for v in per.values()]) == pytest.approx(r["from_prior"])
+    small, large, wins, counted = cold_start_wins(rows) or (0, 0, -1, 0)
+    expected = sum(
+        rows[0]["per_newcomer"][n]["from_prior"] < rows[1]["per_newcomer"][n]["from_zero"]
+        for n in rows[0]["per_newcomer"]
+    )
+    assert (small, large, wins, counted) == (4, 8, expected, 2)
+
+
+def test_the_cold_start_is_counted_per_newcomer_on_those_with_both_k() -> None:
+    # Prepare: "b" has too few notes for k = 64; "c" wins, "a" does not
+    def row(k: int, per: dict[str, tuple[float, float]]) -> dict[str, object]:
+        figures = {
+            n: {"from_prior": p, "from_zero": z, "prior_alone": 4.0} for n, (p, z) in per.items()
+        }
+        return {"k": float(k), "per_newcomer": figures}
+
+    rows = [
+        row(16, {"a": (3.9, 4.2), "b": (3.0, 4.0), "c": (3.5, 4.1)}),
+        row(64, {"a": (3.7, 3.8), "c": (3.4, 3.6)}),
+    ]
+
+    # Execute / Assert
+    assert cold_start_wins(rows) == (16, 64, 1, 2)
+    assert cold_start_wins(rows[:1]) is None  # one k: nothing to compare
+    assert cold_start_wins([{"k": 16.0}, {"k": 64.0}]) is None  # an older file's means
 
 
 def test_a_prior_of_another_rank_is_refused_in_one_line(
