@@ -441,7 +441,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         # Only experiment cuts the notes and only scale sets the rank (of its notes sweep).
         max_train_notes=getattr(args, "max_train_notes", 0),
         rank=getattr(args, "rank", ExperimentConfig.rank),
-        targets=tuple(sorted({t.strip() for t in args.targets.split(",") if t.strip()})),
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
 
 

@@ -211,6 +211,8 @@ class ExperimentConfig:
             raise SpecError(f"experiment: rank must be >= 1, got {self.rank}")
         if not self.targets:
             raise SpecError("experiment: targets is empty; name at least one module, e.g. q_proj")
+        # One order for one set (as the spec's), so results files compare as the same run.
+        object.__setattr__(self, "targets", tuple(sorted(set(self.targets))))
         if self.max_train_notes != 0 and self.max_train_notes < 2:
             raise SpecError(
                 f"experiment: max_train_notes must be >= 2 (or 0 for all), got "

@@ -128,6 +128,10 @@ def test_the_sim_cli_passes_the_targets_to_the_cohort_spec_and_refuses_an_unknow
     # Assert: one canonical order; the baselines' model adapts the same modules
     assert cfg.targets == spec.target_modules == ("o_proj", "q_proj", "v_proj")
     assert {name.rsplit(".", 1)[-1] for name in lab.layers} == {"o_proj", "q_proj", "v_proj"}
+    assert ExperimentConfig(output=tmp_path, targets=("v_proj", "q_proj")).targets == (
+        "q_proj",
+        "v_proj",
+    )
     assert _experiment_config(_parser().parse_args(["experiment"])).targets == (
         "q_proj",
         "v_proj",
