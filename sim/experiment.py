@@ -884,37 +884,31 @@ def cold_start_curve(
         prior_test = lab.loss(prior, test)
         lab.use_a(None)
         prepared.append((newcomer.user_id, split.train, val, test, prior_test))
+    arms = ((prior, prior_a, configs[0], "from_prior"), (lab.zero_b, None, configs[1], "from_zero"))
     for k in tqdm(cfg.cold_start_ks, desc="cold start", unit="k", disable=not progress):
-        from_prior: list[float] = []
-        from_zero: list[float] = []
-        prior_alone: list[float] = []
-        names: list[str] = []
+        per_newcomer: dict[str, dict[str, float]] = {}
         for name, notes, val, test, prior_loss in prepared:
             if len(notes) < k:
                 continue
-            names.append(name)
             train = encode_blocks(notes[:k], tok, seq_len=cfg.seq_len)
-            arms = ((prior, prior_a, from_prior), (lab.zero_b, None, from_zero))
-            for (start, a, sink), config in zip(arms, configs, strict=True):
+            figures = {"prior_alone": prior_loss}
+            for start, a, config, arm in arms:
                 lab.use_a(a)
                 state, _, _ = lab.personalize(start, train, val, config, blend=instr.blend)
-                sink.append(lab.loss(state, test))
+                figures[arm] = lab.loss(state, test)
             lab.use_a(None)
-            prior_alone.append(prior_loss)
-        if from_prior:
+            per_newcomer[name] = figures
+        if per_newcomer:
+            means = {
+                key: float(np.mean([f[key] for f in per_newcomer.values()]))
+                for key in ("from_prior", "from_zero", "prior_alone")
+            }
             rows.append(
                 {
                     "k": float(k),
-                    "from_prior": float(np.mean(from_prior)),
-                    "from_zero": float(np.mean(from_zero)),
-                    "prior_alone": float(np.mean(prior_alone)),
-                    "newcomers": float(len(from_prior)),
-                    "per_newcomer": {
-                        name: {"from_prior": fp, "from_zero": fz, "prior_alone": pa}
-                        for name, fp, fz, pa in zip(
-                            names, from_prior, from_zero, prior_alone, strict=True
-                        )
-                    },
+                    **means,
+                    "newcomers": float(len(per_newcomer)),
+                    "per_newcomer": per_newcomer,
                 }
             )
     return rows

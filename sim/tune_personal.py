@@ -61,7 +61,7 @@ def tune(
     shared_a_path: Path | None = None,
     max_train_notes: int = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{lr: {user: {val, test, test_notes, mix, steps, train_notes}}}`` for each rate.
+    """``{lr: {user: {val, test, test_notes, mix, steps, train_notes, train_blocks}}}``.
 
     With ``decays`` every learning rate is also tried with each ``plateau_decay``
     (:class:`~lorafleet.client.train.TrainConfig`) and the keys read
@@ -115,6 +115,7 @@ def tune(
                 "mix": mix,
                 "steps": float(taken),
                 "train_notes": float(len(split.train)),
+                "train_blocks": float(len(user.train)),
             }
             print(
                 f"lr {label} {user.user_id}: val {val:.4f} (mix {mix:g}, {taken} steps) "

@@ -313,6 +313,12 @@ def test_a_gradient_shared_a_experiment_scores_the_prior_on_the_a_it_was_trained
     means = result.means()
     assert means["personal"][0] < means["base"][0]
     assert [row["k"] for row in run["cold_start"]] == [8.0]
+    # each row's means are its newcomers' figures, averaged
+    row = run["cold_start"][0]
+    assert len(row["per_newcomer"]) == row["newcomers"] >= 1
+    for arm in ("from_prior", "from_zero", "prior_alone"):
+        figures = [f[arm] for f in row["per_newcomer"].values()]
+        assert row[arm] == pytest.approx(sum(figures) / len(figures))
     # The same run without the gradient A is a different experiment, not a read-back
     assert experiment.changed_options(
         record["config"], experiment.config_record(replace(cfg, shared_a="seeded")), ()
