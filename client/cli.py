@@ -126,7 +126,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_profile_args(p)
     _add_data_args(p, "your text")
     p.add_argument(
-        "--steps", type=int, default=60, help="optimizer steps (an upper bound: early stop)"
+        "--steps",
+        type=int,
+        default=60,
+        help="optimizer steps at most (early stopping and --steps-per-block may take fewer)",
+    )
+    p.add_argument(
+        "--steps-per-block",
+        type=float,
+        help="size the budget by your text: this many steps per training block, at least "
+        "8 and at most --steps (default: lorafleet's sizing, one per block; 0: train for "
+        "--steps)",
     )
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the adapter's B")
     p.add_argument(
@@ -364,12 +374,15 @@ def _read_data(args: argparse.Namespace) -> tuple[list[Example], DataConfig]:
 def _cmd_train(args: argparse.Namespace) -> None:
     from lorafleet.client.profile import Profile
     from lorafleet.client.sdk import PersonalModel
-    from lorafleet.client.train import TrainConfig
+    from lorafleet.client.train import SIZED_STEPS_PER_BLOCK, TrainConfig
 
     # Everything a user can get wrong fails here, before the base loads and before a
     # new profile is created.
     config = TrainConfig(
         steps=args.steps,
+        steps_per_block=SIZED_STEPS_PER_BLOCK
+        if args.steps_per_block is None
+        else args.steps_per_block,
         lr=args.lr,
         a_lr=args.a_lr,
         batch_size=args.batch_size,

@@ -55,7 +55,13 @@ from lorafleet.client.runtime import (
     resolve_precision,
 )
 from lorafleet.client.sketch import gradient_sketch
-from lorafleet.client.train import LocalTrainer, TrainConfig, cycle_batches, train_adapter
+from lorafleet.client.train import (
+    SIZED_STEPS_PER_BLOCK,
+    LocalTrainer,
+    TrainConfig,
+    cycle_batches,
+    train_adapter,
+)
 from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import DataError, LorafleetError
 from lorafleet.protocols.federation import (
@@ -398,6 +404,12 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
     :data:`PLATEAU_DECAY` times the rate: one rate does not suit every user's amount of
     text (a 13-note user overshoots within 3 steps at a rate a 130-note user needs for
     20), and this lets each user's validation notes pick, within the same budget.
+
+    The personalize round's budget is sized by the user's training blocks
+    (:data:`~lorafleet.client.train.SIZED_STEPS_PER_BLOCK` per block, the instruction's
+    budget the ceiling;
+    :meth:`TrainConfig.sized`): a small user is evaluated every step or two and stops
+    within a few, instead of spending a third of the budget to find the start was best.
     """
     final = instr.mode == "personalize"
     return TrainConfig(
@@ -413,6 +425,7 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
         patience=3 if final else 0,
         plateau_decay=PLATEAU_DECAY,
         seed=round_seed(instr) + (7919 if final else 0),
+        steps_per_block=SIZED_STEPS_PER_BLOCK if final else 0.0,
     )
 
 

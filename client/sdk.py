@@ -81,7 +81,7 @@ from lorafleet.client.runtime import (
     resolve_device,
     resolve_precision,
 )
-from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
+from lorafleet.client.train import SIZED_STEPS_PER_BLOCK, TrainConfig, TrainResult, train_adapter
 from lorafleet.protocols.crypto import KdfParams
 from lorafleet.protocols.encoding import Packing
 from lorafleet.protocols.errors import IntegrityError, LorafleetError, SpecError
@@ -868,6 +868,11 @@ class PersonalModel:
         or selected on, and the report's ``test_loss_before/after`` are the honest
         figures (the split is by a hash of each note, as for the held-out side).
 
+        Without ``config`` the budget is sized by the data: about one step per training
+        block (:data:`~lorafleet.client.train.SIZED_STEPS_PER_BLOCK`), at least 8 and at
+        most ``TrainConfig.steps``, evaluated as densely. A ``config`` of your own trains
+        its ``steps`` unless it sets ``steps_per_block``.
+
         ``data`` is a file or folder path, or notes, examples, record dicts or a
         Hugging Face ``datasets.Dataset`` (:func:`~lorafleet.client.data.to_examples`);
         ``data_config`` says how files are split into notes and whether prompts carry
@@ -883,7 +888,8 @@ class PersonalModel:
         """
         if report_to is not None and not save:
             raise SpecError("train: report_to reports the saved version; pass save=True")
-        config = config or TrainConfig()
+        # By default the budget is sized by the user's data (TrainConfig.steps_per_block).
+        config = config or TrainConfig(steps_per_block=SIZED_STEPS_PER_BLOCK)
         # "auto" in a caller's config means: the precision and device this model runs on.
         config = dataclasses.replace(
             config,
@@ -902,6 +908,7 @@ class PersonalModel:
             seed=config.seed,
         )
         train_blocks = self._blocks(train_ex, data_config)
+        config = config.sized(len(train_blocks)) if len(train_blocks) else config
         held_blocks = self._blocks(held_ex, data_config)
         test_blocks = self._blocks(test_ex, data_config) if test_ex else None
         test_before = self._loss(test_blocks) if test_blocks is not None else None

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -112,6 +112,14 @@ class TrainConfig:
             "from where training is."
         },
     )
+    steps_per_block: float = field(
+        default=0.0,
+        metadata={
+            "help": "> 0: size the budget by the data, this many steps per training block "
+            "(at least MIN_SIZED_STEPS), with steps the ceiling and the evaluations as dense; "
+            "0: train for steps (lorafleet.client.train.steps_for_data)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the batch order."})
     threads: int | None = field(
         default=None,
@@ -132,7 +140,7 @@ class TrainConfig:
                 isinstance(value, int) and not isinstance(value, bool),
                 f"{name} must be an integer, got {value!r}",
             )
-        for name in ("lr", "a_lr", "weight_decay", "max_grad_norm", "prox_mu"):
+        for name in ("lr", "a_lr", "weight_decay", "max_grad_norm", "prox_mu", "steps_per_block"):
             value = getattr(self, name)
             need(
                 isinstance(value, int | float) and not isinstance(value, bool),
@@ -156,6 +164,10 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu!r}")
         need(
+            self.steps_per_block >= 0 and math.isfinite(self.steps_per_block),
+            f"steps_per_block must be >= 0 (0: a fixed budget), got {self.steps_per_block!r}",
+        )
+        need(
             self.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
@@ -170,6 +182,53 @@ class TrainConfig:
         need(
             self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"
         )
+
+    def sized(self, train_blocks: int) -> TrainConfig:
+        """A copy with its steps sized by ``train_blocks`` (:func:`steps_for_data`).
+
+        ``steps`` is the ceiling; the evaluation cadence and warm-up shrink with the
+        steps, so a small user's few steps are still evaluated about as many times.
+        Itself when :attr:`steps_per_block` is 0 or the data fills the budget; sizing a
+        sized config changes nothing.
+        """
+        steps = steps_for_data(train_blocks, self.steps, self.steps_per_block)
+        if steps == self.steps:
+            return self
+        scale = steps / self.steps
+        return replace(
+            self,
+            steps=steps,
+            eval_every=max(1, round(self.eval_every * scale)) if self.eval_every else 0,
+            warmup_steps=min(self.warmup_steps, steps // 4),
+        )
+
+
+MIN_SIZED_STEPS = 8
+"""The fewest steps :func:`steps_for_data` gives: room for a few evaluations."""
+
+SIZED_STEPS_PER_BLOCK = 1.0
+"""Steps per training block where lorafleet sizes the budget by the data.
+
+The SDK's and ``lorafleet train``'s default, and the devices' final personalization
+(:func:`lorafleet.client.federated.personal_train_config`). Chosen on the fortunes
+benchmark's validation notes among 1, 1.5, 2 and a fixed budget, from the prior and from
+zero; it held on the held-out users (docs/personalization.md, "The budget sized by the
+data")."""
+
+
+def steps_for_data(train_blocks: int, budget: int, per_block: float) -> int:
+    """The steps a user's data is worth: ``per_block`` per training block, within the budget.
+
+    Early stopping already ends training when validation stops improving, but the budget
+    also sets how often it looks (:meth:`TrainConfig.sized`): a user with five blocks
+    given the budget of one with forty is checked too rarely to catch the few steps that
+    help, then spends steps to learn that none did. Sizing the budget by the data keeps
+    the evaluations as dense as the data needs; never below :data:`MIN_SIZED_STEPS` nor
+    above ``budget``. ``per_block <= 0`` keeps the budget as it is.
+    """
+    if per_block <= 0:
+        return budget
+    return max(1, min(budget, max(MIN_SIZED_STEPS, math.ceil(per_block * train_blocks))))
 
 
 @dataclass(frozen=True)
@@ -387,7 +446,9 @@ def train_adapter(
     train, heldout
         Token blocks from :func:`lorafleet.client.data.encode_blocks`.
     config
-        Training settings; defaults suit a few hundred notes on a laptop CPU.
+        Training settings; defaults suit a few hundred notes on a laptop CPU. With
+        ``steps_per_block > 0`` the budget is first sized by ``train``
+        (:meth:`TrainConfig.sized`).
     prior_b
         B of the shared prior. With ``config.prox_mu > 0`` training is pulled toward it.
     progress
@@ -399,9 +460,9 @@ def train_adapter(
     >>> result.heldout_loss_after < result.heldout_loss_before  # doctest: +SKIP
     True
     """
-    config = config or TrainConfig()
     if len(train) == 0:
         raise SpecError("train: no training blocks; add more text")
+    config = (config or TrainConfig()).sized(len(train))
     trainer = LocalTrainer(model, config, prior_b=prior_b)
 
     def snapshot() -> tuple[BTensors, ATensors | None]:

@@ -17,6 +17,10 @@ with ``--shared-a gradient`` trained its prior on the cohort's shared A: pass
 ``--shared-a`` (the ``shared-a.safetensors`` beside the prior versions) so the prior is
 read, and personalized, on that A.
 
+``--steps-per-block 0,1,2`` also sizes each user's budget by their training blocks
+(``TrainConfig.steps_per_block``; 0: the fixed budget). ``PRIOR`` may be ``zero``: each
+user then trains from zero B on the seeded A, local-only training on the same recipe.
+
 ``--max-train-notes K`` keeps each user's first K training notes (validation and test
 stay whole), as ``lorafleet-sim experiment --max-train-notes`` does: run on newcomers,
 users who never took part, it tunes the cold start (K notes from the prior) instead.
@@ -28,7 +32,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,7 +51,7 @@ __all__ = ["tune"]
 
 def tune(
     users_dir: Path,
-    prior_path: Path,
+    prior_path: Path | None,
     lrs: Sequence[float],
     *,
     steps: int = 30,
@@ -60,31 +64,36 @@ def tune(
     a_lrs: Sequence[float] | None = None,
     shared_a_path: Path | None = None,
     max_train_notes: int = 0,
+    per_blocks: Sequence[float] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{lr: {user: {val, test, test_notes, mix, steps, train_notes, train_blocks}}}``.
 
     With ``decays`` every learning rate is also tried with each ``plateau_decay``
     (:class:`~lorafleet.client.train.TrainConfig`) and the keys read
     ``"<lr> decay <d>"``; with ``a_lrs``, with each A rate (``TrainConfig.a_lr``), keys
-    ``"<lr> a <a_lr>"``; without either, the device's own recipe is replayed.
+    ``"<lr> a <a_lr>"``; with ``per_blocks``, with each user's budget sized by their
+    training blocks (:func:`~lorafleet.client.train.steps_for_data`; 0: the fixed
+    budget), keys ``"<lr> per-block <f>"``; without any, the device's own recipe is
+    replayed. ``prior_path`` None trains from zero B on the seeded A (local-only).
     """
     lab, loaded = open_lab(base, precision, rank=rank)
     splits = [three_way_split(u, val_fraction) for u in load_user_folders(users_dir)]
     if max_train_notes:
         splits = [s.truncated(max_train_notes) for s in splits]
     scorer = _Scorer(lab, loaded, splits, seq_len)
-    prior = read_prior(lab, prior_path)
+    prior = lab.zero_b if prior_path is None else read_prior(lab, prior_path)
     if shared_a_path is not None:
         # The prior lives on the cohort's shared A; the personal A (if any) starts there.
         lab.use_a(read_shared_a(lab, shared_a_path))
     results: dict[str, dict[str, dict[str, float]]] = {}
     grid = [
-        (lr, d, a)
+        (lr, d, a, f)
         for lr in lrs
         for d in ([None] if decays is None else decays)
         for a in ([None] if a_lrs is None else a_lrs)
+        for f in ([None] if per_blocks is None else per_blocks)
     ]
-    for lr, decay, a_lr in grid:
+    for lr, decay, a_lr, per_block in grid:
         instr = RoundInstruction(
             round=0,
             spec=lab.spec,
@@ -104,6 +113,9 @@ def tune(
         if a_lr is not None:
             config = replace(config, a_lr=a_lr)
             label += f" a {a_lr:g}"
+        if per_block is not None:
+            config = replace(config, steps_per_block=per_block)
+            label += f" per-block {per_block:g}"
         per_user: dict[str, dict[str, float]] = {}
         for user, split in zip(scorer.users, splits, strict=True):
             chosen, taken, mix = lab.personalize(prior, user.train, user.val, config)
@@ -145,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m lorafleet.sim.tune_personal")
     parser.add_argument("users_dir", type=Path, help="one folder per user (the experiment's)")
-    parser.add_argument("prior", type=Path, help="a prior version's .safetensors")
+    parser.add_argument(
+        "prior", help="a prior version's .safetensors, or 'zero' to train from zero (local-only)"
+    )
     parser.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="comma-separated learning rates")
     parser.add_argument(
         "--plateau-decays",
@@ -158,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(0: the seeded A; default: the device's own recipe)",
     )
     parser.add_argument("--steps", type=int, default=30, help="personalization budget")
+    parser.add_argument(
+        "--steps-per-block",
+        help="also size each user's budget at each of these comma-separated steps per "
+        "training block (0: the fixed budget; default: the device's own recipe)",
+    )
     parser.add_argument(
         "--shared-a",
         type=Path,
@@ -173,44 +192,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_train_notes != 0 and args.max_train_notes < 2:
         parser.error(f"--max-train-notes must be >= 2 (or 0 for all), got {args.max_train_notes}")
-    try:
-        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-    except ValueError:
-        parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
-    if not lrs or any(not (0 < lr < 1) for lr in lrs):
-        parser.error(f"--lrs must be learning rates in (0, 1), got {args.lrs!r}")
-    decays = None
-    if args.plateau_decays is not None:
+
+    def numbers(
+        flag: str, text: str | None, ok: Callable[[float], bool], what: str
+    ) -> list[float] | None:
+        if text is None:
+            return None
         try:
-            decays = [float(x) for x in args.plateau_decays.split(",") if x.strip()]
+            values = [float(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            parser.error(
-                f"--plateau-decays must be comma-separated numbers, got {args.plateau_decays!r}"
-            )
-        if not decays or any(not (0 <= d < 1) for d in decays):
-            parser.error(f"--plateau-decays must be in [0, 1), got {args.plateau_decays!r}")
-    a_lrs = None
-    if args.a_lrs is not None:
-        try:
-            a_lrs = [float(x) for x in args.a_lrs.split(",") if x.strip()]
-        except ValueError:
-            parser.error(f"--a-lrs must be comma-separated numbers, got {args.a_lrs!r}")
-        if not a_lrs or any(not (0 <= a < 1) for a in a_lrs):
-            parser.error(f"--a-lrs must be in [0, 1), got {args.a_lrs!r}")
-    if not args.prior.is_file():
-        parser.error(f"prior {args.prior} is not a file (a prior version's .safetensors)")
+            parser.error(f"{flag} must be comma-separated numbers, got {text!r}")
+        if not values or not all(ok(v) for v in values):
+            parser.error(f"{flag} must be {what}, got {text!r}")
+        return values
+
+    lrs = numbers("--lrs", args.lrs, lambda v: 0 < v < 1, "learning rates in (0, 1)")
+    assert lrs is not None  # --lrs has a default
+    decays = numbers("--plateau-decays", args.plateau_decays, lambda v: 0 <= v < 1, "in [0, 1)")
+    a_lrs = numbers("--a-lrs", args.a_lrs, lambda v: 0 <= v < 1, "in [0, 1)")
+    per_blocks = numbers("--steps-per-block", args.steps_per_block, lambda v: v >= 0, ">= 0")
+    prior = None if args.prior == "zero" else Path(args.prior)
+    if prior is not None and not prior.is_file():
+        parser.error(f"prior {prior} is not a file (a prior version's .safetensors, or 'zero')")
     if args.shared_a is not None and not args.shared_a.is_file():
         parser.error(f"shared A {args.shared_a} is not a file (the run's shared-a.safetensors)")
     try:
         results = tune(
             args.users_dir,
-            args.prior,
+            prior,
             lrs,
             steps=args.steps,
             decays=decays,
             a_lrs=a_lrs,
             shared_a_path=args.shared_a,
             max_train_notes=args.max_train_notes,
+            per_blocks=per_blocks,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

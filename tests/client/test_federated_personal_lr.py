@@ -9,12 +9,50 @@ import pytest
 
 from lorafleet.client import federated
 from lorafleet.client.base import load_base
+from lorafleet.client.data import encode_blocks
 from lorafleet.client.federated import DeviceData, run_round
-from lorafleet.client.train import TrainConfig
+from lorafleet.client.profile import Profile
+from lorafleet.client.train import (
+    MIN_SIZED_STEPS,
+    SIZED_STEPS_PER_BLOCK,
+    TrainConfig,
+    steps_for_data,
+)
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.protocols.spec import AdapterSpec
 
 NOTES = "\n\n".join(f"Note {i}: Maya climbs with Jonas and feeds the cat Pixel." for i in range(12))
+
+
+def _round(tiny: Path, tmp_path: Path, **instruction: Any) -> Any:
+    """One real device round on twelve short notes; returns the delta it uploads."""
+    (tmp_path / "notes.txt").write_text(NOTES)
+    spec = AdapterSpec(base_model_id="tiny", base_sha256=load_base(tiny).sha256, rank=4)
+    instr = RoundInstruction(spec=spec, prior_version="zero", seq_len=32, **instruction)
+    delta, _ = run_round(
+        instr,
+        None,
+        DeviceData.from_path(tmp_path / "notes.txt"),
+        tmp_path / "profile",
+        base_source=str(tiny),
+        precision="fp32",
+        device="cpu",
+    )
+    return delta
+
+
+def _record_personal(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
+    """The configs the personal steps' real trainer gets (it still runs)."""
+    monkeypatch.setattr(federated, "_WORKERS", {})
+    seen: list[TrainConfig] = []
+    real_train = federated.train_adapter
+
+    def train(model: Any, train: Any, held: Any, config: TrainConfig, **kw: Any) -> Any:
+        seen.append(config)
+        return real_train(model, train, held, config, **kw)
+
+    monkeypatch.setattr(federated, "train_adapter", train)
+    return seen
 
 
 @pytest.mark.parametrize(("personal_lr", "expected"), [(0.0, 1e-3), (5e-3, 5e-3)])
@@ -26,44 +64,48 @@ def test_a_train_round_uses_lr_for_the_prior_and_personal_lr_for_the_personal_st
     expected: float,
 ) -> None:
     # Prepare: record the configs the real trainers get (they still run)
-    monkeypatch.setattr(federated, "_WORKERS", {})
-    seen: dict[str, list[float]] = {"prior": [], "personal": []}
-    real_trainer, real_train = federated.LocalTrainer, federated.train_adapter
+    personal = _record_personal(monkeypatch)
+    prior: list[float] = []
+    real_trainer = federated.LocalTrainer
 
     def trainer(model: Any, config: TrainConfig) -> Any:
-        seen["prior"].append(config.lr)
+        prior.append(config.lr)
         return real_trainer(model, config)
 
-    def train(model: Any, train: Any, held: Any, config: TrainConfig, **kw: Any) -> Any:
-        seen["personal"].append(config.lr)
-        return real_train(model, train, held, config, **kw)
-
     monkeypatch.setattr(federated, "LocalTrainer", trainer)
-    monkeypatch.setattr(federated, "train_adapter", train)
-    (tmp_path / "notes.txt").write_text(NOTES)
-    spec = AdapterSpec(base_model_id="tiny", base_sha256=load_base(tiny_model_dir).sha256, rank=4)
-    instr = RoundInstruction(
+
+    # Execute
+    delta = _round(
+        tiny_model_dir,
+        tmp_path,
         round=1,
-        spec=spec,
-        prior_version="zero",
         personal_steps=2,
         prior_steps=2,
         lr=1e-3,
         personal_lr=personal_lr,
-        seq_len=32,
-    )
-
-    # Execute
-    delta, _ = run_round(
-        instr,
-        None,
-        DeviceData.from_path(tmp_path / "notes.txt"),
-        tmp_path / "profile",
-        base_source=str(tiny_model_dir),
-        precision="fp32",
-        device="cpu",
     )
 
     # Assert
     assert delta is not None
-    assert seen == {"prior": [1e-3], "personal": [expected]}
+    assert prior == [1e-3] and [c.lr for c in personal] == [expected]
+
+
+def test_the_final_personalization_sizes_its_budget_by_the_users_blocks(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    seen = _record_personal(monkeypatch)
+
+    # Execute: a budget far above what twelve short notes are worth
+    _round(tiny_model_dir, tmp_path, round=2, mode="personalize", personal_steps=200, prior_steps=0)
+
+    # Assert: the budget shrank to the data, its evaluations with it
+    (config,) = seen
+    data = DeviceData.from_path(tmp_path / "notes.txt")
+    blocks = len(encode_blocks(data.train, load_base(tiny_model_dir).tokenizer, seq_len=32))
+    sized = config.sized(blocks)
+    assert config.steps_per_block == SIZED_STEPS_PER_BLOCK
+    assert MIN_SIZED_STEPS <= sized.steps < 200 and sized.eval_every < 200 // 8
+    assert sized.steps == steps_for_data(blocks, 200, SIZED_STEPS_PER_BLOCK)
+    (version,) = Profile.open(tmp_path / "profile").versions()
+    assert version.metrics["steps"] <= sized.steps

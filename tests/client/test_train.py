@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,13 @@ import torch
 from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks
-from lorafleet.client.train import TrainConfig, TrainResult, train_adapter
+from lorafleet.client.train import (
+    MIN_SIZED_STEPS,
+    TrainConfig,
+    TrainResult,
+    steps_for_data,
+    train_adapter,
+)
 from lorafleet.protocols.errors import SpecError
 from lorafleet.protocols.spec import AdapterSpec
 
@@ -116,6 +123,7 @@ def test_plateau_decay_goes_back_to_the_best_b_and_on_at_a_lower_rate(
         ({"threads": 0}, "threads"),
         ({"plateau_decay": 1.0}, "plateau_decay"),
         ({"plateau_decay": -0.5}, "plateau_decay"),
+        ({"steps_per_block": -1.0}, "steps_per_block"),
         ({"lr": "fast"}, "lr must be a number"),
         ({"batch_size": 2.5}, "batch_size must be an integer"),
     ],
@@ -129,3 +137,44 @@ def test_prox_without_prior_is_refused(tiny_model_dir: Path) -> None:
     model, train, held = setup(tiny_model_dir)
     with pytest.raises(SpecError, match="prior_b"):
         train_adapter(model, train, held, TrainConfig(steps=2, prox_mu=1.0))
+
+
+@pytest.mark.parametrize(
+    ("blocks", "per_block", "expected"),
+    [
+        (5, 1.5, MIN_SIZED_STEPS),  # a small user: the floor, room for a few evaluations
+        (12, 1.5, 18),  # 1.5 per block, rounded up
+        (40, 1.5, 30),  # a large user: the budget is the ceiling
+        (5, 0.0, 30),  # 0: the fixed budget
+    ],
+)
+def test_steps_follow_the_data_between_the_floor_and_the_budget(
+    blocks: int, per_block: float, expected: int
+) -> None:
+    assert steps_for_data(blocks, 30, per_block) == expected
+
+
+def test_a_sized_config_evaluates_as_densely_for_fewer_steps() -> None:
+    # Prepare: the personalize round's shape (30 steps, evaluated every 3)
+    config = TrainConfig(steps=30, eval_every=3, warmup_steps=2, steps_per_block=1.5)
+
+    # Execute
+    small, large = config.sized(4), config.sized(100)
+
+    # Assert: the small user's budget shrinks with its cadence; the large keeps the config
+    assert (small.steps, small.eval_every, small.warmup_steps) == (8, 1, 2)
+    assert large is config and small.sized(4) == small
+    assert replace(config, eval_every=0).sized(4).eval_every == 0
+    assert TrainConfig(steps=30).sized(4).steps == 30  # 0 steps per block: a fixed budget
+
+
+def test_train_adapter_sizes_the_budget_by_the_blocks(tiny_model_dir: Path) -> None:
+    # Prepare: six blocks, a budget of 40 at one step per block
+    model, train, held = setup(tiny_model_dir)
+    config = TrainConfig(steps=40, eval_every=5, patience=0, steps_per_block=1.0)
+
+    # Execute
+    result = train_adapter(model, train, held, config)
+
+    # Assert: it trained as many steps as the data is worth, not the budget
+    assert result.steps == steps_for_data(len(train), 40, 1.0) < 40

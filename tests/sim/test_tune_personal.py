@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
+from lorafleet.client.train import steps_for_data
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.sim.personas import PersonaConfig, generate_personas, write_user_folders
 from lorafleet.sim.tune_personal import main, summary, tune
@@ -126,3 +127,35 @@ def test_plateau_decays_are_a_second_axis_of_the_grid(tiny_model_dir: Path, tmp_
     # Assert
     assert set(results) == {"0.05 decay 0", "0.05 decay 0.5"}
     assert all(np.isfinite(u["val"]) for r in results.values() for u in r.values())
+
+
+def test_steps_per_block_size_each_users_budget_and_zero_trains_from_zero(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    folders = write_user_folders(
+        generate_personas(PersonaConfig(num_users=2, notes_per_user=30)), tmp_path / "users"
+    )
+
+    # Execute: from zero B (no prior), the fixed budget and one sized by the data
+    results = tune(
+        folders,
+        None,
+        [5e-2],
+        steps=40,
+        base=str(tiny_model_dir),
+        precision="fp32",
+        rank=4,
+        seq_len=32,
+        per_blocks=[0.0, 0.25],
+    )
+
+    # Assert: each user spent at most their sized budget, and some budgets did shrink
+    assert set(results) == {"0.05 per-block 0", "0.05 per-block 0.25"}
+    for label, per_user in results.items():
+        per_block = float(label.rsplit(" ", 1)[1])
+        for row in per_user.values():
+            budget = steps_for_data(int(row["train_blocks"]), 40, per_block)
+            assert 1 <= row["steps"] <= budget
+    sized = results["0.05 per-block 0.25"].values()
+    assert any(steps_for_data(int(r["train_blocks"]), 40, 0.25) < 40 for r in sized)
