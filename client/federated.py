@@ -406,10 +406,10 @@ def personal_train_config(instr: RoundInstruction, *, precision: str, device: st
     20), and this lets each user's validation notes pick, within the same budget.
 
     The personalize round's budget is sized by the user's training blocks
-    (:data:`~lorafleet.client.train.SIZED_STEPS_PER_BLOCK` per block, the instruction's
-    budget the ceiling;
-    :meth:`TrainConfig.sized`): a small user is evaluated every step or two and stops
-    within a few, instead of spending a third of the budget to find the start was best.
+    (:data:`~lorafleet.client.train.SIZED_STEPS_PER_BLOCK` steps per block, with the
+    instruction's budget as the ceiling; :meth:`TrainConfig.sized`). A small user is
+    then evaluated every step or two and stops within a few, instead of spending 9 of 30
+    steps to find that the start was best.
     """
     final = instr.mode == "personalize"
     return TrainConfig(

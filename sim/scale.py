@@ -15,8 +15,10 @@ A point shared by both sweeps (the notes sweep's rank with all notes) runs once.
 whose folder already holds ``results.json`` is read, not rerun, so a long sweep can be
 stopped and started again; it must have been run with the same options.
 
-The rank is picked on **validation**, never on test: the smallest rank whose personal mean
-validation loss is within ``tolerance`` (0.5%) of the best rank's. ``scale.json`` holds
+The rank is picked on **validation**, never on test: the smallest rank whose personal and
+prior mean validation losses are each within ``tolerance`` (0.5%) of their best rank's.
+The cohort's rank serves both: the personal adapters, and the prior every newcomer starts
+from. ``scale.json`` holds
 every point's summary means, wins, margin, device steps per user and personal adapter
 size; ``scale.png`` plots test loss against rank and against notes, one line per method.
 
@@ -52,6 +54,7 @@ from lorafleet.sim.experiment import (
 )
 
 __all__ = [
+    "RANK_METHODS",
     "ScaleConfig",
     "ScalePoint",
     "format_scale_table",
@@ -143,7 +146,7 @@ class ScaleConfig:
     )
     tolerance: float = field(
         default=0.005,
-        metadata={"help": "The picked rank's validation loss is within this share of the best."},
+        metadata={"help": "The picked rank's validation losses are within this share of the best."},
     )
 
     def __post_init__(self) -> None:
@@ -242,20 +245,32 @@ def _point_summary(
     }
 
 
+RANK_METHODS: tuple[str, ...] = ("personal", "prior")
+"""What the rank is chosen on: the personal adapters and the prior newcomers start from."""
+
+
 def recommend_rank(
     points: Sequence[dict[str, Any]], tolerance: float = 0.005
-) -> tuple[int, float, int, float] | None:
-    """The smallest rank whose personal validation loss is within ``tolerance`` of the best.
+) -> tuple[int, dict[str, tuple[float, float]]] | None:
+    """The smallest rank whose validation losses are each within ``tolerance`` of the best.
 
-    Selection uses validation only. Returns ``(rank, its loss, best rank, best loss)``, or
-    None without rank points.
+    Each of :data:`RANK_METHODS` that every point scored must be within ``tolerance`` of
+    its own best rank's mean validation loss: a rank that keeps the personal adapters
+    but loses the prior would shortchange every newcomer. Selection uses validation
+    only. Returns ``(rank, {method: (its loss, the best rank's loss)})``, or None
+    without rank points.
     """
-    by_rank = {p["rank"]: p["val"]["personal"] for p in points if "personal" in p["val"]}
-    if not by_rank:
+    if not points:
         return None
-    best = min(by_rank, key=lambda r: (by_rank[r], r))
-    pick = min(r for r, v in by_rank.items() if v <= by_rank[best] * (1 + tolerance))
-    return pick, by_rank[pick], best, by_rank[best]
+    methods = [m for m in RANK_METHODS if all(m in p["val"] for p in points)]
+    if not methods:
+        return None
+    by_rank = {p["rank"]: {m: p["val"][m] for m in methods} for p in points}
+    best = {m: min(v[m] for v in by_rank.values()) for m in methods}
+    pick = min(
+        r for r, v in by_rank.items() if all(v[m] <= best[m] * (1 + tolerance) for m in methods)
+    )
+    return pick, {m: (by_rank[pick][m], best[m]) for m in methods}
 
 
 def run_scale(
@@ -288,9 +303,11 @@ def run_scale(
         "points": summaries,
         "recommended_rank": None if picked is None else picked[0],
         "selection": (
-            f"smallest rank whose personal mean validation loss is within "
-            f"{100 * cfg.tolerance:g}% of the best rank's (validation only, never test)"
+            f"smallest rank whose {' and '.join(RANK_METHODS)} mean validation losses are "
+            f"each within {100 * cfg.tolerance:g}% of their best rank's (validation only, "
+            "never test)"
         ),
+        "recommended_by": None if picked is None else picked[1],
         "tolerance": cfg.tolerance,
         "config": config_record(cfg.experiment),
     }
@@ -344,12 +361,13 @@ def format_scale_table(scale: dict[str, Any]) -> str:
     lines.append("wins: personal <= min(local-only, FedAvg) on test; margin: mean below it")
     rank = scale["recommended_rank"]
     if rank is not None:
-        by_rank = {p["rank"]: p["val"]["personal"] for p in _sweep(scale, "rank_sweep")}
-        best = min(by_rank.values())
+        losses = ", ".join(
+            f"{m} {loss:.4f} (best {best:.4f})"
+            for m, (loss, best) in scale["recommended_by"].items()
+        )
         lines.append(
-            f"recommended rank: {rank} (personal validation loss {by_rank[rank]:.4f}, "
-            f"within {100 * scale['tolerance']:g}% of the best, {best:.4f}; chosen on "
-            "validation, never test)"
+            f"recommended rank: {rank}: validation loss {losses}, each within "
+            f"{100 * scale['tolerance']:g}% of its best; chosen on validation, never test"
         )
     return "\n".join(lines) + "\n"
 

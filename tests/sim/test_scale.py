@@ -243,3 +243,19 @@ def test_the_recommended_rank_is_the_smallest_within_half_a_percent_on_validatio
     # Execute / Assert
     chosen = recommend_rank(points)
     assert chosen is not None and chosen[0] == pick
+
+
+def test_a_rank_that_keeps_the_personal_adapters_but_loses_the_prior_is_not_picked() -> None:
+    # Prepare: fortunes' gradient-A rank 4 and 8 (personal level, the prior 1% behind)
+    points = [
+        {"rank": 4, "val": {"personal": 3.7649, "prior": 3.9072}},
+        {"rank": 8, "val": {"personal": 3.7627, "prior": 3.8661}},
+    ]
+    # Execute
+    chosen = recommend_rank(points)
+    personal_only = recommend_rank(
+        [{**p, "val": {"personal": p["val"]["personal"]}} for p in points]
+    )
+    # Assert: on the personal adapters alone rank 4 would do; the prior keeps rank 8
+    assert personal_only is not None and personal_only[0] == 4
+    assert chosen == (8, {"personal": (3.7627, 3.7627), "prior": (3.8661, 3.8661)})
