@@ -908,7 +908,7 @@ class PersonalModel:
             seed=config.seed,
         )
         train_blocks = self._blocks(train_ex, data_config)
-        config = config.sized(len(train_blocks)) if len(train_blocks) else config
+        config = config.sized(len(train_blocks))  # before the bar, so its total is right
         held_blocks = self._blocks(held_ex, data_config)
         test_blocks = self._blocks(test_ex, data_config) if test_ex else None
         test_before = self._loss(test_blocks) if test_blocks is not None else None

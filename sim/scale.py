@@ -18,9 +18,9 @@ stopped and started again; it must have been run with the same options.
 The rank is picked on **validation**, never on test: the smallest rank whose personal and
 prior mean validation losses are each within ``tolerance`` (0.5%) of their best rank's.
 The cohort's rank serves both: the personal adapters, and the prior every newcomer starts
-from. ``scale.json`` holds
-every point's summary means, wins, margin, device steps per user and personal adapter
-size; ``scale.png`` plots test loss against rank and against notes, one line per method.
+from. ``scale.json`` holds every point's summary means, wins, margin, device steps per
+user and personal adapter size; ``scale.png`` plots test loss against rank and against
+notes, one line per method.
 
 Examples
 --------
