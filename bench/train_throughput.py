@@ -108,6 +108,7 @@ class TrainPath:
     precision: ConcretePrecision
     lr: float
     what: str
+    compile: bool = False  # TrainConfig.compile: torch.compile of the lean decoder layers
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -134,6 +135,22 @@ PATHS = (
     ),
     TrainPath(
         "lorafleet-lean-bf16", "lorafleet", "bf16-lean", 2e-3, "B only, bf16 base, lean forward"
+    ),
+    TrainPath(
+        "lorafleet-lean-fp32-compiled",
+        "lorafleet",
+        "fp32-lean",
+        2e-3,
+        "lean-fp32 with compile=True (torch.compile of each decoder layer)",
+        compile=True,
+    ),
+    TrainPath(
+        "lorafleet-lean-bf16-compiled",
+        "lorafleet",
+        "bf16-lean",
+        2e-3,
+        "lean-bf16 with compile=True (torch.compile of each decoder layer)",
+        compile=True,
     ),
     TrainPath(
         QUANT_PATH,
@@ -163,6 +180,7 @@ class Run:
     trainer: LocalTrainer
     batches: Iterator[TokenBlocks]
     step_s: list[float] = field(default_factory=list)
+    first_step_s: float | None = None  # the first warm-up step, where a compile happens
     tokens: list[int] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
 
@@ -243,6 +261,7 @@ def build_run(path: TrainPath, base: LoadedBase, train: TokenBlocks, threads: in
         warmup_steps=LR_WARMUP_STEPS,
         threads=threads,
         device=DEVICE.type,
+        compile=path.compile,
     )
     trainer = LocalTrainer(model, config)
     return Run(path, model, trainer, batch_stream(train, BATCH_SEED))
@@ -330,7 +349,9 @@ def measure(runs: Sequence[Run], *, warmup: int, steps: int) -> list[float]:
     loads: list[float] = []
     for i in range(warmup):
         for run in runs:
-            run.step()
+            _, _, seconds = run.step()
+            if run.first_step_s is None:
+                run.first_step_s = seconds
         log.info("warm-up step %d/%d done", i + 1, warmup)
     for i in range(steps):
         for run in runs:
@@ -366,6 +387,7 @@ class Row:
     train_loss_last: float
     heldout_loss: float
     peak_rss_mb: float | None
+    first_step_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON row."""
@@ -387,6 +409,8 @@ class Row:
             "train_loss_last": self.train_loss_last,
             "heldout_loss": self.heldout_loss,
             "peak_rss_mb": self.peak_rss_mb,
+            "compile": self.path.compile,
+            "first_step_s": self.first_step_s,
         }
 
 
@@ -402,6 +426,7 @@ def make_row(run: Run, heldout: float, rss: float | None) -> Row:
         train_loss_last=run.train_losses[-1],
         heldout_loss=heldout,
         peak_rss_mb=rss,
+        first_step_s=run.first_step_s,
     )
 
 
@@ -477,7 +502,12 @@ def auto_target(
     """Issue #13's goal for ``precision="auto"`` on this CPU class, on the row it resolves to."""
     by_key = {r.path.key: r for r in rows}
     row = next(
-        (r for r in rows if r.path.adapter == "lorafleet" and r.path.precision == auto), None
+        (
+            r
+            for r in rows
+            if r.path.adapter == "lorafleet" and r.path.precision == auto and not r.path.compile
+        ),
+        None,
     )
     vs_ref_all = ratio_table["tokens_per_s_vs_reference"]
     need = AUTO_NATIVE_SPEEDUP if native_bf16 else AUTO_AVX2_SPEEDUP
@@ -577,11 +607,15 @@ def render(
     return "\n".join([head, "", table, "", *lines, "", *notes])
 
 
-def select_paths(keys: str | None, native_bf16: bool) -> tuple[list[TrainPath], list[TrainPath]]:
+def select_paths(
+    keys: str | None, native_bf16: bool, *, compiled: bool = False
+) -> tuple[list[TrainPath], list[TrainPath]]:
     """The rows to run and the ones left out (bf16 rows where bf16 is emulated).
 
     ``keys`` (``--paths``, comma-separated) chooses rows explicitly, bf16 ones included;
-    the reference always runs, since every ratio is taken against it.
+    the reference always runs, since every ratio is taken against it. The compiled rows
+    run only with ``compiled`` (``--compile``) or by name: each compiles for tens of
+    seconds first.
     """
     if keys:
         wanted = {k.strip() for k in keys.split(",") if k.strip()} | {REFERENCE}
@@ -590,7 +624,11 @@ def select_paths(keys: str | None, native_bf16: bool) -> tuple[list[TrainPath], 
             raise DataError(f"--paths: unknown {unknown}; choose from {sorted(PATHS_BY_KEY)}")
         chosen = [p for p in PATHS if p.key in wanted]
     else:
-        chosen = [p for p in PATHS if native_bf16 or not p.computes_in_bf16]
+        chosen = [
+            p
+            for p in PATHS
+            if (native_bf16 or not p.computes_in_bf16) and (compiled or not p.compile)
+        ]
     return chosen, [p for p in PATHS if p not in chosen]
 
 
@@ -603,7 +641,7 @@ def bench_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cpu = detect_cpu()
-    paths, left_out = select_paths(args.paths, cpu.native_bf16)
+    paths, left_out = select_paths(args.paths, cpu.native_bf16, compiled=args.compile)
     auto = resolve_precision("auto", DEVICE)
     torch.set_num_threads(args.threads)  # the device profile may have lowered it
 
@@ -649,7 +687,7 @@ def bench_main(args: argparse.Namespace) -> int:
         "child process max RSS (its own VmHWM on Linux): a fresh process loads that path "
         f"alone and trains {CHILD_STEPS} steps"
         if with_rss
-        else "skipped (--quick)"
+        else ("skipped (--quick)" if args.quick else "skipped (--no-rss)")
     )
     subset = f" (first {QUICK_NOTES}, --quick)" if args.quick else ""
     notes = [
@@ -670,13 +708,24 @@ def bench_main(args: argparse.Namespace) -> int:
         f"whole benchmark process max RSS {process_rss:.0f} MB; wall {time.perf_counter() - started:.0f} s; "
         f"1-min load average up to {'n/a' if not loads else f'{max(loads):.1f}'}.",
     ]
-    if left_out:
+    compiled = [run for run in runs if run.path.compile and run.first_step_s is not None]
+    if compiled:
+        notes.append(
+            "compiled rows' first step (torch.compile builds the layers, or loads them from "
+            "inductor's cache): "
+            + ", ".join(f"{run.path.key} {run.first_step_s:.1f} s" for run in compiled)
+            + "; not in tokens/s, which times steps after the warm-up."
+        )
+    uncompiled_out = [p for p in left_out if args.paths or args.compile or not p.compile]
+    if uncompiled_out:
         why = (
             "left out: "
             if args.paths
             else "left out (bf16 arithmetic is emulated on this class, 40-70x slower than fp32): "
         )
-        notes.append(why + ", ".join(p.key for p in left_out) + ".")
+        notes.append(why + ", ".join(p.key for p in uncompiled_out) + ".")
+    if not args.paths and not args.compile:
+        notes.append("compiled rows (TrainConfig.compile) not run; --compile adds them.")
     if busy:
         notes.append(
             f"WARNING: the machine was busy with other work (load up to {max(loads):.1f} on "
@@ -746,6 +795,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="comma-separated rows to run (the reference always runs); default: every row "
         "this CPU class runs at its own speed",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run the compiled lean rows of this CPU class (torch.compile; each "
+        "compiles for tens of seconds in its first warm-up step, reported apart)",
     )
     _common.add_isa_argument(parser)
     parser.add_argument("--child", choices=sorted(PATHS_BY_KEY), help=argparse.SUPPRESS)

@@ -128,6 +128,28 @@ def test_isa_avx2_measures_the_avx2_class_in_a_restricted_child(
     assert "left out (bf16 arithmetic is emulated" in proc.stdout
 
 
+def test_compile_adds_the_compiled_lean_row_and_its_first_step(
+    run_quick_on_tiny: Callable[..., Any],
+) -> None:
+    # Execute: the compiled row named explicitly (its class's rows come with --compile)
+    proc, doc = run_quick_on_tiny(
+        TRAIN_THROUGHPUT, "--paths", "lorafleet-lean-fp32,lorafleet-lean-fp32-compiled"
+    )
+
+    # Assert: timed like every row, its compiling first step reported apart
+    rows = {row["name"]: row for row in doc["rows"]}
+    assert list(rows) == ["peft-fp32", "lorafleet-lean-fp32", "lorafleet-lean-fp32-compiled"]
+    compiled = rows["lorafleet-lean-fp32-compiled"]
+    assert compiled["compile"] is True and rows["lorafleet-lean-fp32"]["compile"] is False
+    assert compiled["first_step_s"] > 0 and compiled["tokens_per_s"] > 0
+    # the same B trained the same way: the compiled row's loss is the eager one's
+    assert compiled["heldout_loss"] == pytest.approx(
+        rows["lorafleet-lean-fp32"]["heldout_loss"], rel=1e-3
+    )
+    assert "compiled rows' first step" in proc.stdout
+    assert doc["target_auto"]["path"] != "lorafleet-lean-fp32-compiled"
+
+
 def test_child_process_reports_its_peak_rss(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

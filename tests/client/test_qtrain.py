@@ -117,6 +117,50 @@ def test_quantized_loss_and_gradients_stay_close_to_fp32(
     assert all(g.dtype == torch.float32 for g in grads)  # B's master copy stays fp32
 
 
+def test_compiled_layers_give_the_stock_models_loss_and_gradients(tiny_model_dir: Path) -> None:
+    # Prepare: compiling must not change the function, only how it runs
+    model, blocks = setup(tiny_model_dir, random_b=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, blocks)
+    config = QuantConfig(weights="fp32", compile=True)
+
+    # Execute: two steps, so the compiled graphs are also reused, not only built
+    fast = prepare_quantized_model(model, config)
+    first = fast_loss_and_grads(model, blocks, config)
+    second = fast_loss_and_grads(model, blocks, config)
+
+    # Assert
+    assert fast.compiled
+    for loss, grads in (first, second):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_cxx_compiler_runs_eager_and_says_so(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a device with no C++ compiler (inductor's lookup finds none)
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no C++ compiler found in PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    model, blocks = setup(tiny_model_dir, random_b=True)
+    ref_loss, _ = reference_loss_and_grads(model, blocks)
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="lorafleet.client.qtrain"):
+        fast = prepare_quantized_model(model, QuantConfig(weights="fp32", compile=True))
+        loss = fast.loss(blocks.input_ids, blocks.attention_mask, blocks.labels)
+
+    # Assert
+    assert not fast.compiled
+    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
+    assert "no C++ compiler for torch.compile" in caplog.text
+    assert "decoder layers run eager" in caplog.text
+
+
 def test_int8_training_tracks_fp32_and_changes_only_b(tiny_model_dir: Path) -> None:
     # Prepare: the same run in fp32 (reference) and through the int8 path, on a bf16 base
     config = {"steps": 20, "lr": 0.05, "eval_every": 5, "patience": 0}
@@ -244,6 +288,7 @@ def test_row_quantization_round_trips_within_half_a_step() -> None:
         ({"ce_chunk": 0}, "ce_chunk must be an integer >= 1"),
         ({"compute": "fp16"}, "compute must be auto, bf16 or fp32"),
         ({"weights": "bf16", "compute": "fp32"}, "mixes two paths; use weights fp32"),
+        ({"compile": "yes"}, "compile must be true or false"),
     ],
 )
 def test_bad_quant_config_names_the_fix(kwargs: dict[str, Any], message: str) -> None:
@@ -278,3 +323,72 @@ def test_fast_forward_is_built_once_per_model(tiny_model_dir: Path) -> None:
     assert prepare_quantized_model(model) is not prepare_quantized_model(
         model, QuantConfig(weights="bf16")
     )
+
+
+def test_train_config_compile_reaches_the_lean_forward_and_is_refused_elsewhere(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    lean_model, blocks = setup(tiny_model_dir)
+    stock_model, _ = setup(tiny_model_dir)
+
+    # Execute
+    lean = LocalTrainer(lean_model, TrainConfig(precision="fp32-lean", compile=True, threads=2))
+    lean.step(blocks)
+    with caplog.at_level(logging.WARNING, logger="lorafleet.client.train"):
+        stock = LocalTrainer(stock_model, TrainConfig(precision="fp32", compile=True, threads=2))
+
+    # Assert: the lean path compiles; the model's own forward says it does not
+    assert lean._fast is not None and lean._fast.compiled
+    assert stock._fast is None
+    assert "only the lean CPU precisions compile; fp32 trains eager" in caplog.text
+    with pytest.raises(SpecError, match="compile must be true or false"):
+        TrainConfig(compile="yes")  # type: ignore[arg-type]
+
+
+COMPILED_DEFAULT_BASE = """
+import sys, torch
+from lorafleet.client.adapter import materialize
+from lorafleet.client.base import load_base
+from lorafleet.client.data import demo_notes_path, encode_blocks, read_examples
+from lorafleet.client.qtrain import QuantConfig, prepare_quantized_model
+from lorafleet.protocols.spec import AdapterSpec
+
+torch.set_num_threads(2)
+base = load_base("default", dtype=torch.float32)
+spec = AdapterSpec(base_model_id=base.model_id, base_sha256=base.sha256, rank=8, alpha=16)
+model = materialize(base.model, spec, base_sha256=base.sha256)
+blocks = encode_blocks(read_examples(demo_notes_path())[:40], base.tokenizer, seq_len=128)
+batch = blocks.input_ids[:4], blocks.attention_mask[:4], blocks.labels[:4]
+losses = []
+for compile in (False, True, True, True):
+    fast = prepare_quantized_model(model, QuantConfig(weights="fp32", compile=compile))
+    loss = fast.loss(*batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    losses.append(float(loss))
+print(" ".join(f"{x:.6f}" for x in losses))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_fp32_trains_the_default_base_without_corrupting_the_heap() -> None:
+    # Prepare: inductor's 512-bit fp32 kernels aborted this step natively on an AVX-512
+    # Xeon with torch 2.13.0 (heap corruption); qtrain compiles fp32 256 bits wide. A
+    # child process, so an abort fails this test instead of killing the test run.
+    import subprocess
+    import sys
+
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILED_DEFAULT_BASE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+    # Assert: it lives, and the compiled steps give the eager loss
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    eager, *compiled = (float(x) for x in proc.stdout.split())
+    assert compiled == pytest.approx([eager] * 3, rel=1e-4)
