@@ -46,6 +46,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import weakref
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ from torch._dynamo.exc import TorchDynamoException
 from lorafleet.client.int8mm import Int8Kernel, Int8Weight, default_kernel, quantize_weight
 from lorafleet.client.int8mm import int8_linear as int8_linear
 from lorafleet.client.int8mm import quantize_rows as quantize_rows
+from lorafleet.client.layout import cache_root
 from lorafleet.protocols.errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -494,6 +496,9 @@ class QuantizedCausalLM:
         if config.compile:
             missing = compiler_missing()
             if missing is None:
+                # Inductor's default cache is under /tmp, which many systems empty at boot;
+                # lorafleet's cache folder keeps the compiled layer for the next run.
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
                 self._compiled_layer = torch.compile(
                     self._decoder_layer, options=_compile_options(dtype)
                 )

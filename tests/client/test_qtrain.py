@@ -136,6 +136,24 @@ def test_compiled_layers_give_the_stock_models_loss_and_gradients(tiny_model_dir
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_layers_are_cached_in_lorafleets_cache_folder(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: no inductor cache chosen yet; lorafleet's cache is tmp_path
+    import os
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LORAFLEET_CACHE", str(tmp_path))
+    model, _ = setup(tiny_model_dir)
+
+    # Execute
+    fast = prepare_quantized_model(model, QuantConfig(weights="fp32", compile=True))
+
+    # Assert: not /tmp's default, which many systems empty at boot
+    assert fast.compiled
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
 def test_compile_without_a_cxx_compiler_runs_eager_and_says_so(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
