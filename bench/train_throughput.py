@@ -716,14 +716,15 @@ def bench_main(args: argparse.Namespace) -> int:
             + ", ".join(f"{run.path.key} {run.first_step_s:.1f} s" for run in compiled)
             + "; not in tokens/s, which times steps after the warm-up."
         )
-    uncompiled_out = [p for p in left_out if args.paths or args.compile or not p.compile]
-    if uncompiled_out:
+    # Without --compile or --paths the compiled rows get the note below, not this one.
+    listed = left_out if args.paths or args.compile else [p for p in left_out if not p.compile]
+    if listed:
         why = (
             "left out: "
             if args.paths
             else "left out (bf16 arithmetic is emulated on this class, 40-70x slower than fp32): "
         )
-        notes.append(why + ", ".join(p.key for p in uncompiled_out) + ".")
+        notes.append(why + ", ".join(p.key for p in listed) + ".")
     if not args.paths and not args.compile:
         notes.append("compiled rows (TrainConfig.compile) not run; --compile adds them.")
     if busy:
