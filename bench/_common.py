@@ -258,10 +258,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 ISAS = ("native", "avx2")
 """What ``--isa`` accepts: this CPU as it is, or restricted to AVX2 kernels."""
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ENV = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 """The restriction that makes any x86 CPU compute as an AVX2-only one (no AVX-512, no
-native bf16) in torch's ATen kernels and oneDNN. torch reads it when it starts, so it
-only holds for a process started with it: hence a child process."""
+native bf16, no VNNI) in torch's ATen kernels, oneDNN and fbgemm (the int8 kernel of
+``int8-fp32``, which reads only its own variable: without it, a VNNI CPU runs its
+VNNI kernels, about 2x faster than AVX2's). torch reads them when it starts, so they
+only hold for a process started with them: hence a child process."""
 
 
 def add_base_arguments(parser: Any) -> None:
@@ -289,7 +295,8 @@ def add_isa_argument(parser: Any) -> None:
         choices=ISAS,
         default="native",
         help="CPU class to measure: this CPU as it is, or AVX2 kernels only (a child "
-        "process under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2)",
+        "process under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 "
+        "FBGEMM_ENABLE_INSTRUCTIONS=AVX2)",
     )
 
 

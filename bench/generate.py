@@ -21,7 +21,8 @@ largest batch; ONNX children import neither torch nor transformers), the export'
 quality-gate cross-entropy, and the share of generated tokens equal to the reference's.
 
 ``--isa avx2`` measures the AVX2 class on any x86 CPU: the benchmark runs again in a
-child process under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``, and
+child process under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, and
 ``peft-bf16`` is left out there (bf16 is emulated, 40-70x slower than fp32). ONNX Runtime
 ignores those variables: its kernels follow the CPU itself, so in an ``--isa avx2`` table
 only the torch rows hold for the AVX2 class, and the notes say so. Every table starts

@@ -118,7 +118,14 @@ _FLAGS_REPORTED = (
     "i8mm",
     "sve",
 )
-_RESTRICTION_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+_RESTRICTION_VARS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    # fbgemm (int8-fp32's kernel) reads neither variable above and picks its VNNI kernels
+    # on a CPU that has them; only this one holds it to AVX2 (FBGEMM's own name).
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from lorafleet.client.device import (
     forget_profiles,
     limit_threads,
     physical_cores,
+    profile_key,
 )
 from lorafleet.client.runtime import PLANS, base_dtype, resolve_precision
 
@@ -62,6 +63,13 @@ def fresh_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         (f"{_AVX512} avx512_bf16", {}, "AVX-512-BF16", True),
         (f"{_AVX512} avx512_bf16 amx_tile amx_bf16 amx_int8", {}, "AMX", True),
         (f"{_AVX512} avx512_bf16 amx_tile amx_bf16", AVX2_ONLY, "AVX2", False),
+        # fbgemm's own variable (the benchmarks' --isa avx2 sets it) is recorded as well
+        (
+            f"{_AVX512} avx512_bf16 avx512_vnni",
+            {**AVX2_ONLY, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+            "AVX2",
+            False,
+        ),
         (f"{_AVX512} avx512_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "AVX-512", False),
         ("fpu sse sse2", {}, "x86-64", False),
     ],
@@ -77,6 +85,27 @@ def test_x86_class_follows_the_flags_capped_by_the_isa_restriction(
     assert cpu.native_bf16 is native_bf16
     assert cpu.model == "Test CPU"
     assert cpu.isa_restriction == " ".join(f"{k}={v}" for k, v in env.items())
+
+
+def test_fbgemms_restriction_alone_gets_a_profile_of_its_own() -> None:
+    # Arrange: fbgemm's int8 kernels change speed under FBGEMM_ENABLE_INSTRUCTIONS even
+    # where torch and oneDNN are not restricted, so a cached probe must not be reused
+    flags = f"{_AVX512} avx512_bf16 avx512_vnni"
+    plain = detect_cpu(cpuinfo=_cpuinfo(flags), env={}, arch="x86_64", torch_capability="AVX512")
+    held = detect_cpu(
+        cpuinfo=_cpuinfo(flags),
+        env={"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+        arch="x86_64",
+        torch_capability="AVX512",
+    )
+
+    # Execute
+    keys = [profile_key(cpu, "2.13.0", 2, (512, 576, 1536)) for cpu in (plain, held)]
+
+    # Assert: the class is the chip's (torch and oneDNN are free), the key is not shared
+    assert held.isa_class == plain.isa_class == "AVX-512-BF16"
+    assert held.isa_restriction == "FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
+    assert keys[0] != keys[1]
 
 
 @pytest.mark.parametrize(
