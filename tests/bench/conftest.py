@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 QuickRun = Callable[..., tuple[subprocess.CompletedProcess[str], dict[str, Any]]]
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench_script(monkeypatch: pytest.MonkeyPatch, script: Path, name: str) -> ModuleType:
+    """Import a ``bench/`` script as module ``name`` (with ``bench/`` on the path, as it runs)."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import load_bench_script
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_THROUGHPUT = REPO / "bench" / "train_throughput.py"
 PATHS = [
@@ -121,6 +123,7 @@ def test_isa_avx2_measures_the_avx2_class_in_a_restricted_child(
     # measured on the fp32-family row it resolves to
     assert doc["machine"]["cpu_class"] == "AVX2"
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in doc["machine"]["isa_restriction"]
+    assert "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in doc["machine"]["isa_restriction"]  # fbgemm too
     assert doc["settings"]["isa"] == "avx2"
     assert_fp32_class_result(doc)
     assert proc.stdout.startswith("CPU class: AVX2 (")
@@ -148,6 +151,37 @@ def test_compile_adds_the_compiled_lean_row_and_its_first_step(
     )
     assert "compiled rows' first step" in proc.stdout
     assert doc["target_auto"]["path"] != "lorafleet-lean-fp32-compiled"
+
+
+def test_auto_with_compile_is_reported_beside_autos_verdict_not_instead_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: rows as a --compile run on a native-bf16 CPU whose auto is int8 gives them
+    tt = load_bench_script(monkeypatch, TRAIN_THROUGHPUT, "bench_train_throughput")
+    common = importlib.import_module("_common")
+
+    def row(key: str, tokens_per_s: float, loss: float) -> Any:
+        stats = common.Stats(tokens_per_s, tokens_per_s, tokens_per_s, 3)
+        return tt.Row(tt.PATHS_BY_KEY[key], stats, stats, 512.0, 8, loss, loss, None)
+
+    rows = [
+        row("peft-fp32", 100.0, 4.00),
+        row("lorafleet-int8", 200.0, 4.02),
+        row("lorafleet-int8-compiled", 310.0, 4.02),
+    ]
+
+    # Execute
+    goal = tt.auto_target(rows, "int8", True, tt.ratios(rows))
+    text = tt.render(rows, tt.ratios(rows), (tt.target(rows), None, goal), "head", [])
+
+    # Assert: the verdict is the eager row's (auto does not compile); the compiled one
+    # is shown beside it, marked as not checked
+    assert goal["path"] == "lorafleet-int8" and goal["met"] is False
+    assert goal["compiled_path"] == "lorafleet-int8-compiled"
+    assert goal["compiled_tokens_per_s_vs_reference"] == pytest.approx(3.1)
+    assert "auto -> int8 (lorafleet-int8): 2.00x reference" in text
+    assert "auto with compile=True (lorafleet-int8-compiled): 3.10x reference" in text
+    assert "(not checked: auto does not compile)" in text
 
 
 def test_child_process_reports_its_peak_rss(

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import load_bench_script
+
 REPO = Path(__file__).resolve().parents[2]
 GENERATE = REPO / "bench" / "generate.py"
 PATHS = ["peft-fp32", "peft-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"]
@@ -38,13 +40,7 @@ def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 
 
 def load_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_generate", GENERATE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_generate", module)  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(monkeypatch, GENERATE, "bench_generate")
 
 
 def assert_complete_result(doc: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -134,6 +135,35 @@ def test_compiled_layers_give_the_stock_models_loss_and_gradients(tiny_model_dir
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("compute", "kernel"),
+    [("auto", "int_mm"), ("fp32", "fbgemm")],  # int8 (VNNI/AMX) and int8-fp32 (AVX2) as run
+)
+def test_compiled_int8_layers_stay_as_close_to_fp32_as_eager_int8(
+    tiny_model_dir: Path, compute: str, kernel: str
+) -> None:
+    # Prepare: the int8 matmul (an autograd.Function around torch._int_mm or fbgemm)
+    # must trace into the compiled layer without changing what it computes
+    model, blocks = setup(tiny_model_dir, random_b=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, blocks)
+    eager = QuantConfig(weights="int8", compute=compute, int8_kernel=kernel)  # type: ignore[arg-type]
+    eager_loss, eager_grads = fast_loss_and_grads(model, blocks, eager)
+    config = dataclasses.replace(eager, compile=True)
+
+    # Execute: two steps, so the compiled graphs are also reused
+    fast = prepare_quantized_model(model, config)
+    runs = [fast_loss_and_grads(model, blocks, config) for _ in range(2)]
+
+    # Assert
+    assert fast.compiled
+    for loss, grads in runs:
+        assert loss == pytest.approx(ref_loss, rel=0.02)
+        assert loss == pytest.approx(eager_loss, rel=0.01)
+        assert cosine(grads, ref_grads) > 0.99
+        assert cosine(grads, eager_grads) > 0.99
+        assert all(g.dtype == torch.float32 for g in grads)
 
 
 def test_compiled_layers_are_cached_in_lorafleets_cache_folder(
