@@ -231,15 +231,6 @@ class CoordinatorConfig:
             "(0.01: 1%); otherwise the active one stays and the reason is recorded."
         },
     )
-    prior_backtrack: float = field(
-        default=0.0,
-        metadata={
-            "help": "After a held candidate, the next candidate is the active prior plus this "
-            "share of the held one's step (a backtracking line search on the devices' "
-            "validation; 0.5 halves it), down to 1/8 of a round's step; 0: the next round "
-            "trains from the active prior again."
-        },
-    )
     shared_a: str = field(
         default="auto",
         metadata={
@@ -346,11 +337,6 @@ class CoordinatorConfig:
         need(
             0 <= self.personal_a_lr < 1,
             f"personal-a-lr must be in [0, 1) (0: A stays seeded), got {self.personal_a_lr}",
-        )
-        need(
-            0 <= self.prior_backtrack < 1,
-            f"prior-backtrack must be in [0, 1) (0.5 halves a held step; 0: off), "
-            f"got {self.prior_backtrack}",
         )
         need(
             0 <= self.promotion_tolerance < 1,

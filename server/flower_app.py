@@ -108,16 +108,6 @@ class RoundOutcome:
     decision: str | None = None
     """The promotion rule's verdict on the candidate this round trained from (and scored)."""
     decision_reason: str | None = None
-    backtracked_to: str | None = None
-    """After a held candidate with ``prior-backtrack`` on: the shorter-step candidate made."""
-    candidate: str | None = None
-    """The final scoring step's candidate (training rounds score the prior they train from)."""
-
-
-STEP_SHARE = "step_share"
-"""A prior version's metric: its step's share of a round's (below 1 only after backtracks)."""
-MIN_STEP_SHARE = 1 / 8
-"""Backtracking stops where the next step would be a smaller share of a round's than this."""
 
 
 def _reason_text(reason: object) -> str:
@@ -368,15 +358,14 @@ class RoundLoop:
             result = None
         if result is not None and outcome.decision == "held":
             # The update was built on the held candidate: it goes with it.
+            outcome.seconds = time.perf_counter() - started
+            self._close(record.id, outcome, status="finished")
             log.warning(
                 "round %d: prior %s %s; this round's update is discarded",
                 number,
                 prior_ref,
                 outcome.decision_reason,
             )
-            outcome.backtracked_to = self.backtrack(prior_ref, number)
-            outcome.seconds = time.perf_counter() - started
-            self._close(record.id, outcome, status="finished")
             return outcome
         if result is None:
             outcome.seconds = time.perf_counter() - started
@@ -478,60 +467,6 @@ class RoundLoop:
         outcome.decision_reason = verdict.reason
         return False
 
-    def backtrack(self, held_ref: str, number: int) -> str | None:
-        """After ``held_ref`` was held: a candidate a shorter step from the active prior.
-
-        A held candidate has usually overshot. With a few notes per device, one round's
-        prior steps fit each device's own text, and their mean moves B past the point
-        where the cohort's validation loss improves (docs/personalization.md measured it
-        at 8 notes per user: the federation stalled at its first version). Training the
-        next round from the active prior again takes the same step and is held again.
-        With ``prior-backtrack`` set, the next candidate is the active prior plus that
-        share of the held one's step instead: a backtracking line search on the devices'
-        validation losses, which the next round (or the final scoring) measures as it
-        always does, at no extra device step. Holds in a row shrink the step
-        geometrically, down to :data:`MIN_STEP_SHARE` of a round's. It is arithmetic on
-        two priors the server already holds, so no device discloses anything more.
-        Returns the new candidate's ref, or None when backtracking is off or spent.
-        """
-        share = self.cfg.prior_backtrack
-        if share <= 0:
-            return None
-        held_record = self.coord.registry.get_prior(held_ref)
-        step = held_record.metrics.get(STEP_SHARE, 1.0) * share
-        if step < MIN_STEP_SHARE:
-            log.info(
-                "prior %s held after backtracking to %.3g of a round's step; the next round "
-                "trains from the active prior",
-                held_ref,
-                step / share,
-            )
-            return None
-        held = self.coord.load_prior(held_record)
-        # Reading the active prior last leaves the server optimizer's state at its own.
-        _, active = self.coord.active_prior()
-        if active is None:  # the zero prior, with a fresh optimizer state
-            active = {k: np.zeros_like(v) for k, v in held.items()}
-            self.coord.aggregator.load_state({})
-        candidate = {
-            k: (active[k] + share * (held[k] - active[k])).astype(np.float32) for k in held
-        }
-        saved = self.coord.save_prior(
-            self.coord.next_prior_version(),
-            candidate,
-            round=number,
-            metrics={STEP_SHARE: step, "backtracked_from": float(held_record.version)},
-        )
-        log.info(
-            "next candidate prior %s: the active prior plus %.3g of %s's step (prior-backtrack; "
-            "%.3g of a round's step)",
-            saved.ref,
-            share,
-            held_ref,
-            step,
-        )
-        return saved.ref
-
     def score_candidate(self) -> RoundOutcome | None:
         """Score the candidate that no round will train from (a run's last) and judge it.
 
@@ -549,9 +484,7 @@ class RoundLoop:
         instr = self._instruction(self.coord.completed_round(), pending.ref, "evaluate")
         log.info("scoring candidate prior %s on %d devices", pending.ref, len(sampled))
         replies, bytes_down = self._send(sampled, instr, prior, MessageType.EVALUATE)
-        outcome = RoundOutcome(
-            round=instr.round, attempt=0, sampled=len(sampled), candidate=pending.ref
-        )
+        outcome = RoundOutcome(round=instr.round, attempt=0, sampled=len(sampled))
         outcome.bytes_down = bytes_down
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -968,16 +901,6 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
                     "fix that (the nodes' logs have more), then run again to resume"
                 )
         scored = fed.score_candidate()
-        # A held last candidate may leave a backtracked one (prior-backtrack), scored the
-        # same way before the devices personalize; each is one evaluate message.
-        finals = [] if scored is None else [scored]
-        while scored is not None and scored.decision == "held" and scored.candidate:
-            scored.backtracked_to = fed.backtrack(scored.candidate, scored.round)
-            if scored.backtracked_to is None:
-                break
-            scored = fed.score_candidate()
-            if scored is not None:
-                finals.append(scored)
         # Devices personalize from, and are evaluated on, the prior that is active now.
         record, prior = coord.active_prior()
         prior_ref = record.ref if record is not None else ZERO_PRIOR
@@ -986,8 +909,7 @@ def run_federation(grid: Grid, config: CoordinatorConfig) -> dict[str, Any]:
         results = {
             "prior_version": prior_ref,
             "rounds": [asdict(o) for o in outcomes],
-            "final_candidate": asdict(finals[0]) if finals else None,
-            "final_backtracks": [asdict(o) for o in finals[1:]],
+            "final_candidate": asdict(scored) if scored is not None else None,
             "personalization": {str(k): v for k, v in sorted(personalized.items())},
             "evaluation": {str(k): v for k, v in sorted(evaluation.items())},
             "bytes_up_per_client": _bytes_up_per_client(outcomes),

@@ -140,13 +140,6 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         "--prox-mu", type=float, default=0.0, help="pull of the personal B toward the prior"
     )
     p.add_argument(
-        "--prior-backtrack",
-        type=float,
-        default=0.0,
-        help="after a held prior candidate, the next candidate is the active prior plus this "
-        "share of its step (0.5 halves it; 0: off)",
-    )
-    p.add_argument(
         "--local-steps",
         type=int,
         default=0,
@@ -434,7 +427,6 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         personal_lr_shared_a=args.personal_lr_shared_a,
         personal_a_lr=args.personal_a_lr,
         clip_norm=args.clip_norm,
-        prior_backtrack=args.prior_backtrack,
         prox_mu=args.prox_mu,
         local_steps=args.local_steps,
         baselines=args.baselines,

@@ -140,9 +140,6 @@ class ExperimentConfig:
     """Learning rate of A in the final personalization (a personal A); 0: seeded A."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
-    prior_backtrack: float = 0.0
-    """After a held prior candidate, the next one takes this share of its step (0: off;
-    ``CoordinatorConfig.prior_backtrack``)."""
     packing: str = "fp16"
     seq_len: int = 128
     rank: int = 8
@@ -212,11 +209,6 @@ class ExperimentConfig:
             raise SpecError(f"experiment: cold-start sizes must be >= 1, got {self.cold_start_ks}")
         if self.rank < 1:
             raise SpecError(f"experiment: rank must be >= 1, got {self.rank}")
-        if not 0 <= self.prior_backtrack < 1:
-            raise SpecError(
-                "experiment: --prior-backtrack must be in [0, 1) (0.5 halves a held step; "
-                f"0: off), got {self.prior_backtrack}"
-            )
         if not self.targets:
             raise SpecError("experiment: targets is empty; name at least one module, e.g. q_proj")
         # One order for one set (as the spec's), so results files compare as the same run.
@@ -573,11 +565,7 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
     return loaded
 
 
-_LATER_OPTIONS: dict[str, Any] = {
-    "shared_a": "seeded",
-    "targets": list(DEFAULT_TARGETS),
-    "prior_backtrack": 0.0,
-}
+_LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded", "targets": list(DEFAULT_TARGETS)}
 """Options newer than some results files, with the value those files' runs had."""
 
 
@@ -660,7 +648,6 @@ def _coordinator_config(
         personal_a_lr=cfg.personal_a_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
-        prior_backtrack=cfg.prior_backtrack,
         seq_len=cfg.seq_len,
         packing=cfg.packing,
         rank=cfg.rank,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lorafleet.protocols.errors import SpecError
-from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
+from lorafleet.server.coordinator import CoordinatorState
 from lorafleet.server.registry import Registry
 
 from .conftest import simulate_tiny
@@ -155,66 +153,3 @@ def test_a_worse_prior_is_held_and_training_goes_on_from_the_active_one(
         assert reg.pending_prior(config.spec) is None
     assert results["prior_version"] == (active_before.ref if active_before else "zero")
     assert results["final_candidate"] is None  # nothing left to judge
-
-
-def test_a_held_prior_backtracks_toward_the_active_one_when_asked(
-    tiny_model_dir: Path, tmp_path: Path, setup_run: Any
-) -> None:
-    # Prepare: as above, a first real round and then a diverged candidate
-    users, config = setup_run(tmp_path, tiny_model_dir, num_rounds=1, final_evaluation=False)
-    simulate_tiny(tmp_path, tiny_model_dir, users, config, engine="local")
-    coord = CoordinatorState.open(config)
-    try:
-        active_before = coord.registry.active_prior(config.spec)
-        newest = coord.registry.list_prior_versions(config.spec, limit=1).items[0]
-        rng = np.random.default_rng(0)
-        shapes = {k: v.shape for k, v in coord.load_prior(newest).items()}
-        active_b = (
-            coord.load_prior(active_before)
-            if active_before is not None
-            else {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-        )
-        bad = {k: rng.normal(0.0, 0.5, s).astype(np.float32) for k, s in shapes.items()}
-        coord.save_prior(2, bad, round=1, metrics={})
-    finally:
-        coord.close()
-
-    # Execute: round 2 trains from the diverged candidate, with backtracking on
-    more = dataclasses.replace(config, num_rounds=2, prior_backtrack=0.5)
-    results = simulate_tiny(tmp_path, tiny_model_dir, users, more, engine="local")
-
-    # Assert: held, and each held candidate gives the next one, half its step from the
-    # active prior, until one is promoted or the step would fall below 1/8 of a round's
-    (round2,) = results["rounds"]
-    assert round2["decision"] == "held" and round2["prior_version"] is None
-    chain = [round2, results["final_candidate"], *results["final_backtracks"]]
-    coord = CoordinatorState.open(more)
-    try:
-        share = 1.0
-        for held, scored in itertools.pairwise(chain):
-            assert held["decision"] == "held"
-            share /= 2
-            assert held["backtracked_to"] == scored["candidate"]
-            record = coord.registry.get_prior(scored["candidate"])
-            assert record.metrics["step_share"] == pytest.approx(share)
-            want = {k: active_b[k] + share * (bad[k] - active_b[k]) for k in bad}
-            for k, v in coord.load_prior(record).items():
-                np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7)
-        last = chain[-1]
-        if last["decision"] == "held":
-            assert last["backtracked_to"] is None and share / 2 < 1 / 8  # backtracking spent
-            assert coord.registry.active_prior(config.spec) == active_before
-        else:
-            assert last["decision"] == "promoted"
-            active = coord.registry.active_prior(config.spec)
-            assert active is not None and active.ref == last["candidate"]
-        assert len(chain) >= 2  # at least one backtracked candidate was scored
-        assert coord.registry.pending_prior(config.spec) is None
-    finally:
-        coord.close()
-
-
-@pytest.mark.parametrize("value", ["1", "-0.5", "nan"])
-def test_a_bad_prior_backtrack_is_one_line_naming_the_key(value: str) -> None:
-    with pytest.raises(SpecError, match=r"prior-backtrack must be in \[0, 1\)"):
-        CoordinatorConfig.from_run_config({"prior-backtrack": value})

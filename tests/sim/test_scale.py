@@ -200,7 +200,6 @@ def test_the_command_runs_a_sweep_and_resumes_it(
         (["--notes", "8,some"], "'some'"),
         (["--ranks", "", "--notes", ""], "nothing to sweep"),
         (["--rank", "0", "--ranks", ""], "rank must be >= 1"),
-        (["--prior-backtrack", "1"], "--prior-backtrack must be in [0, 1)"),
         (["--bogus"], "--bogus"),
         (["--notes"], "--notes"),
     ],
