@@ -29,8 +29,7 @@ left out on a CPU without native bf16, where they run 40-70x slower than fp32 (s
 ``--isa avx2`` measures the AVX2 class on any x86 CPU: the whole benchmark runs again in
 a child process under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` (fbgemm, ``int8-fp32``'s kernel, reads only the last
-one). Every table
-starts with the CPU class and model it holds for.
+one). Every table starts with the CPU class and model it holds for.
 
 The table gives tokens/s (median [min-max] over the timed steps), each ratio to the
 reference and to peft-bf16, each path's peak memory (max RSS of a child process that
