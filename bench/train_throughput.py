@@ -518,13 +518,19 @@ def auto_target(
 ) -> dict[str, Any]:
     """Issue #13's goal for ``precision="auto"`` on this CPU class, on the row it resolves to."""
     by_key = {r.path.key: r for r in rows}
-    row = next(
-        (
-            r
-            for r in rows
-            if r.path.adapter == "lorafleet" and r.path.precision == auto and not r.path.compile
-        ),
-        None,
+    # auto's own row is the eager one; the compiled one (if it ran) is shown beside it
+    row, compiled = (
+        next(
+            (
+                r
+                for r in rows
+                if r.path.adapter == "lorafleet"
+                and r.path.precision == auto
+                and r.path.compile is want
+            ),
+            None,
+        )
+        for want in (False, True)
     )
     vs_ref_all = ratio_table["tokens_per_s_vs_reference"]
     need = AUTO_NATIVE_SPEEDUP if native_bf16 else AUTO_AVX2_SPEEDUP
@@ -551,14 +557,6 @@ def auto_target(
         doc["tokens_per_s_vs_own_fp32"] = vs_own
         met = met and vs_own >= AUTO_VS_OWN_FP32
     doc["met"] = bool(met)
-    compiled = next(
-        (
-            r
-            for r in rows
-            if r.path.adapter == "lorafleet" and r.path.precision == auto and r.path.compile
-        ),
-        None,
-    )
     if compiled is not None:
         # What TrainConfig.compile would give auto's precision; the verdict stays on the
         # uncompiled row, since auto does not compile (its first step would cost a compile).
