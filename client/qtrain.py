@@ -23,8 +23,12 @@ forward, reading the model's modules but never changing them:
 - **Eager attention**: at training lengths (128 tokens) two batched matmuls beat the CPU
   flash-attention kernel, whose backward alone took a fifth of a bf16 step.
 - **A fused, chunked lm_head + cross-entropy** over the positions that carry a label: the
-  ``(tokens, vocab)`` logits are never materialized in fp32 at once, and the gradient
-  with respect to the hidden states is computed in the same pass.
+  ``(tokens, vocab)`` logits are never materialized in fp32 at once, the softmax runs in
+  the compute dtype (a bf16 one writes half the bytes of fp32's; the log-softmax and
+  exp passes it replaced took as long as the lm_head matmul), and the gradient with
+  respect to the hidden states is computed in the same pass.
+- **RMSNorm with its own backward**: autograd's, through the fp32 round trip, kept and
+  converted every intermediate.
 - **Compiled decoder layers, on request** (``compile=True``): ``torch.compile`` fuses each
   layer's element-wise work (norms, rotary, SiLU, the LoRA branches' adds) into
   generated C++ kernels. It needs a C++ compiler on the device and costs a compile on
@@ -279,6 +283,10 @@ def _fused_linear(
 # --------------------------------------------------------------------------- fused lm_head + CE
 
 
+_TINY = torch.finfo(torch.float32).tiny
+_UNDERFLOW = -80.0  # log-probabilities below this may have lost their digits to underflow
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
 
@@ -297,12 +305,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
-            logp = torch.log_softmax(F.linear(h, weight), dim=-1, dtype=torch.float32)  # (c, V)
+            # The softmax in the logits' own dtype (it accumulates in fp32 either way):
+            # for bf16 logits that writes half the bytes of an fp32 log-softmax and skips
+            # its exp pass, and the gradient matmul needs bf16 probabilities anyway. A
+            # bf16 probability is exact to 2^-8 of itself, so each token's loss is exact
+            # to about 0.004 nats; the loss only reports progress, the gradient is as before.
+            logits = F.linear(h, weight)  # (c, V)
+            probs = torch.softmax(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
-            total -= logp[rows, t].sum()
-            probs = logp.exp_()  # softmax, in place
+            log_pt = probs[rows, t].float().clamp_min_(_TINY).log_()
+            lost = log_pt < _UNDERFLOW  # a target 80+ nats below the top: exact, row by row
+            if bool(lost.any()):
+                exact = torch.log_softmax(logits[lost], dim=-1, dtype=torch.float32)
+                log_pt[lost] = exact.gather(1, t[lost].unsqueeze(1)).squeeze(1)
+            total -= log_pt.sum()
             probs[rows, t] -= 1.0  # d(CE)/d(logits)
-            grad[start : start + chunk] = probs.to(weight.dtype) @ weight  # (c, H)
+            grad[start : start + chunk] = probs @ weight  # (c, H)
         return total / max(n, 1), grad
 
     @staticmethod
@@ -352,11 +370,43 @@ class _Layer:
     down: _Linear
 
 
+class _RMSNorm(torch.autograd.Function):
+    """Hugging Face's LlamaRMSNorm (normalize in fp32, scale in the input dtype), frozen weight.
+
+    Its own backward because autograd's, through the fp32 round trip, took twice as long
+    in bf16 on the CPU: it saved and converted every intermediate, where this one keeps
+    the input and the per-row scale and computes the input's gradient in one fp32 pass.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1) fp32
+        return weight * (xf * r).to(x.dtype), r  # out of place: fp32 x.float() is x
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor, _grad_r: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None]:
+        x, weight, r = ctx.saved_tensors
+        # y = w * x * r(x): dx = r * (wg - x_hat * mean(x_hat * wg)), x_hat = x * r.
+        wg = (grad * weight).float()
+        x_hat = x.float() * r
+        dot = (x_hat * wg).mean(-1, keepdim=True)
+        return wg.sub_(x_hat.mul_(dot)).mul_(r).to(grad.dtype), None, None
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As Hugging Face's LlamaRMSNorm: normalize in fp32, scale in the input dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm with a frozen ``weight``, differentiable in ``x`` (:class:`_RMSNorm`)."""
+    y, _ = cast(Any, _RMSNorm).apply(x, weight, eps)
+    return cast(torch.Tensor, y)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -319,6 +319,61 @@ def test_linear_cross_entropy_matches_torch_and_its_gradient() -> None:
     torch.testing.assert_close(grad, 3.0 * ref_grad)
 
 
+def test_bf16_linear_cross_entropy_stays_within_bf16_rounding_of_fp32() -> None:
+    # Prepare: bf16 logits over a real-sized vocabulary, one target far below the top
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 64).bfloat16()
+    weight = (torch.randn(5000, 64) * 0.3).bfloat16()
+    targets = torch.randint(0, 5000, (40,))
+    weight[targets[0]] = -hidden[0].float().sign().bfloat16() * 40.0  # logit far below the rest
+    h32 = hidden.float().requires_grad_()
+    ref = F.cross_entropy(F.linear(h32, weight.float()), targets)
+    (ref_grad,) = torch.autograd.grad(ref, h32)
+    h16 = hidden.clone().requires_grad_()
+
+    # Execute
+    loss = linear_cross_entropy(h16, weight, targets, chunk=16)
+    (grad,) = torch.autograd.grad(loss, h16)
+
+    # Assert: finite, the loss within bf16 logits' rounding, the gradient's direction kept
+    assert torch.isfinite(loss) and grad.dtype == torch.bfloat16
+    assert abs(float(loss) - float(ref)) / float(ref) < 0.01
+    assert float((grad.float() - ref_grad).norm() / ref_grad.norm()) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_matches_llamas_and_leaves_its_input_alone(dtype: torch.dtype) -> None:
+    # Prepare
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorafleet.client.qtrain import _rms_norm
+
+    torch.manual_seed(0)
+    ref_norm = LlamaRMSNorm(32, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref_norm.weight.copy_(torch.rand(32))
+    ref_norm.weight.requires_grad_(False)
+    x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+    before = x.detach().clone()
+    grad_out = torch.randn(3, 5, 32, dtype=dtype)
+    ref = ref_norm(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
+
+    # Execute
+    out = _rms_norm(x, ref_norm.weight, 1e-5)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+
+    # Assert
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(
+        grad,
+        ref_grad,
+        rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+        atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+    )
+    assert torch.equal(x.detach(), before)
+
+
 def test_row_quantization_round_trips_within_half_a_step() -> None:
     x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [300.0, 1.0, -300.0]])
     q, scale = quantize_rows(x)
