@@ -283,7 +283,6 @@ def _fused_linear(
 # --------------------------------------------------------------------------- fused lm_head + CE
 
 
-_TINY = torch.finfo(torch.float32).tiny
 _UNDERFLOW = -80.0  # log-probabilities below this may have lost their digits to underflow
 
 
@@ -314,7 +313,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, weight)  # (c, V)
             probs = torch.softmax(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
-            log_pt = probs[rows, t].float().clamp_min_(_TINY).log_()
+            log_pt = probs[rows, t].float().log_()  # -inf where the probability underflowed
             lost = log_pt < _UNDERFLOW  # a target 80+ nats below the top: exact, row by row
             if bool(lost.any()):
                 exact = torch.log_softmax(logits[lost], dim=-1, dtype=torch.float32)
