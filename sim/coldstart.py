@@ -35,6 +35,7 @@ from typing import Any
 
 from safetensors.numpy import load_file
 
+from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.encoding import content_hash, decode_tensors
 from lorafleet.protocols.errors import DataError, IntegrityError, LorafleetError
 from lorafleet.protocols.shared_a import shared_a_digest
@@ -202,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="the run's shared-a.safetensors, for a prior trained with --shared-a gradient",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="newcomers' training precision (auto: by the device profile); the run's own "
+        "precision repeats its figures",
+    )
     parser.add_argument("--out", type=Path, help="also write the rows here (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -247,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ks,
             cohort_seed=cohort_seed,
             steps=args.steps,
+            precision=args.precision,
             rank=rank,
             targets=targets,
             shared_a_path=shared_a,

@@ -342,6 +342,9 @@ class SeedRun:
     bytes_up_per_client: float
     cold_start: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    """Wall time of this seed's federation, baselines and cold start (0 in files older
+    than the field): a seed reused from an earlier command keeps its own time."""
 
 
 @dataclass
@@ -351,6 +354,7 @@ class ExperimentResult:
     runs: list[SeedRun]
     split: dict[str, dict[str, Any]]
     seconds: float = 0.0
+    """Wall time of every seed, those reused from an earlier command included."""
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -529,6 +533,12 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     config = config_record(cfg)
     done = _finished_seeds(out / "results.json", config, split)
     runs: list[SeedRun] = []
+
+    def elapsed() -> float:
+        # This command's time, plus what the seeds it reused took in theirs.
+        reused = sum(done[s].seconds for s in cfg.run_seeds if s in done)
+        return time.perf_counter() - started + reused
+
     for seed in cfg.run_seeds:
         if seed in done:
             log.info(
@@ -543,11 +553,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
             # Keep every finished seed on disk (the reusable ones not reached yet too), so
             # a stopped multi-seed run resumes here and loses nothing it had.
             later = [done[s] for s in cfg.run_seeds[len(runs) :] if s in done]
-            partial = ExperimentResult(runs + later, split, time.perf_counter() - started, config)
+            partial = ExperimentResult(runs + later, split, elapsed(), config)
             atomic_write_text(out / "results.json", partial.to_json())
-    result = ExperimentResult(
-        runs=runs, split=split, seconds=time.perf_counter() - started, config=config
-    )
+    result = ExperimentResult(runs=runs, split=split, seconds=elapsed(), config=config)
     atomic_write_text(out / "results.json", result.to_json())
     atomic_write_text(out / "table.txt", format_table(result))
     _plot(result, out / "plot.png")
@@ -627,6 +635,7 @@ def _seed_run(raw: dict[str, Any]) -> SeedRun:
         bytes_up_per_client=float(raw.get("bytes_up_per_client", 0.0)),
         cold_start=list(raw.get("cold_start", [])),
         privacy=dict(raw.get("privacy", {})),
+        seconds=float(raw.get("seconds", 0.0)),
     )
 
 
@@ -680,6 +689,7 @@ def _run_seed(
     *,
     progress: bool,
 ) -> SeedRun:
+    started = time.perf_counter()
     run_dir = Path(cfg.output) / f"seed-{seed}"
     devices = _write_devices(splits, run_dir / "devices")
     coord_cfg = _coordinator_config(cfg, base, run_dir, seed=seed, num_users=len(splits))
@@ -755,6 +765,7 @@ def _run_seed(
         bytes_up_per_client=float(fed.get("bytes_up_per_client", 0.0)),
         cold_start=cold,
         privacy={"secure_aggregation": cfg.secure_aggregation, **fed.get("privacy", {})},
+        seconds=time.perf_counter() - started,
     )
 
 

@@ -112,6 +112,11 @@ def test_a_prior_of_another_rank_is_refused_in_one_line(
         main([str(newcomers), str(tmp_path / "missing.safetensors")])
     assert exit_info.value.code == 2
     assert "is not a file" in capsys.readouterr().err
+    # as it names a precision no device has (the run's own repeats its figures)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(newcomers), str(prior), "--precision", "bf17"])
+    assert exit_info.value.code == 2
+    assert "--precision: invalid choice: 'bf17'" in capsys.readouterr().err
 
 
 def test_a_prior_on_a_shared_a_is_replayed_on_that_a_and_a_bad_a_is_refused(

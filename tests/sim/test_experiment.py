@@ -250,6 +250,11 @@ def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
     record = json.loads(results.read_text())
     assert [r["seed"] for r in record["runs"]] == [0, 1]
     assert record["runs"][1] == first
+    # and the wall time counts the reused seed's own, not only this command's
+    assert (
+        first["seconds"] > 0
+        and record["seconds"] >= first["seconds"] + record["runs"][0]["seconds"]
+    )
     assert "seed 1: reused" in caplog.text and "seed 0: reused" not in caplog.text
     assert (tmp_path / "run" / "seed-0" / "coordinator").is_dir()
     # and no write of results.json on the way dropped the finished seed 1
