@@ -533,10 +533,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     config = config_record(cfg)
     done = _finished_seeds(out / "results.json", config, split)
     runs: list[SeedRun] = []
+    # The run's wall time: this command's, plus what the seeds it reuses took in theirs.
+    reused = sum(done[s].seconds for s in cfg.run_seeds if s in done)
 
     def elapsed() -> float:
-        # This command's time, plus what the seeds it reused took in theirs.
-        reused = sum(done[s].seconds for s in cfg.run_seeds if s in done)
         return time.perf_counter() - started + reused
 
     for seed in cfg.run_seeds:
