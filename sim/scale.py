@@ -345,11 +345,13 @@ def format_scale_table(scale: dict[str, Any]) -> str:
         wins = p["wins"]["test"]
         margin = p["margin"]["test"]
         size = p["personal_adapter_bytes"]
+        # Without baselines there is nothing to win against: a dash, not "0/8".
+        compared = margin is not None
         lines.append(
             f"{p['name']:<24}"
             f"{p['val'].get('personal', float('nan')):14.4f}"
-            f"{wins['strict']:>9}/{wins['users']:<4}"
-            + (f"{100 * margin:13.1f}%" if margin is not None else f"{'-':>14}")
+            + (f"{wins['strict']:>9}/{wins['users']:<4}" if compared else f"{'-':>14}")
+            + (f"{100 * margin:13.1f}%" if compared else f"{'-':>14}")
             + f"{p['steps_per_user'].get('personal', 0.0):14.0f}"
             + (f"{size:14,.0f}" if size is not None else f"{'-':>14}")
         )

@@ -94,7 +94,11 @@ def test_a_rank_and_a_notes_sweep_write_every_point_with_its_curves(swept: dict[
     # The pick is one of the swept ranks, made on validation
     assert scale["recommended_rank"] in (2, 4) and "validation" in scale["selection"]
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "recommended rank" in (out / "scale.txt").read_text()
+    table = (out / "scale.txt").read_text()
+    assert "recommended rank" in table
+    # No baselines ran, so the table claims no wins: a dash, never "0/3"
+    rows = [line.split() for line in table.splitlines() if line.startswith("rank-2_notes-all")]
+    assert rows[-1][2:4] == ["-", "-"] and "0/3" not in table
 
 
 def test_the_notes_sweep_cuts_training_notes_and_leaves_validation_and_test_alone(
