@@ -140,6 +140,12 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         "--prox-mu", type=float, default=0.0, help="pull of the personal B toward the prior"
     )
     p.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="the coordinator's step along the mean prior delta (1.0: plain FedAvg)",
+    )
+    p.add_argument(
         "--local-steps",
         type=int,
         default=0,
@@ -428,6 +434,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         personal_a_lr=args.personal_a_lr,
         clip_norm=args.clip_norm,
         prox_mu=args.prox_mu,
+        server_lr=args.server_lr,
         local_steps=args.local_steps,
         baselines=args.baselines,
         engine=args.engine,

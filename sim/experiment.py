@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -140,6 +141,13 @@ class ExperimentConfig:
     """Learning rate of A in the final personalization (a personal A); 0: seeded A."""
     prox_mu: float = 0.0
     clip_norm: float = 10.0
+    server_lr: float = field(
+        default=1.0,
+        metadata={
+            "help": "The coordinator's step along the mean of the devices' prior deltas "
+            "(FedAvg's server learning rate; 1.0 is plain FedAvg)."
+        },
+    )
     packing: str = "fp16"
     seq_len: int = 128
     rank: int = 8
@@ -233,6 +241,8 @@ class ExperimentConfig:
             )
         if self.prior_steps < 1:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise SpecError(f"experiment: server-lr must be > 0, got {self.server_lr}")
         if self.shared_a not in SHARED_A_MODES:
             raise SpecError(
                 f"experiment: shared-a must be auto, seeded or gradient, got {self.shared_a!r}"
@@ -573,7 +583,11 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
     return loaded
 
 
-_LATER_OPTIONS: dict[str, Any] = {"shared_a": "seeded", "targets": list(DEFAULT_TARGETS)}
+_LATER_OPTIONS: dict[str, Any] = {
+    "shared_a": "seeded",
+    "targets": list(DEFAULT_TARGETS),
+    "server_lr": 1.0,
+}
 """Options newer than some results files, with the value those files' runs had."""
 
 
@@ -657,6 +671,7 @@ def _coordinator_config(
         personal_a_lr=cfg.personal_a_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
+        server_lr=cfg.server_lr,
         seq_len=cfg.seq_len,
         packing=cfg.packing,
         rank=cfg.rank,

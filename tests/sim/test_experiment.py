@@ -113,6 +113,28 @@ def test_the_sim_cli_passes_the_cold_start_budget_and_refuses_a_negative_one(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_sim_cli_passes_the_server_learning_rate_to_the_coordinator_and_refuses_zero(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    base = load_base(tiny_model_dir)
+    default = _experiment_config(_parser().parse_args(["experiment"]))
+    faster = _experiment_config(_parser().parse_args(["experiment", "--server-lr", "1.5"]))
+
+    # Execute
+    coordinators = [
+        experiment._coordinator_config(cfg, base, tmp_path, seed=0, num_users=2)
+        for cfg in (default, faster)
+    ]
+
+    # Assert: plain FedAvg unless asked; the coordinator steps by what was asked
+    assert [c.server_lr for c in coordinators] == [1.0, 1.5]
+    code = main(["experiment", "--server-lr", "0", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "server-lr must be > 0" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_sim_cli_passes_the_targets_to_the_cohort_spec_and_refuses_an_unknown_one(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -336,7 +358,9 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     # Prepare: records from before shared_a and personal_lr_shared_a existed
     now = experiment.config_record(experiment.ExperimentConfig(output=tmp_path, shared_a="seeded"))
     seeded_then = {
-        k: v for k, v in now.items() if k not in ("shared_a", "personal_lr_shared_a", "targets")
+        k: v
+        for k, v in now.items()
+        if k not in ("shared_a", "personal_lr_shared_a", "targets", "server_lr")
     }
     gradient_now = {**now, "shared_a": "gradient"}
     gradient_then = {k: v for k, v in gradient_now.items() if k != "personal_lr_shared_a"}
@@ -356,6 +380,9 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     # a file from before targets existed adapted q_proj and v_proj, not all Linears
     wider = {**now, "targets": ["o_proj", "q_proj", "v_proj"]}
     assert experiment.changed_options(seeded_then, wider, ()) == ["targets"]
+    # and plain FedAvg, a server learning rate of 1
+    stepped = {**now, "server_lr": 2.0}
+    assert experiment.changed_options(seeded_then, stepped, ()) == ["server_lr"]
 
 
 def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None:
