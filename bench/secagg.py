@@ -225,7 +225,13 @@ def run_pair(
     if any(len(t) != size.repeats for t in timings.values()):
         raise LorafleetError(f"the {n}-device simulation did not finish; see the log above")
     values = sum(int(np.prod(s)) for s in shapes.values())
-    params = secagg_params(n, clip_norm=CLIP, dropout_share=DROPOUT_SHARE, num_shares=num_shares)
+    params = secagg_params(
+        n,
+        clip_norm=CLIP,
+        dropout_share=DROPOUT_SHARE,
+        num_shares=num_shares,
+        max_weight=cfg("secagg+").example_weight_cap,
+    )
     rows: list[dict[str, Any]] = []
     base_stats = _common.Stats.of([t["seconds"] for t in timings["plain"]])
     for path in PATHS:
@@ -309,7 +315,8 @@ def print_report(rows: Sequence[Mapping[str, Any]], shapes_note: str) -> None:
     if tol:
         ulp = max(r["prior_float32_ulp"] for r in rows)
         print(
-            f"SecAgg+ stated tolerance per value: < {max(tol):.1e} (one quantization step); "
+            f"SecAgg+ stated tolerance per value: < {max(tol):.1e} (a quantization step "
+            "times the weight cap); "
             f"errors include the float32 prior's rounding (ulp {ulp:.1e})"
         )
     print(

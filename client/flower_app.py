@@ -222,6 +222,23 @@ def _prior(payload: bytes | None, instr: RoundInstruction, profile_root: Path) -
     )
 
 
+def secure_weight(num_examples: int, cap: int) -> int:
+    """The weight a device sends into a SecAgg+ sum: its examples, at most ``cap``.
+
+    The mod divides it by ``cap`` (the round's ``max_weight``); a weight above it would
+    scale the delta beyond SecAgg+'s clipping range and could wrap the masked sum, so it
+    is capped here, on the device. ``cap`` 0 means equal weights (1 each).
+
+    Examples
+    --------
+    >>> secure_weight(12, 40), secure_weight(300, 40), secure_weight(12, 0), secure_weight(0, 40)
+    (12, 40, 1, 1)
+    """
+    if cap <= 0:
+        return 1
+    return max(1, min(num_examples, cap))
+
+
 def update_reply(
     msg: Message,
     instr: RoundInstruction,
@@ -234,9 +251,13 @@ def update_reply(
     """The reply to a round's request: the clipped delta (if any), metrics and report.
 
     A plain request gets the delta encoded in the round's packing. A SecAgg+ request gets
-    it as one flat vector (float64) in Flower's ``fitres`` layout with weight 1 (the
-    coordinator averages with equal weights, so the secure sum is all it needs);
-    ``secaggplus_mod`` masks it and removes the clear values before the reply leaves.
+    it as one flat vector (float64) in Flower's ``fitres`` layout, with the device's
+    weight as ``num_examples``: ``min(examples, instr.secure_weight_cap)``, which
+    ``secaggplus_mod`` divides by the same cap (the round's ``max_weight``) and
+    multiplies into the vector before masking, so the coordinator's secure mean is
+    example-weighted like a plain round's; weight 1 when the cap is 0 (equal weights,
+    as DP needs). The mod masks the vector and removes the clear values before the
+    reply leaves.
     With ``instr.noise_std`` the device first adds its share of the DP noise, from an
     OS-seeded generator.
 
@@ -270,7 +291,7 @@ def update_reply(
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([flat64]),
-            num_examples=1,
+            num_examples=secure_weight(metrics.num_examples, instr.secure_weight_cap),
             metrics=fields,  # type: ignore[arg-type]
         )
         content = recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)

@@ -115,6 +115,11 @@ class RoundInstruction:
     """In a sketch round: sign matrices per module; the sketch has passes x rank columns."""
     sketch_batches: int = 2
     """In a sketch round: training batches the device's gradient is summed over."""
+    secure_weight_cap: int = 0
+    """In a SecAgg+ round: the device weighs its masked delta by
+    ``min(num_examples, cap) / cap`` (Flower's ``max_weight`` is the cap), so that the
+    secure mean is example-weighted like a plain round's; 0: weight 1, an equal-weight
+    mean (what older coordinators mean, and what DP rounds use)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -167,6 +172,13 @@ class RoundInstruction:
             isinstance(self.shared_a, str)
             and (self.shared_a == "" or bool(_SHA256.match(self.shared_a))),
             f"shared_a must be empty or a sha256 hex digest, got {self.shared_a!r}",
+        )
+        need(
+            isinstance(self.secure_weight_cap, int)
+            and not isinstance(self.secure_weight_cap, bool)
+            and 0 <= self.secure_weight_cap <= MAX_NUM_EXAMPLES,
+            f"secure-weight-cap must be an integer in 0..{MAX_NUM_EXAMPLES}, "
+            f"got {self.secure_weight_cap!r}",
         )
         for name in ("sketch_passes", "sketch_batches"):
             value = getattr(self, name)

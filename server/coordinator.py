@@ -373,7 +373,10 @@ class CoordinatorConfig:
 
     @property
     def example_weight_cap(self) -> int:
-        """The most a device's num-examples counts for in a plain round's weighted mean.
+        """The most a device's num-examples counts for in a round's weighted mean.
+
+        Plain rounds cap it on the coordinator; SecAgg+ rounds without DP send it as the
+        instruction's ``secure_weight_cap`` and the device caps the weight it masks.
 
         A device that reports more examples than its prior step can use in one round
         (``prior-steps x batch-size``, unless ``max-example-weight`` says otherwise)

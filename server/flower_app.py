@@ -24,7 +24,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -598,14 +598,21 @@ class RoundLoop:
             if c.dp == "client"
             else 0.0
         )
+        # Example-weighted like a plain round, with the same cap; DP keeps equal weights,
+        # since its noise is calibrated to each device's equal share of the mean.
+        weight_cap = c.example_weight_cap if c.dp == "off" else 0
         params = secagg_params(
             len(sampled),
             clip_norm=c.clip_norm,
             dropout_share=c.secagg_dropout_share,
             noise_std=noise_std,
             num_shares=c.secagg_num_shares,
+            max_weight=max(1, weight_cap),
         )
-        instr = self._instruction(number, prior_ref, mode, noise_std=noise_std)
+        instr = replace(
+            self._instruction(number, prior_ref, mode, noise_std=noise_std),
+            secure_weight_cap=weight_cap,
+        )
         prior_payload = encode_tensors(prior, packing="fp32") if prior is not None else None
         fitins: dict[int, FitIns] = {}
         for node in sampled:

@@ -17,7 +17,13 @@ SPEC = AdapterSpec(base_model_id="m", base_sha256="ab" * 32, cohort_seed=3)
 
 def test_instruction_round_trips_through_flat_config() -> None:
     instr = RoundInstruction(
-        round=4, spec=SPEC, prior_version="abc/v3", packing="int8", lr=1e-3, blend=False
+        round=4,
+        spec=SPEC,
+        prior_version="abc/v3",
+        packing="int8",
+        lr=1e-3,
+        blend=False,
+        secure_weight_cap=40,
     )
     config = instr.to_config()
     assert all(isinstance(v, int | float | str) for v in config.values())
@@ -31,6 +37,9 @@ def test_instruction_round_trips_through_flat_config() -> None:
         ({"clip-norm": 0.0}, "clip_norm"),
         ({"packing": "fp8"}, "packing"),
         ({"blend": "yes"}, "blend"),
+        ({"secure-weight-cap": -1}, "secure-weight-cap"),
+        ({"secure-weight-cap": 2.5}, "secure-weight-cap"),
+        ({"secure-weight-cap": True}, "secure-weight-cap"),
     ],
 )
 def test_bad_instructions_name_the_field(change: dict[str, object], fragment: str) -> None:

@@ -726,9 +726,66 @@ def test_under_secagg_a_reported_num_examples_is_never_a_weight(tmp_path: Path) 
     cfg = config(tmp_path, 4, secure_aggregation=True)
     # Execute
     results = run_federation(LocalGrid(rogue_app(reported=1e8), 4), cfg)
-    # Assert: the mean is the equal-weight mean (weights are fixed at 1 in the mask)
+    # Assert: the mean weighs each device by what it masked (its 20 examples, like the
+    # others), not by the plaintext claim
     (round1,) = results["rounds"]
     assert round1["accepted"] == 4
     expected = weighted({0: 1, 1: 1, 2: 1, 3: 1})
-    tolerance = secagg_params(4, clip_norm=1.0, dropout_share=0.2).tolerance
+    cap = cfg.example_weight_cap
+    tolerance = secagg_params(4, clip_norm=1.0, dropout_share=0.2, max_weight=cap).tolerance
     assert np.abs(flatten(final_prior(cfg))[0] - expected).max() <= 2 * tolerance + 1e-7
+
+
+def sized_app(sizes: dict[int, int], seen_caps: list[int]) -> ClientApp:
+    """Honest devices with ``sizes[pid]`` training examples; records each training
+    request's cap (the coordinator's scoring requests carry none)."""
+    app = ClientApp()
+
+    @app.train(mods=[federated.secure_aggregation_mod])
+    def train(msg: Message, context: Context) -> Message:
+        instr, _ = federated.read_instruction(msg)
+        if instr.mode == "train":
+            seen_caps.append(instr.secure_weight_cap)
+        pid = int(context.node_config["partition-id"])
+        return federated.update_reply(msg, instr, delta_of(pid, instr.round), metrics(sizes[pid]))
+
+    return app
+
+
+def test_a_secure_round_weighs_devices_by_their_examples_as_a_plain_round_does(
+    tmp_path: Path,
+) -> None:
+    # Prepare: devices of 5, 10 and 20 examples, and one of 1000, above the cap (32)
+    sizes = {0: 5, 1: 10, 2: 20, 3: 1000}
+    plain_cfg = config(tmp_path / "plain", 4)
+    secure_cfg = config(tmp_path / "secure", 4, secure_aggregation=True)
+    cap = secure_cfg.example_weight_cap
+    assert cap == 32
+    caps: list[int] = []
+    # Execute
+    run_federation(LocalGrid(sized_app(sizes, []), 4), plain_cfg)
+    run_federation(LocalGrid(sized_app(sizes, caps), 4), secure_cfg)
+    # Assert: both priors are the example-weighted mean, the big device at the cap
+    expected = weighted({0: 5, 1: 10, 2: 20, 3: cap})
+    tolerance = secagg_params(4, clip_norm=1.0, dropout_share=0.2, max_weight=cap).tolerance
+    assert np.abs(flatten(final_prior(plain_cfg))[0] - expected).max() < 1e-6
+    assert np.abs(flatten(final_prior(secure_cfg))[0] - expected).max() <= 2 * tolerance + 1e-7
+    assert caps == [cap] * 4
+    # the equal-weight mean, the secure rounds' mean before, is far from it
+    equal = weighted({0: 1, 1: 1, 2: 1, 3: 1})
+    assert np.abs(equal - expected).max() > 100 * tolerance
+
+
+def test_a_dp_secure_round_keeps_equal_weights(tmp_path: Path) -> None:
+    # Prepare: client-side DP, whose noise is calibrated to each device's equal share
+    cfg = config(tmp_path, 4, secure_aggregation=True, dp="client", dp_noise_multiplier=0.01)
+    caps: list[int] = []
+    # Execute
+    results = run_federation(LocalGrid(sized_app({0: 5, 1: 10, 2: 20, 3: 40}, caps), 4), cfg)
+    # Assert: every device was told to send weight 1 (cap 0), and the mean is the equal one
+    assert caps == [0] * 4
+    assert results["rounds"][0]["accepted"] == 4
+    equal = weighted({0: 1, 1: 1, 2: 1, 3: 1})
+    by_examples = weighted({0: 5, 1: 10, 2: 20, 3: 32})
+    got = flatten(final_prior(cfg))[0]
+    assert np.linalg.norm(got - equal) < 0.5 * np.linalg.norm(got - by_examples)
