@@ -17,20 +17,20 @@ Parameters, and why:
   is the example-weighted mean over the devices that finished, as in a plain round, and
   the coordinator learns only the weights' sum. (With equal weights, the design before,
   the fortunes prior scored 0.03 worse on validation than plain rounds':
-  docs/personalization.md.) Rounds
-  with DP keep equal weights (``max_weight = 1``), since the noise is calibrated to
-  each device's equal share. The weight costs precision: one quantization step of a
-  device's scaled value is ``cap`` times larger relative to its weight at weight 1, so
-  :attr:`SecAggParams.tolerance` is ``cap`` steps, about ``2.4e-7 * C`` at the default
-  cap of 32 and 10 devices, still far below fp16 packing's rounding.
+  docs/personalization.md.) Rounds with DP keep equal weights (``max_weight = 1``),
+  since the noise is calibrated to each device's equal share. The weight costs
+  precision: one quantization step of a device's scaled value is ``cap`` times larger
+  relative to its weight than at weight 1, so :attr:`SecAggParams.tolerance` is ``cap``
+  steps, about ``2.4e-7 * C`` at the default cap of 32 and 10 devices, still far below
+  fp16 packing's rounding.
 - **Clipping range = clip norm** (plus 8 standard deviations of the device's DP noise,
   when it adds any). Every coordinate of a vector whose L2 norm is at most ``C`` lies in
   ``[-C, C]``, so the range clips nothing an honest device sends.
 - **Quantization range** ``q``: the largest power of two with ``n * q < 2**32`` (the
   modulus; ``n`` sampled devices), at most ``2**30``. The sum of ``n`` values in
   ``[0, q]`` then never wraps. Flower rounds stochastically, so each device's value moves
-  by less than one step ``2C / q`` and so does the mean: :attr:`SecAggParams.tolerance`,
-  about ``1e-7 * C`` for 10 devices, far below fp16 packing's rounding.
+  by less than one step ``2C / q`` and so does the mean: about ``1e-8 * C`` for 10
+  devices at weight 1, times the cap with example weights (above).
 - **Neighbours** ``k`` (``secagg-num-shares``). By default (0) every device shares its
   secrets with ``k = min(n, odd(ceil(3 * log2 n)))`` devices (itself included) of the
   ``n`` sampled, SecAgg+'s logarithmic graph (Bell et al., 2020): Flower places the
