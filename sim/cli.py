@@ -227,6 +227,15 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
             default=0,
             help="keep each user's first k training notes, cut after the split (0: all)",
         )
+        p.add_argument(
+            "--baselines-from",
+            type=Path,
+            default=None,
+            metavar="RUN",
+            help="read each seed's baselines from this finished experiment instead of "
+            "training them (refused unless its users, splits, seeds and every option the "
+            "baselines depend on match)",
+        )
     if name in ("experiment", "scale"):
         p.add_argument(
             "--cold-start",
@@ -447,6 +456,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         shared_a=args.shared_a,
         # Only experiment cuts the notes and only scale sets the rank (of its notes sweep).
         max_train_notes=getattr(args, "max_train_notes", 0),
+        baselines_from=getattr(args, "baselines_from", None),
         rank=getattr(args, "rank", ExperimentConfig.rank),
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )

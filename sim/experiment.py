@@ -180,6 +180,14 @@ class ExperimentConfig:
         },
     )
     baselines: bool = field(default=True, metadata={"help": "Run the reviewer's baselines."})
+    baselines_from: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Read each seed's baselines from this finished experiment (same users, "
+            "splits, seeds and every option the baselines depend on) instead of training "
+            "them again."
+        },
+    )
     local_steps: int = field(
         default=0, metadata={"help": "Steps of the local-only baselines; 0: rounds x steps."}
     )
@@ -243,6 +251,11 @@ class ExperimentConfig:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise SpecError(f"experiment: server-lr must be > 0, got {self.server_lr}")
+        if self.baselines_from is not None and not self.baselines:
+            raise SpecError(
+                "experiment: --baselines-from reads baselines for the table; drop "
+                "--no-baselines, or drop --baselines-from"
+            )
         if self.shared_a not in SHARED_A_MODES:
             raise SpecError(
                 f"experiment: shared-a must be auto, seeded or gradient, got {self.shared_a!r}"
@@ -532,6 +545,17 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     splits = [three_way_split(u, cfg.val_fraction) for u in users]
     if cfg.max_train_notes:
         splits = [s.truncated(cfg.max_train_notes) for s in splits]
+    split = json.loads(json.dumps({s.user_id: s.record() for s in splits}, default=str))
+    config = config_record(cfg)
+    done = _finished_seeds(out / "results.json", config, split)
+    # Checked before the base loads: a mismatch is found in a second, not after the run.
+    borrowed = (
+        read_baselines(
+            Path(cfg.baselines_from), config, split, [s for s in cfg.run_seeds if s not in done]
+        )
+        if cfg.baselines_from is not None and cfg.baselines
+        else {}
+    )
     # Load the base here first: it converts the default GGUF once before the workers start.
     dev = resolve_device("auto")
     precision = resolve_precision(cfg.precision, dev)  # type: ignore[arg-type]
@@ -539,9 +563,6 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
     coord_cfg = _coordinator_config(cfg, base, out / "seed-0", seed=0, num_users=len(users))
     lab = Lab(base, coord_cfg.spec, precision=precision, device=str(dev))
     scorer = _Scorer(lab, base, splits, cfg.seq_len)
-    split = json.loads(json.dumps({s.user_id: s.record() for s in splits}, default=str))
-    config = config_record(cfg)
-    done = _finished_seeds(out / "results.json", config, split)
     runs: list[SeedRun] = []
     # The run's wall time: this command's, plus what the seeds it reuses took in theirs.
     reused = sum(done[s].seconds for s in cfg.run_seeds if s in done)
@@ -557,7 +578,17 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
             runs.append(done[seed])
         else:
             runs.append(
-                _run_seed(cfg, seed, base, lab, scorer, splits, newcomers, progress=progress)
+                _run_seed(
+                    cfg,
+                    seed,
+                    base,
+                    lab,
+                    scorer,
+                    splits,
+                    newcomers,
+                    progress=progress,
+                    borrowed=borrowed.get(seed),
+                )
             )
         if len(runs) < len(cfg.run_seeds):
             # Keep every finished seed on disk (the reusable ones not reached yet too), so
@@ -584,6 +615,7 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 _LATER_OPTIONS: dict[str, Any] = {
+    "baselines_from": None,
     "shared_a": "seeded",
     "targets": list(DEFAULT_TARGETS),
     "server_lr": 1.0,
@@ -638,6 +670,105 @@ def _finished_seeds(
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s is not a readable results file (%s): not reusing it", path, exc)
         return {}
+
+
+BASELINE_METHODS: tuple[str, ...] = ("local_peft", "local_b", "fedavg", "fedavg_ft")
+"""The reviewer's baselines: what ``--baselines-from`` reads instead of training."""
+
+_RECIPE_ONLY = frozenset(
+    {
+        "baselines_from",
+        "users_dir",  # the split's note hashes are the check, not where the folder lies
+        "newcomers_dir",
+        "cold_start_ks",
+        "cold_start_steps",
+        "personal_steps",
+        "personalize_steps",
+        "personalize_blend",
+        "personal_lr",
+        "personal_lr_shared_a",
+        "personal_a_lr",
+        "prox_mu",
+        "clip_norm",
+        "server_lr",
+        "packing",
+        "engine",
+        "cpus_per_client",
+        "secure_aggregation",
+        "secagg_dropout_share",
+        "dp",
+        "dp_noise_multiplier",
+        "dp_delta",
+        "shared_a",
+    }
+)
+"""Options only lorafleet's own methods (prior, personal, cold start) depend on.
+
+Every other option (the base, precision, rank, targets, ``lr`` of the B-only local
+baseline, the rounds and steps FedAvg runs, the local budget, ``peft_lr``, the sequence
+length, the validation share) shapes a baseline, so it must match to read one back.
+"""
+
+
+def read_baselines(
+    source: Path,
+    config: Mapping[str, Any],
+    split: Mapping[str, Any],
+    seeds: Sequence[int],
+) -> dict[int, dict[str, dict[str, dict[str, Any]]]]:
+    """Each seed's baseline figures from a finished experiment, checked to be comparable.
+
+    A recipe change (the prior's aggregation, the personal rate, the blend) leaves the
+    baselines as they were, and they are most of an experiment's time (about 20 minutes
+    a seed on fortunes on a 2-core CPU). Reading them back is only honest if they were
+    trained on the same users, splits and seeds with every option they depend on
+    unchanged; anything else raises :class:`SpecError` naming what differs. Returns
+    ``{seed: {user: {"test" | "test_notes" | "val" | "steps" | "tokens": {method:
+    value}}}}``.
+    """
+    path = source / "results.json" if source.is_dir() else source
+    where = f"experiment: --baselines-from {source}"
+    if not path.is_file():
+        raise SpecError(f"{where}: no results.json there; name a finished experiment's folder")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        have = dict(record["config"])
+        runs = {int(r["seed"]): r for r in record["runs"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SpecError(f"{where}: not a readable results file ({exc})") from None
+    if have.get("baselines") is False:
+        raise SpecError(f"{where} ran with --no-baselines: it has none to read")
+    changed = changed_options(have, config, {*_SEED_KEYS, *_RECIPE_ONLY, "baselines"})
+    if changed:
+        raise SpecError(
+            f"{where} trained its baselines with other {', '.join(changed)}; "
+            "use the same options, or drop --baselines-from to train them here"
+        )
+    if record.get("split") != split:
+        raise SpecError(
+            f"{where} has other users or splits (its results.json records each side's "
+            "note hashes); point it at a run on the same users"
+        )
+    missing = [s for s in seeds if s not in runs]
+    if missing:
+        raise SpecError(
+            f"{where} has no seed {', '.join(map(str, missing))} (it has "
+            f"{', '.join(map(str, sorted(runs))) or 'none'}); run those seeds there first"
+        )
+    kinds = ("test", "test_notes", "val", "steps", "tokens")
+    out: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+    for seed in seeds:
+        users: dict[str, dict[str, dict[str, Any]]] = {}
+        for user in runs[seed]["users"]:
+            try:
+                users[user["id"]] = {k: {m: user[k][m] for m in BASELINE_METHODS} for k in kinds}
+            except (KeyError, TypeError):
+                raise SpecError(
+                    f"{where}: seed {seed} has no baselines for user {user.get('id')} "
+                    "(it ran with --no-baselines)"
+                ) from None
+        out[seed] = users
+    return out
 
 
 def _seed_run(raw: dict[str, Any]) -> SeedRun:
@@ -703,7 +834,9 @@ def _run_seed(
     newcomers: Sequence[UserData],
     *,
     progress: bool,
+    borrowed: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> SeedRun:
+    """One seed: the federation, lorafleet's scores, the baselines (or ``borrowed``'s)."""
     started = time.perf_counter()
     run_dir = Path(cfg.output) / f"seed-{seed}"
     devices = _write_devices(splits, run_dir / "devices")
@@ -766,7 +899,11 @@ def _run_seed(
         results[user.user_id] = res
 
     lab.use_a(None)
-    if cfg.baselines:
+    if borrowed is not None:
+        for uid, res in results.items():
+            for kind, by_method in borrowed[uid].items():
+                getattr(res, kind).update(by_method)
+    elif cfg.baselines:
         _run_baselines(cfg, seed, lab, scorer, results, tokens_per_step, progress=progress)
     cold = (
         cold_start_curve(cfg, lab, base, prior, newcomers, progress=progress, prior_a=prior_a)
@@ -1024,6 +1161,11 @@ def format_table(result: ExperimentResult) -> str:
     lines.append(f"bytes uploaded per client per round: {run.bytes_up_per_client:,.0f}")
     if run.privacy.get("secure_aggregation"):
         lines.append("prior deltas summed with SecAgg+: the coordinator saw only their sum")
+    if result.config.get("baselines_from"):
+        lines.append(
+            f"baselines read from {result.config['baselines_from']} (same users, splits, "
+            "seeds and baseline options), not trained in this run"
+        )
     if run.privacy.get("epsilon") is not None:
         lines.append(
             f"differential privacy ({run.privacy['dp']}): epsilon {run.privacy['epsilon']:.3g} "

@@ -30,6 +30,20 @@ def _tiny(model: Path, tmp_path: Path, **options: Any) -> ExperimentConfig:
     return ExperimentConfig(output=tmp_path / "run", base=str(model), **{**defaults, **options})
 
 
+def _smallest(model: Path, tmp_path: Path, **options: Any) -> ExperimentConfig:
+    """Two users, one round of two steps, rank 2: for what is about the run's files."""
+    defaults: dict[str, Any] = {
+        "num_users": 2,
+        "notes_per_user": 20,
+        "num_rounds": 1,
+        "prior_steps": 2,
+        "local_steps": 2,
+        "rank": 2,
+        "cold_start_ks": (),
+    }
+    return _tiny(model, tmp_path, **{**defaults, **options})
+
+
 def test_an_experiment_scores_every_method_on_a_test_split_nothing_saw(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -240,19 +254,7 @@ def test_seeds_already_in_the_folder_are_reused_and_others_rerun(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: one seed, as a small machine runs them, one command at a time
-    cfg = _tiny(
-        tiny_model_dir,
-        tmp_path,
-        num_users=2,
-        notes_per_user=20,
-        num_rounds=1,
-        prior_steps=2,
-        local_steps=2,
-        rank=2,
-        cold_start_ks=(),
-        baselines=False,
-        seeds=(1,),
-    )
+    cfg = _smallest(tiny_model_dir, tmp_path, baselines=False, seeds=(1,))
     run_experiment(cfg, progress=False)
     results = tmp_path / "run" / "results.json"
     first = json.loads(results.read_text())["runs"][0]
@@ -400,3 +402,63 @@ def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None
 
     # Assert: one row per k, the seeds' means, the prior alone from the runs that have it
     assert means == [(16.0, pytest.approx(3.7), pytest.approx(4.0), pytest.approx(3.7))]
+
+
+def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a finished run with its baselines, as a recipe change starts from
+    source = _smallest(tiny_model_dir, tmp_path, seeds=(0,))
+    run_experiment(source, progress=False)
+    ran = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]["users"]
+    recipe = replace(
+        source, output=tmp_path / "recipe", prox_mu=0.5, baselines_from=tmp_path / "run"
+    )
+
+    # Execute: a change only lorafleet's methods see (the proximal pull)
+    result = run_experiment(recipe, progress=False)
+
+    # Assert: every baseline figure is the source's, and lorafleet's own were trained here
+    got = json.loads((tmp_path / "recipe" / "results.json").read_text())
+    assert got["config"]["baselines_from"] == str(tmp_path / "run")
+    for mine, theirs in zip(got["runs"][0]["users"], ran, strict=True):
+        for kind in ("test", "test_notes", "val", "steps", "tokens"):
+            for method in experiment.BASELINE_METHODS:
+                assert mine[kind][method] == theirs[kind][method], (kind, method)
+        assert set(mine["test"]) == set(METHODS)
+    assert result.wins()["users"] == 2
+    assert "baselines read from" in (tmp_path / "recipe" / "table.txt").read_text()
+    assert (tmp_path / "recipe" / "seed-0" / "coordinator").is_dir()
+
+    # Execute / Assert: an option a baseline depends on is refused before any training
+    with pytest.raises(experiment.SpecError, match=r"other lr; use the same options"):
+        run_experiment(replace(recipe, output=tmp_path / "lr", lr=0.01), progress=False)
+    assert not (tmp_path / "lr" / "seed-0").exists()
+    # a seed the source never ran
+    with pytest.raises(experiment.SpecError, match=r"has no seed 1 \(it has 0\)"):
+        run_experiment(replace(recipe, output=tmp_path / "s1", seeds=(1,)), progress=False)
+    # other splits (the same options on other notes)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    first = next(iter(record["split"]))
+    record["split"][first]["test"] = record["split"][first]["test"][1:]
+    (moved / "results.json").write_text(json.dumps(record))
+    with pytest.raises(experiment.SpecError, match="other users or splits"):
+        run_experiment(
+            replace(recipe, output=tmp_path / "sp", baselines_from=moved), progress=False
+        )
+    # a source without baselines, and one that is not there: one line from the CLI
+    run_experiment(replace(source, output=tmp_path / "bare", baselines=False), progress=False)
+    with pytest.raises(experiment.SpecError, match="ran with --no-baselines"):
+        run_experiment(
+            replace(recipe, output=tmp_path / "nb", baselines_from=tmp_path / "bare"),
+            progress=False,
+        )
+    code = main(
+        ["experiment", "--output", str(tmp_path / "x"), "--baselines-from", str(tmp_path / "no")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no results.json there" in err
+    with pytest.raises(experiment.SpecError, match="drop --no-baselines"):
+        replace(recipe, baselines=False)
