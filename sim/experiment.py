@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -547,15 +547,24 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
         splits = [s.truncated(cfg.max_train_notes) for s in splits]
     split = json.loads(json.dumps({s.user_id: s.record() for s in splits}, default=str))
     config = config_record(cfg)
-    done = _finished_seeds(out / "results.json", config, split)
-    # Checked before the base loads: a mismatch is found in a second, not after the run.
-    borrowed = (
-        read_baselines(
-            Path(cfg.baselines_from), config, split, [s for s in cfg.run_seeds if s not in done]
-        )
-        if cfg.baselines_from is not None and cfg.baselines
-        else {}
+    source = cfg.baselines_from if cfg.baselines else None
+    # With borrowed baselines, a seed run before with --no-baselines is the same run: its
+    # federation is reused and the borrowed baselines complete its table.
+    done = _finished_seeds(
+        out / "results.json",
+        config,
+        split,
+        ignore=("baselines", "baselines_from") if source is not None else (),
     )
+    borrowed: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+    if source is not None:
+        # Checked before the base loads: a mismatch is found in a second, not after a run.
+        wanted = [s for s in cfg.run_seeds if s not in done or not _has_baselines(done[s])]
+        borrowed = read_baselines(Path(source), config, split, wanted)
+    for seed, run in done.items():
+        if seed in borrowed:
+            _add_baselines(run.users, borrowed[seed])
+            log.info("seed %d: baselines read from %s", seed, source)
     # Load the base here first: it converts the default GGUF once before the workers start.
     dev = resolve_device("auto")
     precision = resolve_precision(cfg.precision, dev)  # type: ignore[arg-type]
@@ -647,21 +656,26 @@ def changed_options(
 
 
 def _finished_seeds(
-    path: Path, config: dict[str, Any], split: dict[str, dict[str, Any]]
+    path: Path,
+    config: dict[str, Any],
+    split: dict[str, dict[str, Any]],
+    *,
+    ignore: Collection[str] = (),
 ) -> dict[int, SeedRun]:
     """Seeds a results.json already holds, if it was run with these options and splits.
 
     Seeds are independent runs, so on a small machine a user adds seeds one command at a
     time (``--seeds 0``, then ``--seeds 0,1`` into the same folder) and a stopped
     multi-seed run resumes after its last finished seed. A file from other options is
-    not reused (and is replaced, as before).
+    not reused (and is replaced, as before); ``ignore`` names options that may differ
+    too (``--baselines-from`` completes a ``--no-baselines`` run).
     """
     if not path.is_file():
         return {}
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         # Options added later, absent from older files, which ran with their default.
-        changed = changed_options(record.get("config", {}), config, _SEED_KEYS)
+        changed = changed_options(record.get("config", {}), config, {*_SEED_KEYS, *ignore})
         if changed or record.get("split") != split:
             what = ", ".join(changed) if changed else "the users' splits"
             log.warning("%s was run with other %s: not reusing its seeds", path, what)
@@ -769,6 +783,19 @@ def read_baselines(
                 ) from None
         out[seed] = users
     return out
+
+
+def _has_baselines(run: SeedRun) -> bool:
+    return all(m in u.test for u in run.users for m in BASELINE_METHODS)
+
+
+def _add_baselines(
+    users: Iterable[UserResult], borrowed: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> None:
+    """Put :func:`read_baselines`'s figures for one seed into its users' results."""
+    for res in users:
+        for kind, by_method in borrowed[res.id].items():
+            getattr(res, kind).update(by_method)
 
 
 def _seed_run(raw: dict[str, Any]) -> SeedRun:
@@ -900,9 +927,7 @@ def _run_seed(
 
     lab.use_a(None)
     if borrowed is not None:
-        for uid, res in results.items():
-            for kind, by_method in borrowed[uid].items():
-                getattr(res, kind).update(by_method)
+        _add_baselines(results.values(), borrowed)
     elif cfg.baselines:
         _run_baselines(cfg, seed, lab, scorer, results, tokens_per_step, progress=progress)
     cold = (

@@ -405,7 +405,10 @@ def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None
 
 
 def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: a finished run with its baselines, as a recipe change starts from
     source = _smallest(tiny_model_dir, tmp_path, seeds=(0,))
@@ -429,6 +432,20 @@ def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable
     assert result.wins()["users"] == 2
     assert "baselines read from" in (tmp_path / "recipe" / "table.txt").read_text()
     assert (tmp_path / "recipe" / "seed-0" / "coordinator").is_dir()
+
+    # Execute: a run without baselines, then the same command borrowing them
+    bare = replace(recipe, output=tmp_path / "later", baselines=False, baselines_from=None)
+    run_experiment(bare, progress=False)
+    trained = json.loads((tmp_path / "later" / "results.json").read_text())["runs"][0]
+    with caplog.at_level("INFO", logger="lorafleet.sim.experiment"):
+        completed = run_experiment(replace(recipe, output=tmp_path / "later"), progress=False)
+    # Assert: the seed is reused as it ran, with the source's baselines added, nothing trained
+    assert "seed 0: reused" in caplog.text and "seed 0: baselines read from" in caplog.text
+    for mine, theirs, before in zip(completed.runs[0].users, ran, trained["users"], strict=True):
+        assert mine.test["personal"] == before["test"]["personal"]
+        assert mine.test["fedavg"] == theirs["test"]["fedavg"]
+    assert completed.runs[0].seconds == trained["seconds"]
+    assert "FedAvg+FT" in (tmp_path / "later" / "table.txt").read_text()
 
     # Execute / Assert: an option a baseline depends on is refused before any training
     with pytest.raises(experiment.SpecError, match=r"other lr; use the same options"):
