@@ -547,7 +547,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> Experimen
         splits = [s.truncated(cfg.max_train_notes) for s in splits]
     split = json.loads(json.dumps({s.user_id: s.record() for s in splits}, default=str))
     config = config_record(cfg)
-    source = cfg.baselines_from if cfg.baselines else None
+    source = cfg.baselines_from  # None, or with baselines on (__post_init__ checks)
     # With borrowed baselines, a seed run before with --no-baselines is the same run: its
     # federation is reused and the borrowed baselines complete its table.
     done = _finished_seeds(
@@ -733,8 +733,8 @@ def read_baselines(
     """Each seed's baseline figures from a finished experiment, checked to be comparable.
 
     A recipe change (the prior's aggregation, the personal rate, the blend) leaves the
-    baselines as they were, and they are most of an experiment's time (about 20 minutes
-    a seed on fortunes on a 2-core CPU). Reading them back is only honest if they were
+    baselines as they were, and they are most of an experiment's time (about 27 of 38
+    minutes a seed on fortunes on a 2-core CPU). Reading them back is only honest if they were
     trained on the same users, splits and seeds with every option they depend on
     unchanged; anything else raises :class:`SpecError` naming what differs. Returns
     ``{seed: {user: {"test" | "test_notes" | "val" | "steps" | "tokens": {method:
