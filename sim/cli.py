@@ -110,7 +110,18 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         help="after personal fine-tuning, also keep a blend with the prior (weights "
         ".25/.5/.75) if it validates best",
     )
-    p.add_argument("--lr", type=float, default=2e-3, help="device learning rate (B only)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="device learning rate of B: the prior's steps (unless --prior-lr) and local B's",
+    )
+    p.add_argument(
+        "--prior-lr",
+        type=float,
+        default=0.0,
+        help="learning rate of the prior's steps alone, so the baselines keep --lr's (0: --lr)",
+    )
     p.add_argument(
         "--personal-lr",
         type=float,
@@ -438,6 +449,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         seed=args.seed,
         seeds=seeds,
         lr=args.lr,
+        prior_lr=args.prior_lr,
         personal_lr=args.personal_lr,
         personal_lr_shared_a=args.personal_lr_shared_a,
         personal_a_lr=args.personal_a_lr,

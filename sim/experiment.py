@@ -131,6 +131,12 @@ class ExperimentConfig:
         },
     )
     lr: float = 2e-3
+    """Learning rate of B on the devices: the B-only local baseline's, and the prior's
+    unless ``prior_lr`` sets its own."""
+    prior_lr: float = 0.0
+    """Learning rate of the devices' prior steps alone; 0: ``lr``. Its own option so a
+    recipe can move the prior's rate and still read its baselines back
+    (``baselines_from``): the B-only local baseline trains at ``lr``."""
     personal_lr: float = DEFAULT_PERSONAL_LR
     """Learning rate of the devices' personal steps (the newcomers' too) on the seeded A;
     0: ``lr``."""
@@ -251,6 +257,8 @@ class ExperimentConfig:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise SpecError(f"experiment: server-lr must be > 0, got {self.server_lr}")
+        if not (math.isfinite(self.prior_lr) and self.prior_lr >= 0):
+            raise SpecError(f"experiment: prior-lr must be >= 0 (0: --lr), got {self.prior_lr}")
         if self.baselines_from is not None and not self.baselines:
             raise SpecError(
                 "experiment: --baselines-from reads baselines for the table; drop "
@@ -628,6 +636,7 @@ _LATER_OPTIONS: dict[str, Any] = {
     "shared_a": "seeded",
     "targets": list(DEFAULT_TARGETS),
     "server_lr": 1.0,
+    "prior_lr": 0.0,
 }
 """Options newer than some results files, with the value those files' runs had."""
 
@@ -699,6 +708,7 @@ _RECIPE_ONLY = frozenset(
         "personal_steps",
         "personalize_steps",
         "personalize_blend",
+        "prior_lr",
         "personal_lr",
         "personal_lr_shared_a",
         "personal_a_lr",
@@ -823,9 +833,10 @@ def _coordinator_config(
         prior_steps=cfg.prior_steps,
         personalize_steps=cfg.budget_personalize,
         personalize_blend=cfg.personalize_blend,
-        lr=cfg.lr,
-        personal_lr=cfg.personal_lr,
-        personal_lr_shared_a=cfg.personal_lr_shared_a,
+        # The coordinator's lr is the prior's; the personal rates' "0: lr" stays --lr's.
+        lr=cfg.prior_lr or cfg.lr,
+        personal_lr=cfg.personal_lr or cfg.lr,
+        personal_lr_shared_a=cfg.personal_lr_shared_a or cfg.lr,
         personal_a_lr=cfg.personal_a_lr,
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,

@@ -149,6 +149,33 @@ def test_the_sim_cli_passes_the_server_learning_rate_to_the_coordinator_and_refu
     assert not (tmp_path / "out").exists()
 
 
+def test_the_prior_rate_is_the_coordinators_alone_and_the_baselines_keep_lr(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    base = load_base(tiny_model_dir)
+    args = ["experiment", "--lr", "2e-3", "--personal-lr", "0", "--personal-lr-shared-a", "0"]
+    default = _experiment_config(_parser().parse_args(args))
+    slower = _experiment_config(_parser().parse_args([*args, "--prior-lr", "5e-4"]))
+
+    # Execute
+    coordinators = [
+        experiment._coordinator_config(cfg, base, tmp_path, seed=0, num_users=2)
+        for cfg in (default, slower)
+    ]
+
+    # Assert: the prior steps at --prior-lr; the personal rates' "0: --lr" stays --lr's
+    assert [c.lr for c in coordinators] == [2e-3, 5e-4]
+    assert [c.personal_lr for c in coordinators] == [2e-3, 2e-3]
+    assert [c.personal_lr_shared_a for c in coordinators] == [2e-3, 2e-3]
+    # Only lorafleet's prior sees it, so baselines trained at another prior rate compare.
+    assert "prior_lr" in experiment._RECIPE_ONLY and "lr" not in experiment._RECIPE_ONLY
+    code = main(["experiment", "--prior-lr", "-1", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "prior-lr must be >= 0" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_sim_cli_passes_the_targets_to_the_cohort_spec_and_refuses_an_unknown_one(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -415,10 +442,14 @@ def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable
     run_experiment(source, progress=False)
     ran = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]["users"]
     recipe = replace(
-        source, output=tmp_path / "recipe", prox_mu=0.5, baselines_from=tmp_path / "run"
+        source,
+        output=tmp_path / "recipe",
+        prox_mu=0.5,
+        prior_lr=1e-3,
+        baselines_from=tmp_path / "run",
     )
 
-    # Execute: a change only lorafleet's methods see (the proximal pull)
+    # Execute: changes only lorafleet's methods see (the proximal pull, the prior's rate)
     result = run_experiment(recipe, progress=False)
 
     # Assert: every baseline figure is the source's, and lorafleet's own were trained here
