@@ -8,6 +8,11 @@ and from zero, with exactly the experiment's cold start
 (:func:`lorafleet.sim.experiment.cold_start_curve`: the devices' final personalization,
 early-stopped on the newcomer's validation notes), and prints the mean test loss per k.
 
+With ``--run`` inside an experiment (``runs/NAME/seed-N``), the replay also takes the
+recipe that experiment recorded in its results.json (the base, the budgets, the personal
+rates, the blend, the sequence length; :data:`RUN_RECIPE_KEYS`), so it repeats the run's
+own cold start rather than the defaults'. ``--steps`` still overrides the budget.
+
 It replays only the newcomers, so a federation that ran without ``--cold-start`` (or a
 new set of newcomers) gets its curve in minutes instead of a rerun.
 
@@ -28,8 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +57,25 @@ from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
 from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve, cold_start_wins
 from lorafleet.sim.personas import load_user_folders
 
-__all__ = ["RunPrior", "replay", "run_prior"]
+__all__ = ["RUN_RECIPE_KEYS", "RunPrior", "replay", "run_prior", "run_recipe"]
+
+RUN_RECIPE_KEYS: tuple[str, ...] = (
+    "base",
+    "num_rounds",
+    "prior_steps",
+    "local_steps",
+    "personalize_steps",
+    "cold_start_steps",
+    "personalize_blend",
+    "lr",
+    "personal_lr",
+    "personal_lr_shared_a",
+    "personal_a_lr",
+    "prox_mu",
+    "seq_len",
+)
+"""The experiment options a newcomer's training depends on (its budget is the local
+budget unless set, so the prior's rounds and steps count too), read from the run."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +156,33 @@ def run_prior(run: Path) -> RunPrior:
     )
 
 
+def run_recipe(run: Path) -> dict[str, Any]:
+    """The cold-start options an experiment's seed folder ran with, from its results.json.
+
+    Empty for a coordinator data dir outside an experiment (nothing recorded them: the
+    replay then uses the experiment's defaults). Only :data:`RUN_RECIPE_KEYS` are kept.
+
+    Raises
+    ------
+    DataError
+        The experiment's results.json is there but unreadable.
+    """
+    run = Path(run)
+    if (run / "registry.db").is_file():  # a data dir; an experiment's is seed-N/coordinator
+        run = run.parent
+    path = run.parent / "results.json"
+    if not run.name.startswith("seed-") or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())["config"]
+        return {k: config[k] for k in RUN_RECIPE_KEYS if k in config}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{path} is not a readable results file ({exc}); pass --steps and "
+            "name a prior file instead"
+        ) from exc
+
+
 def replay(
     newcomers_dir: Path,
     prior_path: Path,
@@ -147,28 +197,34 @@ def replay(
     seq_len: int = 128,
     shared_a_path: Path | None = None,
     num_rounds: int = 3,
+    recipe: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The cold-start rows (``k``, ``from_prior``, ``from_zero``, ``prior_alone``, ...).
 
     ``steps`` is the newcomer's budget (0: the experiment's default, its personalize
-    budget); every other choice is the experiment's default recipe. ``num_rounds`` is
-    the run's rounds: it seeds the newcomers' batch order, so only the run's own value
+    budget); every other choice is the experiment's default recipe, or what ``recipe``
+    (:func:`run_recipe`, keys of :data:`RUN_RECIPE_KEYS`) sets. ``num_rounds`` is the
+    run's rounds: it seeds the newcomers' batch order, so only the run's own value
     repeats its figures exactly (another gives another, equally valid, order).
     """
     cfg = ExperimentConfig(
         output=Path("."),  # nothing is written
         newcomers_dir=newcomers_dir,
         cold_start_ks=tuple(ks),
-        cold_start_steps=steps,
         base=base,
         precision=precision,
         rank=rank,
         targets=tuple(targets),
         seq_len=seq_len,
-        num_rounds=num_rounds,
     )
+    unknown = set(recipe or {}) - set(RUN_RECIPE_KEYS)
+    if unknown:
+        raise ValueError(f"replay: recipe keys {sorted(unknown)} are not cold-start options")
+    cfg = replace(cfg, **{**(recipe or {}), "num_rounds": num_rounds})
+    if steps:
+        cfg = replace(cfg, cold_start_steps=steps)
     lab, loaded = open_lab(
-        base, precision, rank=rank, cohort_seed=cohort_seed, targets=tuple(targets)
+        cfg.base, precision, rank=rank, cohort_seed=cohort_seed, targets=tuple(targets)
     )
     prior = read_prior(lab, prior_path)
     prior_a = read_shared_a(lab, shared_a_path) if shared_a_path is not None else None
@@ -196,7 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cohort-seed", type=int, default=0, help="the experiment seed the prior came from"
     )
     parser.add_argument(
-        "--steps", type=int, default=0, help="newcomer's budget (0: the experiment's default)"
+        "--steps",
+        type=int,
+        default=0,
+        help="newcomer's budget (0: the run's, with --run in an experiment; else the "
+        "experiment's default)",
     )
     parser.add_argument(
         "--shared-a",
@@ -246,9 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found.rounds,
                 found.targets,
             )
+            recipe = run_recipe(args.run)
+            shown = ", ".join(f"{k} {recipe[k]}" for k in RUN_RECIPE_KEYS if k in recipe)
+            print(
+                f"the experiment's recipe (its results.json): {shown}"
+                if recipe
+                else "no experiment's results.json beside the run: the experiment's default recipe"
+            )
         else:
             prior, cohort_seed, rank, shared_a = args.prior, args.cohort_seed, 8, args.shared_a
-            rounds, targets = 3, DEFAULT_TARGETS
+            rounds, targets, recipe = 3, DEFAULT_TARGETS, {}
         rows = replay(
             args.newcomers_dir,
             prior,
@@ -260,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets=targets,
             shared_a_path=shared_a,
             num_rounds=rounds,
+            recipe=recipe,
         )
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

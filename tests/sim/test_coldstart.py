@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,13 @@ from lorafleet.protocols.errors import IntegrityError, SpecError
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
-from lorafleet.sim.coldstart import main, replay, run_prior
-from lorafleet.sim.experiment import ExperimentConfig, cold_start_curve, cold_start_wins
+from lorafleet.sim.coldstart import main, replay, run_prior, run_recipe
+from lorafleet.sim.experiment import (
+    ExperimentConfig,
+    cold_start_curve,
+    cold_start_wins,
+    run_experiment,
+)
 from lorafleet.sim.personas import (
     PersonaConfig,
     generate_personas,
@@ -300,3 +306,57 @@ def test_a_run_on_more_targets_replays_on_them_and_its_prior_fits_no_other(
     # on the default targets the same file is refused in one line naming them
     with pytest.raises(SpecError, match="at rank 2 on q_proj, v_proj"):
         replay(newcomers, found.prior, [4], **common)  # type: ignore[arg-type]
+
+
+def test_a_replay_of_an_experiments_run_repeats_its_own_cold_start(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a finished experiment whose cold start ran on a recipe of its own (a local
+    # budget of 5 steps where the default is 3 x 6, other personal rates, the seeded A)
+    users = write_user_folders(
+        generate_personas(PersonaConfig(num_users=2, notes_per_user=20)), tmp_path / "users"
+    )
+    newcomers = write_user_folders(
+        generate_personas(PersonaConfig(num_users=1, notes_per_user=30, seed=5)),
+        tmp_path / "new",
+    )
+    cfg = ExperimentConfig(
+        output=tmp_path / "run",
+        users_dir=users,
+        newcomers_dir=newcomers,
+        base=str(tiny_model_dir),
+        precision="fp32",
+        engine="local",
+        num_rounds=1,
+        prior_steps=2,
+        local_steps=5,
+        rank=2,
+        seq_len=32,
+        lr=0.05,
+        personal_lr=0.03,
+        cold_start_ks=(4, 8),
+        baselines=False,
+        shared_a="seeded",
+    )
+    run_experiment(cfg, progress=False)
+    ran = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]["cold_start"]
+    out = tmp_path / "rows.json"
+
+    # Execute: the replay, told only the run
+    args = [str(newcomers), "--run", str(tmp_path / "run" / "seed-0"), "--ks", "4,8"]
+    code = main([*args, "--precision", "fp32", "--out", str(out)])
+
+    # Assert: the run's recipe is read and shown, and every newcomer's figure repeats
+    assert code == 0
+    assert "local_steps 5" in capsys.readouterr().out
+    assert run_recipe(tmp_path / "run" / "seed-0" / "coordinator")["personal_lr"] == 0.03
+    rows = json.loads(out.read_text())
+    assert [r["k"] for r in rows] == [r["k"] for r in ran]
+    for mine, theirs in zip(rows, ran, strict=True):
+        for name, figures in theirs["per_newcomer"].items():
+            for arm, value in figures.items():
+                assert mine["per_newcomer"][name][arm] == pytest.approx(value, abs=1e-6)
+    # and with the defaults' budget (what a replay did before it read the run) it does not
+    assert main([*args, "--precision", "fp32", "--steps", "18", "--out", str(out)]) == 0
+    other = json.loads(out.read_text())
+    assert other[1]["from_zero"] != pytest.approx(ran[1]["from_zero"], abs=1e-6)
