@@ -61,6 +61,7 @@ __all__ = ["RUN_RECIPE_KEYS", "RunPrior", "replay", "run_prior", "run_recipe"]
 
 RUN_RECIPE_KEYS: tuple[str, ...] = (
     "base",
+    "precision",
     "num_rounds",
     "prior_steps",
     "local_steps",
@@ -75,7 +76,8 @@ RUN_RECIPE_KEYS: tuple[str, ...] = (
     "seq_len",
 )
 """The experiment options a newcomer's training depends on (its budget is the local
-budget unless set, so the prior's rounds and steps count too), read from the run."""
+budget unless set, so the prior's rounds and steps count too), read from the run.
+``precision`` is only the replay's default: ``--precision`` still chooses."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,13 @@ def run_recipe(run: Path) -> dict[str, Any]:
         return {}
     try:
         config = json.loads(path.read_text())["config"]
-        return {k: config[k] for k in RUN_RECIPE_KEYS if k in config}
+        recipe = {k: config[k] for k in RUN_RECIPE_KEYS if k in config}
+        # A file from before the shared A's own rate: its gradient-A runs used personal_lr.
+        if "personal_lr" in recipe and "personal_lr_shared_a" not in config:
+            recipe["personal_lr_shared_a"] = recipe["personal_lr"]
+        if isinstance(config.get("precision"), str):
+            recipe["precision"] = config["precision"]
+        return recipe
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"{path} is not a readable results file ({exc}); pass --steps and "
@@ -220,7 +228,9 @@ def replay(
     unknown = set(recipe or {}) - set(RUN_RECIPE_KEYS)
     if unknown:
         raise ValueError(f"replay: recipe keys {sorted(unknown)} are not cold-start options")
-    cfg = replace(cfg, **{**(recipe or {}), "num_rounds": num_rounds})
+    # ``precision`` is this call's to choose (the CLI defaults it to the run's).
+    taken = {k: v for k, v in (recipe or {}).items() if k != "precision"}
+    cfg = replace(cfg, **{**taken, "num_rounds": num_rounds})
     if steps:
         cfg = replace(cfg, cold_start_steps=steps)
     lab, loaded = open_lab(
@@ -265,10 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=None,
         choices=PRECISION_CHOICES,
-        help="newcomers' training precision (auto: by the device profile); the run's own "
-        "precision repeats its figures",
+        help="newcomers' training precision (default: the one an experiment's --run named, "
+        "which repeats its figures; else auto, by the device profile)",
     )
     parser.add_argument("--out", type=Path, help="also write the rows here (JSON)")
     args = parser.parse_args(argv)
@@ -322,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ks,
             cohort_seed=cohort_seed,
             steps=args.steps,
-            precision=args.precision,
+            precision=args.precision or recipe.get("precision", "auto"),
             rank=rank,
             targets=targets,
             shared_a_path=shared_a,

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from lorafleet.client.adapter import get_b, materialize
 from lorafleet.client.base import load_base
 from lorafleet.protocols.encoding import decode_tensors
-from lorafleet.protocols.errors import IntegrityError, SpecError
+from lorafleet.protocols.errors import DataError, IntegrityError, SpecError
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.server.coordinator import CoordinatorConfig, CoordinatorState
 from lorafleet.sim.baselines import open_lab, read_prior, read_shared_a
@@ -342,13 +342,14 @@ def test_a_replay_of_an_experiments_run_repeats_its_own_cold_start(
     ran = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]["cold_start"]
     out = tmp_path / "rows.json"
 
-    # Execute: the replay, told only the run
+    # Execute: the replay, told only the run (its precision too is the run's, fp32)
     args = [str(newcomers), "--run", str(tmp_path / "run" / "seed-0"), "--ks", "4,8"]
-    code = main([*args, "--precision", "fp32", "--out", str(out)])
+    code = main([*args, "--out", str(out)])
 
     # Assert: the run's recipe is read and shown, and every newcomer's figure repeats
     assert code == 0
-    assert "local_steps 5" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "local_steps 5" in shown and "precision fp32" in shown
     assert run_recipe(tmp_path / "run" / "seed-0" / "coordinator")["personal_lr"] == 0.03
     rows = json.loads(out.read_text())
     assert [r["k"] for r in rows] == [r["k"] for r in ran]
@@ -360,3 +361,33 @@ def test_a_replay_of_an_experiments_run_repeats_its_own_cold_start(
     assert main([*args, "--precision", "fp32", "--steps", "18", "--out", str(out)]) == 0
     other = json.loads(out.read_text())
     assert other[1]["from_zero"] != pytest.approx(ran[1]["from_zero"], abs=1e-6)
+
+
+def test_a_runs_recipe_from_before_the_shared_as_own_rate_takes_the_rate_it_ran_at(
+    tmp_path: Path,
+) -> None:
+    # Prepare: an experiment's results.json from before personal_lr_shared_a existed,
+    # and a coordinator data dir outside any experiment
+    (tmp_path / "old" / "seed-0" / "coordinator").mkdir(parents=True)
+    config = {"personal_lr": 0.01, "local_steps": 30, "precision": "bf16-lean", "rank": 8}
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"config": config}))
+    (tmp_path / "old" / "seed-0" / "coordinator" / "registry.db").write_bytes(b"")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "broken" / "seed-1").mkdir(parents=True)
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+
+    # Execute
+    old = run_recipe(tmp_path / "old" / "seed-0")
+
+    # Assert: only cold-start options, the shared A's rate as that run personalized,
+    # the same from its data dir; nothing outside an experiment; a broken file named
+    assert old == {
+        "personal_lr": 0.01,
+        "personal_lr_shared_a": 0.01,
+        "local_steps": 30,
+        "precision": "bf16-lean",
+    }
+    assert run_recipe(tmp_path / "old" / "seed-0" / "coordinator") == old
+    assert run_recipe(tmp_path / "alone") == {}
+    with pytest.raises(DataError, match="is not a readable results file"):
+        run_recipe(tmp_path / "broken" / "seed-1")
