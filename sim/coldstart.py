@@ -181,8 +181,6 @@ def run_recipe(run: Path) -> dict[str, Any]:
         # A file from before the shared A's own rate: its gradient-A runs used personal_lr.
         if "personal_lr" in recipe and "personal_lr_shared_a" not in config:
             recipe["personal_lr_shared_a"] = recipe["personal_lr"]
-        if isinstance(config.get("precision"), str):
-            recipe["precision"] = config["precision"]
         return recipe
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
@@ -199,7 +197,7 @@ def replay(
     cohort_seed: int = 0,
     steps: int = 0,
     base: str = "default",
-    precision: str = "auto",
+    precision: str | None = None,
     rank: int = 8,
     targets: Sequence[str] = DEFAULT_TARGETS,
     seq_len: int = 128,
@@ -210,7 +208,8 @@ def replay(
     """The cold-start rows (``k``, ``from_prior``, ``from_zero``, ``prior_alone``, ...).
 
     ``steps`` is the newcomer's budget (0: the experiment's default, its personalize
-    budget); every other choice is the experiment's default recipe, or what ``recipe``
+    budget) and ``precision`` the newcomers' (None: the recipe's, else ``auto``); every
+    other choice is the experiment's default recipe, or what ``recipe``
     (:func:`run_recipe`, keys of :data:`RUN_RECIPE_KEYS`) sets. ``num_rounds`` is the
     run's rounds: it seeds the newcomers' batch order, so only the run's own value
     repeats its figures exactly (another gives another, equally valid, order).
@@ -220,7 +219,6 @@ def replay(
         newcomers_dir=newcomers_dir,
         cold_start_ks=tuple(ks),
         base=base,
-        precision=precision,
         rank=rank,
         targets=tuple(targets),
         seq_len=seq_len,
@@ -228,13 +226,13 @@ def replay(
     unknown = set(recipe or {}) - set(RUN_RECIPE_KEYS)
     if unknown:
         raise ValueError(f"replay: recipe keys {sorted(unknown)} are not cold-start options")
-    # ``precision`` is this call's to choose (the CLI defaults it to the run's).
-    taken = {k: v for k, v in (recipe or {}).items() if k != "precision"}
-    cfg = replace(cfg, **{**taken, "num_rounds": num_rounds})
+    cfg = replace(cfg, **{**(recipe or {}), "num_rounds": num_rounds})
     if steps:
         cfg = replace(cfg, cold_start_steps=steps)
+    if precision:
+        cfg = replace(cfg, precision=precision)
     lab, loaded = open_lab(
-        cfg.base, precision, rank=rank, cohort_seed=cohort_seed, targets=tuple(targets)
+        cfg.base, cfg.precision, rank=rank, cohort_seed=cohort_seed, targets=tuple(targets)
     )
     prior = read_prior(lab, prior_path)
     prior_a = read_shared_a(lab, shared_a_path) if shared_a_path is not None else None
@@ -332,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ks,
             cohort_seed=cohort_seed,
             steps=args.steps,
-            precision=args.precision or recipe.get("precision", "auto"),
+            precision=args.precision,
             rank=rank,
             targets=targets,
             shared_a_path=shared_a,
