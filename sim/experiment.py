@@ -446,6 +446,43 @@ class ExperimentResult:
             for m in self.methods
         }
 
+    def steps_most_per_user(self) -> dict[str, int]:
+        """``{method: the most device steps any user spent}``, over users and seeds.
+
+        The mean hides the large users: early stopping ends a small user's personal
+        steps within a few, while a user with many notes may run on to the budget.
+        """
+        return {m: max(u.steps[m] for r in self.runs for u in r.users) for m in self.methods}
+
+    def steps_over_budget(self) -> tuple[int | None, list[tuple[str, int, int]]]:
+        """Issue #12's compute bound and the ``(user, seed, steps)`` of lorafleet over it.
+
+        The bound is what a user would spend on local-only and FedAvg global training
+        together: each user's own baseline steps where the run has them, else the
+        config's local budget plus FedAvg's rounds times steps. lorafleet's personal
+        figure counts the prior's steps (round 0's sketch included) and the final
+        personalization's. ``(None, [])`` when the run has no personal adapter.
+        """
+        if "personal" not in self.methods:
+            return None, []
+        cfg = self.config
+        default = int(cfg.get("local_steps") or 0) or int(cfg.get("num_rounds", 0)) * int(
+            cfg.get("prior_steps", 0)
+        )
+        fallback = default + int(cfg.get("num_rounds", 0)) * int(cfg.get("prior_steps", 0))
+        bound: int | None = None
+        over: list[tuple[str, int, int]] = []
+        for r in self.runs:
+            for u in r.users:
+                local = [u.steps[m] for m in _LOCAL if m in u.steps]
+                limit = (
+                    max(local) + u.steps["fedavg"] if local and "fedavg" in u.steps else fallback
+                )
+                bound = limit if bound is None else max(bound, limit)
+                if u.steps["personal"] > limit:
+                    over.append((u.id, r.seed, u.steps["personal"]))
+        return bound, over
+
     def to_json(self) -> str:
         """The results file: config, split, every seed's users and the summary."""
         summary: dict[str, Any] = {
@@ -458,6 +495,12 @@ class ExperimentResult:
             for metric in ("test", "test_notes", "val")
         }
         summary["steps_per_user"] = self.steps_per_user()
+        summary["steps_most_per_user"] = self.steps_most_per_user()
+        bound, over = self.steps_over_budget()
+        summary["steps_budget"] = {
+            "local_plus_fedavg": bound,
+            "over": [{"user": u, "seed": seed, "steps": n} for u, seed, n in over],
+        }
         record = {
             "config": self.config,
             "split": self.split,
@@ -1188,11 +1231,25 @@ def format_table(result: ExperimentResult) -> str:
     lines.append("")
     lines.extend(_table(result, "test_notes", "test loss, note by note"))
     lines.append("")
-    steps = result.steps_per_user()
+    steps, most = result.steps_per_user(), result.steps_most_per_user()
     lines.append(
-        "device steps per user: "
-        + ", ".join(f"{LABELS[m]} {steps[m]:.0f}" for m in result.methods if m != "base")
+        "device steps per user (mean, most): "
+        + ", ".join(
+            f"{LABELS[m]} {steps[m]:.0f}" + (f" ({most[m]})" if most[m] != round(steps[m]) else "")
+            for m in result.methods
+            if m != "base"
+        )
     )
+    bound, over = result.steps_over_budget()
+    if bound is not None:
+        lines.append(
+            f"lorafleet's steps against local-only plus FedAvg ({bound}): "
+            + (
+                "within it for every user"
+                if not over
+                else "over it for " + ", ".join(f"{uid} {n} (seed {seed})" for uid, seed, n in over)
+            )
+        )
     run = result.runs[0]
     lines.append(f"bytes uploaded per client per round: {run.bytes_up_per_client:,.0f}")
     if run.privacy.get("secure_aggregation"):

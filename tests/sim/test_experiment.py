@@ -431,6 +431,57 @@ def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None
     assert means == [(16.0, pytest.approx(3.7), pytest.approx(4.0), pytest.approx(3.7))]
 
 
+def _stepped(uid: str, personal: int, **baselines: int) -> experiment.UserResult:
+    """A user whose losses do not matter here, with lorafleet's and the baselines' steps."""
+    steps = {"base": 0, "prior": 38, "personal": personal, **baselines}
+    losses = {m: 3.0 for m in steps}
+    return experiment.UserResult(uid, losses, losses, losses, steps, dict(steps), 1)
+
+
+def test_the_table_names_the_users_whose_steps_pass_local_only_plus_fedavg() -> None:
+    # Prepare: two seeds with the baselines' steps; law runs past 30 + 30 on seed 1 only
+    both = {"local_peft": 30, "local_b": 30, "fedavg": 30}
+    runs = [
+        experiment.SeedRun(0, [_stepped("food", 41, **both), _stepped("law", 60, **both)], [], 0),
+        experiment.SeedRun(1, [_stepped("food", 42, **both), _stepped("law", 65, **both)], [], 0),
+    ]
+    result = experiment.ExperimentResult(runs, {})
+
+    # Execute
+    bound, over = result.steps_over_budget()
+    table = experiment.format_table(result)
+    summary = json.loads(result.to_json())["summary"]
+
+    # Assert: the mean hides law's 65, the most and the bound's line do not
+    assert result.steps_per_user()["personal"] == pytest.approx(52.0)
+    assert result.steps_most_per_user()["personal"] == 65
+    assert (bound, over) == (60, [("law", 1, 65)])
+    assert "personal 52 (65)" in table
+    assert "local-only plus FedAvg (60): over it for law 65 (seed 1)" in table
+    assert summary["steps_budget"] == {
+        "local_plus_fedavg": 60,
+        "over": [{"user": "law", "seed": 1, "steps": 65}],
+    }
+
+
+def test_without_baselines_the_step_bound_comes_from_the_config() -> None:
+    # Prepare: a --no-baselines run of 3 rounds x 10 steps with a local budget of 30
+    config = {"num_rounds": 3, "prior_steps": 10, "local_steps": 30}
+    runs = [experiment.SeedRun(0, [_stepped("food", 41), _stepped("law", 58)], [], 0)]
+    result = experiment.ExperimentResult(runs, {}, config=config)
+
+    # Execute
+    bound, over = result.steps_over_budget()
+    table = experiment.format_table(result)
+
+    # Assert
+    assert (bound, over) == (60, [])
+    assert "local-only plus FedAvg (60): within it for every user" in table
+    # the local budget defaults to the rounds times the steps, as the experiment's does
+    bare = experiment.ExperimentResult(runs, {}, config={"num_rounds": 3, "prior_steps": 10})
+    assert bare.steps_over_budget() == (60, [])
+
+
 def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable(
     tiny_model_dir: Path,
     tmp_path: Path,
