@@ -104,6 +104,13 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         "early-stopped on validation (0: the local-only budget)",
     )
     p.add_argument(
+        "--step-bound",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cap the final personalization so that no user spends more device steps (prior, "
+        "round 0's sketch, personal) than local-only plus FedAvg global",
+    )
+    p.add_argument(
         "--blend",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -443,6 +450,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         prior_steps=args.steps,
         personalize_steps=args.personalize_steps,
         personalize_blend=args.blend,
+        step_bound=args.step_bound,
         packing=args.packing,
         base=args.base,
         precision=args.precision,

@@ -124,6 +124,14 @@ class ExperimentConfig:
             "early-stopped on validation; 0: the local-only budget."
         },
     )
+    step_bound: bool = field(
+        default=True,
+        metadata={
+            "help": "Cap the final personalization so that no user spends more device steps "
+            "(prior, round 0's sketch, personal) than local-only plus FedAvg global; off: "
+            "the whole personalize budget."
+        },
+    )
     personalize_blend: bool = field(
         default=True,
         metadata={
@@ -290,14 +298,41 @@ class ExperimentConfig:
         return self.local_steps or self.num_rounds * self.prior_steps
 
     @property
+    def sketch_steps(self) -> int:
+        """Round 0's sketch on each device, in steps: a forward and backward per pass and batch."""
+        if self.shared_a_mode != "gradient":
+            return 0
+        return int(CoordinatorConfig.sketch_passes) * int(CoordinatorConfig.sketch_batches)
+
+    @property
+    def budget_bound(self) -> int:
+        """Issue #12's bound on each user's steps: local-only plus FedAvg global."""
+        return self.budget_local + self.num_rounds * self.prior_steps
+
+    @property
     def budget_personalize(self) -> int:
-        """At most this many steps of the final personalization on each device."""
-        return self.personalize_steps or self.budget_local
+        """At most this many steps of the final personalization on each device.
+
+        ``personalize_steps``, else the local budget; with :attr:`step_bound`, no more than
+        what :attr:`budget_bound` leaves after the prior's steps, round 0's sketch and the
+        rounds' personal steps (at least one step, so that every device still personalizes;
+        the table then names who passed the bound). The bound is on compute, so that a
+        user with many notes, whom early stopping lets run on, does not buy its margin
+        with steps the baselines did not get.
+        """
+        budget = self.personalize_steps or self.budget_local
+        if not self.step_bound:
+            return budget
+        spent = self.num_rounds * (self.prior_steps + self.personal_steps) + self.sketch_steps
+        return max(1, min(budget, self.budget_bound - spent))
 
     @property
     def budget_cold_start(self) -> int:
-        """At most this many steps for a cold-start newcomer (from the prior or zero)."""
-        return self.cold_start_steps or self.budget_personalize
+        """At most this many steps for a cold-start newcomer (from the prior or zero).
+
+        A newcomer spent no prior steps, so the bound leaves it the whole budget.
+        """
+        return self.cold_start_steps or self.personalize_steps or self.budget_local
 
 
 @dataclass(frozen=True)
@@ -675,6 +710,7 @@ def config_record(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 _LATER_OPTIONS: dict[str, Any] = {
+    "step_bound": False,
     "baselines_from": None,
     "shared_a": "seeded",
     "targets": list(DEFAULT_TARGETS),
@@ -751,6 +787,7 @@ _RECIPE_ONLY = frozenset(
         "personal_steps",
         "personalize_steps",
         "personalize_blend",
+        "step_bound",
         "prior_lr",
         "personal_lr",
         "personal_lr_shared_a",

@@ -120,11 +120,40 @@ def test_the_sim_cli_passes_the_cold_start_budget_and_refuses_a_negative_one(
     args = _parser().parse_args(["experiment", "--cold-start-steps", "7"])
     assert _experiment_config(args).budget_cold_start == 7
     default = _experiment_config(_parser().parse_args(["experiment"]))
-    assert default.budget_cold_start == default.budget_personalize
+    # a newcomer spent no prior steps: the step bound leaves it the whole local budget
+    assert default.budget_cold_start == default.budget_local
     code = main(["experiment", "--cold-start-steps", "-1", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cold-start steps must be >= 0" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_step_bound_leaves_personalization_what_the_prior_did_not_spend() -> None:
+    # Prepare: 3 rounds x 10 prior steps and round 0's 8-step sketch, against 30 + 30
+    def config(*extra: str) -> ExperimentConfig:
+        argv = ["experiment", "--rounds", "3", "--steps", "10", "--local-steps", "30"]
+        return _experiment_config(_parser().parse_args([*argv, *extra]))
+
+    bounded, unbounded = config(), config("--no-step-bound")
+    seeded = config("--shared-a", "seeded")
+    rounds = config("--personal-steps", "2")
+    small = config("--personalize-steps", "12")
+
+    # Assert: 60 - 30 - 8 = 22 for the final personalization, the whole 30 without the
+    # bound; no sketch on the seeded A; the rounds' own personal steps count too; a
+    # smaller personalize budget stands; the newcomers keep the local budget throughout
+    assert bounded.step_bound and not unbounded.step_bound
+    assert (bounded.budget_bound, bounded.sketch_steps) == (60, 8)
+    assert (bounded.budget_personalize, unbounded.budget_personalize) == (22, 30)
+    assert (seeded.sketch_steps, seeded.budget_personalize) == (0, 30)
+    assert rounds.budget_personalize == 16
+    assert small.budget_personalize == 12
+    assert bounded.budget_cold_start == unbounded.budget_cold_start == 30
+    # a budget the prior alone already spends still personalizes, one step, and says so
+    tight = _experiment_config(
+        _parser().parse_args(["experiment", "--rounds", "1", "--steps", "2", "--local-steps", "2"])
+    )
+    assert tight.budget_personalize == 1
 
 
 def test_the_sim_cli_passes_the_server_learning_rate_to_the_coordinator_and_refuses_zero(
