@@ -501,10 +501,8 @@ class ExperimentResult:
         if "personal" not in self.methods:
             return None, []
         cfg = self.config
-        default = int(cfg.get("local_steps") or 0) or int(cfg.get("num_rounds", 0)) * int(
-            cfg.get("prior_steps", 0)
-        )
-        fallback = default + int(cfg.get("num_rounds", 0)) * int(cfg.get("prior_steps", 0))
+        fedavg = int(cfg.get("num_rounds", 0)) * int(cfg.get("prior_steps", 0))
+        fallback = (int(cfg.get("local_steps") or 0) or fedavg) + fedavg
         bound: int | None = None
         over: list[tuple[str, int, int]] = []
         for r in self.runs:
