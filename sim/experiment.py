@@ -501,6 +501,8 @@ class ExperimentResult:
         if "personal" not in self.methods:
             return None, []
         cfg = self.config
+        # FedAvg counted as if the user joined every round, as lorafleet's prior steps are
+        # (a user sampled in fewer rounds took fewer of both); its own steps without a config.
         fedavg = int(cfg.get("num_rounds", 0)) * int(cfg.get("prior_steps", 0))
         fallback = (int(cfg.get("local_steps") or 0) or fedavg) + fedavg
         bound: int | None = None
@@ -508,9 +510,8 @@ class ExperimentResult:
         for r in self.runs:
             for u in r.users:
                 local = [u.steps[m] for m in _LOCAL if m in u.steps]
-                limit = (
-                    max(local) + u.steps["fedavg"] if local and "fedavg" in u.steps else fallback
-                )
+                theirs = fedavg or u.steps.get("fedavg", 0)
+                limit = max(local) + theirs if local and "fedavg" in u.steps else fallback
                 bound = limit if bound is None else max(bound, limit)
                 if u.steps["personal"] > limit:
                     over.append((u.id, r.seed, u.steps["personal"]))

@@ -511,6 +511,18 @@ def test_without_baselines_the_step_bound_comes_from_the_config() -> None:
     assert bare.steps_over_budget() == (60, [])
 
 
+def test_the_step_bound_counts_fedavg_as_it_counts_the_prior_when_users_sit_rounds_out() -> None:
+    # Prepare: half the users each round; food joined one FedAvg round of three, and its
+    # prior steps are counted as if it joined all three, so FedAvg's must be too
+    config = {"num_rounds": 3, "prior_steps": 6, "local_steps": 18}
+    sampled = {"local_peft": 18, "local_b": 18, "fedavg": 6}
+    runs = [experiment.SeedRun(0, [_stepped("food", 36, **sampled)], [], 0)]
+    result = experiment.ExperimentResult(runs, {}, config=config)
+
+    # Execute / Assert: 18 + 18, not 18 + the 6 FedAvg steps it happened to take
+    assert result.steps_over_budget() == (36, [])
+
+
 def test_baselines_read_from_a_finished_run_are_its_own_and_only_when_comparable(
     tiny_model_dir: Path,
     tmp_path: Path,
