@@ -504,14 +504,13 @@ class ExperimentResult:
         # FedAvg counted as if the user joined every round, as lorafleet's prior steps are
         # (a user sampled in fewer rounds took fewer of both); its own steps without a config.
         fedavg = int(cfg.get("num_rounds", 0)) * int(cfg.get("prior_steps", 0))
-        fallback = (int(cfg.get("local_steps") or 0) or fedavg) + fedavg
+        local_budget = int(cfg.get("local_steps") or 0) or fedavg
         bound: int | None = None
         over: list[tuple[str, int, int]] = []
         for r in self.runs:
             for u in r.users:
-                local = [u.steps[m] for m in _LOCAL if m in u.steps]
-                theirs = fedavg or u.steps.get("fedavg", 0)
-                limit = max(local) + theirs if local and "fedavg" in u.steps else fallback
+                local = max((u.steps[m] for m in _LOCAL if m in u.steps), default=local_budget)
+                limit = local + (fedavg or u.steps.get("fedavg", 0))
                 bound = limit if bound is None else max(bound, limit)
                 if u.steps["personal"] > limit:
                     over.append((u.id, r.seed, u.steps["personal"]))
@@ -981,10 +980,7 @@ def _run_seed(
     prior: AdapterState = prior_b or lab.zero_b
     # Prior steps are counted as if every user took part in every round: exact with
     # fraction 1.0, an upper bound (against lorafleet) otherwise.
-    prior_steps = cfg.num_rounds * cfg.prior_steps
-    if shared is not None:
-        # Round 0's sketch: a forward and backward per pass and batch, a step's compute each.
-        prior_steps += coord_cfg.sketch_passes * coord_cfg.sketch_batches
+    prior_steps = cfg.num_rounds * cfg.prior_steps + (cfg.sketch_steps if shared is not None else 0)
     tokens_per_step = 4 * cfg.seq_len  # batch size 4 of seq_len blocks (an upper bound)
 
     results: dict[str, UserResult] = {}
