@@ -17,6 +17,7 @@ from lorafleet.client.cli import PRECISION_CHOICES
 from lorafleet.protocols.cli import DefaultsHelpFormatter, add_version_flag
 from lorafleet.protocols.errors import LorafleetError
 from lorafleet.protocols.spec import DEFAULT_TARGETS
+from lorafleet.server.aggregation import AGGREGATORS
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
@@ -161,7 +162,15 @@ def _add_run_options(p: argparse.ArgumentParser, name: str) -> None:
         "--server-lr",
         type=float,
         default=1.0,
-        help="the coordinator's step along the mean prior delta (1.0: plain FedAvg)",
+        help="the coordinator's step along the mean prior delta (1.0: plain FedAvg), or "
+        "FedAdam's per-entry step size (about 1e-3)",
+    )
+    p.add_argument(
+        "--aggregator",
+        choices=sorted(AGGREGATORS),
+        default="fedavg",
+        help="how the coordinator moves the prior: fedavg (server-lr along the mean delta) "
+        "or fedadam (Adam on the coordinator over the rounds)",
     )
     p.add_argument(
         "--local-steps",
@@ -464,6 +473,7 @@ def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         clip_norm=args.clip_norm,
         prox_mu=args.prox_mu,
         server_lr=args.server_lr,
+        aggregator=args.aggregator,
         local_steps=args.local_steps,
         baselines=args.baselines,
         engine=args.engine,

@@ -54,6 +54,7 @@ from lorafleet.protocols.encoding import decode_tensors
 from lorafleet.protocols.errors import DataError, SpecError
 from lorafleet.protocols.federation import RoundInstruction
 from lorafleet.protocols.spec import DEFAULT_TARGETS
+from lorafleet.server.aggregation import AGGREGATORS
 from lorafleet.server.coordinator import (
     DEFAULT_PERSONAL_A_LR,
     DEFAULT_PERSONAL_LR,
@@ -159,7 +160,15 @@ class ExperimentConfig:
         default=1.0,
         metadata={
             "help": "The coordinator's step along the mean of the devices' prior deltas "
-            "(FedAvg's server learning rate; 1.0 is plain FedAvg)."
+            "(FedAvg's server learning rate; 1.0 is plain FedAvg), or FedAdam's step size."
+        },
+    )
+    aggregator: str = field(
+        default="fedavg",
+        metadata={
+            "help": "How the coordinator turns the mean prior delta into the next prior: "
+            "fedavg (a step of server_lr along it) or fedadam (Adam on the coordinator, "
+            "Reddi et al. 2021; its server_lr is a per-entry step size, about 1e-3)."
         },
     )
     packing: str = "fp16"
@@ -265,6 +274,11 @@ class ExperimentConfig:
             raise SpecError(f"experiment: prior steps must be >= 1, got {self.prior_steps}")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise SpecError(f"experiment: server-lr must be > 0, got {self.server_lr}")
+        if self.aggregator not in AGGREGATORS:
+            raise SpecError(
+                f"experiment: aggregator must be one of {', '.join(sorted(AGGREGATORS))}, "
+                f"got {self.aggregator!r}"
+            )
         if not (math.isfinite(self.prior_lr) and self.prior_lr >= 0):
             raise SpecError(f"experiment: prior-lr must be >= 0 (0: --lr), got {self.prior_lr}")
         if self.baselines_from is not None and not self.baselines:
@@ -714,6 +728,7 @@ _LATER_OPTIONS: dict[str, Any] = {
     "targets": list(DEFAULT_TARGETS),
     "server_lr": 1.0,
     "prior_lr": 0.0,
+    "aggregator": "fedavg",
 }
 """Options newer than some results files, with the value those files' runs had."""
 
@@ -793,6 +808,7 @@ _RECIPE_ONLY = frozenset(
         "prox_mu",
         "clip_norm",
         "server_lr",
+        "aggregator",
         "packing",
         "engine",
         "cpus_per_client",
@@ -919,6 +935,7 @@ def _coordinator_config(
         prox_mu=cfg.prox_mu,
         clip_norm=cfg.clip_norm,
         server_lr=cfg.server_lr,
+        aggregator=cfg.aggregator,
         seq_len=cfg.seq_len,
         packing=cfg.packing,
         rank=cfg.rank,

@@ -163,19 +163,25 @@ def test_the_sim_cli_passes_the_server_learning_rate_to_the_coordinator_and_refu
     base = load_base(tiny_model_dir)
     default = _experiment_config(_parser().parse_args(["experiment"]))
     faster = _experiment_config(_parser().parse_args(["experiment", "--server-lr", "1.5"]))
+    adam = _experiment_config(
+        _parser().parse_args(["experiment", "--aggregator", "fedadam", "--server-lr", "1e-3"])
+    )
 
     # Execute
     coordinators = [
         experiment._coordinator_config(cfg, base, tmp_path, seed=0, num_users=2)
-        for cfg in (default, faster)
+        for cfg in (default, faster, adam)
     ]
 
     # Assert: plain FedAvg unless asked; the coordinator steps by what was asked
-    assert [c.server_lr for c in coordinators] == [1.0, 1.5]
+    assert [c.server_lr for c in coordinators] == [1.0, 1.5, 1e-3]
+    assert [c.aggregator for c in coordinators] == ["fedavg", "fedavg", "fedadam"]
     code = main(["experiment", "--server-lr", "0", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "server-lr must be > 0" in err[0]
     assert not (tmp_path / "out").exists()
+    with pytest.raises(experiment.SpecError, match="aggregator must be one of fedadam, fedavg"):
+        experiment.ExperimentConfig(output=tmp_path / "out", aggregator="fedsgd")
 
 
 def test_the_prior_rate_is_the_coordinators_alone_and_the_baselines_keep_lr(
@@ -441,6 +447,11 @@ def test_an_older_results_file_counts_options_added_since_at_the_values_it_ran_w
     # and plain FedAvg, a server learning rate of 1
     stepped = {**now, "server_lr": 2.0}
     assert experiment.changed_options(seeded_then, stepped, ()) == ["server_lr"]
+    # and FedAvg on the coordinator, from before the aggregator was an option
+    no_aggregator = {k: v for k, v in now.items() if k != "aggregator"}
+    assert experiment.changed_options(no_aggregator, now, ()) == []
+    adam = {**now, "aggregator": "fedadam"}
+    assert experiment.changed_options(no_aggregator, adam, ()) == ["aggregator"]
 
 
 def test_the_cold_start_table_and_plot_average_the_seeds(tmp_path: Path) -> None:
