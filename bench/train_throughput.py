@@ -16,8 +16,9 @@ one step of each path in turn, so machine drift hits every path alike. Rows:
   ``bf16-lean``): :mod:`lorafleet.client.qtrain`'s lean forward (fused q/k/v and
   gate/up, eager attention, a fused chunked lm_head + cross-entropy), no quantization.
 - ``lorafleet-int8``: the same forward with int8 frozen matmuls (W8A8, per-token
-  activations, down_proj not quantized) and bf16 everywhere else; ``lorafleet-int8-fp32``
-  with fp32 everywhere else, for CPUs without native bf16.
+  activations, down_proj and lm_head not quantized) and bf16 everywhere else;
+  ``lorafleet-int8-fp32`` with fp32 everywhere else, for CPUs without native bf16, where
+  down_proj and the lm_head's logits are int8 too (an fp32 matmul is the slow one there).
 
 The row ``precision="auto"`` resolves to on this CPU (the device profile) is marked
 ``(auto)``, and the class target is checked on it: on a CPU with native bf16, auto at
@@ -165,7 +166,7 @@ PATHS = (
         "lorafleet",
         "int8-fp32",
         2e-3,
-        "B only, fp32 base, lean forward, int8 W8A8 frozen matmuls, fp32 elsewhere",
+        "B only, fp32 base, lean forward, int8 W8A8 frozen matmuls and lm_head logits, fp32 elsewhere",
     ),
     TrainPath(
         "lorafleet-int8-compiled",
@@ -737,7 +738,8 @@ def bench_main(args: argparse.Namespace) -> int:
         "peft rows: stock peft LoRA (A Kaiming, B zero), A and B trainable, AdamW lr 5e-4. "
         "lorafleet rows: seeded frozen A, only B trainable, AdamW lr 2e-3. lean/int8 rows: "
         "lorafleet.client.qtrain's training forward (eager attention, fused chunked "
-        "lm_head+CE; int8: W8A8 frozen matmuls except down_proj), evaluated on the normal base.",
+        "lm_head+CE; int8: W8A8 frozen matmuls except down_proj and lm_head; int8-fp32: every "
+        "frozen matmul and the lm_head's logits), evaluated on the normal base.",
         "Held-out loss: every trained adapter evaluated the same way, in fp32 on fp32 base "
         f"weights (lorafleet-bf16's B copied into an fp32 model); base without adapter: {base_loss:.4f}.",
         f"Peak RSS: {rss_note}.",

@@ -62,7 +62,13 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch._dynamo.exc import TorchDynamoException
 
-from lorafleet.client.int8mm import Int8Kernel, Int8Weight, default_kernel, quantize_weight
+from lorafleet.client.int8mm import (
+    Int8Kernel,
+    Int8Weight,
+    default_kernel,
+    int8_forward,
+    quantize_weight,
+)
 from lorafleet.client.int8mm import int8_linear as int8_linear
 from lorafleet.client.int8mm import quantize_rows as quantize_rows
 from lorafleet.client.layout import cache_root
@@ -74,7 +80,18 @@ FrozenWeights = Literal["int8", "bf16", "fp32"]
 """How the frozen base multiplies: int8 W8A8, bf16, or fp32 (the exact reference)."""
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM_HEAD = "lm_head"
+"""In ``int8_modules``: the logits of the fused lm_head + cross-entropy from the int8 weight.
+Only the forward: the gradient's ``probs @ W`` keeps the compute dtype, since per-row int8
+would round the many small probabilities of a row to zero and bias it."""
+DEFAULT_INT8_MODULES_FP32 = (*LINEAR_NAMES, LM_HEAD)
+"""What ``int8-fp32`` quantizes: everything, since there the alternative is an fp32 matmul,
+about 2.4x slower than fbgemm's int8 one on AVX2 kernels. Adding ``down_proj`` and the
+lm_head's logits cost +0.2% held-out loss after 20 steps of the training benchmark, for
+1.2x the step's speed (AMD Zen 5 restricted to AVX2, docs/benchmarks.md)."""
 DEFAULT_INT8_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+"""What ``int8`` (bf16 elsewhere) quantizes: ``down_proj`` and the lm_head stay bf16, whose
+matmuls run about as fast as int8 ones on the CPUs that pick this path."""
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER_NAME = "default"  # the adapter name lorafleet.client.adapter.materialize uses
 
@@ -97,9 +114,13 @@ class QuantConfig:
         default="int8",
         metadata={"help": "int8 (W8A8 frozen matmuls), bf16, or fp32 (exact reference)."},
     )
-    int8_modules: tuple[str, ...] = field(
-        default=DEFAULT_INT8_MODULES,
-        metadata={"help": "Linear names (last component) quantized when weights is int8."},
+    int8_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear names (last component, or lm_head) quantized when weights is "
+            "int8; None: by the compute dtype (DEFAULT_INT8_MODULES for bf16, "
+            "DEFAULT_INT8_MODULES_FP32 for fp32)."
+        },
     )
     ce_chunk: int = field(
         default=256, metadata={"help": "Labelled positions per lm_head + cross-entropy chunk."}
@@ -150,14 +171,14 @@ class QuantConfig:
             raise SpecError(
                 f"quantized training: weights must be int8, bf16 or fp32, got {self.weights!r}"
             )
-        unknown = sorted(set(self.int8_modules) - set(LINEAR_NAMES))
+        unknown = sorted(set(self.quantized_modules) - {*LINEAR_NAMES, LM_HEAD})
         if unknown:
             raise SpecError(
                 f"quantized training: int8_modules {unknown} are not Linear names of a Llama "
-                f"layer; choose from {list(LINEAR_NAMES)}"
+                f"layer; choose from {[*LINEAR_NAMES, LM_HEAD]}"
             )
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            chosen = set(group) & set(self.int8_modules)
+            chosen = set(group) & set(self.quantized_modules)
             if chosen and chosen != set(group):
                 raise SpecError(
                     f"quantized training: {list(group)} share one matmul; put all or none "
@@ -175,6 +196,15 @@ class QuantConfig:
             raise SpecError(
                 f"quantized training: ce_chunk must be an integer >= 1, got {self.ce_chunk!r}"
             )
+
+    @property
+    def quantized_modules(self) -> tuple[str, ...]:
+        """``int8_modules`` as set, or the compute dtype's default (with weights int8)."""
+        if self.int8_modules is not None:
+            return self.int8_modules
+        if self.compute_dtype == torch.float32:
+            return DEFAULT_INT8_MODULES_FP32
+        return DEFAULT_INT8_MODULES
 
     @property
     def kernel(self) -> Int8Kernel:
@@ -295,9 +325,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        qweight: Int8Weight | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # hidden (n, H), weight (V, H) frozen, targets (n,) long
+        # hidden (n, H), weight (V, H) frozen, targets (n,) long; qweight: int8 weight (V, H)
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)  # (n, H): d(sum of CE)/d hidden
@@ -310,7 +344,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # bf16 probability is exact to 2^-8 of itself, so each token's loss is exact
             # to about 0.004 nats (the loss only reports progress), and the gradient stays
             # within bf16 rounding of fp32's (tests/client/test_qtrain.py holds both).
-            logits = F.linear(h, weight)  # (c, V)
+            logits = F.linear(h, weight) if qweight is None else int8_forward(h, qweight)
             probs = torch.softmax(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
             log_pt = probs[rows, t].float().log_()  # -inf where the probability underflowed
@@ -332,18 +366,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_loss: torch.Tensor, _grad_unused: torch.Tensor | None
-    ) -> tuple[torch.Tensor, None, None, None]:
+    ) -> tuple[torch.Tensor, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss.to(grad.dtype) / ctx.n), None, None, None
+        return grad * (grad_loss.to(grad.dtype) / ctx.n), None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 256
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk: int = 256,
+    qweight: Int8Weight | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T``, fused and chunked.
 
     Equals ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` for a frozen
-    ``weight``; only ``hidden`` gets a gradient.
+    ``weight``; only ``hidden`` gets a gradient. With ``qweight`` (``weight`` quantized
+    by :func:`quantize_weight`) the logits come from the int8 matmul, hidden quantized
+    per row, and the gradient's matmul still reads ``weight``.
 
     Examples
     --------
@@ -353,7 +394,7 @@ def linear_cross_entropy(
     >>> bool(torch.allclose(linear_cross_entropy(h, w, t, chunk=2), ref))
     True
     """
-    loss, _ = cast(Any, _LinearCrossEntropy).apply(hidden, weight, targets, chunk)
+    loss, _ = cast(Any, _LinearCrossEntropy).apply(hidden, weight, targets, chunk, qweight)
     return cast(torch.Tensor, loss)
 
 
@@ -499,13 +540,14 @@ class QuantizedCausalLM:
         self.final_norm = cast(torch.Tensor, inner.norm.weight).detach().to(dtype)
         self.eps = float(hf_config.rms_norm_eps)
         self.lm_head = cast(torch.nn.Linear, cast(Any, lm).lm_head).weight.detach().to(dtype)
+        int8 = set(config.quantized_modules) if config.weights == "int8" else set()
+        kernel = config.kernel
+        self.lm_head_q = quantize_weight(self.lm_head, kernel) if LM_HEAD in int8 else None
         self.heads = int(hf_config.num_attention_heads)
         self.kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or self.heads)
         hidden = int(hf_config.hidden_size)
         self.head_dim = int(getattr(hf_config, "head_dim", None) or hidden // self.heads)
         self.layers: list[_Layer] = []
-        int8 = set(config.int8_modules) if config.weights == "int8" else set()
-        kernel = config.kernel
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
 
@@ -656,7 +698,9 @@ class QuantizedCausalLM:
             raise SpecError("quantized training: the batch has no labelled tokens")
         rows = h[:, :-1][keep]  # (n, H) only where a label is
         rows = _rms_norm(rows, self.final_norm, self.eps)
-        return linear_cross_entropy(rows, self.lm_head, targets[keep], chunk=self.config.ce_chunk)
+        return linear_cross_entropy(
+            rows, self.lm_head, targets[keep], chunk=self.config.ce_chunk, qweight=self.lm_head_q
+        )
 
 
 _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[QuantConfig, QuantizedCausalLM]] = (
