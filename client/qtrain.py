@@ -239,9 +239,14 @@ class _Lora:
     b: torch.Tensor  # (out, r): the model's own nn.Parameter
     scaling: float
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        u = F.linear(x, self.a.to(x.dtype))  # (M, r)
-        return F.linear(u, self.b.to(x.dtype)) * self.scaling  # (M, out); grads are fp32
+    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``base + scaling * x @ A.T @ B.T``, with no extra pass over the (M, out) output.
+
+        The scaling goes on the narrow (M, r) side and the sum inside the second matmul
+        (``addmm``).
+        """
+        u = F.linear(x, self.a.to(x.dtype)) * self.scaling  # (M, r)
+        return torch.addmm(base, u, self.b.to(x.dtype).t())  # (M, out); grads are fp32
 
 
 @dataclass
@@ -269,7 +274,7 @@ class _Linear:
         parts = torch.split_with_sizes(y, list(self.sizes), dim=-1) if len(self.sizes) > 1 else [y]
         outs = []
         for part, lora in zip(parts, self.loras, strict=True):
-            out = part if lora is None else part + lora(x2)
+            out = part if lora is None else lora.add_to(part, x2)
             outs.append(out.reshape(*lead, -1))
         return tuple(outs)
 
@@ -627,15 +632,19 @@ class QuantizedCausalLM:
         q = q.view(bsz, t, self.heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = k.view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
         v = v.view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
+        # The softmax scale rides on q's rotary (B, h, T, d) instead of the (B, h, T, T) scores.
+        scale = self.head_dim**-0.5
+        q = q * (cos * scale) + _rotate_half(q) * (sin * scale)
         k = k * cos + _rotate_half(k) * sin
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, h, T, d)
-            v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5 + mask  # (B, h, T, T)
+        # Grouped-query attention without repeating k and v: the heads that share a kv head
+        # (repeat_interleave's order) stack their queries, (B, kv, rep * T, d).
+        rep = self.heads // self.kv_heads
+        q = q.reshape(bsz, self.kv_heads, rep * t, self.head_dim)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, kv, rep * T, T)
+        scores = scores.view(bsz, self.kv_heads, rep, t, t).add_(mask.unsqueeze(2))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, t, -1)  # (B, T, h*d)
+        out = torch.matmul(probs.view(bsz, self.kv_heads, rep * t, t), v)  # (B, kv, rep*T, d)
+        out = out.view(bsz, self.heads, t, self.head_dim).transpose(1, 2).reshape(bsz, t, -1)
         return layer.o(out)[0]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
