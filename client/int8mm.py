@@ -96,15 +96,24 @@ class Int8Weight:
     q: torch.Tensor  # (N, K) int8
     scale: torch.Tensor  # (N,) fp32, per output channel
     kernel: Int8Kernel
-    packed: tuple[Any, Any] | None = None  # fbgemm: W (N, K) and W.T (K, N), packed
+    packed: tuple[Any, Any] | None = None  # fbgemm: W (N, K) and W.T (K, N) or None, packed
 
 
-def quantize_weight(w: torch.Tensor, kernel: Int8Kernel = "int_mm") -> Int8Weight:
-    """Quantize ``w`` (N, K) symmetric int8 per output channel for ``kernel``."""
+def quantize_weight(
+    w: torch.Tensor, kernel: Int8Kernel = "int_mm", *, grad_input: bool = True
+) -> Int8Weight:
+    """Quantize ``w`` (N, K) symmetric int8 per output channel for ``kernel``.
+
+    ``grad_input=False`` skips fbgemm's packed ``W.T``, which only the backward
+    (:func:`int8_grad_input`) reads: the lm_head's int8 copy serves its logits alone.
+    """
     q, scale = quantize_rows(w, FBGEMM_WEIGHT_MAX if kernel == "fbgemm" else 127)  # (N, K), (N, 1)
     scale = scale.squeeze(1).contiguous()
-    # the forward's packed W carries its scale; the backward's W.T scales the gradient first
-    packed = (_prepack(q, scale), _prepack(q.t())) if kernel == "fbgemm" else None
+    packed = None
+    if kernel == "fbgemm":
+        # the forward's packed W carries its scale; the backward's W.T scales the gradient first
+        forward = _prepack(q, scale)
+        packed = (forward, _prepack(q.t()) if grad_input else None)
     return Int8Weight(q.contiguous(), scale, kernel, packed)
 
 
@@ -138,6 +147,8 @@ def int8_grad_input(grad: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     # still hand to other branches (the LoRA path reads the same output gradient).
     scaled = grad.float() * weight.scale  # (M, N)
     if weight.packed is not None:
+        if weight.packed[1] is None:
+            raise ValueError("this int8 weight was quantized without its gradient's W.T")
         return _fbgemm_rows(scaled, weight.packed[1]).to(grad.dtype)  # (M, K)
     gq, g_scale = quantize_rows(scaled)  # (M, N) int8
     acc = torch._int_mm(gq, weight.q)  # (M, K) int32

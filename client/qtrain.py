@@ -11,7 +11,10 @@ forward, reading the model's modules but never changing them:
   per-token-quantized output gradient with the same int8 weight. Per-token scales matter:
   one scale per tensor puts SmolLM2-135M's held-out loss 14% up, per token 1%.
   ``down_proj`` stays in bf16 by default: its input (``silu(gate) * up``) has the largest
-  outliers, and quantizing it alone costs as much loss as all the others together.
+  outliers, and quantizing it alone costs as much loss as all the others together. With
+  fp32 everywhere else (below) it is int8 too, and so are the lm_head's logits: there the
+  alternative is an fp32 matmul, and int8 there bought 1.2x the step for +0.2% held-out
+  loss (``DEFAULT_INT8_MODULES_FP32``).
 - **bf16 everywhere else** (``compute="bf16"``, precision ``int8``), as the ``bf16``
   precision does, with RMSNorm and softmax in fp32 internally; or **fp32 everywhere
   else** (``compute="fp32"``, precision ``int8-fp32``) on CPUs without native bf16, where
@@ -90,8 +93,10 @@ about 2.4x slower than fbgemm's int8 one on AVX2 kernels. Adding ``down_proj`` a
 lm_head's logits cost +0.2% held-out loss after 20 steps of the training benchmark, for
 1.2x the step's speed (AMD Zen 5 restricted to AVX2, docs/benchmarks.md)."""
 DEFAULT_INT8_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
-"""What ``int8`` (bf16 elsewhere) quantizes: ``down_proj`` and the lm_head stay bf16, whose
-matmuls run about as fast as int8 ones on the CPUs that pick this path."""
+"""What ``int8`` (bf16 elsewhere) quantizes. ``down_proj`` and the lm_head stay bf16: with bf16
+as the alternative they gained little where measured (1.6% of the step on a Zen 5, whose
+bf16 matmuls run about as fast as its int8 ones), and ``down_proj``'s input carries the
+largest activation outliers. Not measured on a Zen 4, where int8 runs 1.6x bf16."""
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER_NAME = "default"  # the adapter name lorafleet.client.adapter.materialize uses
 
@@ -547,7 +552,9 @@ class QuantizedCausalLM:
         self.lm_head = cast(torch.nn.Linear, cast(Any, lm).lm_head).weight.detach().to(dtype)
         int8 = set(config.quantized_modules) if config.weights == "int8" else set()
         kernel = config.kernel
-        self.lm_head_q = quantize_weight(self.lm_head, kernel) if LM_HEAD in int8 else None
+        self.lm_head_q = (
+            quantize_weight(self.lm_head, kernel, grad_input=False) if LM_HEAD in int8 else None
+        )
         self.heads = int(hf_config.num_attention_heads)
         self.kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or self.heads)
         hidden = int(hf_config.hidden_size)
