@@ -340,11 +340,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk: int,
         qweight: Int8Weight | None,
+        need_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # hidden (n, H), weight (V, H) frozen, targets (n,) long; qweight: int8 weight (V, H)
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)  # (n, H): d(sum of CE)/d hidden
+        # (n, H): d(sum of CE)/d hidden; an evaluation skips its matmul, as costly as the logits'
+        grad = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
@@ -363,8 +365,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 exact = torch.log_softmax(logits[lost], dim=-1, dtype=torch.float32)
                 log_pt[lost] = exact.gather(1, t[lost].unsqueeze(1)).squeeze(1)
             total -= log_pt.sum()
-            probs[rows, t] -= 1.0  # d(CE)/d(logits)
-            grad[start : start + chunk] = probs @ weight  # (c, H)
+            if need_grad:
+                probs[rows, t] -= 1.0  # d(CE)/d(logits)
+                grad[start : start + chunk] = probs @ weight  # (c, H)
         return total / max(n, 1), grad
 
     @staticmethod
@@ -376,9 +379,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_loss: torch.Tensor, _grad_unused: torch.Tensor | None
-    ) -> tuple[torch.Tensor, None, None, None, None]:
+    ) -> tuple[torch.Tensor, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss.to(grad.dtype) / ctx.n), None, None, None, None
+        return grad * (grad_loss.to(grad.dtype) / ctx.n), None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -394,7 +397,9 @@ def linear_cross_entropy(
     Equals ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` for a frozen
     ``weight``; only ``hidden`` gets a gradient. With ``qweight`` (``weight`` quantized
     by :func:`quantize_weight`) the logits come from the int8 matmul, hidden quantized
-    per row, and the gradient's matmul still reads ``weight``.
+    per row, and the gradient's matmul still reads ``weight``. Outside autograd (under
+    ``no_grad``, or ``hidden`` needing no gradient) only the loss is computed: the
+    gradient's matmul costs as much as the logits'.
 
     Examples
     --------
@@ -404,7 +409,10 @@ def linear_cross_entropy(
     >>> bool(torch.allclose(linear_cross_entropy(h, w, t, chunk=2), ref))
     True
     """
-    loss, _ = cast(Any, _LinearCrossEntropy).apply(hidden, weight, targets, chunk, qweight)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    loss, _ = cast(Any, _LinearCrossEntropy).apply(
+        hidden, weight, targets, chunk, qweight, need_grad
+    )
     return cast(torch.Tensor, loss)
 
 

@@ -321,6 +321,25 @@ def test_linear_cross_entropy_matches_torch_and_its_gradient() -> None:
     torch.testing.assert_close(grad, 3.0 * ref_grad)
 
 
+def test_linear_cross_entropy_without_autograd_gives_the_same_loss_and_no_graph() -> None:
+    # Prepare: an evaluation's hidden states (no_grad), and a training one's for reference
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 6)
+    weight = torch.randn(13, 6)
+    targets = torch.randint(0, 13, (9,))
+    ref = F.cross_entropy(F.linear(hidden, weight), targets)
+
+    # Execute
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(hidden, weight, targets, chunk=4)
+    trained = linear_cross_entropy(hidden.clone().requires_grad_(True), weight, targets, chunk=4)
+
+    # Assert: the loss alone (nothing to differentiate), equal to torch's and to training's
+    torch.testing.assert_close(evaluated, ref)
+    torch.testing.assert_close(evaluated, trained.detach())
+    assert not evaluated.requires_grad and trained.requires_grad
+
+
 def test_bf16_linear_cross_entropy_stays_within_bf16_rounding_of_fp32() -> None:
     # Prepare: bf16 logits over a real-sized vocabulary, one target far below the top
     torch.manual_seed(0)
