@@ -16,10 +16,11 @@ for a round it runs itself; their names stay importable from here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,13 @@ from lorafleet.client.adapter import (
 )
 from lorafleet.client.base import LoadedBase, load_base
 from lorafleet.client.base_fetch import fetch_base, fetched_path
-from lorafleet.client.data import Example, encode_blocks, read_examples, split_examples
+from lorafleet.client.data import (
+    Example,
+    TokenBlocks,
+    encode_blocks,
+    read_examples,
+    split_examples,
+)
 from lorafleet.client.evaluate import heldout_loss
 from lorafleet.client.layout import shared_a_path
 from lorafleet.client.profile import Profile
@@ -109,6 +116,18 @@ class _Worker:
     model: PeftModel
     device: torch.device
     precision: str
+    # The bare base's loss per held-out token blocks (their digest): the base never
+    # changes, so a device scores it once, not in every round (an evaluation a round).
+    base_losses: dict[str, float] = field(default_factory=dict)
+
+
+def _blocks_digest(blocks: TokenBlocks) -> str:
+    """A digest of what an evaluation reads from ``blocks``: ids, mask and labels."""
+    h = hashlib.sha256()
+    for t in (blocks.input_ids, blocks.attention_mask, blocks.labels):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 _WORKERS: dict[tuple[str, str, str], _Worker] = {}
@@ -215,8 +234,11 @@ def run_round(
     def loss() -> float:
         return heldout_loss(w.model, held_blocks, precision=w.precision, device=w.device)  # type: ignore[arg-type]
 
-    with adapter_disabled(w.model):
-        base_loss = loss()
+    held_key = _blocks_digest(held_blocks)
+    base_loss = w.base_losses.get(held_key)
+    if base_loss is None:
+        with adapter_disabled(w.model):
+            base_loss = w.base_losses[held_key] = loss()
     if instr.mode == "sketch":
         # Round 0 of a gradient-aligned shared A: this device's gradient sketch at the
         # bare base goes up in place of a delta; nothing is trained or saved.
