@@ -327,7 +327,14 @@ def run_round(
     else:
         final = instr.mode == "personalize"
         personal_cfg = personal_train_config(instr, precision=w.precision, device=str(w.device))
-        result = train_adapter(w.model, train_blocks, held_blocks, personal_cfg, prior_b=prior_b)
+        result = train_adapter(
+            w.model,
+            train_blocks,
+            held_blocks,
+            personal_cfg,
+            prior_b=prior_b,
+            heldout_loss_before=start_loss,  # measured above on this very state
+        )
         personal_loss, mix = result.heldout_loss_after, 1.0
         if final and instr.blend:
             personal_loss, mix = blend_with_prior(

@@ -450,6 +450,7 @@ def train_adapter(
     *,
     prior_b: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None,
     progress: ProgressFn | None = None,
+    heldout_loss_before: float | None = None,
 ) -> TrainResult:
     """Train the model's trainable adapter parameters in place; keep the best state seen.
 
@@ -470,6 +471,10 @@ def train_adapter(
         B of the shared prior. With ``config.prox_mu > 0`` training is pulled toward it.
     progress
         Called after every step; the SDK passes a progress bar here.
+    heldout_loss_before
+        The model's loss on ``heldout`` as it is now, in ``config``'s precision, where
+        the caller has just measured it (a device round has): the first evaluation is
+        skipped. Left out, it is measured here.
 
     Examples
     --------
@@ -491,7 +496,7 @@ def train_adapter(
             load_a(model, state[1])
 
     batches = cycle_batches(train, config.batch_size, torch.Generator().manual_seed(config.seed))
-    before = trainer.evaluate(heldout)
+    before = trainer.evaluate(heldout) if heldout_loss_before is None else heldout_loss_before
     best_loss, best_step, best = before, 0, snapshot()
     curve: list[tuple[int, float]] = [(0, before)]
     losses: list[float] = []

@@ -249,8 +249,14 @@ class Lab:
         self._load(start)
         try:
             start_loss = val_loss() if blend else 0.0  # only the blend compares with it
+            same = blend and config.precision == self.precision  # then it is train's first too
             result = train_adapter(
-                self.model, train, val, config, prior_b=start if config.prox_mu > 0 else None
+                self.model,
+                train,
+                val,
+                config,
+                prior_b=start if config.prox_mu > 0 else None,
+                heldout_loss_before=start_loss if same else None,
             )
             full = config.a_lr > 0
             mix = 1.0

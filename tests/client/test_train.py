@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorafleet.client.adapter import get_b, materialize
+from lorafleet.client import train as train_module
+from lorafleet.client.adapter import get_b, materialize, set_b
 from lorafleet.client.base import load_base
 from lorafleet.client.data import Example, TokenBlocks, encode_blocks
 from lorafleet.client.train import (
@@ -49,6 +50,38 @@ def test_training_lowers_heldout_loss_and_changes_only_b(tiny_model_dir: Path) -
     assert result.tokens > 0 and result.tokens_per_second > 0
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert any(np.abs(b).sum() > 0 for b in get_b(model).values())
+
+
+def test_a_start_loss_the_caller_measured_replaces_the_first_evaluation(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: count the real evaluations; a run that measures its start itself
+    calls: list[int] = []
+    real = train_module.heldout_loss
+
+    def counted(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "heldout_loss", counted)
+    model, train, held = setup(tiny_model_dir)
+    config = TrainConfig(steps=6, lr=0.05, eval_every=2, precision="fp32", seed=4)
+    start = get_b(model)
+    measured = train_adapter(model, train, held, config)
+    evaluations = len(calls)
+    after = get_b(model)
+    set_b(model, start)
+
+    # Execute: the same run, given the start's loss
+    given = train_adapter(
+        model, train, held, config, heldout_loss_before=measured.heldout_loss_before
+    )
+
+    # Assert: one evaluation fewer, the same run and result
+    assert len(calls) - evaluations == evaluations - 1
+    assert given.heldout_loss_before == measured.heldout_loss_before
+    assert given.heldout_loss_after == measured.heldout_loss_after
+    assert all(np.array_equal(get_b(model)[k], after[k]) for k in after)
 
 
 def test_bf16_autocast_trains_too(tiny_model_dir: Path) -> None:
