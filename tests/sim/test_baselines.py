@@ -1,7 +1,7 @@
 """The experiment's baselines train on every precision a device may pick (#12, #13).
 
-`auto` picks a lean B-only path (int8-fp32 on AVX2 CPUs); the reviewer's full-LoRA
-baselines must then run on that family's peft forward instead of failing.
+`auto` picks a lean path (int8-fp32 on AVX2 CPUs); the reviewer's full-LoRA baselines
+train A and B through it too, the same stock LoRA the peft forward trains.
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ import numpy as np
 import pytest
 
 from lorafleet.client.base import load_base
-from lorafleet.client.data import Example, encode_blocks
+from lorafleet.client.data import Example, TokenBlocks, encode_blocks
 from lorafleet.client.runtime import ConcretePrecision
 from lorafleet.client.train import TrainConfig
 from lorafleet.protocols.spec import AdapterSpec
 from lorafleet.sim.baselines import Lab
 
 
-@pytest.mark.parametrize("precision", ["fp32-lean", "int8-fp32"])
-def test_a_full_lora_baseline_trains_where_the_device_path_is_b_only(
-    tiny_model_dir: Path, precision: ConcretePrecision
-) -> None:
-    # Prepare
+def _lab(tiny_model_dir: Path, precision: ConcretePrecision) -> tuple[Lab, TokenBlocks]:
+    """A lab with stock peft's targets on the tiny base, and twelve notes' blocks."""
     base = load_base(tiny_model_dir)
     spec = AdapterSpec(
         base_model_id="tiny",
@@ -34,9 +31,18 @@ def test_a_full_lora_baseline_trains_where_the_device_path_is_b_only(
         target_modules=("q_proj", "v_proj"),
         cohort_seed=3,
     )
-    lab = Lab(base, spec, precision=precision, device="cpu")
     notes = [Example(text=f"Pixel sleeps on radiator {i} every evening.") for i in range(12)]
-    blocks = encode_blocks(notes, base.tokenizer, seq_len=32)
+    return Lab(base, spec, precision=precision, device="cpu"), encode_blocks(
+        notes, base.tokenizer, seq_len=32
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32-lean", "int8-fp32"])
+def test_a_full_lora_baseline_trains_where_the_device_path_is_b_only(
+    tiny_model_dir: Path, precision: ConcretePrecision
+) -> None:
+    # Prepare
+    lab, blocks = _lab(tiny_model_dir, precision)
     config = TrainConfig(steps=3, lr=1e-2, precision=precision, eval_every=0, warmup_steps=0)
     start = lab.peft_init(seed=0)
 
@@ -53,6 +59,27 @@ def test_a_full_lora_baseline_trains_where_the_device_path_is_b_only(
     assert any(np.abs(v).max() > 0 for v in b_only.values())
     for path, (lin_a, _) in lab.layers.items():
         assert np.array_equal(lin_a.weight.detach().numpy(), lab.seeded_a[path].numpy())
+
+
+def test_a_full_lora_trains_the_same_on_the_lean_forward_as_on_the_peft_forward(
+    tiny_model_dir: Path,
+) -> None:
+    # Prepare: stock peft's init, trained three steps in fp32 through each forward
+    lab, blocks = _lab(tiny_model_dir, "fp32")
+    start = lab.peft_init(seed=0)
+    states: dict[str, dict[str, np.ndarray]] = {}
+    for precision in ("fp32", "fp32-lean"):
+        config = TrainConfig(steps=3, lr=1e-2, precision=precision, eval_every=0, warmup_steps=0)
+
+        # Execute
+        states[precision], _ = lab.train(start, blocks, config)
+
+    # Assert: A and B moved, and the same on both forwards (fp32 sums reordered)
+    peft, lean = states["fp32"], states["fp32-lean"]
+    assert set(peft) == set(lean)
+    assert all(not np.array_equal(peft[k], start[k]) for k in peft)
+    for k in peft:
+        np.testing.assert_allclose(lean[k], peft[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
 def test_the_labs_personalization_never_ends_worse_on_validation_than_its_start(
