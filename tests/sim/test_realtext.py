@@ -98,14 +98,23 @@ def test_too_many_users_for_the_topics_is_one_clear_error(
     assert "num_users must be in 1..2" in capsys.readouterr().err
 
 
+def _real_benchmark(out: Path, *, num_users: int, num_newcomers: int) -> Path:
+    """``build_benchmark`` on the real fortune files; the test skips where they are out of reach.
+
+    They come from Debian's ``fortunes`` package, installed or fetched with ``apt-get
+    download``; a machine with neither has no real text to run on.
+    """
+    try:
+        return build_benchmark(out, num_users=num_users, num_newcomers=num_newcomers)
+    except DataError as exc:
+        pytest.skip(f"the fortune files are out of reach here: {exc}")
+
+
 @pytest.mark.slow
 def test_the_real_fortune_files_hold_every_default_topic(tmp_path: Path) -> None:
     # Execute: the default benchmark and the held-out set from the real files (installed,
     # or downloaded once with apt-get into lorafleet's cache); skipped where neither works
-    try:
-        users = build_benchmark(tmp_path / "main", num_newcomers=2)
-    except DataError as exc:
-        pytest.skip(f"the fortune files are out of reach here: {exc}")
+    users = _real_benchmark(tmp_path / "main", num_users=8, num_newcomers=2)
     held = build_benchmark(
         tmp_path / "held", topics=DEFAULT_TOPICS[10:], num_users=6, num_newcomers=8
     )
@@ -126,11 +135,7 @@ def test_the_real_fortune_files_hold_every_default_topic(tmp_path: Path) -> None
 def test_the_harness_runs_on_the_real_text_benchmark_with_every_baseline(tmp_path: Path) -> None:
     # Prepare: three topics and one newcomer from the real fortune files (installed, or
     # downloaded once with apt-get into lorafleet's cache); skipped only where neither works
-
-    try:
-        users = build_benchmark(tmp_path / "bench", num_users=3, num_newcomers=1)
-    except DataError as exc:
-        pytest.skip(f"the fortune files are out of reach here: {exc}")
+    users = _real_benchmark(tmp_path / "bench", num_users=3, num_newcomers=1)
     out = tmp_path / "run"
 
     # Execute: the experiment on the default base, as small as it goes
